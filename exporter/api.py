@@ -1,0 +1,195 @@
+"""The Prime Intellect API client: one GET per poll, every failure turned into a typed outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from exporter import __version__
+from exporter.config import ApiKeySource, is_loopback_host
+from exporter.models import Build, InvalidBuildError, parse_build
+
+USER_AGENT = f"primeintellect-build-exporter/{__version__} python-httpx/{httpx.__version__}"
+DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
+BUILD_PATH = "/api/v1/images/build/"
+
+
+class Outcome(enum.StrEnum):
+    """How one request ended; the values are the ``outcome`` and ``reason`` label values."""
+
+    OK = "ok"
+    NOT_FOUND = "not_found"
+    UNAUTHORIZED = "unauthorized"
+    RATE_LIMITED = "rate_limited"
+    CLIENT_ERROR = "client_error"
+    SERVER_ERROR = "server_error"
+    TIMEOUT = "timeout"
+    CONNECTION_ERROR = "connection_error"
+    INVALID_RESPONSE = "invalid_response"
+
+
+# Answers that say the API itself is not usable right now, as opposed to one build's problem.
+API_DOWN_OUTCOMES = frozenset(
+    {Outcome.UNAUTHORIZED, Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION_ERROR}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """The result of one request: a build on success, else a reason safe to log."""
+
+    outcome: Outcome
+    build: Build | None = None
+    detail: str = ""
+    retry_after: float | None = None
+
+
+class _ResponseTooLargeError(Exception):
+    pass
+
+
+class BuildStatusClient:
+    """Fetches build status over one pooled ``httpx.AsyncClient``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: ApiKeySource | None,
+        *,
+        timeout: float,
+        max_connections: int,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        transport: httpx.AsyncBaseTransport | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme != "https" and not is_loopback_host(parts.hostname or ""):
+            raise ValueError("the API key is only sent over https or to a loopback address")
+        self._base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._timeout = timeout
+        self._max_response_bytes = max_response_bytes
+        self._wall_clock = wall_clock
+        self._client = httpx.AsyncClient(
+            headers={
+                "User-Agent": USER_AGENT,
+                "Accept": "application/json",
+                # Compressed bodies could inflate far past the size cap before it is checked.
+                "Accept-Encoding": "identity",
+            },
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            follow_redirects=False,
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def build_url(self, build_id: str) -> str:
+        return self._base_url + BUILD_PATH + quote(build_id, safe="")
+
+    async def fetch(self, build_id: str) -> FetchResult:
+        """GET one build's status; never raises for anything the network or the API does."""
+        headers = {}
+        if self._api_key is not None:
+            headers["Authorization"] = f"Bearer {self._api_key.current().get_secret_value()}"
+        try:
+            async with asyncio.timeout(self._timeout):
+                response = await self._client.send(
+                    self._client.build_request("GET", self.build_url(build_id), headers=headers),
+                    stream=True,
+                )
+                try:
+                    return await self._interpret(build_id, response)
+                finally:
+                    await response.aclose()
+        except (TimeoutError, httpx.TimeoutException):
+            return FetchResult(
+                Outcome.TIMEOUT, detail=f"no complete answer within {self._timeout:g}s"
+            )
+        except httpx.DecodingError:
+            return FetchResult(Outcome.INVALID_RESPONSE, detail="body could not be decoded")
+        except _ResponseTooLargeError:
+            return FetchResult(
+                Outcome.INVALID_RESPONSE,
+                detail=f"body larger than {self._max_response_bytes} bytes",
+            )
+        except httpx.HTTPError as error:
+            return FetchResult(Outcome.CONNECTION_ERROR, detail=_describe_transport_error(error))
+
+    async def _interpret(self, build_id: str, response: httpx.Response) -> FetchResult:
+        status = response.status_code
+        if status == 200:
+            try:
+                build = parse_build(await self._read_capped(response))
+            except InvalidBuildError as error:
+                return FetchResult(Outcome.INVALID_RESPONSE, detail=str(error))
+            if build.id != build_id:
+                return FetchResult(
+                    Outcome.INVALID_RESPONSE, detail="answer is about a different build id"
+                )
+            return FetchResult(Outcome.OK, build=build)
+        detail = f"HTTP {status}"
+        if status == 404:
+            return FetchResult(Outcome.NOT_FOUND, detail=detail)
+        if status in {401, 403}:
+            return FetchResult(Outcome.UNAUTHORIZED, detail=detail)
+        if status == 429:
+            return FetchResult(
+                Outcome.RATE_LIMITED,
+                detail=detail,
+                retry_after=parse_retry_after(
+                    response.headers.get("Retry-After"), self._wall_clock()
+                ),
+            )
+        if 500 <= status <= 599:
+            return FetchResult(Outcome.SERVER_ERROR, detail=detail)
+        if 400 <= status <= 499:
+            return FetchResult(Outcome.CLIENT_ERROR, detail=detail)
+        if 300 <= status <= 399:
+            return FetchResult(Outcome.INVALID_RESPONSE, detail=f"{detail} redirect, not followed")
+        return FetchResult(Outcome.INVALID_RESPONSE, detail=f"unexpected {detail}")
+
+    async def _read_capped(self, response: httpx.Response) -> bytes:
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self._max_response_bytes:
+            raise _ResponseTooLargeError
+        chunks = []
+        received = 0
+        async for chunk in response.aiter_bytes():
+            received += len(chunk)
+            if received > self._max_response_bytes:
+                raise _ResponseTooLargeError
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delay-seconds or HTTP date), if readable."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.lstrip("-").isdigit() and len(text) < 12:
+        return max(0.0, float(text))
+    try:
+        moment = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return max(0.0, moment.timestamp() - now)
+
+
+def _describe_transport_error(error: httpx.HTTPError) -> str:
+    reason = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {reason[:200]}" if reason else type(error).__name__

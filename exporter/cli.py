@@ -1,0 +1,229 @@
+"""Command line: flags, wiring, signals and exit codes. The only module that exits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import random
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from pydantic import SecretStr, ValidationError
+
+from exporter import __version__
+from exporter.app import Exporter
+from exporter.config import (
+    ApiKeySource,
+    Config,
+    ConfigError,
+    ConfigFile,
+    WebSettings,
+    describe_validation_error,
+    load_config,
+)
+from exporter.logs import LEVELS, configure_logging
+from exporter.simulator import Simulator, demo_plans, random_plans
+
+PROGRAM = "primeintellect-build-exporter"
+DEMO_MISSING_BUILD = "cmdemo0gone0009"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description="Prometheus exporter for Prime Intellect image builds.",
+    )
+    parser.add_argument(
+        "--config.file",
+        dest="config_file",
+        default="config.yaml",
+        metavar="PATH",
+        help="YAML configuration file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--config.check",
+        dest="config_check",
+        action="store_true",
+        help="validate the configuration and exit: 0 if valid, else 1 with the error",
+    )
+    parser.add_argument(
+        "--web.listen-address",
+        dest="listen_address",
+        metavar="ADDR",
+        help="address to serve on, such as :9862 (overrides web.listen_address)",
+    )
+    parser.add_argument(
+        "--log.level",
+        dest="log_level",
+        choices=list(LEVELS),
+        default="info",
+        help="log level (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log.format",
+        dest="log_format",
+        choices=["logfmt", "json"],
+        default="logfmt",
+        help="log format (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="poll every build once, print the exposition, exit 0 if every poll succeeded",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="start the built-in API simulator on loopback and watch its builds",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of the ``primeintellect-build-exporter`` console script."""
+    sys.exit(run(argv))
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    configure_logging(arguments.log_level, arguments.log_format, sys.stderr)
+    simulator: Simulator | None = None
+    try:
+        if arguments.demo:
+            simulator = Simulator(secrets.token_urlsafe(24), demo_plans(time.time()))
+            simulator.start()
+            config = demo_config(simulator)
+        else:
+            config = load_config(Path(arguments.config_file), os.environ)
+        if arguments.listen_address is not None:
+            config = with_listen_address(config, arguments.listen_address)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+    if arguments.config_check:
+        print(f"{config.source}: OK, {len(config.build_ids)} builds")
+        return 0
+    try:
+        exporter = Exporter(config)
+        if arguments.once:
+            return _poll_once(exporter)
+        return _serve(exporter, demo=simulator is not None)
+    finally:
+        if simulator is not None:
+            simulator.stop()
+
+
+def with_listen_address(config: Config, listen_address: str) -> Config:
+    """The config with ``--web.listen-address`` applied."""
+    try:
+        web = WebSettings(listen_address=listen_address)
+    except ValidationError as error:
+        message = describe_validation_error(error).removeprefix("listen_address: ")
+        raise ConfigError(f"--web.listen-address: {message}") from None
+    return dataclasses.replace(config, file=config.file.model_copy(update={"web": web}))
+
+
+def demo_config(simulator: Simulator) -> Config:
+    """A config that watches every simulated build, plus one the API does not know."""
+    file = ConfigFile.model_validate(
+        {
+            "api": {"base_url": simulator.base_url, "requests_per_second": 5},
+            "polling": {"interval": "3s", "stale_after": "1m"},
+            "builds": [*simulator.build_ids, DEMO_MISSING_BUILD],
+        }
+    )
+    return Config(
+        source=Path("(demo)"),
+        file=file,
+        api_key=ApiKeySource(value=SecretStr(simulator.api_key)),
+        build_ids=tuple(file.builds),
+    )
+
+
+def _poll_once(exporter: Exporter) -> int:
+    succeeded, exposition = asyncio.run(exporter.poll_once())
+    sys.stdout.buffer.write(exposition)
+    sys.stdout.flush()
+    return 0 if succeeded else 1
+
+
+def _serve(exporter: Exporter, *, demo: bool) -> int:
+    def announce(url: str) -> None:
+        if demo:
+            print(f"Demo exporter running: open {url}/ or {url}/metrics (Ctrl-C to stop)")
+            sys.stdout.flush()
+
+    try:
+        asyncio.run(_serve_until_signalled(exporter, announce))
+    except OSError as error:
+        print(
+            f"error: cannot listen on {exporter.config.web.listen_address}: {error.strerror}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+async def _serve_until_signalled(exporter: Exporter, announce: Callable[[str], None]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+    await exporter.serve(stop, announce)
+
+
+def simulator_main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Run the API simulator on its own (``python -m exporter.simulator``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m exporter.simulator",
+        description="A fake Prime Intellect API for trying the exporter.",
+    )
+    parser.add_argument("--listen-address", default="127.0.0.1:8080", metavar="HOST:PORT")
+    parser.add_argument(
+        "--builds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="simulate N random builds instead of the demo set",
+    )
+    parser.add_argument("--seed", type=int, default=1)
+    arguments = parser.parse_args(argv)
+    api_key = os.environ.get("PRIME_API_KEY") or secrets.token_urlsafe(24)
+    now = time.time()
+    plans = (
+        random_plans(arguments.builds, now, random.Random(arguments.seed))  # noqa: S311
+        if arguments.builds
+        else demo_plans(now)
+    )
+    host, _, port = arguments.listen_address.rpartition(":")
+    simulator = Simulator(api_key, plans)
+    simulator.start(host or "127.0.0.1", int(port))
+    print(f"Simulated API at {simulator.base_url}")
+    if "PRIME_API_KEY" not in os.environ:
+        print(f"API key (set PRIME_API_KEY to choose one): {api_key}")
+    print("Builds:")
+    for build_id in simulator.build_ids:
+        print(f"  - {build_id}")
+    sys.stdout.flush()
+
+    async def wait_for_signal() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signal_number, stop.set)
+        await stop.wait()
+
+    try:
+        asyncio.run(wait_for_signal())
+    finally:
+        simulator.stop()
+    sys.exit(0)

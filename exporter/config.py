@@ -1,0 +1,399 @@
+"""The configuration file: strict models, loading, and one readable error per mistake."""
+
+from __future__ import annotations
+
+import glob
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+DEFAULT_BASE_URL = "https://api.primeintellect.ai"
+DEFAULT_LISTEN_ADDRESS = ":9862"
+API_KEY_ENV = "PRIME_API_KEY"
+BASE_URL_ENV = "PRIME_API_BASE_URL"
+
+_BUILD_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_DURATION = re.compile(r"(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?")
+_DURATION_UNITS = (604800.0, 86400.0, 3600.0, 60.0, 1.0, 0.001)
+
+
+class ConfigError(Exception):
+    """A configuration mistake, worded for the operator who has to fix it."""
+
+
+def parse_duration(value: object) -> float:
+    """Parse a Prometheus-style duration such as ``30s``, ``5m`` or ``1h30m`` into seconds."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError(
+            f"{value!r} is not a duration: write a number with a unit, such as 30s, 5m or 1h"
+        )
+    match = _DURATION.fullmatch(value.strip())
+    if not value.strip() or match is None:
+        raise ValueError(
+            f"{value!r} is not a duration: write a number with a unit "
+            "(ms, s, m, h, d, w), such as 30s, 5m or 1h30m"
+        )
+    return sum(
+        int(part) * unit for part, unit in zip(match.groups(), _DURATION_UNITS, strict=True) if part
+    )
+
+
+def validate_build_id(value: object) -> str:
+    """Check that a build ID is a string that is safe as one URL path segment."""
+    if not isinstance(value, str):
+        raise ValueError(
+            f"build ID {value!r} is not a string: quote it in YAML ('{value}') "
+            "so it is not read as a number or boolean"
+        )
+    if not _BUILD_ID.fullmatch(value) or value in {".", ".."}:
+        raise ValueError(
+            f"build ID {value!r} is invalid: use 1 to 128 letters, digits, '-', '_' or '.', "
+            "and not '.' or '..'"
+        )
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+BuildId = Annotated[str, BeforeValidator(validate_build_id)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiSettings(_Strict):
+    """The ``api`` section."""
+
+    base_url: str = DEFAULT_BASE_URL
+    api_key_file: Path | None = None
+    timeout: Duration = Field(default=10.0, gt=0, le=300)
+    max_concurrency: int = Field(default=4, ge=1, le=256, strict=True)
+    requests_per_second: float = Field(default=2.0, gt=0, le=10_000)
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        return normalize_base_url(value)
+
+
+class PollingSettings(_Strict):
+    """The ``polling`` section."""
+
+    interval: Duration = Field(default=30.0, ge=1)
+    stale_after: Duration = Field(default=900.0, gt=0)
+
+
+class WebSettings(_Strict):
+    """The ``web`` section."""
+
+    listen_address: str = DEFAULT_LISTEN_ADDRESS
+
+    @field_validator("listen_address")
+    @classmethod
+    def _check_listen_address(cls, value: str) -> str:
+        parse_listen_address(value)
+        return value
+
+
+class ConfigFile(_Strict):
+    """The whole YAML file, exactly as the contract in the README describes it."""
+
+    api: ApiSettings = ApiSettings()
+    polling: PollingSettings = PollingSettings()
+    builds: list[BuildId] = []
+    build_files: list[str] = []
+    web: WebSettings = WebSettings()
+
+
+class ApiKeySource:
+    """The API key, from ``PRIME_API_KEY`` or from a file re-read whenever it changes."""
+
+    def __init__(self, *, file: Path | None = None, value: SecretStr | None = None) -> None:
+        if (file is None) == (value is None):
+            raise ValueError("exactly one of file and value is required")
+        self.file = file
+        self._value = value
+        self._file_identity: tuple[int, int, int] | None = None
+        if file is not None:
+            self._value = self._read_file(file)
+
+    def current(self) -> SecretStr:
+        """The key to send now; a changed file is read again, a broken one keeps the last key."""
+        if self.file is not None:
+            try:
+                stat = self.file.stat()
+                identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+                if identity != self._file_identity:
+                    self._value = self._read_file(self.file)
+            except (OSError, ConfigError):
+                pass
+        assert self._value is not None
+        return self._value
+
+    def _read_file(self, file: Path) -> SecretStr:
+        stat = file.stat()
+        key = file.read_text(encoding="utf-8").strip()
+        if not key:
+            raise ConfigError(f"api.api_key_file: {file} is empty")
+        self._file_identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        return SecretStr(key)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration, with the environment applied and build files read."""
+
+    source: Path
+    file: ConfigFile
+    api_key: ApiKeySource | None
+    build_ids: tuple[str, ...]
+
+    @property
+    def api(self) -> ApiSettings:
+        return self.file.api
+
+    @property
+    def polling(self) -> PollingSettings:
+        return self.file.polling
+
+    @property
+    def web(self) -> WebSettings:
+        return self.file.web
+
+
+def normalize_base_url(value: str) -> str:
+    """Validate the API base URL and strip a trailing ``/api/v1`` as the official client does."""
+    parts = urlsplit(value.strip())
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http(s) URL such as {DEFAULT_BASE_URL}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials do not belong in the URL: use api_key_file or PRIME_API_KEY")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{value!r} must not have a query or fragment")
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        raise ValueError(
+            f"{value!r} uses plain http: the API key is only sent over https, "
+            "or over http to a loopback address such as 127.0.0.1"
+        )
+    path = parts.path.rstrip("/")
+    path = path.removesuffix("/api/v1")
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses."""
+    if host.lower() in {"localhost", "localhost."}:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """Split ``host:port`` (``:9862``, ``0.0.0.0:9862``, ``[::1]:9862``) into host and port."""
+    host, separator, port_text = value.rpartition(":")
+    if not separator or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{value!r} is not a listen address such as :9862 or 127.0.0.1:9862")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{value!r} has an invalid IPv6 address") from None
+    elif ":" in host:
+        raise ValueError(f"{value!r}: write IPv6 addresses in brackets, such as [::1]:9862")
+    return host, int(port_text)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses duplicate keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in mapping:
+            raise yaml.MarkedYAMLError(
+                problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark
+            )
+        mapping[key] = loader.construct_object(value_node, deep=True)
+    return mapping
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML safely, naming the file and line of a syntax error or duplicate key."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise ConfigError(f"{where}: {error.problem or error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def load_config(path: Path, environ: Mapping[str, str], *, require_api_key: bool = True) -> Config:
+    """Read and validate the config file, apply the environment and read the build files."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the config file: {error}") from None
+    data = load_yaml(text, str(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config file must be a YAML mapping of sections")
+    base_url_override = environ.get(BASE_URL_ENV, "").strip()
+    if base_url_override:
+        try:
+            normalize_base_url(base_url_override)
+        except ValueError as error:
+            raise ConfigError(f"{path}: {BASE_URL_ENV}: {error}") from None
+        api_section = data.get("api") or {}
+        if isinstance(api_section, dict):
+            data["api"] = {**api_section, "base_url": base_url_override}
+    try:
+        file = ConfigFile.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{path}: {describe_validation_error(error)}") from None
+
+    api_key = _api_key_source(path, file.api, environ, require_api_key=require_api_key)
+    build_ids = _dedupe([*file.builds, *read_build_files(file.build_files, path.parent)])
+    return Config(source=path, file=file, api_key=api_key, build_ids=build_ids)
+
+
+def _api_key_source(
+    path: Path, api: ApiSettings, environ: Mapping[str, str], *, require_api_key: bool
+) -> ApiKeySource | None:
+    env_key = environ.get(API_KEY_ENV, "").strip()
+    if api.api_key_file is not None and env_key:
+        raise ConfigError(
+            f"{path}: api.api_key_file is set and so is {API_KEY_ENV}: keep only one key source"
+        )
+    if api.api_key_file is not None:
+        key_file = api.api_key_file
+        if not key_file.is_absolute():
+            key_file = path.parent / key_file
+        try:
+            return ApiKeySource(file=key_file)
+        except OSError as error:
+            raise ConfigError(
+                f"{path}: api.api_key_file: cannot read {key_file}: {error.strerror}"
+            ) from None
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
+    if env_key:
+        return ApiKeySource(value=SecretStr(env_key))
+    if require_api_key:
+        raise ConfigError(
+            f"{path}: no API key: set api.api_key_file in the file "
+            f"or {API_KEY_ENV} in the environment"
+        )
+    return None
+
+
+def read_build_files(patterns: list[str], base_directory: Path) -> list[str]:
+    """Read build IDs from files matching the globs: one ID per line, or a YAML list."""
+    build_ids: list[str] = []
+    for pattern in patterns:
+        full_pattern = base_directory / Path(pattern).expanduser()
+        for name in sorted(glob.glob(str(full_pattern))):  # noqa: PTH207 (absolute patterns)
+            build_ids.extend(read_build_file(Path(name)))
+    return build_ids
+
+
+def read_build_file(path: Path) -> list[str]:
+    """Build IDs of one file; blank lines and ``#`` comments are ignored."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the build file: {error}") from None
+    content_lines = [
+        (number, line.strip())
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    if content_lines and content_lines[0][1].startswith(("-", "[")):
+        items = load_yaml(text, str(path))
+        if not isinstance(items, list):
+            raise ConfigError(f"{path}: expected a YAML list of build IDs")
+        located = [(f"{path}: item {index}", item) for index, item in enumerate(items, start=1)]
+    else:
+        located = [(f"{path}:{number}", line) for number, line in content_lines]
+    build_ids = []
+    for where, item in located:
+        try:
+            build_ids.append(validate_build_id(item))
+        except ValueError as error:
+            raise ConfigError(f"{where}: {error}") from None
+    return build_ids
+
+
+def _dedupe(build_ids: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(build_ids))
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """The first problem of a pydantic error as ``field.path: message``."""
+    problems = error.errors(include_url=False)
+    first = problems[0]
+    location = _format_location(first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = f"unknown key{_allowed_keys_hint(first['loc'])}"
+    elif first["type"] == "missing":
+        message = "required"
+    elif first["type"] in {"model_type", "dict_type"}:
+        message = "must be a mapping of keys"
+    elif first["type"] == "list_type":
+        message = "must be a list"
+    elif "input" in first and first["type"] not in {"value_error", "assertion_error"}:
+        message = f"{message} (got {first['input']!r})"
+    more = len(problems) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{location}: {message}{suffix}"
+
+
+def _format_location(location: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in location:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else part
+    return text or "(top level)"
+
+
+def _allowed_keys_hint(location: tuple[int | str, ...]) -> str:
+    model: type[BaseModel] = ConfigFile
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    return f" (allowed: {', '.join(model.model_fields)})"

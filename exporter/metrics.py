@@ -1,0 +1,335 @@
+"""Metric families from store snapshots, and the cache that keeps their exposition bytes.
+
+Build series change only when an API answer changes, so their exposition is rendered once per
+snapshot and reused by every scrape; only the exporter's own counters are rendered per scrape.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+from prometheus_client import exposition
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from exporter import __version__
+from exporter.api import Outcome
+from exporter.models import BUILD_STATUSES, UNKNOWN, Artifact, Build
+from exporter.store import BuildRecord, BuildState, Histogram, Snapshot, TelemetrySnapshot
+
+BUILD_LABELS = ("build_id", "image_name", "image_tag")
+ARTIFACT_LABELS = (*BUILD_LABELS, "artifact_id", "artifact_type")
+_OPENMETRICS_EOF = b"# EOF\n"
+
+
+class ExpositionFormat(enum.Enum):
+    """The two exposition formats a scraper may ask for."""
+
+    TEXT = exposition.CONTENT_TYPE_PLAIN_0_0_4
+    OPENMETRICS = openmetrics.CONTENT_TYPE_LATEST
+
+    @property
+    def content_type(self) -> str:
+        return str(self.value)
+
+
+class _BuildFamilies:
+    """Every build-scoped family, filled one build at a time."""
+
+    def __init__(self) -> None:
+        self.info = InfoMetricFamily(
+            "primeintellect_image_build",
+            "A tracked image build; always 1.",
+            labels=BUILD_LABELS,
+        )
+        self.status = GaugeMetricFamily(
+            "primeintellect_image_build_status",
+            "1 for the build's current status, 0 for the others; UNKNOWN for an undocumented one.",
+            labels=(*BUILD_LABELS, "status"),
+        )
+        self.created = _build_gauge(
+            "primeintellect_image_build_created_timestamp_seconds", "When the build was created."
+        )
+        self.started = _build_gauge(
+            "primeintellect_image_build_started_timestamp_seconds", "When the build started."
+        )
+        self.completed = _build_gauge(
+            "primeintellect_image_build_completed_timestamp_seconds", "When the build completed."
+        )
+        self.queued = _build_gauge(
+            "primeintellect_image_build_queued_seconds", "Time from creation to start."
+        )
+        self.duration = _build_gauge(
+            "primeintellect_image_build_duration_seconds",
+            "Time from start to completion, for finished builds.",
+        )
+        self.artifacts = GaugeMetricFamily(
+            "primeintellect_image_build_artifacts",
+            "Artifacts of the build by type and status.",
+            labels=(*BUILD_LABELS, "artifact_type", "status"),
+        )
+        self.artifact_info = InfoMetricFamily(
+            "primeintellect_image_build_artifact",
+            "An artifact of a build and its output reference; always 1.",
+            labels=(*ARTIFACT_LABELS, "full_image_path"),
+        )
+        self.artifact_duration = GaugeMetricFamily(
+            "primeintellect_image_build_artifact_duration_seconds",
+            "Time from the artifact's start to its completion.",
+            labels=ARTIFACT_LABELS,
+        )
+        self.artifact_error = InfoMetricFamily(
+            "primeintellect_image_build_artifact_error",
+            "The error message of an artifact, while it has one; always 1.",
+            labels=(*ARTIFACT_LABELS, "error_message"),
+        )
+        self.last_poll_success = GaugeMetricFamily(
+            "primeintellect_image_build_last_poll_success",
+            "1 if the last poll of this build succeeded.",
+            labels=("build_id",),
+        )
+        self.last_poll_success_timestamp = GaugeMetricFamily(
+            "primeintellect_image_build_last_poll_success_timestamp_seconds",
+            "When this build was last polled successfully.",
+            labels=("build_id",),
+        )
+        self.last_poll_error = GaugeMetricFamily(
+            "primeintellect_image_build_last_poll_error",
+            "1 while the last poll of this build failed, with the reason.",
+            labels=("build_id", "reason"),
+        )
+
+    def add(self, record: BuildRecord) -> None:
+        build_id = record.build_id
+        self.last_poll_success.add_metric((build_id,), 1.0 if record.last_poll_ok else 0.0)
+        if record.last_success_time is not None:
+            self.last_poll_success_timestamp.add_metric((build_id,), record.last_success_time)
+        if record.last_error is not None:
+            self.last_poll_error.add_metric((build_id, record.last_error.value), 1.0)
+        if record.build is not None:
+            self._add_build(record.build)
+
+    def _add_build(self, build: Build) -> None:
+        labels = (build.id, build.image_name, build.image_tag)
+        self.info.add_metric(labels, {})
+        current = build.status_label
+        for status in BUILD_STATUSES:
+            self.status.add_metric((*labels, status), 1.0 if status == current else 0.0)
+        if current == UNKNOWN:
+            self.status.add_metric((*labels, UNKNOWN), 1.0)
+        self.created.add_metric(labels, build.created_at)
+        _add_if_known(self.started, labels, build.started_at)
+        _add_if_known(self.completed, labels, build.completed_at)
+        _add_if_known(self.queued, labels, build.queued_seconds)
+        _add_if_known(self.duration, labels, build.duration_seconds)
+        self._add_artifact_counts(labels, build.artifacts)
+        for artifact in build.artifacts:
+            artifact_labels = (*labels, artifact.id, artifact.type_label)
+            self.artifact_info.add_metric((*artifact_labels, artifact.full_image_path or ""), {})
+            _add_if_known(self.artifact_duration, artifact_labels, artifact.duration_seconds)
+            if artifact.error_message:
+                self.artifact_error.add_metric((*artifact_labels, artifact.error_message), {})
+
+    def _add_artifact_counts(
+        self, labels: tuple[str, str, str], artifacts: Sequence[Artifact]
+    ) -> None:
+        counts: dict[str, dict[str, int]] = {}
+        for artifact in artifacts:
+            by_status = counts.setdefault(artifact.type_label, dict.fromkeys(BUILD_STATUSES, 0))
+            by_status[artifact.status_label] = by_status.get(artifact.status_label, 0) + 1
+        for artifact_type in sorted(counts):
+            for status, count in counts[artifact_type].items():
+                self.artifacts.add_metric((*labels, artifact_type, status), float(count))
+
+    def families(self) -> list[Metric]:
+        return [
+            self.info,
+            self.status,
+            self.created,
+            self.started,
+            self.completed,
+            self.queued,
+            self.duration,
+            self.artifacts,
+            self.artifact_info,
+            self.artifact_duration,
+            self.artifact_error,
+            self.last_poll_success,
+            self.last_poll_success_timestamp,
+            self.last_poll_error,
+        ]
+
+
+def build_families(snapshot: Snapshot) -> list[Metric]:
+    """Families that change only with the store.
+
+    Sample: ``primeintellect_image_build_status{build_id="b1",...,status="FAILED"} 1.0``
+    """
+    per_build = _BuildFamilies()
+    states = dict.fromkeys(BuildState, 0)
+    for record in snapshot.records.values():
+        per_build.add(record)
+        states[record.state] += 1
+
+    finished = CounterMetricFamily(
+        "primeintellect_image_builds_finished",
+        "Builds seen to finish while this process watched them.",
+        labels=("image_name", "status"),
+    )
+    finished_durations = HistogramMetricFamily(
+        "primeintellect_image_builds_finished_duration_seconds",
+        "Durations of the builds seen to finish while this process watched them.",
+        labels=("image_name", "status"),
+    )
+    for (image_name, status), value in sorted(snapshot.finished.items()):
+        finished.add_metric((image_name, status), value.count)
+        finished_durations.add_metric(
+            (image_name, status), _cumulative_buckets(value.durations), value.durations.total
+        )
+    tracked = GaugeMetricFamily(
+        "primeintellect_exporter_builds",
+        "Tracked builds by state: active, finished, or failing (last poll failed).",
+        labels=("state",),
+    )
+    for state, count in states.items():
+        tracked.add_metric((state.value,), count)
+    return [*per_build.families(), finished, finished_durations, tracked]
+
+
+def exporter_families(telemetry: TelemetrySnapshot) -> list[Metric]:
+    """The exporter's own small families, rendered on every scrape.
+
+    Sample: ``primeintellect_exporter_api_requests_total{outcome="ok"} 42.0``
+    """
+    requests = CounterMetricFamily(
+        "primeintellect_exporter_api_requests",
+        "Requests to the Prime Intellect API by outcome.",
+        labels=("outcome",),
+    )
+    for outcome in Outcome:
+        requests.add_metric((outcome.value,), telemetry.requests.get(outcome, 0))
+    durations = HistogramMetricFamily(
+        "primeintellect_exporter_api_request_duration_seconds",
+        "Duration of requests to the Prime Intellect API.",
+        buckets=_cumulative_buckets(telemetry.request_durations),
+        sum_value=telemetry.request_durations.total,
+    )
+    return [
+        requests,
+        durations,
+        GaugeMetricFamily(
+            "primeintellect_exporter_api_up",
+            "1 if the last API answer was usable (not 401/403, 5xx or a transport failure).",
+            value=1.0 if telemetry.api_up else 0.0,
+        ),
+        GaugeMetricFamily(
+            "primeintellect_exporter_rate_limited_until_timestamp_seconds",
+            "End of the current pause after HTTP 429, or 0 if none.",
+            value=telemetry.rate_limited_until,
+        ),
+        GaugeMetricFamily(
+            "primeintellect_exporter_config_last_reload_successful",
+            "1 if the last configuration load succeeded.",
+            value=1.0 if telemetry.config_reload_successful else 0.0,
+        ),
+        InfoMetricFamily(
+            "primeintellect_exporter_build",
+            "The exporter's version; always 1.",
+            value={"version": __version__},
+        ),
+    ]
+
+
+def render(families: Iterable[Metric], format: ExpositionFormat) -> bytes:
+    """Exposition bytes of families; OpenMetrics output ends with ``# EOF``."""
+    collector = _StaticCollector(list(families))
+    if format is ExpositionFormat.OPENMETRICS:
+        return cast(bytes, openmetrics.generate_latest(collector))  # type: ignore[no-untyped-call]
+    return exposition.generate_latest(collector)
+
+
+@dataclass(frozen=True)
+class _CachedBody:
+    """The build part of one format: plain bytes, and gzip state after compressing them."""
+
+    plain: bytes
+    gzip_prefix: bytes
+    gzip_state: zlib._Compress
+
+
+class ExpositionCache:
+    """Serves ``/metrics`` bodies; the build part is rendered once per store change."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        per_scrape: Callable[[], Iterable[Metric]],
+    ) -> None:
+        self._snapshot = snapshot
+        self._per_scrape = per_scrape
+        self._lock = threading.Lock()
+        self._version = -1
+        self._bodies: dict[ExpositionFormat, _CachedBody] = {}
+
+    def body(self, format: ExpositionFormat, *, gzip: bool) -> bytes:
+        """The full exposition; with ``gzip`` a single gzip member."""
+        cached = self._cached(format)
+        tail = render(self._per_scrape(), format)
+        if not gzip:
+            return cached.plain + tail
+        compressor = cached.gzip_state.copy()
+        return cached.gzip_prefix + compressor.compress(tail) + compressor.flush()
+
+    def _cached(self, format: ExpositionFormat) -> _CachedBody:
+        snapshot = self._snapshot()
+        with self._lock:
+            if snapshot.version != self._version:
+                self._bodies.clear()
+                self._version = snapshot.version
+            cached = self._bodies.get(format)
+            if cached is None:
+                # Only the per-scrape tail may carry OpenMetrics' end-of-exposition marker.
+                plain = render(build_families(snapshot), format).removesuffix(_OPENMETRICS_EOF)
+                compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+                cached = _CachedBody(plain, compressor.compress(plain), compressor)
+                self._bodies[format] = cached
+            return cached
+
+
+class _StaticCollector(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def _build_gauge(name: str, documentation: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, labels=BUILD_LABELS)
+
+
+def _add_if_known(family: GaugeMetricFamily, labels: Sequence[str], value: float | None) -> None:
+    if value is not None:
+        family.add_metric(labels, value)
+
+
+def _cumulative_buckets(histogram: Histogram) -> list[tuple[str, float]]:
+    buckets = []
+    running = 0
+    for bound, count in zip((*histogram.bounds, float("inf")), histogram.counts, strict=True):
+        running += count
+        buckets.append((floatToGoString(bound), float(running)))  # type: ignore[no-untyped-call]
+    return buckets

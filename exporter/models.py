@@ -1,0 +1,167 @@
+"""The API's build status answer, parsed tolerantly and cleaned for use as label values."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
+
+BUILD_STATUSES = ("PENDING", "UPLOADING", "BUILDING", "COMPLETED", "FAILED", "CANCELLED")
+FINISHED_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
+ARTIFACT_TYPES = ("CONTAINER_IMAGE", "VM_SANDBOX")
+DEFAULT_ARTIFACT_TYPE = "CONTAINER_IMAGE"
+UNKNOWN = "UNKNOWN"
+MAX_LABEL_LENGTH = 256
+
+_datetime_adapter = TypeAdapter(datetime)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# Control characters and Unicode line/paragraph separators would break a one-line label value.
+_UNPRINTABLE = dict.fromkeys((*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029), " ")
+
+
+class InvalidBuildError(ValueError):
+    """The body of a 200 answer is not a usable build status."""
+
+
+def clean_label_text(value: str) -> str:
+    """Make an API string safe as a label value: valid UTF-8, one line, at most 256 characters."""
+    if len(value) <= MAX_LABEL_LENGTH and value.isascii() and value.isprintable():
+        return value
+    # json.loads keeps lone surrogates, which cannot be encoded as UTF-8 later.
+    text = _LONE_SURROGATE.sub("\ufffd", value)
+    text = " ".join(text.translate(_UNPRINTABLE).split())
+    if len(text) > MAX_LABEL_LENGTH:
+        text = text[: MAX_LABEL_LENGTH - 1] + "…"
+    return text
+
+
+def _clean_message(value: str | None) -> str | None:
+    return (clean_label_text(value).strip() or None) if value else None
+
+
+def _parse_timestamp(value: object) -> float:
+    if not isinstance(value, str):
+        raise ValueError("timestamps must be ISO 8601 strings")
+    moment = _datetime_adapter.validate_python(value)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _none_as_empty(value: object) -> object:
+    return () if value is None else value
+
+
+def _none_as_default_type(value: object) -> object:
+    return DEFAULT_ARTIFACT_TYPE if value is None else value
+
+
+LabelText = Annotated[str, AfterValidator(clean_label_text)]
+Timestamp = Annotated[float, BeforeValidator(_parse_timestamp)]
+ErrorMessage = Annotated[str | None, AfterValidator(_clean_message)]
+
+
+class _Answer(BaseModel):
+    # Extra fields are schema drift, not errors.
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+
+class Artifact(_Answer):
+    """One artifact row of a build."""
+
+    id: LabelText
+    artifact_type: Annotated[LabelText, BeforeValidator(_none_as_default_type)] = Field(
+        default=DEFAULT_ARTIFACT_TYPE, alias="artifactType"
+    )
+    status: LabelText
+    full_image_path: LabelText | None = Field(default=None, alias="fullImagePath")
+    error_message: ErrorMessage = Field(default=None, alias="errorMessage")
+    created_at: Timestamp = Field(alias="createdAt")
+    started_at: Timestamp | None = Field(default=None, alias="startedAt")
+    completed_at: Timestamp | None = Field(default=None, alias="completedAt")
+
+    @property
+    def status_label(self) -> str:
+        return known_or_unknown(self.status, BUILD_STATUSES)
+
+    @property
+    def type_label(self) -> str:
+        return known_or_unknown(self.artifact_type, ARTIFACT_TYPES)
+
+    @property
+    def duration_seconds(self) -> float | None:
+        if self.started_at is None or self.completed_at is None:
+            return None
+        return self.completed_at - self.started_at
+
+
+class Build(_Answer):
+    """A build group: its image, aggregated status, timestamps and artifacts."""
+
+    id: str
+    image_name: LabelText = Field(alias="imageName")
+    image_tag: LabelText = Field(alias="imageTag")
+    status: LabelText
+    created_at: Timestamp = Field(alias="createdAt")
+    started_at: Timestamp | None = Field(default=None, alias="startedAt")
+    completed_at: Timestamp | None = Field(default=None, alias="completedAt")
+    artifacts: Annotated[tuple[Artifact, ...], BeforeValidator(_none_as_empty)] = ()
+
+    @property
+    def status_label(self) -> str:
+        return known_or_unknown(self.status, BUILD_STATUSES)
+
+    @property
+    def finished(self) -> bool:
+        """The build and every artifact are COMPLETED, FAILED or CANCELLED."""
+        return self.status in FINISHED_STATUSES and all(
+            artifact.status in FINISHED_STATUSES for artifact in self.artifacts
+        )
+
+    @property
+    def queued_seconds(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return self.started_at - self.created_at
+
+    @property
+    def duration_seconds(self) -> float | None:
+        if not self.finished or self.started_at is None or self.completed_at is None:
+            return None
+        return self.completed_at - self.started_at
+
+
+def known_or_unknown(value: str, known: tuple[str, ...]) -> str:
+    """The value itself if the spec documents it, else ``UNKNOWN``."""
+    return value if value in known else UNKNOWN
+
+
+def parse_build(body: bytes) -> Build:
+    """Parse a 200 answer's body; raise InvalidBuild with a short, secret-free reason."""
+    try:
+        # The standard library keeps lone surrogates (cleaned later); pydantic's parser refuses
+        # the whole document for one bad character.
+        document: Any = json.loads(body)
+    except UnicodeDecodeError:
+        raise InvalidBuildError("body is not UTF-8") from None
+    except (ValueError, RecursionError):
+        raise InvalidBuildError("body is not JSON") from None
+    if not isinstance(document, dict):
+        raise InvalidBuildError("body is not a JSON object")
+    try:
+        return Build.model_validate(document)
+    except ValidationError as error:
+        first = error.errors(include_url=False, include_input=False)[0]
+        location = ".".join(str(part) for part in first["loc"]) or "body"
+        raise InvalidBuildError(f"{location}: {first['msg']}") from None

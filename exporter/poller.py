@@ -1,0 +1,309 @@
+"""The polling schedule: every unfinished build on its interval, gently.
+
+One scheduler loop hands due builds to request tasks, within a concurrency bound, a token
+bucket, and a global pause after HTTP 429. Failing builds back off on their own; finished
+builds are never requested again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from exporter.api import FetchResult, Outcome
+from exporter.store import BuildStore, Telemetry, Transition
+
+log = logging.getLogger(__name__)
+
+MIN_RATE_LIMIT_PAUSE = 1.0
+MAX_RATE_LIMIT_PAUSE = 600.0
+DEFAULT_RATE_LIMIT_PAUSES = (10.0, 30.0, 60.0)
+MAX_BACKOFF = 300.0
+TICK = 1.0
+
+
+class BuildFetcher(Protocol):
+    async def fetch(self, build_id: str) -> FetchResult: ...
+
+
+@dataclass(frozen=True)
+class PollSettings:
+    """How often and how hard to poll."""
+
+    interval: float
+    stale_after: float
+    requests_per_second: float
+    max_concurrency: int
+
+
+class TokenBucket:
+    """Allows ``rate`` requests per second on average, and bursts of at most ``burst``."""
+
+    def __init__(self, rate: float, now: float, burst: float = 1.0) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._updated = now
+
+    def delay(self, now: float) -> float:
+        """Seconds until a token is available; 0 if one is."""
+        self._refill(now)
+        return 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self.rate
+
+    def take(self, now: float) -> None:
+        self._refill(now)
+        self._tokens -= 1.0
+
+    def _refill(self, now: float) -> None:
+        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+
+
+def backoff_delay(failures: int, interval: float, jitter: float) -> float:
+    """Delay before the next poll of a build that failed ``failures`` times in a row.
+
+    Doubles from the normal interval up to ``max(interval, MAX_BACKOFF)``; ``jitter`` in [0, 1)
+    spreads it by up to ±20 % so failing builds do not retry in lockstep.
+    """
+    ceiling = max(interval, MAX_BACKOFF)
+    delay = min(interval * 2.0 ** min(failures - 1, 32), ceiling)
+    return delay * (0.8 + 0.4 * jitter)
+
+
+def rate_limit_pause(retry_after: float | None, consecutive: int) -> float:
+    """How long to pause every request after a 429, honouring ``Retry-After`` within bounds."""
+    if retry_after is None:
+        retry_after = DEFAULT_RATE_LIMIT_PAUSES[
+            min(consecutive - 1, len(DEFAULT_RATE_LIMIT_PAUSES) - 1)
+        ]
+    return min(max(retry_after, MIN_RATE_LIMIT_PAUSE), MAX_RATE_LIMIT_PAUSE)
+
+
+class Poller:
+    """Polls tracked builds into the store until cancelled."""
+
+    def __init__(
+        self,
+        fetcher: BuildFetcher,
+        store: BuildStore,
+        telemetry: Telemetry,
+        settings: PollSettings,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._fetcher = fetcher
+        self._store = store
+        self._telemetry = telemetry
+        self._settings = settings
+        self._wall_clock = wall_clock
+        self._jitter = jitter
+        self._tracked: set[str] = set()
+        # Heap of (due, sequence, build_id); an entry whose due differs from _due is outdated.
+        self._queue: list[tuple[float, int, str]] = []
+        self._due: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._sequence = 0
+        self._in_flight: dict[asyncio.Task[None], str] = {}
+        self._wakeup = asyncio.Event()
+        self._bucket = TokenBucket(settings.requests_per_second, now=time.monotonic())
+        self._paused_until = 0.0
+        self._consecutive_rate_limits = 0
+        self._last_sweep = 0.0
+        self.heartbeat = time.monotonic()
+
+    def set_builds(self, build_ids: Iterable[str]) -> None:
+        """Track exactly these builds: new ones are polled at once, removed ones forgotten."""
+        wanted = list(build_ids)
+        added, removed = self._store.track(wanted)
+        self._tracked = set(wanted)
+        for build_id in removed:
+            self._due.pop(build_id, None)
+            self._failures.pop(build_id, None)
+        now = time.monotonic()
+        for build_id in added:
+            self._schedule(build_id, now)
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Poll forever; returns only by cancellation."""
+        await self._dispatch(once=False)
+
+    async def poll_once(self) -> bool:
+        """Poll every tracked build once; True if every poll succeeded."""
+        await self._dispatch(once=True)
+        snapshot = self._store.snapshot()
+        return all(record.last_poll_ok for record in snapshot.records.values())
+
+    async def _dispatch(self, *, once: bool) -> None:
+        try:
+            while True:
+                self._wakeup.clear()
+                now = time.monotonic()
+                self._beat(now)
+                if once and not self._due and not self._in_flight:
+                    return
+                wait = self._next_dispatch_wait(now)
+                if wait <= 0:
+                    self._start_next_poll(now, once=once)
+                    continue
+                try:
+                    async with asyncio.timeout(min(wait, TICK)):
+                        await self._wakeup.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            interrupted = list(self._in_flight.values())
+            for task in list(self._in_flight):
+                task.cancel()
+            if self._in_flight:
+                await asyncio.gather(*self._in_flight, return_exceptions=True)
+            # A restarted loop must still poll the builds whose requests were cut short.
+            for build_id in interrupted:
+                if build_id in self._tracked and build_id not in self._due:
+                    self._schedule(build_id, time.monotonic())
+
+    def _beat(self, now: float) -> None:
+        self.heartbeat = time.monotonic()
+        if self._paused_until and now >= self._paused_until:
+            self._paused_until = 0.0
+            self._telemetry.set_rate_limited_until(0.0)
+            log.info("rate limit pause over, polling resumes")
+        if now - self._last_sweep >= TICK:
+            self._last_sweep = now
+            for build_id in self._store.expire_stale(
+                self._wall_clock(), self._settings.stale_after
+            ):
+                log.warning(
+                    "build values dropped: no successful poll for too long",
+                    extra={"build_id": build_id, "stale_after": self._settings.stale_after},
+                )
+
+    def _next_dispatch_wait(self, now: float) -> float:
+        """Seconds until the next poll may start; TICK when only a free slot is missing."""
+        self._drop_outdated_queue_entries()
+        if not self._queue:
+            return TICK
+        if len(self._in_flight) >= self._settings.max_concurrency:
+            return TICK
+        return max(
+            self._queue[0][0] - now,
+            self._paused_until - now,
+            self._bucket.delay(now),
+        )
+
+    def _drop_outdated_queue_entries(self) -> None:
+        while self._queue:
+            due, _, build_id = self._queue[0]
+            if self._due.get(build_id) == due:
+                return
+            heapq.heappop(self._queue)
+
+    def _start_next_poll(self, now: float, *, once: bool) -> None:
+        _, _, build_id = heapq.heappop(self._queue)
+        del self._due[build_id]
+        self._bucket.take(now)
+        task = asyncio.create_task(self._poll(build_id, once=once), name=f"poll {build_id}")
+        self._in_flight[task] = build_id
+        task.add_done_callback(self._poll_done)
+
+    def _poll_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+        self._wakeup.set()
+
+    async def _poll(self, build_id: str, *, once: bool) -> None:
+        started = time.monotonic()
+        next_poll: float | None
+        try:
+            result = await self._fetcher.fetch(build_id)
+            now = time.monotonic()
+            self._telemetry.observe_request(result.outcome, now - started)
+            next_poll = self._apply(build_id, result, now)
+        except Exception:
+            # A bug must cost one poll, never the build's place in the schedule.
+            log.exception("unexpected error while polling", extra={"build_id": build_id})
+            failures = self._failures.get(build_id, 0) + 1
+            self._failures[build_id] = failures
+            next_poll = time.monotonic() + backoff_delay(
+                failures, self._settings.interval, self._jitter()
+            )
+        if next_poll is not None and not once and build_id in self._tracked:
+            self._schedule(build_id, next_poll)
+
+    def _apply(self, build_id: str, result: FetchResult, now: float) -> float | None:
+        """Record a result; returns when to poll this build next, or None for never."""
+        if result.outcome is Outcome.RATE_LIMITED:
+            self._consecutive_rate_limits += 1
+            pause = rate_limit_pause(result.retry_after, self._consecutive_rate_limits)
+            if now + pause > self._paused_until:
+                self._paused_until = now + pause
+                self._telemetry.set_rate_limited_until(self._wall_clock() + pause)
+                log.warning(
+                    "API rate limit hit: pausing all requests",
+                    extra={"build_id": build_id, "pause_seconds": round(pause, 3)},
+                )
+        else:
+            self._consecutive_rate_limits = 0
+
+        if result.build is not None:
+            transition = self._store.record_success(build_id, result.build, self._wall_clock())
+            self._failures.pop(build_id, None)
+            if transition is not None:
+                _log_success(transition)
+            return None if result.build.finished else now + self._settings.interval
+
+        transition = self._store.record_failure(build_id, result.outcome)
+        if transition is not None:
+            _log_failure(transition, result)
+        if result.outcome is Outcome.RATE_LIMITED:
+            return self._paused_until
+        failures = self._failures.get(build_id, 0) + 1
+        self._failures[build_id] = failures
+        return now + backoff_delay(failures, self._settings.interval, self._jitter())
+
+    def _schedule(self, build_id: str, due: float) -> None:
+        self._due[build_id] = due
+        self._sequence += 1
+        heapq.heappush(self._queue, (due, self._sequence, build_id))
+
+
+def _log_success(transition: Transition) -> None:
+    before, after = transition.before, transition.after
+    assert after.build is not None
+    if before.last_error is not None:
+        log.info(
+            "poll recovered",
+            extra={"build_id": after.build_id, "previous_reason": before.last_error.value},
+        )
+    previous_status = before.build.status if before.build is not None else None
+    if previous_status != after.build.status or before.finished != after.finished:
+        log.info(
+            "build status changed",
+            extra={
+                "build_id": after.build_id,
+                "image_name": after.build.image_name,
+                "image_tag": after.build.image_tag,
+                "status": after.build.status,
+                "previous_status": previous_status or "",
+                "finished": after.finished,
+            },
+        )
+
+
+def _log_failure(transition: Transition, result: FetchResult) -> None:
+    if transition.before.last_error == transition.after.last_error:
+        return
+    log.warning(
+        "poll failed",
+        extra={
+            "build_id": transition.after.build_id,
+            "reason": result.outcome.value,
+            "detail": result.detail,
+        },
+    )

@@ -1,0 +1,422 @@
+"""A fake Prime Intellect API on loopback: build lifecycles that move, and faults on demand.
+
+It serves ``GET /api/v1/images/build/{build_id}`` as the published spec describes, checks the
+bearer token, and records every request so tests can count them. ``--demo``, the tests and
+the benchmarks use it; ``python -m exporter.simulator`` runs it on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar, Literal
+from urllib.parse import unquote, urlsplit
+
+BUILD_PATH_PREFIX = "/api/v1/images/build/"
+Outcome = Literal["COMPLETED", "FAILED", "CANCELLED"]
+
+
+@dataclass(frozen=True)
+class ArtifactPlan:
+    """One artifact of a simulated build; it fails with ``error_message`` if the build fails."""
+
+    artifact_type: str = "CONTAINER_IMAGE"
+    error_message: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """A build's whole life, as seconds spent in each phase from ``created_at``.
+
+    ``building=math.inf`` holds the build in BUILDING forever. A CANCELLED build with no
+    uploading or building time is cancelled before it starts.
+    """
+
+    build_id: str
+    image_name: str
+    image_tag: str
+    created_at: float
+    pending: float = 5.0
+    uploading: float = 5.0
+    building: float = 30.0
+    outcome: Outcome = "COMPLETED"
+    artifacts: tuple[ArtifactPlan, ...] = (ArtifactPlan(),)
+
+    def payload(self, now: float) -> dict[str, Any]:
+        """The BuildStatusResponse this build has at wall-clock time ``now``."""
+        started = self.created_at + self.pending
+        building_from = started + self.uploading
+        ends = building_from + self.building
+        never_started = self.outcome == "CANCELLED" and self.uploading == self.building == 0
+        if now < started:
+            status, started_at, completed_at = "PENDING", None, None
+        elif never_started:
+            status, started_at, completed_at = "CANCELLED", None, started
+        elif now < building_from:
+            status, started_at, completed_at = "UPLOADING", started, None
+        elif now < ends:
+            status, started_at, completed_at = "BUILDING", started, None
+        else:
+            status, started_at, completed_at = self.outcome, started, ends
+        return {
+            "id": self.build_id,
+            "imageName": self.image_name,
+            "imageTag": self.image_tag,
+            "status": status,
+            "createdAt": _iso(self.created_at),
+            "startedAt": _iso(started_at),
+            "completedAt": _iso(completed_at),
+            "artifacts": [
+                self._artifact_payload(index, plan, status, building_from, completed_at)
+                for index, plan in enumerate(self.artifacts)
+            ],
+        }
+
+    def _artifact_payload(
+        self,
+        index: int,
+        plan: ArtifactPlan,
+        build_status: str,
+        building_from: float,
+        completed_at: float | None,
+    ) -> dict[str, Any]:
+        failed = build_status == "FAILED" and plan.error_message is not None
+        if build_status in {"PENDING", "UPLOADING"}:
+            status = "PENDING"
+        elif build_status == "FAILED":
+            status = "FAILED" if failed else "CANCELLED"
+        else:
+            status = build_status
+        artifact_started = building_from if build_status not in {"PENDING", "UPLOADING"} else None
+        if (
+            build_status == "CANCELLED"
+            and completed_at is not None
+            and completed_at <= building_from
+        ):
+            artifact_started = None
+        path = None
+        if status == "COMPLETED":
+            path = (
+                f"registry.primeintellect.ai/team/{self.image_name}:{self.image_tag}"
+                if plan.artifact_type == "CONTAINER_IMAGE"
+                else f"sandbox://team/{self.image_name}/{self.image_tag}"
+            )
+        return {
+            "id": f"{self.build_id}-{plan.artifact_type.lower().replace('_', '-')}-{index}",
+            "artifactType": plan.artifact_type,
+            "status": status,
+            "fullImagePath": path,
+            "errorMessage": plan.error_message if failed else None,
+            "createdAt": _iso(self.created_at),
+            "startedAt": _iso(artifact_started),
+            "completedAt": _iso(
+                completed_at if status in {"COMPLETED", "FAILED", "CANCELLED"} else None
+            ),
+        }
+
+
+@dataclass
+class Fault:
+    """A wrong answer the simulator gives instead of, or before, the real one."""
+
+    status: int = 500
+    body: bytes = b'{"detail": "Internal Server Error"}'
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
+    delay: float = 0.0
+    times: int | None = None
+
+    @classmethod
+    def not_found(cls) -> Fault:
+        return cls(status=404, body=b'{"detail": "Build not found"}')
+
+    @classmethod
+    def rate_limited(cls, retry_after: str | None = "1", *, times: int | None = None) -> Fault:
+        headers = {"Content-Type": "application/json"}
+        if retry_after is not None:
+            headers["Retry-After"] = retry_after
+        return cls(
+            status=429, body=b'{"detail": "Too Many Requests"}', headers=headers, times=times
+        )
+
+    @classmethod
+    def server_error(cls, status: int = 500, *, times: int | None = None) -> Fault:
+        return cls(status=status, times=times)
+
+    @classmethod
+    def html_error(cls, status: int = 502) -> Fault:
+        body = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+        return cls(status=status, body=body, headers={"Content-Type": "text/html"})
+
+    @classmethod
+    def garbage(cls, body: bytes = b"<html>not json</html>") -> Fault:
+        return cls(status=200, body=body, headers={"Content-Type": "text/html"})
+
+    @classmethod
+    def slow(cls, delay: float) -> Fault:
+        """Answer correctly, but only after ``delay`` seconds."""
+        return cls(status=200, body=b"", delay=delay)
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request the simulator received."""
+
+    at: float
+    build_id: str
+    status: int
+
+
+class Simulator:
+    """The fake API. Start it, point the exporter at ``base_url``, stop it."""
+
+    def __init__(
+        self,
+        api_key: str,
+        plans: Iterable[BuildPlan] = (),
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.api_key = api_key
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._plans = {plan.build_id: plan for plan in plans}
+        self._overrides: dict[str, dict[str, Any]] = {}
+        self._faults: dict[str, Fault] = {}
+        self._requests: list[RecordedRequest] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- control -------------------------------------------------------------------------------
+
+    def add(self, plan: BuildPlan) -> None:
+        with self._lock:
+            self._plans[plan.build_id] = plan
+
+    def set_payload(self, build_id: str, payload: dict[str, Any] | None) -> None:
+        """Answer this build with exactly ``payload`` (``None`` returns to its plan)."""
+        with self._lock:
+            if payload is None:
+                self._overrides.pop(build_id, None)
+            else:
+                self._overrides[build_id] = payload
+
+    def set_fault(self, build_id: str, fault: Fault | None) -> None:
+        """Answer this build with ``fault`` (``None`` clears it)."""
+        with self._lock:
+            if fault is None:
+                self._faults.pop(build_id, None)
+            else:
+                self._faults[build_id] = fault
+
+    @property
+    def build_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._plans)
+
+    def requests(self, build_id: str | None = None) -> list[RecordedRequest]:
+        with self._lock:
+            return [r for r in self._requests if build_id is None or r.build_id == build_id]
+
+    def payload(self, build_id: str) -> dict[str, Any] | None:
+        """What a correct answer for the build is right now."""
+        with self._lock:
+            return self._payload_locked(build_id)
+
+    # -- server --------------------------------------------------------------------------------
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Start serving in a background thread; returns the base URL."""
+        handler = type("Handler", (_Handler,), {"simulator": self})
+        self._server = _Server((host, port), handler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="simulator", daemon=True
+        )
+        self._thread.start()
+        return self.base_url
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None, "the simulator is not started"
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> Simulator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- answering -----------------------------------------------------------------------------
+
+    def _payload_locked(self, build_id: str) -> dict[str, Any] | None:
+        if build_id in self._overrides:
+            return self._overrides[build_id]
+        plan = self._plans.get(build_id)
+        return plan.payload(self._clock()) if plan else None
+
+    def answer(
+        self, path: str, authorization: str | None
+    ) -> tuple[int, dict[str, str], bytes, float]:
+        """Status, headers, body and delay for one request."""
+        build_id = (
+            unquote(path[len(BUILD_PATH_PREFIX) :]) if path.startswith(BUILD_PATH_PREFIX) else ""
+        )
+        with self._lock:
+            status, headers, body, delay = self._answer_locked(build_id, path, authorization)
+            self._requests.append(RecordedRequest(time.monotonic(), build_id, status))
+        return status, headers, body, delay
+
+    def _answer_locked(
+        self, build_id: str, path: str, authorization: str | None
+    ) -> tuple[int, dict[str, str], bytes, float]:
+        json_headers = {"Content-Type": "application/json"}
+        if not path.startswith(BUILD_PATH_PREFIX) or not build_id or "/" in build_id:
+            return 404, json_headers, b'{"detail": "Not Found"}', 0.0
+        if authorization != f"Bearer {self.api_key}":
+            return 401, json_headers, b'{"detail": "Invalid API key"}', 0.0
+        delay = 0.0
+        fault = self._faults.get(build_id)
+        if fault is not None:
+            if fault.times is not None:
+                fault.times -= 1
+                if fault.times <= 0:
+                    del self._faults[build_id]
+            if fault.body or fault.status != 200:
+                return fault.status, dict(fault.headers), fault.body, fault.delay
+            delay = fault.delay
+        payload = self._payload_locked(build_id)
+        if payload is None:
+            return 404, json_headers, b'{"detail": "Build not found"}', delay
+        return 200, json_headers, json.dumps(payload).encode(), delay
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 128
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "primeintellect-api-simulator"
+    sys_version = ""
+    simulator: ClassVar[Simulator]
+
+    def do_GET(self) -> None:
+        status, headers, body, delay = self.simulator.answer(
+            urlsplit(self.path).path, self.headers.get("Authorization")
+        )
+        if delay:
+            time.sleep(delay)
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None or math.isinf(timestamp):
+        return None
+    moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def demo_plans(now: float) -> list[BuildPlan]:
+    """A handful of builds that move through every status within a few minutes."""
+    container, sandbox = ArtifactPlan("CONTAINER_IMAGE"), ArtifactPlan("VM_SANDBOX")
+    return [
+        BuildPlan("cmdemo0web0001", "web-frontend", "v1.4.2", now - 2, 5, 8, 30),
+        BuildPlan(
+            "cmdemo0trn0002",
+            "trainer",
+            "2026.11.28",
+            now,
+            10,
+            15,
+            75,
+            artifacts=(container, sandbox),
+        ),
+        BuildPlan(
+            "cmdemo0inf0003",
+            "inference-server",
+            "canary",
+            now,
+            8,
+            10,
+            40,
+            outcome="FAILED",
+            artifacts=(
+                ArtifactPlan(
+                    "CONTAINER_IMAGE",
+                    error_message="step 7/12 RUN pip install -r requirements.txt: exit code 1",
+                ),
+            ),
+        ),
+        BuildPlan("cmdemo0dat0004", "data-loader", "nightly", now, 15, 10, 20, outcome="CANCELLED"),
+        BuildPlan("cmdemo0evl0005", "eval-harness", "v0.9.0", now, 20, 30, 420),
+        BuildPlan(
+            "cmdemo0sbx0006", "sandbox-base", "ubuntu-24.04", now, 5, 20, 150, artifacts=(sandbox,)
+        ),
+        BuildPlan("cmdemo0tok0007", "tokenizer-svc", "v2.0.1", now - 1800, 60, 120, math.inf),
+        BuildPlan(
+            "cmdemo0env0008",
+            "rl-environment",
+            "latest",
+            now - 3600,
+            30,
+            60,
+            600,
+            artifacts=(container, sandbox),
+        ),
+    ]
+
+
+def random_plans(
+    count: int, now: float, rng: random.Random, *, prefix: str = "cmsim"
+) -> list[BuildPlan]:
+    """``count`` builds with varied lifecycles and two artifacts each, for soak and benchmarks."""
+    images = ("trainer", "inference", "eval", "data-prep", "sandbox", "gateway", "tokenizer")
+    plans = []
+    for index in range(count):
+        outcome: Outcome = rng.choices(("COMPLETED", "FAILED", "CANCELLED"), weights=(8, 1, 1))[0]
+        error = "build step failed: exit code 1" if outcome == "FAILED" else None
+        plans.append(
+            BuildPlan(
+                build_id=f"{prefix}{index:08d}",
+                image_name=rng.choice(images),
+                image_tag=f"v{rng.randint(0, 9)}.{rng.randint(0, 99)}",
+                created_at=now - rng.uniform(0, 600),
+                pending=rng.uniform(1, 60),
+                uploading=rng.uniform(1, 60),
+                building=rng.uniform(30, 1800),
+                outcome=outcome,
+                artifacts=(ArtifactPlan("CONTAINER_IMAGE", error), ArtifactPlan("VM_SANDBOX")),
+            )
+        )
+    return plans
+
+
+if __name__ == "__main__":
+    from exporter.cli import simulator_main
+
+    simulator_main()
