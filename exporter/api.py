@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import enum
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from exporter.models import Build, InvalidBuildError, parse_build
 USER_AGENT = f"primeintellect-build-exporter/{__version__} python-httpx/{httpx.__version__}"
 DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
 BUILD_PATH = "/api/v1/images/build/"
+_DELAY_SECONDS = re.compile(r"[0-9]{1,10}")
 
 
 class Outcome(enum.StrEnum):
@@ -96,7 +98,11 @@ class BuildStatusClient:
         await self._client.aclose()
 
     def build_url(self, build_id: str) -> str:
-        return self._base_url + BUILD_PATH + quote(build_id, safe="")
+        segment = quote(build_id, safe="")
+        if segment in {".", ".."}:
+            # URL normalisation would climb out of the build path.
+            segment = segment.replace(".", "%2E")
+        return self._base_url + BUILD_PATH + segment
 
     async def fetch(self, build_id: str) -> FetchResult:
         """GET one build's status; never raises for anything the network or the API does."""
@@ -179,8 +185,8 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if value is None:
         return None
     text = value.strip()
-    if text.lstrip("-").isdigit() and len(text) < 12:
-        return max(0.0, float(text))
+    if _DELAY_SECONDS.fullmatch(text):
+        return float(text)
     try:
         moment = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):

@@ -76,9 +76,10 @@ class Exporter:
 
     def unready_reason(self) -> str | None:
         """Why the exporter is not ready, or None: every build must have been polled once."""
-        waiting = sum(not record.polled for record in self.store.snapshot().records.values())
+        records = self.store.snapshot().records
+        waiting = sum(not record.polled for record in records.values())
         if waiting:
-            return f"Not ready: {waiting} builds not polled yet"
+            return f"Not ready: {waiting} of {len(records)} builds not polled yet"
         return None
 
     def create_server(self, listen_address: str) -> MetricsServer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import ipaddress
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -20,7 +22,10 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.primeintellect.ai"
 DEFAULT_LISTEN_ADDRESS = ":9862"
@@ -28,8 +33,20 @@ API_KEY_ENV = "PRIME_API_KEY"
 BASE_URL_ENV = "PRIME_API_BASE_URL"
 
 _BUILD_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-_DURATION = re.compile(r"(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?")
-_DURATION_UNITS = (604800.0, 86400.0, 3600.0, 60.0, 1.0, 0.001)
+_DURATION = re.compile(
+    r"(?:([0-9]+)y)?(?:([0-9]+)w)?(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m(?!s))?"
+    r"(?:([0-9]+)s)?(?:([0-9]+)ms)?"
+)
+_DURATION_UNITS = (
+    ("y", 31536000.0),
+    ("w", 604800.0),
+    ("d", 86400.0),
+    ("h", 3600.0),
+    ("m", 60.0),
+    ("s", 1.0),
+    ("ms", 0.001),
+)
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 class ConfigError(Exception):
@@ -46,20 +63,63 @@ def parse_duration(value: object) -> float:
     if not value.strip() or match is None:
         raise ValueError(
             f"{value!r} is not a duration: write a number with a unit "
-            "(ms, s, m, h, d, w), such as 30s, 5m or 1h30m"
+            "(ms, s, m, h, d, w, y), such as 30s, 5m or 1h30m"
         )
     return sum(
-        int(part) * unit for part, unit in zip(match.groups(), _DURATION_UNITS, strict=True) if part
+        int(part) * seconds
+        for part, (_, seconds) in zip(match.groups(), _DURATION_UNITS, strict=True)
+        if part
     )
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest Prometheus-style spelling of a duration, such as ``1h30m`` or ``500ms``."""
+    milliseconds = round(seconds * 1000)
+    if milliseconds == 0:
+        return "0s"
+    parts = []
+    for unit, unit_seconds in _DURATION_UNITS:
+        unit_milliseconds = round(unit_seconds * 1000)
+        count, milliseconds = divmod(milliseconds, unit_milliseconds)
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
+
+
+def _duration_within(minimum: float, maximum: float | None = None) -> AfterValidator:
+    def check(seconds: float) -> float:
+        if seconds < minimum:
+            raise ValueError(f"must be at least {format_duration(minimum)}")
+        if maximum is not None and seconds > maximum:
+            raise ValueError(f"must be at most {format_duration(maximum)}")
+        return seconds
+
+    return AfterValidator(check)
+
+
+class BuildIdNotStringError(ValueError):
+    """YAML read a build ID as a number, boolean, date or null."""
+
+    def __init__(self, value: object, written: str | None = None) -> None:
+        if value is None:
+            message = "build ID is empty: remove the empty list item, or quote the ID"
+        else:
+            written = str(value) if written is None else written
+            kind = {bool: "a boolean", int: "a number", float: "a number"}.get(
+                type(value), "a date"
+            )
+            message = (
+                f"build ID {written} is not a string (YAML reads it as {kind}): "
+                f"quote it in YAML ('{written}')"
+            )
+        super().__init__(message)
+        self.value = value
 
 
 def validate_build_id(value: object) -> str:
     """Check that a build ID is a string that is safe as one URL path segment."""
     if not isinstance(value, str):
-        raise ValueError(
-            f"build ID {value!r} is not a string: quote it in YAML ('{value}') "
-            "so it is not read as a number or boolean"
-        )
+        raise BuildIdNotStringError(value)
     if not _BUILD_ID.fullmatch(value) or value in {".", ".."}:
         raise ValueError(
             f"build ID {value!r} is invalid: use 1 to 128 letters, digits, '-', '_' or '.', "
@@ -81,21 +141,30 @@ class ApiSettings(_Strict):
 
     base_url: str = DEFAULT_BASE_URL
     api_key_file: Path | None = None
-    timeout: Duration = Field(default=10.0, gt=0, le=300)
+    timeout: Annotated[Duration, _duration_within(0.001, 300)] = 10.0
     max_concurrency: int = Field(default=4, ge=1, le=256, strict=True)
-    requests_per_second: float = Field(default=2.0, gt=0, le=10_000)
+    requests_per_second: float = Field(default=2.0, gt=0, le=10_000, strict=True)
 
     @field_validator("base_url")
     @classmethod
     def _check_base_url(cls, value: str) -> str:
         return normalize_base_url(value)
 
+    @field_validator("api_key_file", mode="before")
+    @classmethod
+    def _check_api_key_file(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("must be a file path, or leave it out to use PRIME_API_KEY")
+            return Path(value).expanduser()
+        return value
+
 
 class PollingSettings(_Strict):
     """The ``polling`` section."""
 
-    interval: Duration = Field(default=30.0, ge=1)
-    stale_after: Duration = Field(default=900.0, gt=0)
+    interval: Annotated[Duration, _duration_within(1)] = 30.0
+    stale_after: Annotated[Duration, _duration_within(1)] = 900.0
 
 
 class WebSettings(_Strict):
@@ -119,6 +188,23 @@ class ConfigFile(_Strict):
     build_files: list[str] = []
     web: WebSettings = WebSettings()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections_mean_defaults(cls, data: object) -> object:
+        # "api:" with nothing under it is YAML null; treat it as an empty section.
+        if isinstance(data, dict):
+            defaults: dict[str, object] = {
+                "api": {},
+                "polling": {},
+                "web": {},
+                "builds": [],
+                "build_files": [],
+            }
+            return {
+                key: defaults.get(key) if value is None else value for key, value in data.items()
+            }
+        return data
+
 
 class ApiKeySource:
     """The API key, from ``PRIME_API_KEY`` or from a file re-read whenever it changes."""
@@ -140,16 +226,22 @@ class ApiKeySource:
                 identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
                 if identity != self._file_identity:
                     self._value = self._read_file(self.file)
-            except (OSError, ConfigError):
+            except (OSError, ValueError, ConfigError):
+                # Keep the last good key; the API answers 401 if it is really gone.
                 pass
         assert self._value is not None
         return self._value
 
     def _read_file(self, file: Path) -> SecretStr:
         stat = file.stat()
-        key = file.read_text(encoding="utf-8").strip()
+        try:
+            key = file.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise ConfigError(f"api.api_key_file: cannot read {file}: not UTF-8 text") from None
         if not key:
             raise ConfigError(f"api.api_key_file: {file} is empty")
+        if any(char in key for char in "\r\n") or not key.isprintable():
+            raise ConfigError(f"api.api_key_file: {file} must hold the key on one line")
         self._file_identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         return SecretStr(key)
 
@@ -179,10 +271,15 @@ class Config:
 def normalize_base_url(value: str) -> str:
     """Validate the API base URL and strip a trailing ``/api/v1`` as the official client does."""
     parts = urlsplit(value.strip())
+    # Checked first, so that no later message repeats a password.
+    if "@" in parts.netloc:
+        raise ValueError("credentials do not belong in the URL: use api_key_file or PRIME_API_KEY")
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ValueError(f"{value!r} is not an http(s) URL such as {DEFAULT_BASE_URL}")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("credentials do not belong in the URL: use api_key_file or PRIME_API_KEY")
+    try:
+        parts.port  # noqa: B018 (reading it validates it)
+    except ValueError:
+        raise ValueError(f"{value!r} has an invalid port") from None
     if parts.query or parts.fragment:
         raise ValueError(f"{value!r} must not have a query or fragment")
     if parts.scheme == "http" and not is_loopback_host(parts.hostname):
@@ -208,7 +305,7 @@ def is_loopback_host(host: str) -> bool:
 def parse_listen_address(value: str) -> tuple[str, int]:
     """Split ``host:port`` (``:9862``, ``0.0.0.0:9862``, ``[::1]:9862``) into host and port."""
     host, separator, port_text = value.rpartition(":")
-    if not separator or not port_text.isdigit() or int(port_text) > 65535:
+    if not separator or not _PORT.fullmatch(port_text) or int(port_text) > 65535:
         raise ValueError(f"{value!r} is not a listen address such as :9862 or 127.0.0.1:9862")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -226,16 +323,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    mapping: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # keys merged from an anchor may be overridden
         key = loader.construct_object(key_node, deep=True)
-        if key in mapping:
+        try:
+            duplicate = key in seen
+        except TypeError:
+            raise yaml.MarkedYAMLError(
+                problem="unhashable key (a list or mapping cannot be a key)",
+                problem_mark=key_node.start_mark,
+            ) from None
+        if duplicate:
             raise yaml.MarkedYAMLError(
                 problem=f"duplicate key {key!r}", problem_mark=key_node.start_mark
             )
-        mapping[key] = loader.construct_object(value_node, deep=True)
-    return mapping
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
 
 
 _UniqueKeyLoader.add_constructor(
@@ -279,7 +384,7 @@ def load_config(path: Path, environ: Mapping[str, str], *, require_api_key: bool
     try:
         file = ConfigFile.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(f"{path}: {describe_validation_error(error)}") from None
+        raise ConfigError(f"{path}: {describe_validation_error(error, text)}") from None
 
     api_key = _api_key_source(path, file.api, environ, require_api_key=require_api_key)
     build_ids = _dedupe([*file.builds, *read_build_files(file.build_files, path.parent)])
@@ -300,6 +405,8 @@ def _api_key_source(
             key_file = path.parent / key_file
         try:
             return ApiKeySource(file=key_file)
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: api.api_key_file: {key_file} is a directory") from None
         except OSError as error:
             raise ConfigError(
                 f"{path}: api.api_key_file: cannot read {key_file}: {error.strerror}"
@@ -320,8 +427,14 @@ def read_build_files(patterns: list[str], base_directory: Path) -> list[str]:
     """Read build IDs from files matching the globs: one ID per line, or a YAML list."""
     build_ids: list[str] = []
     for pattern in patterns:
-        full_pattern = base_directory / Path(pattern).expanduser()
-        for name in sorted(glob.glob(str(full_pattern))):  # noqa: PTH207 (absolute patterns)
+        expanded = str(Path(pattern).expanduser())
+        if not Path(expanded).is_absolute():
+            # The directory is a literal path, even if its name holds glob characters.
+            expanded = str(Path(glob.escape(str(base_directory))) / expanded)
+        names = sorted(glob.glob(expanded))  # noqa: PTH207 (patterns may be absolute)
+        if not names and not glob.has_magic(pattern):
+            log.warning("build file not found", extra={"build_file": expanded})
+        for name in names:
             build_ids.extend(read_build_file(Path(name)))
     return build_ids
 
@@ -337,7 +450,9 @@ def read_build_file(path: Path) -> list[str]:
         for number, line in enumerate(text.splitlines(), start=1)
         if line.strip() and not line.strip().startswith("#")
     ]
-    if content_lines and content_lines[0][1].startswith(("-", "[")):
+    # IDs hold no spaces or brackets, so "- id", "[...]" and a "---" marker can only be YAML.
+    first = content_lines[0][1] if content_lines else ""
+    if first in {"-", "---"} or first.startswith(("- ", "[", "--- ")):
         items = load_yaml(text, str(path))
         if not isinstance(items, list):
             raise ConfigError(f"{path}: expected a YAML list of build IDs")
@@ -345,9 +460,12 @@ def read_build_file(path: Path) -> list[str]:
     else:
         located = [(f"{path}:{number}", line) for number, line in content_lines]
     build_ids = []
-    for where, item in located:
+    for index, (where, item) in enumerate(located):
         try:
             build_ids.append(validate_build_id(item))
+        except BuildIdNotStringError as error:
+            written = _written_scalar(text, (index,))
+            raise ConfigError(f"{where}: {BuildIdNotStringError(error.value, written)}") from None
         except ValueError as error:
             raise ConfigError(f"{where}: {error}") from None
     return build_ids
@@ -357,13 +475,20 @@ def _dedupe(build_ids: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(build_ids))
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    """The first problem of a pydantic error as ``field.path: message``."""
+def describe_validation_error(error: ValidationError, source: str | None = None) -> str:
+    """The first problem of a pydantic error as ``field.path: message``.
+
+    With the YAML ``source``, a value YAML did not read as text is quoted as it was written.
+    """
     problems = error.errors(include_url=False)
     first = problems[0]
     location = _format_location(first["loc"])
     message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, BuildIdNotStringError) and source is not None:
+        written = _written_scalar(source, first["loc"])
+        message = str(BuildIdNotStringError(cause.value, written))
+    elif first["type"] == "extra_forbidden":
         message = f"unknown key{_allowed_keys_hint(first['loc'])}"
     elif first["type"] == "missing":
         message = "required"
@@ -376,6 +501,22 @@ def describe_validation_error(error: ValidationError) -> str:
     more = len(problems) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     return f"{location}: {message}{suffix}"
+
+
+def _written_scalar(source: str, location: tuple[int | str, ...]) -> str | None:
+    """The text of the scalar at ``location`` exactly as the YAML file spells it."""
+    try:
+        node = yaml.compose(source, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError:
+        return None
+    for part in location:
+        if isinstance(node, yaml.MappingNode):
+            node = next((value for key, value in node.value if key.value == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            node = node.value[part] if part < len(node.value) else None
+        else:
+            return None
+    return node.value if isinstance(node, yaml.ScalarNode) else None
 
 
 def _format_location(location: tuple[int | str, ...]) -> str:

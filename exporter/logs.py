@@ -31,7 +31,9 @@ _QUIET_LOGGERS = ("httpx", "httpcore")
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields: dict[str, Any] = {
-        "ts": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "ts": datetime.fromtimestamp(record.created, tz=UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
         "level": _LEVEL_NAMES.get(record.levelno, "info"),
         "logger": record.name,
         "msg": record.getMessage(),

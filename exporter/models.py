@@ -26,8 +26,9 @@ MAX_LABEL_LENGTH = 256
 
 _datetime_adapter = TypeAdapter(datetime)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-# Control characters and Unicode line/paragraph separators would break a one-line label value.
-_UNPRINTABLE = dict.fromkeys((*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029), " ")
+# A run of whitespace holding a control character or line separator becomes one space.
+_CONTROL = "\x00-\x1f\x7f-\x9f\u2028\u2029"
+_LINE_BREAKS = re.compile(f"[\\s{_CONTROL}]*[{_CONTROL}][\\s{_CONTROL}]*")
 
 
 class InvalidBuildError(ValueError):
@@ -39,8 +40,7 @@ def clean_label_text(value: str) -> str:
     if len(value) <= MAX_LABEL_LENGTH and value.isascii() and value.isprintable():
         return value
     # json.loads keeps lone surrogates, which cannot be encoded as UTF-8 later.
-    text = _LONE_SURROGATE.sub("\ufffd", value)
-    text = " ".join(text.translate(_UNPRINTABLE).split())
+    text = _LINE_BREAKS.sub(" ", _LONE_SURROGATE.sub("\ufffd", value))
     if len(text) > MAX_LABEL_LENGTH:
         text = text[: MAX_LABEL_LENGTH - 1] + "…"
     return text

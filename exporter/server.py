@@ -207,7 +207,10 @@ class MetricsServer:
         server_class = type("Server", (_DualStackServer,), {"address_family": family})
         self._server = server_class(address, handler)
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="http-server", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="http-server",
+            daemon=True,
         )
 
     @property

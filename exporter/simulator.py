@@ -236,7 +236,10 @@ class Simulator:
         handler = type("Handler", (_Handler,), {"simulator": self})
         self._server = _Server((host, port), handler)
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="simulator", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="simulator",
+            daemon=True,
         )
         self._thread.start()
         return self.base_url

@@ -1,0 +1,234 @@
+"""Shared test helpers: an in-process exporter over real HTTP, configs, waiting, parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
+
+from exporter.app import Exporter
+from exporter.config import ApiKeySource, Config, ConfigFile
+from exporter.simulator import ArtifactPlan, BuildPlan
+
+CANARY_API_KEY = "pk-canary-0b7f5e2d9c4a41e8b3f6a1d2c9e8f7a6"
+REPOSITORY = Path(__file__).resolve().parent.parent
+# 2026-01-01T00:00:00Z: every fixed timestamp of the golden builds counts from here.
+EPOCH = 1767225600.0
+
+
+def wait_until(
+    condition: Callable[[], Any], *, timeout: float = 10.0, message: str = "condition"
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(0.02)
+
+
+def make_config(
+    base_url: str,
+    build_ids: Iterable[str],
+    *,
+    api_key: str = CANARY_API_KEY,
+    interval: str = "1s",
+    stale_after: str = "15m",
+    timeout: str = "2s",
+    requests_per_second: float = 100.0,
+    max_concurrency: int = 4,
+    listen_address: str = "127.0.0.1:0",
+) -> Config:
+    """A valid config pointing at a loopback API, with the key given directly."""
+    file = ConfigFile.model_validate(
+        {
+            "api": {
+                "base_url": base_url,
+                "timeout": timeout,
+                "requests_per_second": requests_per_second,
+                "max_concurrency": max_concurrency,
+            },
+            "polling": {"interval": interval, "stale_after": stale_after},
+            "builds": list(build_ids),
+            "web": {"listen_address": listen_address},
+        }
+    )
+    return Config(
+        source=Path("test.yaml"),
+        file=file,
+        api_key=ApiKeySource(value=SecretStr(api_key)),
+        build_ids=tuple(file.builds),
+    )
+
+
+class RunningExporter:
+    """An exporter serving on loopback from a background thread with its own event loop."""
+
+    def __init__(self, config: Config, *, wall_clock: Callable[[], float] = time.time) -> None:
+        self.exporter = Exporter(config, wall_clock=wall_clock)
+        self.url = ""
+        self._listening = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="exporter-under-test", daemon=True)
+
+    def start(self) -> RunningExporter:
+        self._thread.start()
+        if not self._listening.wait(10) or self._error is not None:
+            raise RuntimeError(f"exporter did not start: {self._error!r}")
+        return self
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as error:
+            self._error = error
+            self._listening.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        await self.exporter.serve(self._stop, self._on_listening)
+
+    def _on_listening(self, url: str) -> None:
+        self.url = url
+        self._listening.set()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+        assert not self._thread.is_alive(), "exporter did not stop within 10s"
+
+    def get(self, path: str, headers: Mapping[str, str] | None = None) -> httpx.Response:
+        return httpx.get(self.url + path, headers=dict(headers or {}), timeout=10)
+
+    def get_raw(
+        self, path: str, headers: Mapping[str, str] | None = None
+    ) -> tuple[httpx.Headers, bytes]:
+        """Headers and body exactly as sent, without content decoding."""
+        with (
+            httpx.Client(timeout=10) as client,
+            client.stream("GET", self.url + path, headers=dict(headers or {})) as response,
+        ):
+            return response.headers, b"".join(response.iter_raw())
+
+    def metrics_text(self) -> str:
+        response = self.get("/metrics")
+        response.raise_for_status()
+        return response.text
+
+    def samples(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        return parse_samples(self.metrics_text())
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.samples().get((name, frozenset(labels.items())))
+
+    def wait_until_all_polled(self, timeout: float = 10.0) -> None:
+        wait_until(
+            lambda: self.exporter.store.snapshot().all_polled,
+            timeout=timeout,
+            message="every build polled once",
+        )
+
+
+def parse_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a text exposition, keyed by name and label set."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def family_blocks(text: str) -> dict[str, str]:
+    """The exposition split into one block per family (``# HELP`` through its samples)."""
+    blocks: dict[str, str] = {}
+    current = ""
+    for line in text.splitlines(keepends=True):
+        if line.startswith("# HELP "):
+            current = line.split(" ", 3)[2]
+            blocks[current] = ""
+        if current:
+            blocks[current] += line
+    return blocks
+
+
+def find_binary(name: str) -> str:
+    """Path of a required binary: fails under CI when missing, skips elsewhere."""
+    path = shutil.which(name)
+    if path is None:
+        reason = f"{name} is not installed (Debian package 'prometheus' provides it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; .ci/run must install it")
+        pytest.skip(reason)
+    return path
+
+
+def fixed_plans() -> list[BuildPlan]:
+    """Builds whose answers never change: one per documented status, at fixed timestamps."""
+    container = ArtifactPlan("CONTAINER_IMAGE")
+    sandbox = ArtifactPlan("VM_SANDBOX")
+    return [
+        BuildPlan("golden-pending", "trainer", "v1", EPOCH, pending=math.inf),
+        BuildPlan("golden-uploading", "trainer", "v2", EPOCH, pending=30, uploading=math.inf),
+        BuildPlan(
+            "golden-building",
+            "inference",
+            "2026.01",
+            EPOCH,
+            pending=30,
+            uploading=60,
+            building=math.inf,
+            artifacts=(container, sandbox),
+        ),
+        BuildPlan(
+            "golden-completed",
+            "inference",
+            "2026.02",
+            EPOCH,
+            pending=30,
+            uploading=60,
+            building=600,
+            artifacts=(container, sandbox),
+        ),
+        BuildPlan(
+            "golden-failed",
+            "eval",
+            "canary",
+            EPOCH,
+            pending=12.5,
+            uploading=20,
+            building=100,
+            outcome="FAILED",
+            artifacts=(
+                ArtifactPlan("CONTAINER_IMAGE", 'step 3/9: "pip install" failed\nexit code 1'),
+                sandbox,
+            ),
+        ),
+        BuildPlan(
+            "golden-cancelled",
+            "data-prep",
+            "nightly",
+            EPOCH,
+            pending=45,
+            uploading=0,
+            building=0,
+            outcome="CANCELLED",
+        ),
+    ]

@@ -1,0 +1,307 @@
+"""The real console script: exit codes, --once, --config.check, signals, --demo, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from exporter import __version__
+from exporter.simulator import Simulator
+from tests.support import CANARY_API_KEY, wait_until
+from tests.test_poller import forever_building
+
+SCRIPT = str(Path(sys.executable).parent / "primeintellect-build-exporter")
+
+
+def environment(**extra: str) -> dict[str, str]:
+    """The test process's environment without Prime Intellect settings, plus ``extra``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PRIME_")}
+    return {**base, **extra}
+
+
+def run_script(
+    *arguments: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SCRIPT, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env if env is not None else environment(),
+        check=False,
+    )
+
+
+def write_config(directory: Path, base_url: str, build_ids: list[str], extra: str = "") -> Path:
+    path = directory / "config.yaml"
+    builds = "\n".join(f"  - {build_id}" for build_id in build_ids)
+    path.write_text(
+        f"api:\n  base_url: {base_url}\n  requests_per_second: 50\n"
+        f"polling:\n  interval: 1s\nbuilds:\n{builds}\n{extra}"
+    )
+    return path
+
+
+class Daemon:
+    """The console script running as a daemon, stopped and reaped after the test."""
+
+    def __init__(self, *arguments: str, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [SCRIPT, *arguments],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.stderr_lines: list[str] = []
+        self.url = ""
+
+    def wait_for_url(self) -> str:
+        """Read log lines until the 'listening' line gives the URL."""
+        assert self.process.stderr is not None
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            if not line:
+                break
+            self.stderr_lines.append(line)
+            match = re.search(r"url=(http://\S+)", line) or re.search(
+                r'"url": "(http://[^"]+)"', line
+            )
+            if match:
+                self.url = match.group(1)
+                return self.url
+        pytest.fail(f"no 'listening' log line; stderr: {''.join(self.stderr_lines)}")
+
+    def stop(self, signal_number: int = signal.SIGTERM) -> tuple[int, float, str]:
+        """Send the signal; exit code, seconds to exit, and the rest of stderr."""
+        started = time.monotonic()
+        self.process.send_signal(signal_number)
+        _, rest = self.process.communicate(timeout=15)
+        return (
+            self.process.returncode,
+            time.monotonic() - started,
+            "".join(self.stderr_lines) + rest,
+        )
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate(timeout=10)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        daemon.kill()
+
+
+def test_version_flag_prints_the_version() -> None:
+    result = run_script("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"primeintellect-build-exporter {__version__}"
+
+
+def test_python_dash_m_exporter_runs_the_same_cli() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stdout.strip()) == (
+        0,
+        f"primeintellect-build-exporter {__version__}",
+    )
+
+
+def test_config_check_exits_zero_for_a_valid_config(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1", "b2"])
+    result = run_script(
+        "--config.file", str(config), "--config.check", env=environment(PRIME_API_KEY="k")
+    )
+    assert result.returncode == 0, result.stderr
+    assert "OK, 2 builds" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("polling_interval: 5s\n", "polling_interval: unknown key"),
+        ("web:\n  listen_address: nowhere\n", "web.listen_address"),
+    ],
+)
+def test_config_check_exits_one_and_names_the_field(
+    tmp_path: Path, extra: str, expected: str
+) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"], extra)
+    result = run_script(
+        "--config.file", str(config), "--config.check", env=environment(PRIME_API_KEY="k")
+    )
+    assert result.returncode == 1
+    assert expected in result.stderr
+    assert result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_config_check_fails_without_an_api_key(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"])
+    result = run_script("--config.file", str(config), "--config.check")
+    assert result.returncode == 1
+    assert "PRIME_API_KEY" in result.stderr
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_script("--config.file", str(tmp_path / "absent.yaml"), "--config.check")
+    assert result.returncode == 1
+    assert "cannot read the config file" in result.stderr
+
+
+def test_once_prints_the_exposition_and_exits_zero_when_every_poll_succeeds(
+    tmp_path: Path, simulator: Simulator
+) -> None:
+    simulator.add(forever_building("b1"))
+    simulator.add(forever_building("b2"))
+    config = write_config(tmp_path, simulator.base_url, ["b1", "b2"])
+    result = run_script(
+        "--config.file", str(config), "--once", env=environment(PRIME_API_KEY=CANARY_API_KEY)
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        'primeintellect_image_build_info{build_id="b2",image_name="app",image_tag="v1"} 1.0'
+        in result.stdout
+    )
+    assert len(simulator.requests()) == 2
+    assert CANARY_API_KEY not in result.stdout + result.stderr
+
+
+def test_once_exits_one_when_a_poll_fails_but_still_prints_everything(
+    tmp_path: Path, simulator: Simulator
+) -> None:
+    simulator.add(forever_building("b1"))
+    config = write_config(tmp_path, simulator.base_url, ["b1", "missing"])
+    result = run_script(
+        "--config.file", str(config), "--once", env=environment(PRIME_API_KEY=CANARY_API_KEY)
+    )
+    assert result.returncode == 1
+    assert (
+        'primeintellect_image_build_last_poll_error{build_id="missing",reason="not_found"} 1.0'
+        in result.stdout
+    )
+    assert 'primeintellect_image_build_last_poll_success{build_id="b1"} 1.0' in result.stdout
+
+
+@pytest.mark.parametrize(
+    "signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"]
+)
+def test_signals_stop_the_daemon_cleanly_within_five_seconds(
+    tmp_path: Path, simulator: Simulator, daemons: list[Daemon], signal_number: int
+) -> None:
+    simulator.add(forever_building("b1"))
+    config = write_config(
+        tmp_path, simulator.base_url, ["b1"], "web:\n  listen_address: 127.0.0.1:0\n"
+    )
+    daemon = Daemon("--config.file", str(config), env=environment(PRIME_API_KEY=CANARY_API_KEY))
+    daemons.append(daemon)
+    url = daemon.wait_for_url()
+    wait_until(lambda: httpx.get(url + "/-/ready").status_code == 200, message="readiness")
+    returncode, seconds, stderr = daemon.stop(signal_number)
+    assert returncode == 0, stderr
+    assert seconds < 5
+    assert "msg=stopped" in stderr
+    assert CANARY_API_KEY not in stderr
+
+
+def test_json_logs_are_one_object_per_line_without_the_key(
+    tmp_path: Path, simulator: Simulator, daemons: list[Daemon]
+) -> None:
+    config = write_config(
+        tmp_path, simulator.base_url, ["gone"], "web:\n  listen_address: 127.0.0.1:0\n"
+    )
+    daemon = Daemon(
+        "--config.file",
+        str(config),
+        "--log.format",
+        "json",
+        "--log.level",
+        "debug",
+        env=environment(PRIME_API_KEY=CANARY_API_KEY),
+    )
+    daemons.append(daemon)
+    url = daemon.wait_for_url()
+    wait_until(lambda: httpx.get(url + "/-/ready").status_code == 200, message="readiness")
+    _, _, stderr = daemon.stop()
+    records = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    failures = [r for r in records if r["msg"] == "poll failed"]
+    assert failures
+    assert failures[0]["reason"] == "not_found"
+    assert failures[0]["build_id"] == "gone"
+    assert {"ts", "level", "msg"} <= set(records[0])
+    assert CANARY_API_KEY not in stderr
+
+
+def test_demo_serves_simulated_builds_without_an_api_key(daemons: list[Daemon]) -> None:
+    daemon = Daemon("--demo", "--web.listen-address", "127.0.0.1:0", env=environment())
+    daemons.append(daemon)
+    url = daemon.wait_for_url()
+    wait_until(lambda: httpx.get(url + "/-/ready").status_code == 200, message="readiness")
+    metrics = httpx.get(url + "/metrics").text
+    assert 'image_name="inference-server"' in metrics
+    missing = 'primeintellect_image_build_last_poll_error{build_id="cmdemo0gone0009"'
+    assert f'{missing},reason="not_found"}} 1.0' in metrics
+    returncode, _, _ = daemon.stop()
+    assert returncode == 0
+
+
+def test_address_in_use_is_a_clear_error(simulator: Simulator, tmp_path: Path) -> None:
+    with socket.socket() as occupied:
+        occupied.bind(("127.0.0.1", 0))
+        occupied.listen()
+        port = occupied.getsockname()[1]
+        config = write_config(
+            tmp_path, simulator.base_url, ["b1"], f"web:\n  listen_address: 127.0.0.1:{port}\n"
+        )
+        result = run_script(
+            "--config.file", str(config), env=environment(PRIME_API_KEY=CANARY_API_KEY)
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_simulator_runs_on_its_own() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-m", "exporter.simulator", "--listen-address", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=environment(PRIME_API_KEY=CANARY_API_KEY),
+    ) as process:
+        try:
+            assert process.stdout is not None
+            first_line = process.stdout.readline()
+            match = re.search(r"(http://127\.0\.0\.1:\d+)", first_line)
+            assert match, first_line
+            response = httpx.get(
+                match.group(1) + "/api/v1/images/build/cmdemo0web0001",
+                headers={"Authorization": f"Bearer {CANARY_API_KEY}"},
+            )
+            assert response.status_code == 200
+            assert response.json()["imageName"] == "web-frontend"
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=10) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()

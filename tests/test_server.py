@@ -1,0 +1,144 @@
+"""The HTTP endpoints, over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+
+from exporter.metrics import ExpositionFormat
+from exporter.server import accepts_gzip, negotiate_format
+from exporter.simulator import Fault, Simulator
+from tests.conftest import StartExporter
+from tests.support import EPOCH, make_config
+from tests.test_poller import forever_building
+
+PROMETHEUS_2_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        ("", ExpositionFormat.TEXT),
+        ("text/plain;version=0.0.4", ExpositionFormat.TEXT),
+        ("*/*", ExpositionFormat.TEXT),
+        (PROMETHEUS_2_ACCEPT, ExpositionFormat.OPENMETRICS),
+        ("application/openmetrics-text", ExpositionFormat.OPENMETRICS),
+        ("application/openmetrics-text;version=0.0.1", ExpositionFormat.TEXT),
+        ("application/openmetrics-text;q=0", ExpositionFormat.TEXT),
+        ("text/plain;q=0.9,application/openmetrics-text;q=0.5", ExpositionFormat.TEXT),
+        ("application/openmetrics-text;q=bogus", ExpositionFormat.TEXT),
+        (",,;;", ExpositionFormat.TEXT),
+    ],
+)
+def test_format_follows_the_accept_header(accept: str, expected: ExpositionFormat) -> None:
+    assert negotiate_format(accept) is expected
+
+
+@pytest.mark.parametrize(
+    ("accept_encoding", "expected"),
+    [
+        ("gzip", True),
+        ("br, gzip;q=0.5", True),
+        ("*", True),
+        ("gzip;q=0", False),
+        ("identity", False),
+        ("", False),
+    ],
+)
+def test_gzip_only_when_the_client_accepts_it(accept_encoding: str, expected: bool) -> None:
+    assert accepts_gzip(accept_encoding) is expected
+
+
+def test_metrics_head_request_has_headers_and_no_body(
+    simulator: Simulator, start_exporter: StartExporter
+) -> None:
+    simulator.add(forever_building("b1"))
+    running = start_exporter(make_config(simulator.base_url, ["b1"]))
+    running.wait_until_all_polled()
+    response = httpx.head(running.url + "/metrics")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert int(response.headers["Content-Length"]) > 1000
+    assert response.content == b""
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/nope", 404),
+        ("GET", "/metrics/extra", 404),
+        ("POST", "/metrics", 405),
+        ("PUT", "/-/healthy", 405),
+        ("DELETE", "/", 405),
+        ("POST", "/nope", 404),
+        ("POST", "/-/reload", 404),
+    ],
+)
+def test_other_paths_are_404_and_other_methods_405(
+    simulator: Simulator, start_exporter: StartExporter, method: str, path: str, status: int
+) -> None:
+    running = start_exporter(make_config(simulator.base_url, []))
+    response = httpx.request(method, running.url + path)
+    assert response.status_code == status
+    if status == 405:
+        assert response.headers["Allow"] == "GET, HEAD"
+
+
+def test_query_strings_do_not_change_the_route(
+    simulator: Simulator, start_exporter: StartExporter
+) -> None:
+    running = start_exporter(make_config(simulator.base_url, []))
+    assert running.get("/metrics?debug=1").status_code == 200
+
+
+def test_ready_only_after_every_build_was_polled_once(
+    simulator: Simulator, start_exporter: StartExporter
+) -> None:
+    simulator.add(forever_building("quick"))
+    simulator.add(forever_building("sluggish"))
+    simulator.set_fault("sluggish", Fault.slow(delay=1.5))
+    running = start_exporter(make_config(simulator.base_url, ["quick", "sluggish"], timeout="5s"))
+    not_ready = running.get("/-/ready")
+    assert not_ready.status_code == 503
+    assert "of 2 builds not polled yet" in not_ready.text
+    assert running.get("/-/healthy").status_code == 200
+    running.wait_until_all_polled()
+    ready = running.get("/-/ready")
+    assert (ready.status_code, ready.text) == (200, "Ready\n")
+
+
+def test_status_page_lists_builds_and_escapes_api_strings(
+    simulator: Simulator, start_exporter: StartExporter
+) -> None:
+    payload = forever_building("hostile").payload(EPOCH + 100)
+    payload["imageName"] = "<script>alert('x')</script>"
+    payload["imageTag"] = 'v1" onmouseover="steal()'
+    simulator.set_payload("hostile", payload)
+    running = start_exporter(make_config(simulator.base_url, ["hostile", "absent"]))
+    running.wait_until_all_polled()
+    page = running.get("/")
+    assert page.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "<script>" not in page.text
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page.text
+    assert "v1&quot; onmouseover=&quot;steal()" in page.text
+    assert "not_found" in page.text
+    for link in ('href="/metrics"', 'href="/-/healthy"', 'href="/-/ready"'):
+        assert link in page.text
+
+
+def test_listens_on_ipv6_loopback(simulator: Simulator, start_exporter: StartExporter) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("this machine has no IPv6")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("::1 is not configured here")
+    running = start_exporter(make_config(simulator.base_url, [], listen_address="[::1]:0"))
+    assert running.url.startswith("http://[::1]:")
+    assert running.get("/-/healthy").status_code == 200
