@@ -6,11 +6,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 
 from exporter.config import (
     ApiKeySource,
     ConfigError,
+    ConfigFile,
     load_config,
     parse_duration,
     validate_build_id,
@@ -815,3 +816,26 @@ def test_a_literal_build_file_that_does_not_exist_is_logged(
     with caplog.at_level("WARNING", logger="exporter.config"):
         assert load_config(path, WITH_KEY).build_ids == ("b1",)
     assert [record.getMessage() for record in caplog.records] == ["build file not found"]
+
+
+# --- the shipped example -------------------------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
+
+
+def test_the_example_config_is_valid() -> None:
+    config = load_config(EXAMPLE, WITH_KEY)
+    assert config.build_ids == ("cmf3k2x0c0001",)
+    assert config.file == load_config(VALID / "minimal.yaml", WITH_KEY).file.model_copy(
+        update={"builds": ["cmf3k2x0c0001"]}
+    )
+
+
+def test_the_example_config_documents_every_key() -> None:
+    text = EXAMPLE.read_text()
+    sections = {name: field.annotation for name, field in ConfigFile.model_fields.items()}
+    for name, annotation in sections.items():
+        assert f"\n{name}:" in text, name
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for key in annotation.model_fields:
+                assert f"  {key}:" in text or f"  # {key}:" in text, f"{name}.{key}"
