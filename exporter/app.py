@@ -13,6 +13,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
+from exporter import __version__
 from exporter.api import BuildStatusClient
 from exporter.config import Config
 from exporter.metrics import ExpositionCache, ExpositionFormat, exporter_families
@@ -82,9 +83,10 @@ class Exporter:
             return f"Not ready: {waiting} of {len(records)} builds not polled yet"
         return None
 
-    def create_server(self, listen_address: str) -> MetricsServer:
+    def create_server(self) -> MetricsServer:
+        """Bind the HTTP server to ``web.listen_address``; raises OSError if it cannot."""
         return MetricsServer(
-            listen_address,
+            self.config.web.listen_address,
             Endpoints(
                 metrics=self.cache,
                 snapshot=self.store.snapshot,
@@ -94,14 +96,20 @@ class Exporter:
         )
 
     async def serve(
-        self, stop: asyncio.Event, on_listening: Callable[[str], None] | None = None
+        self,
+        stop: asyncio.Event,
+        server: MetricsServer,
+        on_listening: Callable[[str], None] | None = None,
     ) -> None:
-        """Serve ``/metrics`` and poll until ``stop`` is set."""
-        server = self.create_server(self.config.web.listen_address)
+        """Start the bound ``server`` and poll until ``stop`` is set."""
         server.start()
         log.info(
             "listening",
-            extra={"url": server.url, "builds": len(self.config.build_ids)},
+            extra={
+                "url": server.url,
+                "builds": len(self.config.build_ids),
+                "version": __version__,
+            },
         )
         if on_listening is not None:
             on_listening(server.url)

@@ -29,6 +29,7 @@ from exporter.config import (
     load_config,
 )
 from exporter.logs import LEVELS, configure_logging
+from exporter.server import MetricsServer
 from exporter.simulator import Simulator, demo_plans, random_plans
 
 PROGRAM = "primeintellect-build-exporter"
@@ -163,22 +164,25 @@ def _serve(exporter: Exporter, *, demo: bool) -> int:
             sys.stdout.flush()
 
     try:
-        asyncio.run(_serve_until_signalled(exporter, announce))
+        server = exporter.create_server()
     except OSError as error:
         print(
             f"error: cannot listen on {exporter.config.web.listen_address}: {error.strerror}",
             file=sys.stderr,
         )
         return 1
+    asyncio.run(_serve_until_signalled(exporter, server, announce))
     return 0
 
 
-async def _serve_until_signalled(exporter: Exporter, announce: Callable[[str], None]) -> None:
+async def _serve_until_signalled(
+    exporter: Exporter, server: MetricsServer, announce: Callable[[str], None]
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop.set)
-    await exporter.serve(stop, announce)
+    await exporter.serve(stop, server, announce)
 
 
 def simulator_main(argv: Sequence[str] | None = None) -> NoReturn:

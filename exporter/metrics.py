@@ -227,14 +227,17 @@ def exporter_families(telemetry: TelemetrySnapshot) -> list[Metric]:
         buckets=_cumulative_buckets(telemetry.request_durations),
         sum_value=telemetry.request_durations.total,
     )
+    api_up = GaugeMetricFamily(
+        "primeintellect_exporter_api_up",
+        "1 if the last API answer was usable (not 401/403, 5xx or a transport failure).",
+    )
+    # Before the first answer there is nothing to say, and 0 would read as an outage.
+    if telemetry.api_up is not None:
+        api_up.add_metric((), 1.0 if telemetry.api_up else 0.0)
     return [
         requests,
         durations,
-        GaugeMetricFamily(
-            "primeintellect_exporter_api_up",
-            "1 if the last API answer was usable (not 401/403, 5xx or a transport failure).",
-            value=1.0 if telemetry.api_up else 0.0,
-        ),
+        api_up,
         GaugeMetricFamily(
             "primeintellect_exporter_rate_limited_until_timestamp_seconds",
             "End of the current pause after HTTP 429, or 0 if none.",

@@ -63,6 +63,14 @@ def _none_as_empty(value: object) -> object:
     return () if value is None else value
 
 
+def _first_of_each_id(artifacts: tuple[Artifact, ...]) -> tuple[Artifact, ...]:
+    # Two rows with one ID would be two identical series, which Prometheus rejects.
+    unique: dict[str, Artifact] = {}
+    for artifact in artifacts:
+        unique.setdefault(artifact.id, artifact)
+    return tuple(unique.values()) if len(unique) < len(artifacts) else artifacts
+
+
 def _none_as_default_type(value: object) -> object:
     return DEFAULT_ARTIFACT_TYPE if value is None else value
 
@@ -116,7 +124,11 @@ class Build(_Answer):
     created_at: Timestamp = Field(alias="createdAt")
     started_at: Timestamp | None = Field(default=None, alias="startedAt")
     completed_at: Timestamp | None = Field(default=None, alias="completedAt")
-    artifacts: Annotated[tuple[Artifact, ...], BeforeValidator(_none_as_empty)] = ()
+    artifacts: Annotated[
+        tuple[Artifact, ...],
+        BeforeValidator(_none_as_empty),
+        AfterValidator(_first_of_each_id),
+    ] = ()
 
     @property
     def status_label(self) -> str:

@@ -103,7 +103,7 @@ class RunningExporter:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        await self.exporter.serve(self._stop, self._on_listening)
+        await self.exporter.serve(self._stop, self.exporter.create_server(), self._on_listening)
 
     def _on_listening(self, url: str) -> None:
         self.url = url

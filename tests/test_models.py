@@ -423,7 +423,7 @@ def test_artifact_duration_needs_both_start_and_completion() -> None:
     started_and_completed = artifact_document(
         startedAt="2026-01-01T00:00:10Z", completedAt="2026-01-01T00:00:25.5Z"
     )
-    only_started = artifact_document(startedAt="2026-01-01T00:00:10Z")
+    only_started = artifact_document(id="artifact-2", startedAt="2026-01-01T00:00:10Z")
     build = parse(build_document(artifacts=[started_and_completed, only_started]))
 
     assert build.artifacts[0].duration_seconds == 15.5
@@ -521,3 +521,17 @@ def test_error_message_is_cleaned_and_trimmed() -> None:
     build = parse(build_document(artifacts=[artifact_document(errorMessage=message)]))
 
     assert build.artifacts[0].error_message == 'step 3/9: "pip install" failed exit code 1'
+
+
+def test_artifacts_repeating_an_id_are_kept_once_so_series_stay_unique() -> None:
+    artifact = {"id": "a1", "status": "BUILDING", "createdAt": "2026-01-01T00:00:00Z"}
+    payload = {
+        "id": "b1",
+        "imageName": "app",
+        "imageTag": "v1",
+        "status": "BUILDING",
+        "createdAt": "2026-01-01T00:00:00Z",
+        "artifacts": [artifact, {**artifact, "status": "FAILED"}, {**artifact, "id": "a2"}],
+    }
+    build = parse_build(json.dumps(payload).encode())
+    assert [(a.id, a.status) for a in build.artifacts] == [("a1", "BUILDING"), ("a2", "BUILDING")]

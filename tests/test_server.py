@@ -142,3 +142,14 @@ def test_listens_on_ipv6_loopback(simulator: Simulator, start_exporter: StartExp
     running = start_exporter(make_config(simulator.base_url, [], listen_address="[::1]:0"))
     assert running.url.startswith("http://[::1]:")
     assert running.get("/-/healthy").status_code == 200
+
+
+def test_api_up_is_absent_until_the_api_has_answered(
+    simulator: Simulator, start_exporter: StartExporter
+) -> None:
+    idle = start_exporter(make_config(simulator.base_url, []))
+    assert idle.value("primeintellect_exporter_api_up") is None
+    simulator.add(forever_building("b1"))
+    busy = start_exporter(make_config(simulator.base_url, ["b1"]))
+    busy.wait_until_all_polled()
+    assert busy.value("primeintellect_exporter_api_up") == 1.0
