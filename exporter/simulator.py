@@ -318,6 +318,9 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "primeintellect-api-simulator"
     sys_version = ""
+    # One write per answer, without Nagle's delay (see exporter.server).
+    wbufsize = 1 << 16
+    disable_nagle_algorithm = True
     simulator: ClassVar[Simulator]
 
     def do_GET(self) -> None:
