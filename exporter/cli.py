@@ -101,6 +101,15 @@ def run(argv: Sequence[str] | None = None) -> int:
         if arguments.demo:
             simulator = Simulator(secrets.token_urlsafe(24), demo_plans(time.time()))
             simulator.start()
+        return _run_with(arguments, simulator)
+    finally:
+        if simulator is not None:
+            simulator.stop()
+
+
+def _run_with(arguments: argparse.Namespace, simulator: Simulator | None) -> int:
+    try:
+        if simulator is not None:
             config = demo_config(simulator)
         else:
             config = load_config(Path(arguments.config_file), os.environ)
@@ -109,18 +118,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-
     if arguments.config_check:
         print(f"{config.source}: OK, {len(config.build_ids)} builds")
         return 0
-    try:
-        exporter = Exporter(config)
-        if arguments.once:
-            return _poll_once(exporter)
-        return _serve(exporter, demo=simulator is not None)
-    finally:
-        if simulator is not None:
-            simulator.stop()
+    exporter = Exporter(config)
+    if arguments.once:
+        return _poll_once(exporter)
+    return _serve(exporter, demo=simulator is not None)
 
 
 def with_listen_address(config: Config, listen_address: str) -> Config:

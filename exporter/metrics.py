@@ -264,13 +264,12 @@ def render(families: Iterable[Metric], format: ExpositionFormat) -> bytes:
     return exposition.generate_latest(collector)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _CachedBody:
-    """The build part of one format: plain bytes, and gzip state after compressing them."""
+    """The build part in one format: plain bytes, and once asked for, its gzip state."""
 
     plain: bytes
-    gzip_prefix: bytes
-    gzip_state: zlib._Compress
+    gzip: tuple[bytes, zlib._Compress] | None = None
 
 
 class ExpositionCache:
@@ -289,27 +288,31 @@ class ExpositionCache:
 
     def body(self, format: ExpositionFormat, *, gzip: bool) -> bytes:
         """The full exposition; with ``gzip`` a single gzip member."""
-        cached = self._cached(format)
+        with self._lock:
+            cached = self._cached(format)
+            if gzip and cached.gzip is None:
+                compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
+                cached.gzip = (compressor.compress(cached.plain), compressor)
+            compressed = cached.gzip
         tail = render(self._per_scrape(), format)
-        if not gzip:
+        if compressed is None:
             return cached.plain + tail
-        compressor = cached.gzip_state.copy()
-        return cached.gzip_prefix + compressor.compress(tail) + compressor.flush()
+        # Continuing a copy of the compressor yields one gzip member, not two glued together.
+        prefix, state = compressed
+        compressor = state.copy()
+        return prefix + compressor.compress(tail) + compressor.flush()
 
     def _cached(self, format: ExpositionFormat) -> _CachedBody:
         snapshot = self._snapshot()
-        with self._lock:
-            if snapshot.version != self._version:
-                self._bodies.clear()
-                self._version = snapshot.version
-            cached = self._bodies.get(format)
-            if cached is None:
-                # Only the per-scrape tail may carry OpenMetrics' end-of-exposition marker.
-                plain = render(build_families(snapshot), format).removesuffix(_OPENMETRICS_EOF)
-                compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
-                cached = _CachedBody(plain, compressor.compress(plain), compressor)
-                self._bodies[format] = cached
-            return cached
+        if snapshot.version != self._version:
+            self._bodies.clear()
+            self._version = snapshot.version
+        cached = self._bodies.get(format)
+        if cached is None:
+            # Only the per-scrape tail may carry OpenMetrics' end-of-exposition marker.
+            plain = render(build_families(snapshot), format).removesuffix(_OPENMETRICS_EOF)
+            cached = self._bodies[format] = _CachedBody(plain)
+        return cached
 
 
 class _StaticCollector(Collector):
