@@ -83,6 +83,17 @@ class Exporter:
             return f"Not ready: {waiting} of {len(records)} builds not polled yet"
         return None
 
+    def internal_error(self, component: str, error: BaseException) -> None:
+        """Count an unexpected exception; log its traceback once per class and component."""
+        if self.telemetry.record_internal_error(component, error):
+            log.error(
+                "unexpected error; counted, and later ones of this kind logged at debug",
+                exc_info=error,
+                extra={"component": component},
+            )
+        else:
+            log.debug("unexpected error", exc_info=error, extra={"component": component})
+
     def create_server(self) -> MetricsServer:
         """Bind the HTTP server to ``web.listen_address``; raises OSError if it cannot."""
         return MetricsServer(
@@ -92,6 +103,8 @@ class Exporter:
                 snapshot=self.store.snapshot,
                 unhealthy_reason=self.unhealthy_reason,
                 unready_reason=self.unready_reason,
+                reload=None,
+                internal_error=self.internal_error,
             ),
         )
 

@@ -234,10 +234,18 @@ def exporter_families(telemetry: TelemetrySnapshot) -> list[Metric]:
     # Before the first answer there is nothing to say, and 0 would read as an outage.
     if telemetry.api_up is not None:
         api_up.add_metric((), 1.0 if telemetry.api_up else 0.0)
+    internal_errors = CounterMetricFamily(
+        "primeintellect_exporter_internal_errors",
+        "Unexpected exceptions by component; each was logged, none stopped the exporter.",
+        labels=("component",),
+    )
+    for component, count in sorted(telemetry.internal_errors.items()):
+        internal_errors.add_metric((component,), count)
     return [
         requests,
         durations,
         api_up,
+        internal_errors,
         GaugeMetricFamily(
             "primeintellect_exporter_rate_limited_until_timestamp_seconds",
             "End of the current pause after HTTP 429, or 0 if none.",

@@ -27,12 +27,17 @@ CLIENT_SOCKET_TIMEOUT = 30.0
 
 @dataclass(frozen=True)
 class Endpoints:
-    """What the handlers read: the exposition cache, the store, and health checks."""
+    """What the handlers use: the exposition cache, the store, health checks and reload."""
 
     metrics: ExpositionCache
     snapshot: Callable[[], Snapshot]
     unhealthy_reason: Callable[[], str | None]
     unready_reason: Callable[[], str | None]
+    # Reloads the configuration and returns the error, or None; None when the lifecycle
+    # API is disabled.
+    reload: Callable[[], str | None] | None
+    # Counts and logs an unexpected exception of a component, such as the renderer.
+    internal_error: Callable[[str, BaseException], None]
 
 
 def negotiate_format(accept: str) -> ExpositionFormat:
@@ -92,6 +97,7 @@ class _Handler(BaseHTTPRequestHandler):
         "/-/ready": "_serve_ready",
         "/": "_serve_status_page",
     }
+    _RELOAD_PATH = "/-/reload"
 
     def do_GET(self) -> None:
         self._route(send_body=True)
@@ -100,20 +106,23 @@ class _Handler(BaseHTTPRequestHandler):
         self._route(send_body=False)
 
     def _method_not_allowed(self) -> None:
-        if self._path() in self._ROUTES:
+        path = self._path()
+        if path in self._ROUTES or path == self._RELOAD_PATH:
+            allow = "POST, PUT" if path == self._RELOAD_PATH else "GET, HEAD"
             self._respond(
-                HTTPStatus.METHOD_NOT_ALLOWED,
-                b"Method not allowed\n",
-                headers={"Allow": "GET, HEAD"},
+                HTTPStatus.METHOD_NOT_ALLOWED, b"Method not allowed\n", headers={"Allow": allow}
             )
         else:
             self._respond(HTTPStatus.NOT_FOUND, b"Not found\n")
 
     def do_POST(self) -> None:
-        self._method_not_allowed()
+        if self._path() == self._RELOAD_PATH:
+            self._serve_reload()
+        else:
+            self._method_not_allowed()
 
     def do_PUT(self) -> None:
-        self._method_not_allowed()
+        self.do_POST()
 
     def do_DELETE(self) -> None:
         self._method_not_allowed()
@@ -128,16 +137,43 @@ class _Handler(BaseHTTPRequestHandler):
         return urlsplit(self.path).path
 
     def _route(self, *, send_body: bool) -> None:
-        route = self._ROUTES.get(self._path())
+        path = self._path()
+        route = self._ROUTES.get(path)
         if route is None:
-            self._respond(HTTPStatus.NOT_FOUND, b"Not found\n", send_body=send_body)
+            if path == self._RELOAD_PATH:
+                self._method_not_allowed()
+            else:
+                self._respond(HTTPStatus.NOT_FOUND, b"Not found\n", send_body=send_body)
             return
         getattr(self, route)(send_body)
+
+    def _serve_reload(self) -> None:
+        reload = self.endpoints.reload
+        if reload is None:
+            self._respond(
+                HTTPStatus.FORBIDDEN,
+                b"Lifecycle API is not enabled: start with --web.enable-lifecycle\n",
+            )
+            return
+        error = reload()
+        if error is None:
+            self._respond(HTTPStatus.OK, b"Configuration reloaded\n")
+        else:
+            self._respond(HTTPStatus.INTERNAL_SERVER_ERROR, f"Failed to reload: {error}\n".encode())
 
     def _serve_metrics(self, send_body: bool) -> None:
         format = negotiate_format(self.headers.get("Accept", ""))
         gzip = accepts_gzip(self.headers.get("Accept-Encoding", ""))
-        body = self.endpoints.metrics.body(format, gzip=gzip)
+        try:
+            body = self.endpoints.metrics.body(format, gzip=gzip)
+        except Exception as error:  # noqa: BLE001 (a renderer bug answers 500, nothing worse)
+            self.endpoints.internal_error("renderer", error)
+            self._respond(
+                HTTPStatus.INTERNAL_SERVER_ERROR,
+                b"Error rendering metrics; see the exporter's log\n",
+                send_body=send_body,
+            )
+            return
         headers = {"Content-Type": format.content_type, "Vary": "Accept, Accept-Encoding"}
         if gzip:
             headers["Content-Encoding"] = "gzip"

@@ -17,6 +17,8 @@ from exporter.models import Build
 
 FINISHED_DURATION_BUCKETS = (60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 REQUEST_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Parts of the exporter whose unexpected exceptions are counted rather than fatal.
+INTERNAL_ERROR_COMPONENTS = ("poller", "renderer", "reload")
 
 
 class BuildState(enum.StrEnum):
@@ -215,6 +217,7 @@ class TelemetrySnapshot:
     api_up: bool | None
     rate_limited_until: float
     config_reload_successful: bool
+    internal_errors: Mapping[str, int]
 
 
 class Telemetry:
@@ -227,6 +230,8 @@ class Telemetry:
         self._api_up: bool | None = None
         self._rate_limited_until = 0.0
         self._config_reload_successful = True
+        self._internal_errors = dict.fromkeys(INTERNAL_ERROR_COMPONENTS, 0)
+        self._error_classes_seen: set[tuple[str, str]] = set()
 
     def observe_request(self, outcome: Outcome, duration: float) -> None:
         with self._lock:
@@ -242,6 +247,15 @@ class Telemetry:
         with self._lock:
             self._config_reload_successful = successful
 
+    def record_internal_error(self, component: str, error: BaseException) -> bool:
+        """Count an unexpected exception; True the first time its class is seen here."""
+        with self._lock:
+            self._internal_errors[component] = self._internal_errors.get(component, 0) + 1
+            error_class = (component, type(error).__qualname__)
+            first = error_class not in self._error_classes_seen
+            self._error_classes_seen.add(error_class)
+            return first
+
     def snapshot(self) -> TelemetrySnapshot:
         with self._lock:
             return TelemetrySnapshot(
@@ -250,4 +264,5 @@ class Telemetry:
                 api_up=self._api_up,
                 rate_limited_until=self._rate_limited_until,
                 config_reload_successful=self._config_reload_successful,
+                internal_errors=MappingProxyType(dict(self._internal_errors)),
             )

@@ -76,7 +76,8 @@ def test_metrics_head_request_has_headers_and_no_body(
         ("PUT", "/-/healthy", 405),
         ("DELETE", "/", 405),
         ("POST", "/nope", 404),
-        ("POST", "/-/reload", 404),
+        ("POST", "/-/reload", 403),
+        ("GET", "/-/reload", 405),
     ],
 )
 def test_other_paths_are_404_and_other_methods_405(
@@ -86,7 +87,9 @@ def test_other_paths_are_404_and_other_methods_405(
     response = httpx.request(method, running.url + path)
     assert response.status_code == status
     if status == 405:
-        assert response.headers["Allow"] == "GET, HEAD"
+        assert response.headers["Allow"] == ("POST, PUT" if path == "/-/reload" else "GET, HEAD")
+    if status == 403:
+        assert "--web.enable-lifecycle" in response.text
 
 
 def test_query_strings_do_not_change_the_route(
