@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from prometheus_client.core import Metric
 from prometheus_client.gc_collector import GCCollector
@@ -94,8 +95,11 @@ class Exporter:
         else:
             log.debug("unexpected error", exc_info=error, extra={"component": component})
 
-    def create_server(self) -> MetricsServer:
-        """Bind the HTTP server to ``web.listen_address``; raises OSError if it cannot."""
+    def create_server(self, web_config_file: Path | None = None) -> MetricsServer:
+        """Bind the HTTP server to ``web.listen_address``; raises OSError if it cannot.
+
+        ``web_config_file`` adds TLS and basic auth (exporter-toolkit format).
+        """
         return MetricsServer(
             self.config.web.listen_address,
             Endpoints(
@@ -106,6 +110,7 @@ class Exporter:
                 reload=None,
                 internal_error=self.internal_error,
             ),
+            web_config_file=web_config_file,
         )
 
     async def serve(

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -240,7 +241,9 @@ class _DualStackServer(ThreadingHTTPServer):
 class MetricsServer:
     """A threaded HTTP server for the endpoints, started and stopped explicitly."""
 
-    def __init__(self, listen_address: str, endpoints: Endpoints) -> None:
+    def __init__(
+        self, listen_address: str, endpoints: Endpoints, web_config_file: Path | None = None
+    ) -> None:
         host, port = parse_listen_address(listen_address)
         handler = type("Handler", (_Handler,), {"endpoints": endpoints})
         family, address = _resolve(host, port)

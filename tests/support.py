@@ -78,8 +78,15 @@ def make_config(
 class RunningExporter:
     """An exporter serving on loopback from a background thread with its own event loop."""
 
-    def __init__(self, config: Config, *, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        web_config_file: Path | None = None,
+    ) -> None:
         self.exporter = Exporter(config, wall_clock=wall_clock)
+        self._web_config_file = web_config_file
         self.url = ""
         self._listening = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -103,7 +110,8 @@ class RunningExporter:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        await self.exporter.serve(self._stop, self.exporter.create_server(), self._on_listening)
+        server = self.exporter.create_server(self._web_config_file)
+        await self.exporter.serve(self._stop, server, self._on_listening)
 
     def _on_listening(self, url: str) -> None:
         self.url = url
