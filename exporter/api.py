@@ -7,6 +7,7 @@ import email.utils
 import enum
 import re
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
@@ -57,6 +58,10 @@ class _ResponseTooLargeError(Exception):
     pass
 
 
+class _UnreadableBodyError(Exception):
+    pass
+
+
 class BuildStatusClient:
     """Fetches build status over one pooled ``httpx.AsyncClient``."""
 
@@ -97,6 +102,13 @@ class BuildStatusClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    def credentials_generation(self) -> int:
+        """Changes whenever the API key changes (a key file is checked for edits)."""
+        if self._api_key is None:
+            return 0
+        self._api_key.current()
+        return self._api_key.generation
+
     def build_url(self, build_id: str) -> str:
         segment = quote(build_id, safe="")
         if segment in {".", ".."}:
@@ -130,6 +142,8 @@ class BuildStatusClient:
                 Outcome.INVALID_RESPONSE,
                 detail=f"body larger than {self._max_response_bytes} bytes",
             )
+        except _UnreadableBodyError as error:
+            return FetchResult(Outcome.INVALID_RESPONSE, detail=str(error))
         except httpx.HTTPError as error:
             return FetchResult(Outcome.CONNECTION_ERROR, detail=_describe_transport_error(error))
 
@@ -167,17 +181,45 @@ class BuildStatusClient:
         return FetchResult(Outcome.INVALID_RESPONSE, detail=f"unexpected {detail}")
 
     async def _read_capped(self, response: httpx.Response) -> bytes:
+        """The body, decoded, refusing more than the cap both on the wire and decoded."""
+        cap = self._max_response_bytes
         declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > self._max_response_bytes:
+        if declared.isdigit() and int(declared) > cap:
             raise _ResponseTooLargeError
+        decoder = _decoder_for(response.headers.get("Content-Encoding", ""))
         chunks = []
-        received = 0
-        async for chunk in response.aiter_bytes():
-            received += len(chunk)
-            if received > self._max_response_bytes:
+        received = decoded = 0
+        # Raw bytes, decoded here with a bound: httpx would inflate a whole chunk at once.
+        async for raw in response.aiter_raw():
+            received += len(raw)
+            if received > cap:
                 raise _ResponseTooLargeError
-            chunks.append(chunk)
+            if decoder is None:
+                data = raw
+            else:
+                try:
+                    data = decoder.decompress(raw, cap + 1 - decoded)
+                except zlib.error:
+                    raise _UnreadableBodyError("compressed body is corrupt") from None
+                if decoder.unconsumed_tail:
+                    raise _ResponseTooLargeError
+            decoded += len(data)
+            if decoded > cap:
+                raise _ResponseTooLargeError
+            chunks.append(data)
+        if decoder is not None and not decoder.eof:
+            raise _UnreadableBodyError("compressed body ends early")
         return b"".join(chunks)
+
+
+def _decoder_for(content_encoding: str) -> zlib._Decompress | None:
+    encoding = content_encoding.strip().lower()
+    if encoding in {"", "identity"}:
+        return None
+    if encoding in {"gzip", "x-gzip", "deflate"}:
+        # 47 accepts both gzip and zlib framing.
+        return zlib.decompressobj(wbits=47)
+    raise _UnreadableBodyError(f"unsupported Content-Encoding {encoding[:40]!r}")
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.core import Metric
 from prometheus_client.gc_collector import GCCollector
@@ -16,7 +18,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
 from exporter.api import BuildStatusClient
-from exporter.config import Config
+from exporter.config import Config, ConfigError, build_files_fingerprint, collect_build_ids
 from exporter.metrics import ExpositionCache, ExpositionFormat, exporter_families
 from exporter.poller import Poller, PollSettings
 from exporter.server import Endpoints, MetricsServer
@@ -27,13 +29,48 @@ log = logging.getLogger(__name__)
 # The poller loop wakes at least every second; this much silence means it is stuck.
 HEARTBEAT_TIMEOUT = 60.0
 POLLER_RESTART_DELAY = 1.0
+RELOAD_TIMEOUT = 60.0
+
+
+def poll_settings(config: Config) -> PollSettings:
+    """The poller's view of a configuration."""
+    return PollSettings(
+        interval=config.polling.interval,
+        stale_after=config.polling.stale_after,
+        requests_per_second=config.api.requests_per_second,
+        max_concurrency=config.api.max_concurrency,
+    )
+
+
+def create_client(config: Config) -> BuildStatusClient:
+    """An API client for a configuration."""
+    return BuildStatusClient(
+        config.api.base_url,
+        config.api_key,
+        timeout=config.api.timeout,
+        max_connections=config.api.max_concurrency,
+        max_response_bytes=config.api.max_response_size,
+    )
 
 
 class Exporter:
-    """The exporter for one configuration: build it, then ``serve`` or ``poll_once``."""
+    """The exporter for one configuration: build it, then ``serve`` or ``poll_once``.
 
-    def __init__(self, config: Config, *, wall_clock: Callable[[], float] = time.time) -> None:
+    ``load_config`` reads the configuration again on reload (SIGHUP, ``POST /-/reload``);
+    without it a reload re-applies the current one.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        load_config: Callable[[], Config] | None = None,
+        enable_lifecycle: bool = False,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
+        self._load_config = load_config or (lambda: self.config)
+        self._enable_lifecycle = enable_lifecycle
         self.store = BuildStore()
         self.telemetry = Telemetry()
         # A private registry: the process, platform and garbage-collector metrics of this process.
@@ -41,27 +78,25 @@ class Exporter:
         ProcessCollector(registry=self._runtime)
         PlatformCollector(registry=self._runtime)
         GCCollector(registry=self._runtime)
-        self.client = BuildStatusClient(
-            config.api.base_url,
-            config.api_key,
-            timeout=config.api.timeout,
-            max_connections=config.api.max_concurrency,
-        )
+        self.client = create_client(config)
         self.poller = Poller(
             self.client,
             self.store,
             self.telemetry,
-            PollSettings(
-                interval=config.polling.interval,
-                stale_after=config.polling.stale_after,
-                requests_per_second=config.api.requests_per_second,
-                max_concurrency=config.api.max_concurrency,
-            ),
+            poll_settings(config),
             wall_clock=wall_clock,
+            on_internal_error=self.internal_error,
         )
         self.poller.set_builds(config.build_ids)
-        self.cache = ExpositionCache(self.store.snapshot, self._per_scrape_families)
+        self.cache = ExpositionCache(
+            self.store.snapshot,
+            self._per_scrape_families,
+            max_artifacts_per_build=config.metrics.max_artifacts_per_build,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._poller_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._reload_lock = asyncio.Lock()
 
     def _per_scrape_families(self) -> Iterable[Metric]:
         yield from exporter_families(self.telemetry.snapshot())
@@ -107,7 +142,7 @@ class Exporter:
                 snapshot=self.store.snapshot,
                 unhealthy_reason=self.unhealthy_reason,
                 unready_reason=self.unready_reason,
-                reload=None,
+                reload=self.reload_from_thread if self._enable_lifecycle else None,
                 internal_error=self.internal_error,
             ),
             web_config_file=web_config_file,
@@ -120,6 +155,7 @@ class Exporter:
         on_listening: Callable[[str], None] | None = None,
     ) -> None:
         """Start the bound ``server`` and poll until ``stop`` is set."""
+        self._loop = asyncio.get_running_loop()
         server.start()
         log.info(
             "listening",
@@ -132,11 +168,15 @@ class Exporter:
         if on_listening is not None:
             on_listening(server.url)
         self._poller_task = asyncio.create_task(self._supervise_poller(), name="poller")
+        watcher = asyncio.create_task(self._watch_build_files(), name="build-files")
         try:
             await stop.wait()
         finally:
-            self._poller_task.cancel()
-            await asyncio.gather(self._poller_task, return_exceptions=True)
+            for task in (self._poller_task, watcher, *self._background):
+                task.cancel()
+            await asyncio.gather(
+                self._poller_task, watcher, *self._background, return_exceptions=True
+            )
             await self.client.aclose()
             await asyncio.to_thread(server.stop)
             log.info("stopped")
@@ -149,11 +189,118 @@ class Exporter:
             await self.client.aclose()
         return succeeded, self.cache.body(ExpositionFormat.TEXT, gzip=False)
 
+    # -- reload ---------------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """Reload in the background (for SIGHUP); must be called on the event loop."""
+        self._in_background(self.reload())
+
+    def reload_from_thread(self) -> str | None:
+        """Reload from another thread (``POST /-/reload``); the error, or None."""
+        if self._loop is None:
+            return "the exporter is not running"
+        future = asyncio.run_coroutine_threadsafe(self.reload(), self._loop)
+        try:
+            return future.result(timeout=RELOAD_TIMEOUT)
+        except TimeoutError:
+            return "the reload did not finish in time"
+
+    async def reload(self) -> str | None:
+        """Read the configuration again and apply it; on error keep the running one."""
+        async with self._reload_lock:
+            try:
+                config = await asyncio.to_thread(self._load_config)
+                self._apply(config)
+            except ConfigError as error:
+                self.telemetry.set_config_reload_successful(False)
+                log.error(
+                    "configuration reload failed; the running configuration stays",
+                    extra={"error": str(error)},
+                )
+                return str(error)
+            except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
+                self.telemetry.set_config_reload_successful(False)
+                self.internal_error("reload", error)
+                return "unexpected error; see the exporter's log"
+            self.telemetry.set_config_reload_successful(True)
+            return None
+
+    def _apply(self, config: Config) -> None:
+        old = self.config
+        api_key_unchanged = config.api_key is not None and config.api_key.same_source(old.api_key)
+        if config.api != old.api or not api_key_unchanged:
+            old_client, self.client = self.client, create_client(config)
+            # Requests in flight finish on the old client before it closes.
+            self._in_background(self._close_later(old_client, old.api.timeout + 1))
+        self.poller.update(poll_settings(config), self.client)
+        self.cache.set_max_artifacts_per_build(config.metrics.max_artifacts_per_build)
+        added, removed = self.poller.set_builds(config.build_ids)
+        if config.web != old.web:
+            log.warning(
+                "web.listen_address changed: it applies after a restart",
+                extra={"listen_address": old.web.listen_address},
+            )
+        self.config = config
+        log.info(
+            "configuration reloaded",
+            extra={"builds": len(config.build_ids), "added": len(added), "removed": len(removed)},
+        )
+
+    async def reload_build_files(self) -> None:
+        """Read the build files again; on error keep tracking the current builds."""
+        async with self._reload_lock:
+            config = self.config
+            try:
+                build_ids = await asyncio.to_thread(
+                    collect_build_ids, config.file, config.source.parent
+                )
+            except ConfigError as error:
+                self.telemetry.set_config_reload_successful(False)
+                log.error(
+                    "build files reload failed; the tracked builds stay",
+                    extra={"error": str(error)},
+                )
+                return
+            self.config = dataclasses.replace(config, build_ids=build_ids)
+            added, removed = self.poller.set_builds(build_ids)
+            self.telemetry.set_config_reload_successful(True)
+            log.info(
+                "build files changed",
+                extra={"builds": len(build_ids), "added": len(added), "removed": len(removed)},
+            )
+
+    async def _watch_build_files(self) -> None:
+        seen: tuple[object, ...] | None = None
+        while True:
+            try:
+                config = self.config
+                current = await asyncio.to_thread(
+                    build_files_fingerprint, config.file.build_files, config.source.parent
+                )
+                if seen is not None and current != seen:
+                    await self.reload_build_files()
+                seen = current
+            except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
+                self.internal_error("reload", error)
+            await asyncio.sleep(self.config.polling.build_files_refresh_interval)
+
+    # -- background work ------------------------------------------------------------------------
+
+    def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _close_later(client: BuildStatusClient, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await client.aclose()
+
     async def _supervise_poller(self) -> None:
         while True:
             try:
                 await self.poller.run()
-            except Exception:
-                # Never stop updating silently: log, and start the loop again.
-                log.exception("poller crashed; restarting it")
+            except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
+                # Never stop updating silently: count, log, and start the loop again.
+                self.internal_error("poller", error)
                 await asyncio.sleep(POLLER_RESTART_DELAY)

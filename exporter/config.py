@@ -47,6 +47,16 @@ _DURATION_UNITS = (
     ("ms", 0.001),
 )
 _PORT = re.compile(r"[0-9]{1,5}")
+_SIZE = re.compile(r"([0-9]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)")
+_SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KiB": 2**10,
+    "MiB": 2**20,
+    "GiB": 2**30,
+}
 
 
 class ConfigError(Exception):
@@ -70,6 +80,19 @@ def parse_duration(value: object) -> float:
         for part, (_, seconds) in zip(match.groups(), _DURATION_UNITS, strict=True)
         if part
     )
+
+
+def parse_size(value: object) -> int:
+    """Parse a size such as ``1MiB``, ``512KiB`` or a plain number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(
+            f"{value!r} is not a size: write bytes with a unit (B, KB, MB, GB, KiB, MiB, GiB), "
+            "such as 1MiB"
+        )
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
 
 
 def format_duration(seconds: float) -> str:
@@ -129,6 +152,7 @@ def validate_build_id(value: object) -> str:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
 BuildId = Annotated[str, BeforeValidator(validate_build_id)]
 
 
@@ -144,6 +168,7 @@ class ApiSettings(_Strict):
     timeout: Annotated[Duration, _duration_within(0.001, 300)] = 10.0
     max_concurrency: int = Field(default=4, ge=1, le=256, strict=True)
     requests_per_second: float = Field(default=2.0, gt=0, le=10_000, strict=True)
+    max_response_size: Size = Field(default=2**20, ge=2**10, le=2**30)
 
     @field_validator("base_url")
     @classmethod
@@ -165,6 +190,13 @@ class PollingSettings(_Strict):
 
     interval: Annotated[Duration, _duration_within(1)] = 30.0
     stale_after: Annotated[Duration, _duration_within(1)] = 900.0
+    build_files_refresh_interval: Annotated[Duration, _duration_within(0.1)] = 5.0
+
+
+class MetricsSettings(_Strict):
+    """The ``metrics`` section."""
+
+    max_artifacts_per_build: int = Field(default=64, ge=0, le=10_000, strict=True)
 
 
 class WebSettings(_Strict):
@@ -186,6 +218,7 @@ class ConfigFile(_Strict):
     polling: PollingSettings = PollingSettings()
     builds: list[BuildId] = []
     build_files: list[str] = []
+    metrics: MetricsSettings = MetricsSettings()
     web: WebSettings = WebSettings()
 
     @model_validator(mode="before")
@@ -196,6 +229,7 @@ class ConfigFile(_Strict):
             defaults: dict[str, object] = {
                 "api": {},
                 "polling": {},
+                "metrics": {},
                 "web": {},
                 "builds": [],
                 "build_files": [],
@@ -215,6 +249,7 @@ class ApiKeySource:
         self.file = file
         self._value = value
         self._file_identity: tuple[int, int, int] | None = None
+        self.generation = 0
         if file is not None:
             self._value = self._read_file(file)
 
@@ -225,12 +260,23 @@ class ApiKeySource:
                 stat = self.file.stat()
                 identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
                 if identity != self._file_identity:
-                    self._value = self._read_file(self.file)
+                    key = self._read_file(self.file)
+                    if key != self._value:
+                        self._value = key
+                        self.generation += 1
             except (OSError, ValueError, ConfigError):
                 # Keep the last good key; the API answers 401 if it is really gone.
                 pass
         assert self._value is not None
         return self._value
+
+    def same_source(self, other: ApiKeySource | None) -> bool:
+        """Whether ``other`` reads the key from the same place (file or value)."""
+        if other is None:
+            return False
+        if self.file is not None or other.file is not None:
+            return self.file == other.file
+        return self._value == other._value
 
     def _read_file(self, file: Path) -> SecretStr:
         stat = file.stat()
@@ -262,6 +308,10 @@ class Config:
     @property
     def polling(self) -> PollingSettings:
         return self.file.polling
+
+    @property
+    def metrics(self) -> MetricsSettings:
+        return self.file.metrics
 
     @property
     def web(self) -> WebSettings:
@@ -387,8 +437,35 @@ def load_config(path: Path, environ: Mapping[str, str], *, require_api_key: bool
         raise ConfigError(f"{path}: {describe_validation_error(error, text)}") from None
 
     api_key = _api_key_source(path, file.api, environ, require_api_key=require_api_key)
-    build_ids = _dedupe([*file.builds, *read_build_files(file.build_files, path.parent)])
-    return Config(source=path, file=file, api_key=api_key, build_ids=build_ids)
+    return Config(
+        source=path, file=file, api_key=api_key, build_ids=collect_build_ids(file, path.parent)
+    )
+
+
+def collect_build_ids(file: ConfigFile, base_directory: Path) -> tuple[str, ...]:
+    """``builds`` then the build files' IDs, in order, each once (repeats logged)."""
+    listed = [*file.builds, *read_build_files(file.build_files, base_directory)]
+    unique = tuple(dict.fromkeys(listed))
+    if len(unique) < len(listed):
+        repeated = sorted({build_id for build_id in listed if listed.count(build_id) > 1})
+        log.warning(
+            "duplicate build IDs ignored",
+            extra={"count": len(listed) - len(unique), "build_ids": ",".join(repeated[:10])},
+        )
+    return unique
+
+
+def build_files_fingerprint(patterns: list[str], base_directory: Path) -> tuple[object, ...]:
+    """What the build files look like now; a different value means they changed."""
+    fingerprint: list[object] = []
+    for pattern in patterns:
+        for name in _glob_build_files(pattern, base_directory):
+            try:
+                stat = Path(name).stat()
+            except OSError:
+                continue
+            fingerprint.append((name, stat.st_ino, stat.st_mtime_ns, stat.st_size))
+    return tuple(fingerprint)
 
 
 def _api_key_source(
@@ -427,16 +504,20 @@ def read_build_files(patterns: list[str], base_directory: Path) -> list[str]:
     """Read build IDs from files matching the globs: one ID per line, or a YAML list."""
     build_ids: list[str] = []
     for pattern in patterns:
-        expanded = str(Path(pattern).expanduser())
-        if not Path(expanded).is_absolute():
-            # The directory is a literal path, even if its name holds glob characters.
-            expanded = str(Path(glob.escape(str(base_directory))) / expanded)
-        names = sorted(glob.glob(expanded))  # noqa: PTH207 (patterns may be absolute)
+        names = _glob_build_files(pattern, base_directory)
         if not names and not glob.has_magic(pattern):
-            log.warning("build file not found", extra={"build_file": expanded})
+            log.warning("build file not found", extra={"build_file": pattern})
         for name in names:
             build_ids.extend(read_build_file(Path(name)))
     return build_ids
+
+
+def _glob_build_files(pattern: str, base_directory: Path) -> list[str]:
+    expanded = str(Path(pattern).expanduser())
+    if not Path(expanded).is_absolute():
+        # The directory is a literal path, even if its name holds glob characters.
+        expanded = str(Path(glob.escape(str(base_directory))) / expanded)
+    return sorted(glob.glob(expanded))  # noqa: PTH207 (patterns may be absolute)
 
 
 def read_build_file(path: Path) -> list[str]:
@@ -469,10 +550,6 @@ def read_build_file(path: Path) -> list[str]:
         except ValueError as error:
             raise ConfigError(f"{where}: {error}") from None
     return build_ids
-
-
-def _dedupe(build_ids: list[str]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(build_ids))
 
 
 def describe_validation_error(error: ValidationError, source: str | None = None) -> str:

@@ -49,7 +49,8 @@ class ExpositionFormat(enum.Enum):
 class _BuildFamilies:
     """Every build-scoped family, filled one build at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_artifacts_per_build: int) -> None:
+        self.max_artifacts_per_build = max_artifacts_per_build
         self.info = InfoMetricFamily(
             "primeintellect_image_build",
             "A tracked image build; always 1.",
@@ -96,6 +97,10 @@ class _BuildFamilies:
             "The error message of an artifact, while it has one; always 1.",
             labels=(*ARTIFACT_LABELS, "error_message"),
         )
+        self.artifacts_omitted = _build_gauge(
+            "primeintellect_image_build_artifacts_omitted",
+            "Artifacts without per-artifact series, beyond metrics.max_artifacts_per_build.",
+        )
         self.last_poll_success = GaugeMetricFamily(
             "primeintellect_image_build_last_poll_success",
             "1 if the last poll of this build succeeded.",
@@ -136,7 +141,13 @@ class _BuildFamilies:
         _add_if_known(self.queued, labels, build.queued_seconds)
         _add_if_known(self.duration, labels, build.duration_seconds)
         self._add_artifact_counts(labels, build.artifacts)
-        for artifact in build.artifacts:
+        shown = build.artifacts
+        if len(shown) > self.max_artifacts_per_build:
+            # Artifacts with an error message matter most; keep those first.
+            shown = tuple(sorted(shown, key=lambda artifact: artifact.error_message is None))
+            shown = shown[: self.max_artifacts_per_build]
+            self.artifacts_omitted.add_metric(labels, len(build.artifacts) - len(shown))
+        for artifact in shown:
             artifact_labels = (*labels, artifact.id, artifact.type_label)
             self.artifact_info.add_metric((*artifact_labels, artifact.full_image_path or ""), {})
             _add_if_known(self.artifact_duration, artifact_labels, artifact.duration_seconds)
@@ -167,18 +178,19 @@ class _BuildFamilies:
             self.artifact_info,
             self.artifact_duration,
             self.artifact_error,
+            self.artifacts_omitted,
             self.last_poll_success,
             self.last_poll_success_timestamp,
             self.last_poll_error,
         ]
 
 
-def build_families(snapshot: Snapshot) -> list[Metric]:
+def build_families(snapshot: Snapshot, max_artifacts_per_build: int = 64) -> list[Metric]:
     """Families that change only with the store.
 
     Sample: ``primeintellect_image_build_status{build_id="b1",...,status="FAILED"} 1.0``
     """
-    per_build = _BuildFamilies()
+    per_build = _BuildFamilies(max_artifacts_per_build)
     states = dict.fromkeys(BuildState, 0)
     for record in snapshot.records.values():
         per_build.add(record)
@@ -287,12 +299,21 @@ class ExpositionCache:
         self,
         snapshot: Callable[[], Snapshot],
         per_scrape: Callable[[], Iterable[Metric]],
+        *,
+        max_artifacts_per_build: int = 64,
     ) -> None:
         self._snapshot = snapshot
         self._per_scrape = per_scrape
         self._lock = threading.Lock()
         self._version = -1
         self._bodies: dict[ExpositionFormat, _CachedBody] = {}
+        self._max_artifacts_per_build = max_artifacts_per_build
+
+    def set_max_artifacts_per_build(self, limit: int) -> None:
+        with self._lock:
+            if limit != self._max_artifacts_per_build:
+                self._max_artifacts_per_build = limit
+                self._bodies.clear()
 
     def body(self, format: ExpositionFormat, *, gzip: bool) -> bytes:
         """The full exposition; with ``gzip`` a single gzip member."""
@@ -318,7 +339,8 @@ class ExpositionCache:
         cached = self._bodies.get(format)
         if cached is None:
             # Only the per-scrape tail may carry OpenMetrics' end-of-exposition marker.
-            plain = render(build_families(snapshot), format).removesuffix(_OPENMETRICS_EOF)
+            families = build_families(snapshot, self._max_artifacts_per_build)
+            plain = render(families, format).removesuffix(_OPENMETRICS_EOF)
             cached = self._bodies[format] = _CachedBody(plain)
         return cached
 

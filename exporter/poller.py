@@ -25,11 +25,20 @@ MIN_RATE_LIMIT_PAUSE = 1.0
 MAX_RATE_LIMIT_PAUSE = 600.0
 DEFAULT_RATE_LIMIT_PAUSES = (10.0, 30.0, 60.0)
 MAX_BACKOFF = 300.0
+FIRST_KEY_REJECTED_PAUSE = 30.0
 TICK = 1.0
+# Answers that prove the API accepted our key.
+KEY_ACCEPTED_OUTCOMES = frozenset(
+    {Outcome.OK, Outcome.NOT_FOUND, Outcome.CLIENT_ERROR, Outcome.INVALID_RESPONSE}
+)
 
 
 class BuildFetcher(Protocol):
     async def fetch(self, build_id: str) -> FetchResult: ...
+
+    def credentials_generation(self) -> int:
+        """A number that changes whenever the credentials change."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -97,8 +106,10 @@ class Poller:
         *,
         wall_clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
+        on_internal_error: Callable[[str, BaseException], None] | None = None,
     ) -> None:
         self._fetcher = fetcher
+        self._on_internal_error = on_internal_error
         self._store = store
         self._telemetry = telemetry
         self._settings = settings
@@ -113,13 +124,35 @@ class Poller:
         self._in_flight: dict[asyncio.Task[None], str] = {}
         self._wakeup = asyncio.Event()
         self._bucket = TokenBucket(settings.requests_per_second, now=time.monotonic())
-        self._paused_until = 0.0
+        # Every request waits for both pauses: after a 429, and after the key was rejected.
+        self._rate_limit_pause_until = 0.0
         self._consecutive_rate_limits = 0
+        self._key_pause_until = 0.0
+        self._key_rejections = 0
+        self._key_accepted: bool | None = None
+        self._rejected_generation: int | None = None
+        self._parked: set[str] = set()
         self._last_sweep = 0.0
         self.heartbeat = time.monotonic()
 
-    def set_builds(self, build_ids: Iterable[str]) -> None:
-        """Track exactly these builds: new ones are polled at once, removed ones forgotten."""
+    @property
+    def _paused_until(self) -> float:
+        return max(self._rate_limit_pause_until, self._key_pause_until)
+
+    def update(self, settings: PollSettings, fetcher: BuildFetcher) -> None:
+        """Apply new settings and a new client, keeping every build's schedule."""
+        if fetcher is not self._fetcher:
+            self._fetcher = fetcher
+            self._lift_key_pause("API client replaced")
+        self._settings = settings
+        self._bucket.rate = settings.requests_per_second
+        self._wakeup.set()
+
+    def set_builds(self, build_ids: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Track exactly these builds: new ones are polled at once, removed ones forgotten.
+
+        Returns the added and the removed build IDs.
+        """
         wanted = list(build_ids)
         added, removed = self._store.track(wanted)
         self._tracked = set(wanted)
@@ -130,6 +163,7 @@ class Poller:
         for build_id in added:
             self._schedule(build_id, now)
         self._wakeup.set()
+        return added, removed
 
     async def run(self) -> None:
         """Poll forever; returns only by cancellation."""
@@ -171,10 +205,19 @@ class Poller:
 
     def _beat(self, now: float) -> None:
         self.heartbeat = time.monotonic()
-        if self._paused_until and now >= self._paused_until:
-            self._paused_until = 0.0
+        if self._rate_limit_pause_until and now >= self._rate_limit_pause_until:
+            self._rate_limit_pause_until = 0.0
             self._telemetry.set_rate_limited_until(0.0)
             log.info("rate limit pause over, polling resumes")
+        if self._key_pause_until and now >= self._key_pause_until:
+            self._key_pause_until = 0.0
+        if (
+            self._key_pause_until
+            and self._fetcher.credentials_generation() != self._rejected_generation
+        ):
+            self._lift_key_pause("API key changed")
+        if not self._paused_until:
+            self._parked.clear()
         if now - self._last_sweep >= TICK:
             self._last_sweep = now
             for build_id in self._store.expire_stale(
@@ -225,9 +268,12 @@ class Poller:
             now = time.monotonic()
             self._telemetry.observe_request(result.outcome, now - started)
             next_poll = self._apply(build_id, result, now)
-        except Exception:
+        except Exception as error:
             # A bug must cost one poll, never the build's place in the schedule.
-            log.exception("unexpected error while polling", extra={"build_id": build_id})
+            if self._on_internal_error is not None:
+                self._on_internal_error("poller", error)
+            else:
+                log.exception("unexpected error while polling", extra={"build_id": build_id})
             failures = self._failures.get(build_id, 0) + 1
             self._failures[build_id] = failures
             next_poll = time.monotonic() + backoff_delay(
@@ -241,15 +287,23 @@ class Poller:
         if result.outcome is Outcome.RATE_LIMITED:
             self._consecutive_rate_limits += 1
             pause = rate_limit_pause(result.retry_after, self._consecutive_rate_limits)
-            if now + pause > self._paused_until:
-                self._paused_until = now + pause
+            if now + pause > self._rate_limit_pause_until:
+                self._rate_limit_pause_until = now + pause
                 self._telemetry.set_rate_limited_until(self._wall_clock() + pause)
+                self._store.mark_unpolled(Outcome.RATE_LIMITED)
                 log.warning(
                     "API rate limit hit: pausing all requests",
                     extra={"build_id": build_id, "pause_seconds": round(pause, 3)},
                 )
         else:
             self._consecutive_rate_limits = 0
+        if result.outcome is Outcome.UNAUTHORIZED:
+            self._key_rejected(now, result)
+        elif result.outcome in KEY_ACCEPTED_OUTCOMES:
+            if self._key_accepted is False:
+                log.info("API key accepted again, polling resumes")
+            self._key_accepted = True
+            self._key_rejections = 0
 
         if result.build is not None:
             transition = self._store.record_success(build_id, result.build, self._wall_clock())
@@ -259,13 +313,45 @@ class Poller:
             return None if result.build.finished else now + self._settings.interval
 
         transition = self._store.record_failure(build_id, result.outcome)
-        if transition is not None:
+        if transition is not None and result.outcome is not Outcome.UNAUTHORIZED:
             _log_failure(transition, result)
-        if result.outcome is Outcome.RATE_LIMITED:
+        if result.outcome in {Outcome.RATE_LIMITED, Outcome.UNAUTHORIZED}:
+            # Not this build's fault: it waits for the pause, without backing off.
+            self._parked.add(build_id)
             return self._paused_until
         failures = self._failures.get(build_id, 0) + 1
         self._failures[build_id] = failures
         return now + backoff_delay(failures, self._settings.interval, self._jitter())
+
+    def _key_rejected(self, now: float, result: FetchResult) -> None:
+        self._key_rejections += 1
+        pause = min(
+            FIRST_KEY_REJECTED_PAUSE * 2.0 ** min(self._key_rejections - 1, 32),
+            max(MAX_BACKOFF, self._settings.interval),
+        )
+        self._key_pause_until = max(self._key_pause_until, now + pause)
+        self._rejected_generation = self._fetcher.credentials_generation()
+        self._store.mark_unpolled(Outcome.UNAUTHORIZED)
+        if self._key_accepted is not False:
+            self._key_accepted = False
+            log.error(
+                "API key rejected: pausing all polls until the key changes or the pause ends",
+                extra={"detail": result.detail, "pause_seconds": round(pause, 3)},
+            )
+
+    def _lift_key_pause(self, reason: str) -> None:
+        if not self._key_pause_until:
+            return
+        log.info("retrying at once after the API key was rejected", extra={"reason": reason})
+        self._key_pause_until = 0.0
+        # A new key gets a fresh start, and its own log line if it is rejected too.
+        self._key_rejections = 0
+        self._key_accepted = None
+        now = time.monotonic()
+        for build_id in self._parked:
+            if build_id in self._due:
+                self._schedule(build_id, max(now, self._rate_limit_pause_until))
+        self._parked.clear()
 
     def _schedule(self, build_id: str, due: float) -> None:
         self._due[build_id] = due

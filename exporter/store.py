@@ -165,6 +165,21 @@ class BuildStore:
                 self._version += 1
         return Transition(before, after)
 
+    def mark_unpolled(self, outcome: Outcome) -> int:
+        """Give builds not polled yet a failed poll: they wait on a pause of the whole API.
+
+        Readiness must not wait for the API to come back.
+        """
+        with self._lock:
+            waiting = [record for record in self._records.values() if not record.polled]
+            for record in waiting:
+                self._records[record.build_id] = replace(
+                    record, polled=True, last_poll_ok=False, last_error=outcome
+                )
+            if waiting:
+                self._version += 1
+        return len(waiting)
+
     def expire_stale(self, now: float, stale_after: float) -> list[str]:
         """Drop the values of unfinished builds without a good poll for ``stale_after`` seconds."""
         expired = []

@@ -1,13 +1,13 @@
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from exporter.config import Config
 from exporter.simulator import Simulator
-from tests.support import CANARY_API_KEY, RunningExporter
+from tests.support import CANARY_API_KEY, Daemon, RunningExporter
 
 
 @pytest.fixture
@@ -25,11 +25,19 @@ def start_exporter() -> Iterator[StartExporter]:
     """Start in-process exporters over real HTTP; each is stopped after the test."""
     started: list[RunningExporter] = []
 
-    def start(config: Config, *, wall_clock: Callable[[], float] = time.time) -> RunningExporter:
-        running = RunningExporter(config, wall_clock=wall_clock).start()
+    def start(config: Config, **options: Any) -> RunningExporter:
+        running = RunningExporter(config, **options).start()
         started.append(running)
         return running
 
     yield start
     for running in started:
         running.stop()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        daemon.kill()

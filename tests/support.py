@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,6 +25,7 @@ from exporter.app import Exporter
 from exporter.config import ApiKeySource, Config, ConfigFile
 from exporter.simulator import ArtifactPlan, BuildPlan
 
+SCRIPT = str(Path(sys.executable).parent / "primeintellect-build-exporter")
 CANARY_API_KEY = "pk-canary-0b7f5e2d9c4a41e8b3f6a1d2c9e8f7a6"
 REPOSITORY = Path(__file__).resolve().parent.parent
 # 2026-01-01T00:00:00Z: every fixed timestamp of the golden builds counts from here.
@@ -84,8 +89,15 @@ class RunningExporter:
         *,
         wall_clock: Callable[[], float] = time.time,
         web_config_file: Path | None = None,
+        load_config: Callable[[], Config] | None = None,
+        enable_lifecycle: bool = False,
     ) -> None:
-        self.exporter = Exporter(config, wall_clock=wall_clock)
+        self.exporter = Exporter(
+            config,
+            wall_clock=wall_clock,
+            load_config=load_config,
+            enable_lifecycle=enable_lifecycle,
+        )
         self._web_config_file = web_config_file
         self.url = ""
         self._listening = threading.Event()
@@ -240,3 +252,57 @@ def fixed_plans() -> list[BuildPlan]:
             outcome="CANCELLED",
         ),
     ]
+
+
+def environment(**extra: str) -> dict[str, str]:
+    """The test process's environment without Prime Intellect settings, plus ``extra``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PRIME_")}
+    return {**base, **extra}
+
+
+class Daemon:
+    """The console script running as a daemon, stopped and reaped after the test."""
+
+    def __init__(self, *arguments: str, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [SCRIPT, *arguments],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.stderr_lines: list[str] = []
+        self.url = ""
+
+    def wait_for_url(self) -> str:
+        """Read log lines until the 'listening' line gives the URL."""
+        assert self.process.stderr is not None
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            if not line:
+                break
+            self.stderr_lines.append(line)
+            match = re.search(r"url=(http://\S+)", line) or re.search(
+                r'"url": "(http://[^"]+)"', line
+            )
+            if match:
+                self.url = match.group(1)
+                return self.url
+        pytest.fail(f"no 'listening' log line; stderr: {''.join(self.stderr_lines)}")
+
+    def stop(self, signal_number: int = signal.SIGTERM) -> tuple[int, float, str]:
+        """Send the signal; exit code, seconds to exit, and the rest of stderr."""
+        started = time.monotonic()
+        self.process.send_signal(signal_number)
+        _, rest = self.process.communicate(timeout=15)
+        return (
+            self.process.returncode,
+            time.monotonic() - started,
+            "".join(self.stderr_lines) + rest,
+        )
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate(timeout=10)

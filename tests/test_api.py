@@ -68,9 +68,17 @@ def answer(
     """A handler giving the same answer to every request."""
 
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, headers=headers, content=body)
+        return wire_response(status, body, headers)
 
     return handler
+
+
+def wire_response(
+    status: int, body: bytes = b"", headers: dict[str, str] | None = None
+) -> httpx.Response:
+    """A response still to be read, as from a network transport (``content=`` would preload)."""
+    all_headers = {"Content-Length": str(len(body)), **(headers or {})}
+    return httpx.Response(status, headers=all_headers, stream=httpx.ByteStream(body))
 
 
 def failing(error: Exception) -> Callable[[httpx.Request], httpx.Response]:
@@ -274,7 +282,22 @@ CASES = {
     "body that is not gzip": Case(
         answer(200, b"not gzip at all", {"Content-Encoding": "gzip"}),
         Outcome.INVALID_RESPONSE,
-        "body could not be decoded",
+        "compressed body is corrupt",
+    ),
+    "gzip body cut short": Case(
+        answer(200, gzip.compress(b'{"id": "x"}')[:-12], {"Content-Encoding": "gzip"}),
+        Outcome.INVALID_RESPONSE,
+        "compressed body ends early",
+    ),
+    "brotli body": Case(
+        answer(200, b"\x0b\x02\x80", {"Content-Encoding": "br"}),
+        Outcome.INVALID_RESPONSE,
+        "unsupported Content-Encoding 'br'",
+    ),
+    "small gzip body": Case(
+        answer(200, gzip.compress(json_body(build_document())), {"Content-Encoding": "gzip"}),
+        Outcome.OK,
+        "",
     ),
     "no status line ever": Case(
         never_answer, Outcome.TIMEOUT, "no complete answer within 0.2s", timeout=0.2
@@ -330,7 +353,7 @@ def test_valid_answer_gives_the_parsed_build() -> None:
 def test_redirect_is_not_followed_and_counts_as_invalid_response(status: int) -> None:
     def redirect(request: httpx.Request) -> httpx.Response:
         if request.url.host != "api.example.test":
-            return httpx.Response(200, content=json_body(build_document()))
+            return wire_response(200, json_body(build_document()))
         return httpx.Response(status, headers={"Location": "https://evil.example/build-1"})
 
     result, requests = fetch_once(redirect)

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,16 +15,8 @@ import pytest
 
 from exporter import __version__
 from exporter.simulator import Simulator
-from tests.support import CANARY_API_KEY, wait_until
+from tests.support import CANARY_API_KEY, SCRIPT, Daemon, environment, wait_until
 from tests.test_poller import forever_building
-
-SCRIPT = str(Path(sys.executable).parent / "primeintellect-build-exporter")
-
-
-def environment(**extra: str) -> dict[str, str]:
-    """The test process's environment without Prime Intellect settings, plus ``extra``."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("PRIME_")}
-    return {**base, **extra}
 
 
 def run_script(
@@ -51,62 +40,6 @@ def write_config(directory: Path, base_url: str, build_ids: list[str], extra: st
         f"polling:\n  interval: 1s\nbuilds:\n{builds}\n{extra}"
     )
     return path
-
-
-class Daemon:
-    """The console script running as a daemon, stopped and reaped after the test."""
-
-    def __init__(self, *arguments: str, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(
-            [SCRIPT, *arguments],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.stderr_lines: list[str] = []
-        self.url = ""
-
-    def wait_for_url(self) -> str:
-        """Read log lines until the 'listening' line gives the URL."""
-        assert self.process.stderr is not None
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            line = self.process.stderr.readline()
-            if not line:
-                break
-            self.stderr_lines.append(line)
-            match = re.search(r"url=(http://\S+)", line) or re.search(
-                r'"url": "(http://[^"]+)"', line
-            )
-            if match:
-                self.url = match.group(1)
-                return self.url
-        pytest.fail(f"no 'listening' log line; stderr: {''.join(self.stderr_lines)}")
-
-    def stop(self, signal_number: int = signal.SIGTERM) -> tuple[int, float, str]:
-        """Send the signal; exit code, seconds to exit, and the rest of stderr."""
-        started = time.monotonic()
-        self.process.send_signal(signal_number)
-        _, rest = self.process.communicate(timeout=15)
-        return (
-            self.process.returncode,
-            time.monotonic() - started,
-            "".join(self.stderr_lines) + rest,
-        )
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.communicate(timeout=10)
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        daemon.kill()
 
 
 def test_version_flag_prints_the_version() -> None:

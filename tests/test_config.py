@@ -51,7 +51,7 @@ INVALID_CASES: list[tuple[str, Mapping[str, str], tuple[str, ...]]] = [
         WITH_KEY,
         (
             "{file}: polling_interval: unknown key",
-            "(allowed: api, polling, builds, build_files, web)",
+            "(allowed: api, polling, builds, build_files, metrics, web)",
         ),
     ),
     (
@@ -59,7 +59,8 @@ INVALID_CASES: list[tuple[str, Mapping[str, str], tuple[str, ...]]] = [
         WITH_KEY,
         (
             "{file}: api.timout: unknown key",
-            "(allowed: base_url, api_key_file, timeout, max_concurrency, requests_per_second)",
+            "(allowed: base_url, api_key_file, timeout, max_concurrency, requests_per_second, "
+            "max_response_size)",
         ),
     ),
     (

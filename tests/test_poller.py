@@ -338,6 +338,9 @@ class _FlakyFetcher:
         payload = forever_building(build_id).payload(time.time())
         return FetchResult(Outcome.OK, build=parse_build(json.dumps(payload).encode()))
 
+    def credentials_generation(self) -> int:
+        return 0
+
 
 def test_an_exception_in_one_poll_never_stops_polling() -> None:
     fetcher = _FlakyFetcher()

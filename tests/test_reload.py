@@ -1,0 +1,194 @@
+"""Changing the tracked builds without a restart: SIGHUP, POST /-/reload, build files, key files."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from exporter.config import Config, load_config
+from exporter.simulator import BuildPlan, Simulator
+from tests.conftest import StartExporter
+from tests.support import CANARY_API_KEY, EPOCH, Daemon, RunningExporter, environment, wait_until
+from tests.test_poller import forever_building, polls
+
+FINISHED = BuildPlan("finished", "app", "v0", EPOCH, 1, 1, 1)
+
+
+def write_config(
+    path: Path, base_url: str, builds: list[str], extra: str = "", api_extra: str = ""
+) -> Path:
+    items = "".join(f"\n  - {build_id}" for build_id in builds) if builds else " []"
+    path.write_text(
+        f"api:\n  base_url: {base_url}\n  requests_per_second: 100\n{api_extra}"
+        f"polling:\n  interval: 1s\n  build_files_refresh_interval: 100ms\n"
+        f"builds:{items}\nweb:\n  listen_address: 127.0.0.1:0\n{extra}"
+    )
+    return path
+
+
+def loader(path: Path, **environ: str) -> Callable[[], Config]:
+    return lambda: load_config(path, {"PRIME_API_KEY": CANARY_API_KEY, **environ})
+
+
+def tracked(running: RunningExporter) -> list[str]:
+    return list(running.exporter.store.snapshot().records)
+
+
+def reload_over_http(running: RunningExporter) -> httpx.Response:
+    return httpx.post(running.url + "/-/reload", timeout=30)
+
+
+@pytest.fixture
+def simulator_with_builds(simulator: Simulator) -> Simulator:
+    for build_id in ("a", "b", "c"):
+        simulator.add(forever_building(build_id))
+    simulator.add(FINISHED)
+    return simulator
+
+
+def test_reload_over_http_adds_and_removes_builds_and_keeps_unchanged_state(
+    tmp_path: Path, simulator_with_builds: Simulator, start_exporter: StartExporter
+) -> None:
+    simulator = simulator_with_builds
+    path = write_config(tmp_path / "config.yaml", simulator.base_url, ["a", "finished"])
+    running = start_exporter(loader(path)(), load_config=loader(path), enable_lifecycle=True)
+    running.wait_until_all_polled()
+    assert polls(simulator, "finished") == 1
+
+    write_config(path, simulator.base_url, ["finished", "b"])
+    response = reload_over_http(running)
+
+    assert (response.status_code, response.text) == (200, "Configuration reloaded\n")
+    assert tracked(running) == ["b", "finished"]
+    wait_until(lambda: polls(simulator, "b") >= 1, message="the added build to be polled")
+    assert running.value("primeintellect_image_build_last_poll_success", build_id="a") is None
+    # The finished build kept its state: it is still exposed and was not requested again.
+    assert running.exporter.store.snapshot().records["finished"].finished
+    assert polls(simulator, "finished") == 1
+    assert running.value("primeintellect_exporter_config_last_reload_successful") == 1
+
+
+def test_an_invalid_reload_keeps_the_running_config_and_reports_it(
+    tmp_path: Path, simulator_with_builds: Simulator, start_exporter: StartExporter
+) -> None:
+    simulator = simulator_with_builds
+    path = write_config(tmp_path / "config.yaml", simulator.base_url, ["a"])
+    running = start_exporter(loader(path)(), load_config=loader(path), enable_lifecycle=True)
+    running.wait_until_all_polled()
+
+    write_config(path, simulator.base_url, ["a", "b"], extra="polling_interval: 5s\n")
+    response = reload_over_http(running)
+
+    assert response.status_code == 500
+    assert "polling_interval: unknown key" in response.text
+    assert running.value("primeintellect_exporter_config_last_reload_successful") == 0
+    assert tracked(running) == ["a"]
+    before = polls(simulator, "a")
+    wait_until(lambda: polls(simulator, "a") > before, message="polling to go on")
+
+    write_config(path, simulator.base_url, ["a", "b"])
+    assert reload_over_http(running).status_code == 200
+    assert running.value("primeintellect_exporter_config_last_reload_successful") == 1
+    assert tracked(running) == ["a", "b"]
+
+
+def test_reload_can_point_the_exporter_at_another_api(
+    tmp_path: Path, simulator_with_builds: Simulator, start_exporter: StartExporter
+) -> None:
+    path = write_config(tmp_path / "config.yaml", simulator_with_builds.base_url, ["a"])
+    running = start_exporter(loader(path)(), load_config=loader(path), enable_lifecycle=True)
+    running.wait_until_all_polled()
+    with Simulator(CANARY_API_KEY, [forever_building("a")]) as other:
+        write_config(path, other.base_url, ["a"])
+        assert reload_over_http(running).status_code == 200
+        wait_until(lambda: polls(other, "a") >= 2, message="polls at the new API")
+
+
+def test_build_file_changes_apply_without_a_reload(
+    tmp_path: Path, simulator_with_builds: Simulator, start_exporter: StartExporter
+) -> None:
+    simulator = simulator_with_builds
+    builds_file = tmp_path / "builds.txt"
+    builds_file.write_text("a\nb\n")
+    path = write_config(
+        tmp_path / "config.yaml", simulator.base_url, [], extra="build_files: [builds.txt]\n"
+    )
+    running = start_exporter(loader(path)())
+    running.wait_until_all_polled()
+    assert tracked(running) == ["a", "b"]
+
+    builds_file.write_text("# b is done with\na\nc\n")
+    wait_until(lambda: tracked(running) == ["a", "c"], message="the build file change")
+    wait_until(lambda: polls(simulator, "c") >= 1, message="the added build to be polled")
+
+    # An invalid file keeps the builds tracked so far.
+    builds_file.write_text("a\nnot/valid\n")
+    wait_until(
+        lambda: running.value("primeintellect_exporter_config_last_reload_successful") == 0,
+        message="the failed build file reload",
+    )
+    assert tracked(running) == ["a", "c"]
+
+
+def test_sighup_reloads_the_config_file(
+    tmp_path: Path, simulator_with_builds: Simulator, daemons: list[Daemon]
+) -> None:
+    simulator = simulator_with_builds
+    path = write_config(tmp_path / "config.yaml", simulator.base_url, ["a"])
+    daemon = Daemon("--config.file", str(path), env=environment(PRIME_API_KEY=CANARY_API_KEY))
+    daemons.append(daemon)
+    url = daemon.wait_for_url()
+    wait_until(lambda: httpx.get(url + "/-/ready").status_code == 200, message="readiness")
+
+    write_config(path, simulator.base_url, ["a", "c"])
+    daemon.process.send_signal(signal.SIGHUP)
+
+    wait_until(
+        lambda: 'last_poll_success{build_id="c"} 1.0' in httpx.get(url + "/metrics").text,
+        message="the build added by SIGHUP",
+    )
+    returncode, _, stderr = daemon.stop()
+    assert returncode == 0
+    assert 'msg="configuration reloaded"' in stderr
+
+
+def test_a_rejected_key_pauses_polling_and_a_fixed_key_file_recovers_without_restart(
+    tmp_path: Path,
+    simulator_with_builds: Simulator,
+    start_exporter: StartExporter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    simulator = simulator_with_builds
+    key_file = tmp_path / "api-key"
+    key_file.write_text("pk-revoked\n")
+    path = write_config(
+        tmp_path / "config.yaml",
+        simulator.base_url,
+        ["a", "b", "c"],
+        api_extra=f"  api_key_file: {key_file}\n",
+    )
+    running = start_exporter(load_config(path, {}))
+    running.wait_until_all_polled()
+    assert running.value("primeintellect_exporter_api_up") == 0
+    requests_while_rejected = len(simulator.requests())
+    # The whole API is paused, not hammered: far fewer requests than builds times seconds.
+    assert requests_while_rejected <= 3
+
+    key_file.write_text(f"{CANARY_API_KEY}\n")
+    wait_until(
+        lambda: running.value("primeintellect_image_build_last_poll_success", build_id="c") == 1,
+        message="recovery with the new key",
+    )
+    assert running.value("primeintellect_exporter_api_up") == 1
+    messages = [record.getMessage() for record in caplog.records]
+    assert (
+        messages.count(
+            "API key rejected: pausing all polls until the key changes or the pause ends"
+        )
+        == 1
+    )
+    assert "pk-revoked" not in caplog.text
