@@ -21,7 +21,7 @@ from exporter.models import Build, InvalidBuildError, parse_build
 USER_AGENT = f"primeintellect-build-exporter/{__version__} python-httpx/{httpx.__version__}"
 DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
 BUILD_PATH = "/api/v1/images/build/"
-_DELAY_SECONDS = re.compile(r"[0-9]{1,10}")
+_DELAY_SECONDS = re.compile(r"[0-9]+")
 
 
 class Outcome(enum.StrEnum):

@@ -96,6 +96,7 @@ class Exporter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poller_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._retired_clients: list[BuildStatusClient] = []
         self._reload_lock = asyncio.Lock()
 
     def _per_scrape_families(self) -> Iterable[Metric]:
@@ -177,7 +178,8 @@ class Exporter:
             await asyncio.gather(
                 self._poller_task, watcher, *self._background, return_exceptions=True
             )
-            await self.client.aclose()
+            for client in (self.client, *self._retired_clients):
+                await client.aclose()
             await asyncio.to_thread(server.stop)
             log.info("stopped")
 
@@ -231,6 +233,7 @@ class Exporter:
         if config.api != old.api or not api_key_unchanged:
             old_client, self.client = self.client, create_client(config)
             # Requests in flight finish on the old client before it closes.
+            self._retired_clients.append(old_client)
             self._in_background(self._close_later(old_client, old.api.timeout + 1))
         self.poller.update(poll_settings(config), self.client)
         self.cache.set_max_artifacts_per_build(config.metrics.max_artifacts_per_build)
@@ -291,9 +294,9 @@ class Exporter:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    @staticmethod
-    async def _close_later(client: BuildStatusClient, delay: float) -> None:
+    async def _close_later(self, client: BuildStatusClient, delay: float) -> None:
         await asyncio.sleep(delay)
+        self._retired_clients.remove(client)
         await client.aclose()
 
     async def _supervise_poller(self) -> None:

@@ -31,6 +31,7 @@ from exporter.config import (
 from exporter.logs import LEVELS, configure_logging
 from exporter.server import MetricsServer
 from exporter.simulator import Simulator, demo_plans, random_plans
+from exporter.webconfig import WebConfigError, load_web_config
 
 PROGRAM = "primeintellect-build-exporter"
 DEMO_MISSING_BUILD = "cmdemo0gone0009"
@@ -59,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
         dest="listen_address",
         metavar="ADDR",
         help="address to serve on, such as :9862 (overrides web.listen_address)",
+    )
+    parser.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        metavar="PATH",
+        help="TLS and basic auth settings, in the Prometheus exporter-toolkit format",
+    )
+    parser.add_argument(
+        "--web.enable-lifecycle",
+        dest="enable_lifecycle",
+        action="store_true",
+        help="enable POST /-/reload",
     )
     parser.add_argument(
         "--log.level",
@@ -108,23 +121,30 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_with(arguments: argparse.Namespace, simulator: Simulator | None) -> int:
-    try:
+    def load() -> Config:
         if simulator is not None:
-            config = demo_config(simulator)
+            loaded = demo_config(simulator)
         else:
-            config = load_config(Path(arguments.config_file), os.environ)
+            loaded = load_config(Path(arguments.config_file), os.environ)
         if arguments.listen_address is not None:
-            config = with_listen_address(config, arguments.listen_address)
-    except ConfigError as error:
+            loaded = with_listen_address(loaded, arguments.listen_address)
+        return loaded
+
+    web_config_file = Path(arguments.web_config_file) if arguments.web_config_file else None
+    try:
+        config = load()
+        if web_config_file is not None:
+            load_web_config(web_config_file)
+    except (ConfigError, WebConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if arguments.config_check:
         print(f"{config.source}: OK, {len(config.build_ids)} builds")
         return 0
-    exporter = Exporter(config)
+    exporter = Exporter(config, load_config=load, enable_lifecycle=arguments.enable_lifecycle)
     if arguments.once:
         return _poll_once(exporter)
-    return _serve(exporter, demo=simulator is not None)
+    return _serve(exporter, web_config_file, demo=simulator is not None)
 
 
 def with_listen_address(config: Config, listen_address: str) -> Config:
@@ -161,19 +181,22 @@ def _poll_once(exporter: Exporter) -> int:
     return 0 if succeeded else 1
 
 
-def _serve(exporter: Exporter, *, demo: bool) -> int:
+def _serve(exporter: Exporter, web_config_file: Path | None, *, demo: bool) -> int:
     def announce(url: str) -> None:
         if demo:
             print(f"Demo exporter running: open {url}/ or {url}/metrics (Ctrl-C to stop)")
             sys.stdout.flush()
 
     try:
-        server = exporter.create_server()
+        server = exporter.create_server(web_config_file)
     except OSError as error:
         print(
             f"error: cannot listen on {exporter.config.web.listen_address}: {error.strerror}",
             file=sys.stderr,
         )
+        return 1
+    except WebConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     asyncio.run(_serve_until_signalled(exporter, server, announce))
     return 0
@@ -186,6 +209,7 @@ async def _serve_until_signalled(
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, exporter.request_reload)
     await exporter.serve(stop, server, announce)
 
 

@@ -74,13 +74,15 @@ class TokenBucket:
         self._updated = now
 
 
-def backoff_delay(failures: int, interval: float, jitter: float) -> float:
+def backoff_delay(failures: int, interval: float, jitter: float, stale_after: float) -> float:
     """Delay before the next poll of a build that failed ``failures`` times in a row.
 
-    Doubles from the normal interval up to ``max(interval, MAX_BACKOFF)``; ``jitter`` in [0, 1)
-    spreads it by up to ±20 % so failing builds do not retry in lockstep.
+    Doubles from the normal interval up to ``MAX_BACKOFF``, and to at most half of
+    ``stale_after`` so that a build does not go stale for want of trying, but never below the
+    interval. ``jitter`` in [0, 1) spreads it by up to ±20 % so failing builds do not retry in
+    lockstep.
     """
-    ceiling = max(interval, MAX_BACKOFF)
+    ceiling = max(interval, min(MAX_BACKOFF, stale_after / 2))
     delay = min(interval * 2.0 ** min(failures - 1, 32), ceiling)
     return delay * (0.8 + 0.4 * jitter)
 
@@ -276,9 +278,7 @@ class Poller:
                 log.exception("unexpected error while polling", extra={"build_id": build_id})
             failures = self._failures.get(build_id, 0) + 1
             self._failures[build_id] = failures
-            next_poll = time.monotonic() + backoff_delay(
-                failures, self._settings.interval, self._jitter()
-            )
+            next_poll = time.monotonic() + self._backoff(failures)
         if next_poll is not None and not once and build_id in self._tracked:
             self._schedule(build_id, next_poll)
 
@@ -290,7 +290,6 @@ class Poller:
             if now + pause > self._rate_limit_pause_until:
                 self._rate_limit_pause_until = now + pause
                 self._telemetry.set_rate_limited_until(self._wall_clock() + pause)
-                self._store.mark_unpolled(Outcome.RATE_LIMITED)
                 log.warning(
                     "API rate limit hit: pausing all requests",
                     extra={"build_id": build_id, "pause_seconds": round(pause, 3)},
@@ -316,12 +315,18 @@ class Poller:
         if transition is not None and result.outcome is not Outcome.UNAUTHORIZED:
             _log_failure(transition, result)
         if result.outcome in {Outcome.RATE_LIMITED, Outcome.UNAUTHORIZED}:
-            # Not this build's fault: it waits for the pause, without backing off.
+            # Not this build's fault: it waits for the pause, without backing off; and builds
+            # never polled wait with it, reported, so readiness does not wait for the API.
             self._parked.add(build_id)
+            self._store.mark_unpolled(result.outcome)
             return self._paused_until
         failures = self._failures.get(build_id, 0) + 1
         self._failures[build_id] = failures
-        return now + backoff_delay(failures, self._settings.interval, self._jitter())
+        return now + self._backoff(failures)
+
+    def _backoff(self, failures: int) -> float:
+        settings = self._settings
+        return backoff_delay(failures, settings.interval, self._jitter(), settings.stale_after)
 
     def _key_rejected(self, now: float, result: FetchResult) -> None:
         self._key_rejections += 1
@@ -331,7 +336,6 @@ class Poller:
         )
         self._key_pause_until = max(self._key_pause_until, now + pause)
         self._rejected_generation = self._fetcher.credentials_generation()
-        self._store.mark_unpolled(Outcome.UNAUTHORIZED)
         if self._key_accepted is not False:
             self._key_accepted = False
             log.error(

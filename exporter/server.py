@@ -1,10 +1,18 @@
-"""The HTTP endpoints: ``/metrics``, ``/-/healthy``, ``/-/ready`` and a status page at ``/``."""
+"""The HTTP endpoints: ``/metrics``, ``/-/healthy``, ``/-/ready`` and a status page at ``/``.
+
+With a web config file (exporter-toolkit format, see ``exporter.webconfig``) it serves HTTPS
+and/or requires basic auth on every path.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import logging
+import selectors
 import socket
+import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -12,18 +20,31 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 from urllib.parse import urlsplit
 
 from exporter import __version__
 from exporter.config import parse_listen_address
 from exporter.metrics import ExpositionCache, ExpositionFormat
 from exporter.store import BuildRecord, BuildState, Snapshot
+from exporter.webconfig import AUTH_REALM, TlsSettings, WebConfig, WebConfigWatcher
 
 log = logging.getLogger(__name__)
 
 STATUS_PAGE_MAX_ROWS = 1000
 CLIENT_SOCKET_TIMEOUT = 30.0
+# Connections served at once, each by its own thread; more are closed at once, so that a
+# flood of connections cannot exhaust the process.
+MAX_CONNECTIONS = 64
+# A TLS client has this long, in total, to complete its handshake.
+TLS_HANDSHAKE_TIMEOUT = 5.0
+# What Go's servers answer to plain HTTP on a TLS port.
+_PLAIN_HTTP_ON_TLS_PORT = (
+    b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
+)
+# A refused connection is logged at warning level at most this often.
+_REFUSAL_LOG_INTERVAL = 60.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +112,8 @@ class _Handler(BaseHTTPRequestHandler):
     wbufsize = 1 << 16
     disable_nagle_algorithm = True
     endpoints: ClassVar[Endpoints]
+    # The web config of the request being answered, if the server has one.
+    _web_config: WebConfig | None = None
 
     _ROUTES: ClassVar[dict[str, str]] = {
         "/metrics": "_serve_metrics",
@@ -99,6 +122,38 @@ class _Handler(BaseHTTPRequestHandler):
         "/": "_serve_status_page",
     }
     _RELOAD_PATH = "/-/reload"
+
+    def parse_request(self) -> bool:
+        # Runs before any method or path is looked at: rate limit and authentication apply
+        # to every request, as in exporter-toolkit.
+        if not super().parse_request():
+            return False
+        web_config = self._web_config = cast("_Server", self.server).current_web_config()
+        if web_config is None:
+            return True
+        if web_config.rate_limiter is not None and not web_config.rate_limiter.allow():
+            self._refuse(HTTPStatus.TOO_MANY_REQUESTS, b"Too many requests\n", {})
+            return False
+        if web_config.basic_auth is not None and not web_config.basic_auth.authorized(
+            self.headers.get("Authorization")
+        ):
+            self._refuse(
+                HTTPStatus.UNAUTHORIZED,
+                b"Unauthorized\n",
+                {"WWW-Authenticate": f'Basic realm="{AUTH_REALM}"'},
+            )
+            return False
+        return True
+
+    def _refuse(self, status: HTTPStatus, body: bytes, headers: dict[str, str]) -> None:
+        # The connection closes: a request body, if any, is left unread.
+        self._respond(
+            status,
+            body,
+            headers={**headers, "Connection": "close"},
+            send_body=self.command != "HEAD",
+        )
+        self.wfile.flush()
 
     def do_GET(self) -> None:
         self._route(send_body=True)
@@ -216,7 +271,11 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in all_headers.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
+        configured = self._web_config.headers if self._web_config is not None else ()
+        if not any(name == "X-Content-Type-Options" for name, _ in configured):
+            self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in configured:
+            self.send_header(name, value)
         self.end_headers()
         if send_body:
             self.wfile.write(body)
@@ -227,9 +286,28 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
 
-class _DualStackServer(ThreadingHTTPServer):
+class _Server(ThreadingHTTPServer):
+    # One thread per connection, at most MAX_CONNECTIONS, and TLS handshakes in that thread,
+    # not while accepting: a client that never completes its handshake holds up only its own
+    # thread, and only for TLS_HANDSHAKE_TIMEOUT.
+
     daemon_threads = True
     block_on_close = False
+    # socketserver's default of 5 makes a burst of connections wait for SYN retransmits
+    # (1 s, 3 s, ...) instead of being accepted, and refused beyond the bound, at once.
+    request_queue_size = socket.SOMAXCONN
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        web_config: WebConfigWatcher | None,
+    ) -> None:
+        self.web_config = web_config
+        self.tls = web_config is not None and web_config.current().tls is not None
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._next_refusal_warning = 0.0
+        super().__init__(address, handler)
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
@@ -237,9 +315,141 @@ class _DualStackServer(ThreadingHTTPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
 
+    def current_web_config(self) -> WebConfig | None:
+        return None if self.web_config is None else self.web_config.current()
+
+    def process_request(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._log_refusal(client_address)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def finish_request(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> None:
+        web_config = self.current_web_config()
+        if web_config is None or web_config.tls is None:
+            super().finish_request(request, client_address)
+            return
+        assert isinstance(request, socket.socket)
+        connection = self._tls_handshake(request, client_address, web_config.tls)
+        if connection is None:
+            return
+        try:
+            super().finish_request(connection, client_address)
+        finally:
+            self.shutdown_request(connection)
+
+    def _tls_handshake(
+        self, request: socket.socket, client_address: Any, tls: TlsSettings
+    ) -> ssl.SSLSocket | None:
+        # The connection after a complete handshake, or None and the socket closed.
+        request.setblocking(False)
+        connection = tls.context.wrap_socket(
+            request, server_side=True, do_handshake_on_connect=False
+        )
+        try:
+            _handshake(connection, time.monotonic() + TLS_HANDSHAKE_TIMEOUT)
+            allowed = tls.allows_client(connection.getpeercert())
+        except OSError as error:  # ssl.SSLError, TimeoutError, or the client went away
+            reason = getattr(error, "reason", None) or str(error) or type(error).__name__
+            if reason == "HTTP_REQUEST":
+                _answer_plain_http(connection)
+            log.debug("TLS handshake failed", extra={"client": client_address[0], "error": reason})
+            self.shutdown_request(connection)
+            return None
+        if not allowed:
+            log.debug(
+                "client certificate names none of client_allowed_sans",
+                extra={"client": client_address[0]},
+            )
+            self.shutdown_request(connection)
+            return None
+        connection.setblocking(True)
+        return connection
+
+    def _log_refusal(self, client_address: Any) -> None:
+        now = time.monotonic()
+        if now >= self._next_refusal_warning:
+            self._next_refusal_warning = now + _REFUSAL_LOG_INTERVAL
+            log.warning(
+                "too many connections; closing new ones until some finish",
+                extra={"limit": MAX_CONNECTIONS, "client": client_address[0]},
+            )
+        else:
+            log.debug("too many connections", extra={"client": client_address[0]})
+
+    def handle_error(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> None:
+        # socketserver would print a traceback to stderr; a client that vanishes mid-request
+        # is routine, anything else is a bug worth a log line.
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.debug("connection failed", extra={"client": client_address[0], "error": str(error)})
+        else:
+            log.error(
+                "unexpected error while serving a connection",
+                exc_info=error,
+                extra={"client": client_address[0]},
+            )
+
+
+def _handshake(connection: ssl.SSLSocket, deadline: float) -> None:
+    # A total deadline, not a timeout per read: a client sending one byte at a time must not
+    # hold its thread any longer than one that sends nothing.
+    with selectors.DefaultSelector() as selector:
+        while True:
+            try:
+                connection.do_handshake()
+            except ssl.SSLWantReadError:
+                events = selectors.EVENT_READ
+            except ssl.SSLWantWriteError:
+                events = selectors.EVENT_WRITE
+            else:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no complete TLS handshake in time")
+            selector.register(connection, events)
+            ready = selector.select(remaining)
+            selector.unregister(connection)
+            if not ready:
+                raise TimeoutError("no complete TLS handshake in time")
+
+
+def _answer_plain_http(connection: ssl.SSLSocket) -> None:
+    # Written past the TLS layer, straight to the socket, as Go's servers do. The rest of the
+    # request is read first: closing with unread data would reset the connection, and the
+    # client could lose the answer.
+    with contextlib.suppress(OSError):
+        socket.socket.recv(connection, 1 << 16, socket.MSG_DONTWAIT)
+    with contextlib.suppress(OSError):
+        socket.socket.send(connection, _PLAIN_HTTP_ON_TLS_PORT)
+
 
 class MetricsServer:
-    """A threaded HTTP server for the endpoints, started and stopped explicitly."""
+    """A threaded HTTP server for the endpoints, started and stopped explicitly.
+
+    ``web_config_file`` (exporter-toolkit format) adds TLS and basic auth; it and the
+    certificates it names are re-read when they change. Raises ``WebConfigError`` when it is
+    invalid, and OSError when the address cannot be bound.
+    """
 
     def __init__(
         self, listen_address: str, endpoints: Endpoints, web_config_file: Path | None = None
@@ -247,8 +457,9 @@ class MetricsServer:
         host, port = parse_listen_address(listen_address)
         handler = type("Handler", (_Handler,), {"endpoints": endpoints})
         family, address = _resolve(host, port)
-        server_class = type("Server", (_DualStackServer,), {"address_family": family})
-        self._server = server_class(address, handler)
+        web_config = None if web_config_file is None else WebConfigWatcher(web_config_file)
+        server_class = type("Server", (_Server,), {"address_family": family})
+        self._server = server_class(address, handler, web_config)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.1},
@@ -267,7 +478,8 @@ class MetricsServer:
             host = "localhost"
         elif ":" in str(host):
             host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self._server.tls else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     def start(self) -> None:
         self._thread.start()

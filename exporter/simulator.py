@@ -124,13 +124,22 @@ class BuildPlan:
 
 @dataclass
 class Fault:
-    """A wrong answer the simulator gives instead of, or before, the real one."""
+    """A wrong answer the simulator gives instead of, or before, the real one.
+
+    A fault with status 200 and an empty body serves the build's correct answer, delivered
+    the fault's way (``delay``, ``drip_interval``, ``truncate_to``).
+    """
 
     status: int = 500
     body: bytes = b'{"detail": "Internal Server Error"}'
     headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
     delay: float = 0.0
     times: int | None = None
+    # Above 0: the body goes out ``drip_size`` bytes at a time, ``drip_interval`` seconds apart.
+    drip_interval: float = 0.0
+    drip_size: int = 1
+    # Not None: only this many body bytes are sent, then the connection is closed.
+    truncate_to: int | None = None
 
     @classmethod
     def not_found(cls) -> Fault:
@@ -162,6 +171,60 @@ class Fault:
     def slow(cls, delay: float) -> Fault:
         """Answer correctly, but only after ``delay`` seconds."""
         return cls(status=200, body=b"", delay=delay)
+
+    @classmethod
+    def drip(cls, interval: float = 0.1, *, size: int = 1, body: bytes = b"") -> Fault:
+        """Answer 200 with the headers at once, then the body ``size`` bytes every ``interval`` s.
+
+        The body is ``body``, or the correct answer when empty. The whole answer takes about
+        ``len(body) / size * interval`` seconds, so a client that times out only the wait for
+        each byte, rather than the whole answer, would wait that long. Dripping stops when the
+        client hangs up.
+        """
+        if interval <= 0 or size < 1:
+            raise ValueError("a drip needs a positive interval and at least one byte per write")
+        return cls(status=200, body=body, drip_interval=interval, drip_size=size)
+
+    @classmethod
+    def truncated(cls, sent: int = 16, *, body: bytes = b"") -> Fault:
+        """Answer 200 declaring the whole body's length, send ``sent`` bytes of it, then hang up.
+
+        The body is ``body``, or the correct answer when empty. The declared Content-Length is
+        always larger than what is sent, so the client sees the connection close mid-body.
+        """
+        if sent < 0:
+            raise ValueError("sent must not be negative")
+        return cls(status=200, body=body, truncate_to=sent)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer as the simulator sends it: what to send, and how to deliver it."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    delay: float = 0.0
+    drip_interval: float = 0.0
+    drip_size: int = 1
+    truncate_to: int | None = None
+
+    @classmethod
+    def delivered_as(
+        cls, fault: Fault | None, status: int, headers: dict[str, str], body: bytes
+    ) -> Reply:
+        """``status``, ``headers`` and ``body``, delivered the way ``fault`` says (if any)."""
+        if fault is None:
+            return cls(status, headers, body)
+        return cls(
+            status,
+            headers,
+            body,
+            delay=fault.delay,
+            drip_interval=fault.drip_interval,
+            drip_size=fault.drip_size,
+            truncate_to=fault.truncate_to,
+        )
 
 
 @dataclass(frozen=True)
@@ -276,23 +339,26 @@ class Simulator:
         self, path: str, authorization: str | None
     ) -> tuple[int, dict[str, str], bytes, float]:
         """Status, headers, body and delay for one request."""
+        reply = self.respond(path, authorization)
+        return reply.status, reply.headers, reply.body, reply.delay
+
+    def respond(self, path: str, authorization: str | None) -> Reply:
+        """The whole reply to one request, including how to deliver it; records the request."""
         build_id = (
             unquote(path[len(BUILD_PATH_PREFIX) :]) if path.startswith(BUILD_PATH_PREFIX) else ""
         )
         with self._lock:
-            status, headers, body, delay = self._answer_locked(build_id, path, authorization)
-            self._requests.append(RecordedRequest(time.monotonic(), build_id, status))
-        return status, headers, body, delay
+            reply = self._reply_locked(build_id, path, authorization)
+            self._requests.append(RecordedRequest(time.monotonic(), build_id, reply.status))
+        return reply
 
-    def _answer_locked(
-        self, build_id: str, path: str, authorization: str | None
-    ) -> tuple[int, dict[str, str], bytes, float]:
+    def _reply_locked(self, build_id: str, path: str, authorization: str | None) -> Reply:
         json_headers = {"Content-Type": "application/json"}
         if not path.startswith(BUILD_PATH_PREFIX) or not build_id or "/" in build_id:
-            return 404, json_headers, b'{"detail": "Not Found"}', 0.0
+            return Reply(404, json_headers, b'{"detail": "Not Found"}')
         if authorization != f"Bearer {self.api_key}":
-            return 401, json_headers, b'{"detail": "Invalid API key"}', 0.0
-        delay = 0.0
+            return Reply(401, json_headers, b'{"detail": "Invalid API key"}')
+        delivery = None
         fault = self._faults.get(build_id)
         if fault is not None:
             if fault.times is not None:
@@ -300,12 +366,12 @@ class Simulator:
                 if fault.times <= 0:
                     del self._faults[build_id]
             if fault.body or fault.status != 200:
-                return fault.status, dict(fault.headers), fault.body, fault.delay
-            delay = fault.delay
+                return Reply.delivered_as(fault, fault.status, dict(fault.headers), fault.body)
+            delivery = fault
         payload = self._payload_locked(build_id)
         if payload is None:
-            return 404, json_headers, b'{"detail": "Build not found"}', delay
-        return 200, json_headers, json.dumps(payload).encode(), delay
+            return Reply.delivered_as(delivery, 404, json_headers, b'{"detail": "Build not found"}')
+        return Reply.delivered_as(delivery, 200, json_headers, json.dumps(payload).encode())
 
 
 class _Server(ThreadingHTTPServer):
@@ -324,17 +390,36 @@ class _Handler(BaseHTTPRequestHandler):
     simulator: ClassVar[Simulator]
 
     def do_GET(self) -> None:
-        status, headers, body, delay = self.simulator.answer(
-            urlsplit(self.path).path, self.headers.get("Authorization")
-        )
-        if delay:
-            time.sleep(delay)
-        self.send_response(status)
-        for name, value in headers.items():
+        reply = self.simulator.respond(urlsplit(self.path).path, self.headers.get("Authorization"))
+        if reply.delay:
+            time.sleep(reply.delay)
+        body = reply.body
+        declared = len(body)
+        if reply.truncate_to is not None:
+            body = body[: reply.truncate_to]
+            declared = max(declared, len(body) + 1)
+            self.close_connection = True
+        self.send_response(reply.status)
+        for name, value in reply.headers.items():
             self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(declared))
         self.end_headers()
-        self.wfile.write(body)
+        if reply.drip_interval > 0:
+            self._drip(body, reply.drip_size, reply.drip_interval)
+        else:
+            self.wfile.write(body)
+
+    def _drip(self, body: bytes, size: int, interval: float) -> None:
+        # Past the write buffer, so that a client hanging up fails one send, not the final flush.
+        self.wfile.flush()
+        for start in range(0, len(body), size):
+            if start:
+                time.sleep(interval)
+            try:
+                self.connection.sendall(body[start : start + size])
+            except OSError:
+                self.close_connection = True
+                return
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

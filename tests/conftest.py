@@ -6,8 +6,18 @@ from typing import Any
 import pytest
 
 from exporter.config import Config
+from exporter.logs import LogfmtFormatter
 from exporter.simulator import Simulator
 from tests.support import CANARY_API_KEY, Daemon, RunningExporter
+
+
+@pytest.fixture(autouse=True)
+def _api_key_never_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """The canary key of every test appears in no log record: message, fields or traceback."""
+    yield
+    for record in caplog.get_records("setup") + caplog.get_records("call"):
+        rendered = LogfmtFormatter().format(record)
+        assert CANARY_API_KEY not in rendered, f"API key logged: {rendered[:200]}"
 
 
 @pytest.fixture

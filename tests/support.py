@@ -56,6 +56,7 @@ def make_config(
     timeout: str = "2s",
     requests_per_second: float = 100.0,
     max_concurrency: int = 4,
+    max_response_size: str = "1MiB",
     listen_address: str = "127.0.0.1:0",
 ) -> Config:
     """A valid config pointing at a loopback API, with the key given directly."""
@@ -66,6 +67,7 @@ def make_config(
                 "timeout": timeout,
                 "requests_per_second": requests_per_second,
                 "max_concurrency": max_concurrency,
+                "max_response_size": max_response_size,
             },
             "polling": {"interval": interval, "stale_after": stale_after},
             "builds": list(build_ids),
@@ -136,7 +138,10 @@ class RunningExporter:
         assert not self._thread.is_alive(), "exporter did not stop within 10s"
 
     def get(self, path: str, headers: Mapping[str, str] | None = None) -> httpx.Response:
-        return httpx.get(self.url + path, headers=dict(headers or {}), timeout=10)
+        """GET a path; every answer is checked for the API key, which must never appear."""
+        response = httpx.get(self.url + path, headers=dict(headers or {}), timeout=10)
+        assert CANARY_API_KEY.encode() not in response.content
+        return response
 
     def get_raw(
         self, path: str, headers: Mapping[str, str] | None = None

@@ -75,16 +75,23 @@ def test_token_bucket_does_not_save_up_a_burst_while_idle() -> None:
 
 def test_backoff_doubles_from_the_interval_up_to_a_ceiling() -> None:
     middle = 0.5  # jitter value that leaves the delay unchanged
-    assert backoff_delay(1, 30, middle) == 30
-    assert backoff_delay(2, 30, middle) == 60
-    assert backoff_delay(3, 30, middle) == 120
-    assert backoff_delay(50, 30, middle) == MAX_BACKOFF
-    assert backoff_delay(50, 3600, middle) == 3600
+    fifteen_minutes = 900
+    assert backoff_delay(1, 30, middle, fifteen_minutes) == 30
+    assert backoff_delay(2, 30, middle, fifteen_minutes) == 60
+    assert backoff_delay(3, 30, middle, fifteen_minutes) == 120
+    assert backoff_delay(50, 30, middle, fifteen_minutes) == MAX_BACKOFF
+    assert backoff_delay(50, 3600, middle, fifteen_minutes) == 3600
+
+
+def test_backoff_stays_well_inside_stale_after() -> None:
+    middle = 0.5
+    assert backoff_delay(50, 2, middle, stale_after=60) == 30
+    assert backoff_delay(50, 2, middle, stale_after=1) == 2
 
 
 def test_backoff_jitter_spreads_by_at_most_twenty_percent() -> None:
-    assert backoff_delay(2, 10, 0.0) == pytest.approx(16)
-    assert backoff_delay(2, 10, 0.999999) == pytest.approx(24, rel=1e-5)
+    assert backoff_delay(2, 10, 0.0, 900) == pytest.approx(16)
+    assert backoff_delay(2, 10, 0.999999, 900) == pytest.approx(24, rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -366,3 +373,26 @@ def test_an_exception_in_one_poll_never_stops_polling() -> None:
 
     asyncio.run(run_until_both_retried())
     assert store.snapshot().records["fine"].last_poll_ok
+
+
+def test_a_rate_limit_at_start_up_does_not_hold_back_readiness(
+    simulator: Simulator, start_exporter: StartExporter
+) -> None:
+    for build_id in ("first", "second", "third"):
+        simulator.add(forever_building(build_id))
+    simulator.set_fault("first", Fault.rate_limited(retry_after="300", times=1))
+    running = start_exporter(
+        make_config(simulator.base_url, ["first", "second", "third"], max_concurrency=1)
+    )
+    running.wait_until_all_polled()
+    assert running.get("/-/ready").status_code == 200
+    assert [request.build_id for request in simulator.requests()] == ["first"]
+    for build_id in ("second", "third"):
+        assert (
+            running.value(
+                "primeintellect_image_build_last_poll_error",
+                build_id=build_id,
+                reason="rate_limited",
+            )
+            == 1
+        )

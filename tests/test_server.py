@@ -7,9 +7,10 @@ import socket
 import httpx
 import pytest
 
-from exporter.metrics import ExpositionFormat
-from exporter.server import accepts_gzip, negotiate_format
+from exporter.metrics import ExpositionCache, ExpositionFormat
+from exporter.server import Endpoints, MetricsServer, accepts_gzip, negotiate_format
 from exporter.simulator import Fault, Simulator
+from exporter.store import BuildStore, Snapshot
 from tests.conftest import StartExporter
 from tests.support import EPOCH, make_config
 from tests.test_poller import forever_building
@@ -156,3 +157,44 @@ def test_api_up_is_absent_until_the_api_has_answered(
     busy = start_exporter(make_config(simulator.base_url, ["b1"]))
     busy.wait_until_all_polled()
     assert busy.value("primeintellect_exporter_api_up") == 1.0
+
+
+def test_a_renderer_failure_answers_500_and_is_counted_not_fatal() -> None:
+    def broken_snapshot() -> Snapshot:
+        raise RuntimeError("bug in rendering")
+
+    errors: list[tuple[str, BaseException]] = []
+    server = MetricsServer(
+        "127.0.0.1:0",
+        Endpoints(
+            metrics=ExpositionCache(broken_snapshot, list),
+            snapshot=BuildStore().snapshot,
+            unhealthy_reason=lambda: None,
+            unready_reason=lambda: None,
+            reload=None,
+            internal_error=lambda component, error: errors.append((component, error)),
+        ),
+    )
+    server.start()
+    try:
+        first = httpx.get(server.url + "/metrics")
+        second = httpx.get(server.url + "/metrics")
+        healthy = httpx.get(server.url + "/-/healthy")
+    finally:
+        server.stop()
+    assert (first.status_code, second.status_code, healthy.status_code) == (500, 500, 200)
+    assert "see the exporter's log" in first.text
+    assert [component for component, _ in errors] == ["renderer", "renderer"]
+
+
+def test_internal_errors_are_counted_per_component_and_logged_once_per_class(
+    simulator: Simulator, start_exporter: StartExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = start_exporter(make_config(simulator.base_url, []))
+    for _ in range(3):
+        running.exporter.internal_error("renderer", RuntimeError("boom"))
+    running.exporter.internal_error("renderer", KeyError("other class"))
+    assert running.value("primeintellect_exporter_internal_errors_total", component="renderer") == 4
+    assert running.value("primeintellect_exporter_internal_errors_total", component="poller") == 0
+    first_time = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(first_time) == 2
