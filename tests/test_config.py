@@ -840,3 +840,15 @@ def test_the_example_config_documents_every_key() -> None:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             for key in annotation.model_fields:
                 assert f"  {key}:" in text or f"  # {key}:" in text, f"{name}.{key}"
+
+
+def test_repeated_build_ids_are_tracked_once_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write(tmp_path / "more.txt", "b2\nb1\n")
+    path = write(tmp_path / "config.yaml", "builds: [b1, b2, b1]\nbuild_files: [more.txt]\n")
+    with caplog.at_level("WARNING", logger="exporter.config"):
+        assert load_config(path, WITH_KEY).build_ids == ("b1", "b2")
+    (record,) = caplog.records
+    assert record.getMessage() == "duplicate build IDs ignored"
+    assert (record.__dict__["count"], record.__dict__["build_ids"]) == (3, "b1,b2")
