@@ -87,7 +87,7 @@ class Exporter:
             wall_clock=wall_clock,
             on_internal_error=self.internal_error,
         )
-        self.poller.set_builds(config.build_ids)
+        self.poller.set_builds(config.owned_build_ids)
         self.cache = ExpositionCache(
             self.store.snapshot,
             self._per_scrape_families,
@@ -100,7 +100,8 @@ class Exporter:
         self._reload_lock = asyncio.Lock()
 
     def _per_scrape_families(self) -> Iterable[Metric]:
-        yield from exporter_families(self.telemetry.snapshot())
+        shard = self.config.shard
+        yield from exporter_families(self.telemetry.snapshot(), shard.index, shard.count)
         yield from self._runtime.collect()
 
     def unhealthy_reason(self) -> str | None:
@@ -162,7 +163,7 @@ class Exporter:
             "listening",
             extra={
                 "url": server.url,
-                "builds": len(self.config.build_ids),
+                "builds": len(self.config.owned_build_ids),
                 "version": __version__,
             },
         )
@@ -237,7 +238,7 @@ class Exporter:
             self._in_background(self._close_later(old_client, old.api.timeout + 1))
         self.poller.update(poll_settings(config), self.client)
         self.cache.set_max_artifacts_per_build(config.metrics.max_artifacts_per_build)
-        added, removed = self.poller.set_builds(config.build_ids)
+        added, removed = self.poller.set_builds(config.owned_build_ids)
         if config.web != old.web:
             log.warning(
                 "web.listen_address changed: it applies after a restart",
@@ -246,7 +247,11 @@ class Exporter:
         self.config = config
         log.info(
             "configuration reloaded",
-            extra={"builds": len(config.build_ids), "added": len(added), "removed": len(removed)},
+            extra={
+                "builds": len(config.owned_build_ids),
+                "added": len(added),
+                "removed": len(removed),
+            },
         )
 
     async def reload_build_files(self) -> None:
@@ -265,7 +270,7 @@ class Exporter:
                 )
                 return
             self.config = dataclasses.replace(config, build_ids=build_ids)
-            added, removed = self.poller.set_builds(build_ids)
+            added, removed = self.poller.set_builds(self.config.owned_build_ids)
             self.telemetry.set_config_reload_successful(True)
             log.info(
                 "build files changed",

@@ -24,9 +24,11 @@ from exporter.config import (
     Config,
     ConfigError,
     ConfigFile,
+    ShardSettings,
     WebSettings,
     describe_validation_error,
     load_config,
+    parse_shard_index,
 )
 from exporter.logs import LEVELS, configure_logging
 from exporter.server import MetricsServer
@@ -72,6 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
         dest="enable_lifecycle",
         action="store_true",
         help="enable POST /-/reload",
+    )
+    parser.add_argument(
+        "--shard.count",
+        dest="shard_count",
+        type=int,
+        metavar="N",
+        help="split the builds across N replicas (overrides shard.count)",
+    )
+    parser.add_argument(
+        "--shard.index",
+        dest="shard_index",
+        metavar="I",
+        help="this replica's share, 0 to N-1, or a StatefulSet pod name such as exporter-2 "
+        "(overrides shard.index)",
     )
     parser.add_argument(
         "--log.level",
@@ -128,6 +144,8 @@ def _run_with(arguments: argparse.Namespace, simulator: Simulator | None) -> int
             loaded = load_config(Path(arguments.config_file), os.environ)
         if arguments.listen_address is not None:
             loaded = with_listen_address(loaded, arguments.listen_address)
+        if arguments.shard_count is not None or arguments.shard_index is not None:
+            loaded = with_shard(loaded, arguments.shard_count, arguments.shard_index)
         return loaded
 
     web_config_file = Path(arguments.web_config_file) if arguments.web_config_file else None
@@ -139,7 +157,13 @@ def _run_with(arguments: argparse.Namespace, simulator: Simulator | None) -> int
         print(f"error: {error}", file=sys.stderr)
         return 1
     if arguments.config_check:
-        print(f"{config.source}: OK, {len(config.build_ids)} builds")
+        shard = config.shard
+        share = (
+            f" ({len(config.owned_build_ids)} in shard {shard.index} of {shard.count})"
+            if shard.count > 1
+            else ""
+        )
+        print(f"{config.source}: OK, {len(config.build_ids)} builds{share}")
         return 0
     exporter = Exporter(config, load_config=load, enable_lifecycle=arguments.enable_lifecycle)
     if arguments.once:
@@ -155,6 +179,23 @@ def with_listen_address(config: Config, listen_address: str) -> Config:
         message = describe_validation_error(error).removeprefix("listen_address: ")
         raise ConfigError(f"--web.listen-address: {message}") from None
     return dataclasses.replace(config, file=config.file.model_copy(update={"web": web}))
+
+
+def with_shard(config: Config, count: int | None, index: str | None) -> Config:
+    """The config with ``--shard.count`` and ``--shard.index`` applied."""
+    try:
+        shard = ShardSettings(
+            count=config.shard.count if count is None else count,
+            index=config.shard.index if index is None else parse_shard_index(index),
+        )
+    except ValueError as error:
+        message = (
+            describe_validation_error(error).removeprefix("(top level): ")
+            if isinstance(error, ValidationError)
+            else str(error)
+        )
+        raise ConfigError(f"--shard.count/--shard.index: {message}") from None
+    return dataclasses.replace(config, file=config.file.model_copy(update={"shard": shard}))
 
 
 def demo_config(simulator: Simulator) -> Config:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import ipaddress
 import logging
 import re
@@ -47,6 +48,7 @@ _DURATION_UNITS = (
     ("ms", 0.001),
 )
 _PORT = re.compile(r"[0-9]{1,5}")
+_SHARD_INDEX = re.compile(r"(?:.*-)?([0-9]{1,4})")
 _SIZE = re.compile(r"([0-9]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)")
 _SIZE_UNITS = {
     "B": 1,
@@ -199,6 +201,37 @@ class MetricsSettings(_Strict):
     max_artifacts_per_build: int = Field(default=64, ge=0, le=10_000, strict=True)
 
 
+class ShardSettings(_Strict):
+    """The ``shard`` section: this replica polls the builds whose hash falls to ``index``."""
+
+    count: int = Field(default=1, ge=1, le=1000, strict=True)
+    index: int = Field(default=0, ge=0, strict=True)
+
+    @model_validator(mode="after")
+    def _index_below_count(self) -> ShardSettings:
+        if self.index >= self.count:
+            raise ValueError(f"index {self.index} must be below count {self.count}")
+        return self
+
+    def owns(self, build_id: str) -> bool:
+        """Whether this shard polls ``build_id``; the same answer in every process."""
+        if self.count == 1:
+            return True
+        # A stable hash: Python's own hash() is salted per process.
+        digest = hashlib.blake2b(build_id.encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") % self.count == self.index
+
+
+def parse_shard_index(value: str) -> int:
+    """A shard index, given as a number or as a StatefulSet pod name such as ``exporter-2``."""
+    match = _SHARD_INDEX.fullmatch(value.strip())
+    if match is None:
+        raise ValueError(
+            f"{value!r} is not a shard index: give a number, or a pod name ending in -<number>"
+        )
+    return int(match.group(1))
+
+
 class WebSettings(_Strict):
     """The ``web`` section."""
 
@@ -219,6 +252,7 @@ class ConfigFile(_Strict):
     builds: list[BuildId] = []
     build_files: list[str] = []
     metrics: MetricsSettings = MetricsSettings()
+    shard: ShardSettings = ShardSettings()
     web: WebSettings = WebSettings()
 
     @model_validator(mode="before")
@@ -230,6 +264,7 @@ class ConfigFile(_Strict):
                 "api": {},
                 "polling": {},
                 "metrics": {},
+                "shard": {},
                 "web": {},
                 "builds": [],
                 "build_files": [],
@@ -314,8 +349,17 @@ class Config:
         return self.file.metrics
 
     @property
+    def shard(self) -> ShardSettings:
+        return self.file.shard
+
+    @property
     def web(self) -> WebSettings:
         return self.file.web
+
+    @property
+    def owned_build_ids(self) -> tuple[str, ...]:
+        """The builds this replica polls: all of them, or its shard's share."""
+        return tuple(build_id for build_id in self.build_ids if self.shard.owns(build_id))
 
 
 def normalize_base_url(value: str) -> str:

@@ -221,7 +221,9 @@ def build_families(snapshot: Snapshot, max_artifacts_per_build: int = 64) -> lis
     return [*per_build.families(), finished, finished_durations, tracked]
 
 
-def exporter_families(telemetry: TelemetrySnapshot) -> list[Metric]:
+def exporter_families(
+    telemetry: TelemetrySnapshot, shard_index: int = 0, shard_count: int = 1
+) -> list[Metric]:
     """The exporter's own small families, rendered on every scrape.
 
     Sample: ``primeintellect_exporter_api_requests_total{outcome="ok"} 42.0``
@@ -253,6 +255,12 @@ def exporter_families(telemetry: TelemetrySnapshot) -> list[Metric]:
     )
     for component, count in sorted(telemetry.internal_errors.items()):
         internal_errors.add_metric((component,), count)
+    shard = GaugeMetricFamily(
+        "primeintellect_exporter_shard",
+        "The share of the builds this replica polls (--shard.index of --shard.count); always 1.",
+        labels=("index", "count"),
+    )
+    shard.add_metric((str(shard_index), str(shard_count)), 1.0)
     return [
         requests,
         durations,
@@ -273,6 +281,7 @@ def exporter_families(telemetry: TelemetrySnapshot) -> list[Metric]:
             "The exporter's version; always 1.",
             value={"version": __version__},
         ),
+        shard,
     ]
 
 

@@ -311,3 +311,16 @@ class Daemon:
         if self.process.poll() is None:
             self.process.kill()
             self.process.communicate(timeout=10)
+
+
+def run_script(
+    *arguments: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SCRIPT, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env if env is not None else environment(),
+        check=False,
+    )

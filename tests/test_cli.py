@@ -15,21 +15,8 @@ import pytest
 
 from exporter import __version__
 from exporter.simulator import Simulator
-from tests.support import CANARY_API_KEY, SCRIPT, Daemon, environment, wait_until
+from tests.support import CANARY_API_KEY, Daemon, environment, run_script, wait_until
 from tests.test_poller import forever_building
-
-
-def run_script(
-    *arguments: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [SCRIPT, *arguments],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env if env is not None else environment(),
-        check=False,
-    )
 
 
 def write_config(directory: Path, base_url: str, build_ids: list[str], extra: str = "") -> Path:

@@ -51,7 +51,7 @@ INVALID_CASES: list[tuple[str, Mapping[str, str], tuple[str, ...]]] = [
         WITH_KEY,
         (
             "{file}: polling_interval: unknown key",
-            "(allowed: api, polling, builds, build_files, metrics, web)",
+            "(allowed: api, polling, builds, build_files, metrics, shard, web)",
         ),
     ),
     (
