@@ -19,7 +19,8 @@ from prometheus_client.registry import CollectorRegistry
 from exporter import __version__
 from exporter.api import BuildStatusClient
 from exporter.config import Config, ConfigError, build_files_fingerprint, collect_build_ids
-from exporter.metrics import ExpositionCache, ExpositionFormat, exporter_families
+from exporter.exposition import ExpositionCache
+from exporter.metrics import ExpositionFormat, exporter_families
 from exporter.poller import Poller, PollSettings
 from exporter.server import Endpoints, MetricsServer
 from exporter.store import BuildStore, Telemetry
@@ -190,7 +191,7 @@ class Exporter:
             succeeded = await self.poller.poll_once()
         finally:
             await self.client.aclose()
-        return succeeded, self.cache.body(ExpositionFormat.TEXT, gzip=False)
+        return succeeded, self.cache.body(ExpositionFormat.TEXT, gzip=False).join()
 
     # -- reload ---------------------------------------------------------------------------------
 

@@ -1,16 +1,9 @@
-"""Metric families from store snapshots, and the cache that keeps their exposition bytes.
-
-Build series change only when an API answer changes, so their exposition is rendered once per
-snapshot and reused by every scrape; only the exporter's own counters are rendered per scrape.
-"""
+"""Metric families from store snapshots and telemetry; rendering through prometheus_client."""
 
 from __future__ import annotations
 
 import enum
-import threading
-import zlib
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import cast
 
 from prometheus_client import exposition
@@ -32,7 +25,7 @@ from exporter.store import BuildRecord, BuildState, Histogram, Snapshot, Telemet
 
 BUILD_LABELS = ("build_id", "image_name", "image_tag")
 ARTIFACT_LABELS = (*BUILD_LABELS, "artifact_id", "artifact_type")
-_OPENMETRICS_EOF = b"# EOF\n"
+OPENMETRICS_EOF = b"# EOF\n"
 
 
 class ExpositionFormat(enum.Enum):
@@ -186,16 +179,31 @@ class _BuildFamilies:
 
 
 def build_families(snapshot: Snapshot, max_artifacts_per_build: int = 64) -> list[Metric]:
-    """Families that change only with the store.
+    """Families that change only with the store, in exposition order.
 
     Sample: ``primeintellect_image_build_status{build_id="b1",...,status="FAILED"} 1.0``
     """
-    per_build = _BuildFamilies(max_artifacts_per_build)
-    states = dict.fromkeys(BuildState, 0)
-    for record in snapshot.records.values():
-        per_build.add(record)
-        states[record.state] += 1
+    return [
+        *per_build_families(snapshot.records.values(), max_artifacts_per_build),
+        *summary_families(snapshot),
+    ]
 
+
+def per_build_families(
+    records: Iterable[BuildRecord], max_artifacts_per_build: int = 64
+) -> list[Metric]:
+    """The build-scoped families of these builds; always the same families, in one order."""
+    per_build = _BuildFamilies(max_artifacts_per_build)
+    for record in records:
+        per_build.add(record)
+    return per_build.families()
+
+
+def summary_families(snapshot: Snapshot) -> list[Metric]:
+    """Families about all builds together: finishes seen, and builds by state.
+
+    Sample: ``primeintellect_exporter_builds{state="failing"} 2.0``
+    """
     finished = CounterMetricFamily(
         "primeintellect_image_builds_finished",
         "Builds seen to finish while this process watched them.",
@@ -211,6 +219,9 @@ def build_families(snapshot: Snapshot, max_artifacts_per_build: int = 64) -> lis
         finished_durations.add_metric(
             (image_name, status), _cumulative_buckets(value.durations), value.durations.total
         )
+    states = dict.fromkeys(BuildState, 0)
+    for record in snapshot.records.values():
+        states[record.state] += 1
     tracked = GaugeMetricFamily(
         "primeintellect_exporter_builds",
         "Tracked builds by state: active, finished, or failing (last poll failed).",
@@ -218,7 +229,7 @@ def build_families(snapshot: Snapshot, max_artifacts_per_build: int = 64) -> lis
     )
     for state, count in states.items():
         tracked.add_metric((state.value,), count)
-    return [*per_build.families(), finished, finished_durations, tracked]
+    return [finished, finished_durations, tracked]
 
 
 def exporter_families(
@@ -286,72 +297,14 @@ def exporter_families(
 
 
 def render(families: Iterable[Metric], format: ExpositionFormat) -> bytes:
-    """Exposition bytes of families; OpenMetrics output ends with ``# EOF``."""
+    """Exposition bytes of families, as prometheus_client writes them.
+
+    OpenMetrics output ends with ``# EOF``.
+    """
     collector = _StaticCollector(list(families))
     if format is ExpositionFormat.OPENMETRICS:
         return cast(bytes, openmetrics.generate_latest(collector))  # type: ignore[no-untyped-call]
     return exposition.generate_latest(collector)
-
-
-@dataclass
-class _CachedBody:
-    """The build part in one format: plain bytes, and once asked for, its gzip state."""
-
-    plain: bytes
-    gzip: tuple[bytes, zlib._Compress] | None = None
-
-
-class ExpositionCache:
-    """Serves ``/metrics`` bodies; the build part is rendered once per store change."""
-
-    def __init__(
-        self,
-        snapshot: Callable[[], Snapshot],
-        per_scrape: Callable[[], Iterable[Metric]],
-        *,
-        max_artifacts_per_build: int = 64,
-    ) -> None:
-        self._snapshot = snapshot
-        self._per_scrape = per_scrape
-        self._lock = threading.Lock()
-        self._version = -1
-        self._bodies: dict[ExpositionFormat, _CachedBody] = {}
-        self._max_artifacts_per_build = max_artifacts_per_build
-
-    def set_max_artifacts_per_build(self, limit: int) -> None:
-        with self._lock:
-            if limit != self._max_artifacts_per_build:
-                self._max_artifacts_per_build = limit
-                self._bodies.clear()
-
-    def body(self, format: ExpositionFormat, *, gzip: bool) -> bytes:
-        """The full exposition; with ``gzip`` a single gzip member."""
-        with self._lock:
-            cached = self._cached(format)
-            if gzip and cached.gzip is None:
-                compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
-                cached.gzip = (compressor.compress(cached.plain), compressor)
-            compressed = cached.gzip
-        tail = render(self._per_scrape(), format)
-        if compressed is None:
-            return cached.plain + tail
-        # Continuing a copy of the compressor yields one gzip member, not two glued together.
-        prefix, state = compressed
-        compressor = state.copy()
-        return prefix + compressor.compress(tail) + compressor.flush()
-
-    def _cached(self, format: ExpositionFormat) -> _CachedBody:
-        snapshot = self._snapshot()
-        if snapshot.version != self._version:
-            self._bodies.clear()
-            self._version = snapshot.version
-        cached = self._bodies.get(format)
-        if cached is None:
-            # Only the per-scrape tail may carry OpenMetrics' end-of-exposition marker.
-            families = build_families(snapshot, self._max_artifacts_per_build)
-            plain = render(families, format).removesuffix(_OPENMETRICS_EOF)
-            cached = self._bodies[format] = _CachedBody(plain)
-        return cached
 
 
 class _StaticCollector(Collector):

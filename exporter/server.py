@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Protocol, cast
 from urllib.parse import urlsplit
 
 from exporter import __version__
 from exporter.config import parse_listen_address
-from exporter.metrics import ExpositionCache, ExpositionFormat
+from exporter.exposition import Body
+from exporter.metrics import ExpositionFormat
 from exporter.store import BuildRecord, BuildState, Snapshot
 from exporter.webconfig import AUTH_REALM, TlsSettings, WebConfig, WebConfigWatcher
 
@@ -47,11 +48,17 @@ _PLAIN_HTTP_ON_TLS_PORT = (
 _REFUSAL_LOG_INTERVAL = 60.0
 
 
+class ExpositionSource(Protocol):
+    """Where ``/metrics`` bodies come from (an ExpositionCache in the exporter)."""
+
+    def body(self, format: ExpositionFormat, *, gzip: bool) -> Body: ...
+
+
 @dataclass(frozen=True)
 class Endpoints:
     """What the handlers use: the exposition cache, the store, health checks and reload."""
 
-    metrics: ExpositionCache
+    metrics: ExpositionSource
     snapshot: Callable[[], Snapshot]
     unhealthy_reason: Callable[[], str | None]
     unready_reason: Callable[[], str | None]
@@ -261,7 +268,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _respond(
         self,
         status: HTTPStatus,
-        body: bytes,
+        body: bytes | Body,
         *,
         headers: dict[str, str] | None = None,
         send_body: bool = True,
@@ -270,7 +277,9 @@ class _Handler(BaseHTTPRequestHandler):
         all_headers = {"Content-Type": "text/plain; charset=utf-8", **(headers or {})}
         for name, value in all_headers.items():
             self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
+        pieces = body.pieces if isinstance(body, Body) else (body,)
+        length = body.length if isinstance(body, Body) else len(body)
+        self.send_header("Content-Length", str(length))
         configured = self._web_config.headers if self._web_config is not None else ()
         if not any(name == "X-Content-Type-Options" for name, _ in configured):
             self.send_header("X-Content-Type-Options", "nosniff")
@@ -278,7 +287,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         if send_body:
-            self.wfile.write(body)
+            for piece in pieces:
+                self.wfile.write(piece)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug(

@@ -7,7 +7,8 @@ import socket
 import httpx
 import pytest
 
-from exporter.metrics import ExpositionCache, ExpositionFormat
+from exporter.exposition import ExpositionCache
+from exporter.metrics import ExpositionFormat
 from exporter.server import Endpoints, MetricsServer, accepts_gzip, negotiate_format
 from exporter.simulator import Fault, Simulator
 from exporter.store import BuildStore, Snapshot

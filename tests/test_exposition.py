@@ -1,0 +1,105 @@
+"""The kept /metrics body is always byte-for-byte what prometheus_client writes."""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+
+import pytest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from exporter.api import Outcome
+from exporter.exposition import CHUNK_SIZE, ExpositionCache
+from exporter.metrics import OPENMETRICS_EOF, ExpositionFormat, build_families, render
+from exporter.models import parse_build
+from exporter.simulator import random_plans
+from exporter.store import BuildStore
+from tests.support import EPOCH
+
+FORMATS = [ExpositionFormat.TEXT, ExpositionFormat.OPENMETRICS]
+
+
+def tail_families() -> list[Metric]:
+    return [GaugeMetricFamily("primeintellect_exporter_test_tail", "Per-scrape part.", value=1.0)]
+
+
+def expected(store: BuildStore, format: ExpositionFormat, max_artifacts: int = 64) -> bytes:
+    """What prometheus_client writes for the same families in one go."""
+    builds = render(build_families(store.snapshot(), max_artifacts), format)
+    return builds.removesuffix(OPENMETRICS_EOF) + render(tail_families(), format)
+
+
+class Scenario:
+    """A store of simulated builds that changes at random, with a seed."""
+
+    def __init__(self, count: int, seed: int) -> None:
+        self.random = random.Random(seed)
+        self.plans = {plan.build_id: plan for plan in random_plans(count, EPOCH, self.random)}
+        self.store = BuildStore()
+        self.store.track(self.plans)
+        for build_id in self.plans:
+            self.poll(build_id)
+
+    def poll(self, build_id: str) -> None:
+        moment = EPOCH + self.random.uniform(0, 3000)
+        payload = json.dumps(self.plans[build_id].payload(moment)).encode()
+        self.store.record_success(build_id, parse_build(payload), moment)
+
+    def change_something(self) -> None:
+        build_id = self.random.choice(sorted(self.plans))
+        action = self.random.random()
+        if action < 0.6:
+            self.poll(build_id)
+        elif action < 0.8:
+            self.store.record_failure(build_id, self.random.choice(list(Outcome)[1:]))
+        elif action < 0.9:
+            self.store.expire_stale(EPOCH + 10**6, stale_after=1)
+        else:
+            kept = [other for other in self.plans if other != build_id or action < 0.95]
+            new = f"zz-new-{self.random.randrange(10**6)}"
+            self.store.track([*kept, new])
+
+
+@pytest.mark.parametrize("format", FORMATS, ids=["text", "openmetrics"])
+def test_kept_body_matches_prometheus_client_through_many_changes(
+    format: ExpositionFormat,
+) -> None:
+    scenario = Scenario(count=CHUNK_SIZE * 2 + 17, seed=1)
+    cache = ExpositionCache(scenario.store.snapshot, tail_families)
+    for _ in range(40):
+        assert cache.body(format, gzip=False).join() == expected(scenario.store, format)
+        scenario.change_something()
+
+
+@pytest.mark.parametrize("format", FORMATS, ids=["text", "openmetrics"])
+def test_gzip_body_is_one_member_holding_the_same_bytes(format: ExpositionFormat) -> None:
+    scenario = Scenario(count=CHUNK_SIZE + 5, seed=2)
+    cache = ExpositionCache(scenario.store.snapshot, tail_families)
+    for _ in range(10):
+        body = cache.body(format, gzip=True)
+        raw = body.join()
+        assert len(raw) == body.length
+        decompressor = zlib.decompressobj(wbits=31)
+        assert decompressor.decompress(raw) == expected(scenario.store, format)
+        assert decompressor.eof
+        assert decompressor.unused_data == b""
+        scenario.change_something()
+
+
+def test_empty_store_renders_headers_only() -> None:
+    store = BuildStore()
+    cache = ExpositionCache(store.snapshot, tail_families)
+    for format in FORMATS:
+        assert cache.body(format, gzip=False).join() == expected(store, format)
+
+
+def test_changing_the_artifact_limit_renders_again() -> None:
+    scenario = Scenario(count=10, seed=3)
+    cache = ExpositionCache(scenario.store.snapshot, tail_families)
+    before = cache.body(ExpositionFormat.TEXT, gzip=False).join()
+    cache.set_max_artifacts_per_build(1)
+    after = cache.body(ExpositionFormat.TEXT, gzip=False).join()
+    assert after != before
+    assert after == expected(scenario.store, ExpositionFormat.TEXT, max_artifacts=1)
+    assert b"primeintellect_image_build_artifacts_omitted{" in after
