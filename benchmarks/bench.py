@@ -1,0 +1,536 @@
+"""Benchmarks: how fast /metrics is served, how cheap a refresh is, how fast builds are polled,
+how much memory a build costs, and how many requests finished builds save. Prints one table.
+
+    .venv/bin/python benchmarks/bench.py          # or: make bench
+
+The simulated API runs in its own process, so it does not compete with the exporter for the
+interpreter lock; the scrapes use a minimal keep-alive HTTP client, so they measure the
+server rather than a client library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import multiprocessing
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
+
+import httpx
+from prometheus_client import exposition
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+from pydantic import SecretStr
+
+from exporter.api import BuildStatusClient
+from exporter.config import ApiKeySource
+from exporter.exposition import Body, ExpositionCache
+from exporter.metrics import ExpositionFormat, build_families, exporter_families
+from exporter.models import parse_build
+from exporter.poller import Poller, PollSettings
+from exporter.server import Endpoints, ExpositionSource, MetricsServer
+from exporter.simulator import BuildPlan, Simulator, random_plans
+from exporter.store import BuildStore, Telemetry
+
+API_KEY = "pk-bench"
+SCRIPT = Path(sys.executable).parent / "primeintellect-build-exporter"
+PROMETHEUS_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+
+
+@dataclass
+class Row:
+    measure: str
+    value: str
+    against: str = ""
+    ratio: str = ""
+    target: str = ""
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def held_plans(count: int, prefix: str = "cmbench") -> list[BuildPlan]:
+    """Builds that stay in BUILDING, two artifacts each, so every poll is a full answer."""
+    return [
+        BuildPlan(
+            plan.build_id,
+            plan.image_name,
+            plan.image_tag,
+            plan.created_at,
+            pending=1,
+            uploading=1,
+            building=float("inf"),
+            artifacts=plan.artifacts,
+        )
+        for plan in random_plans(count, time.time() - 60, random.Random(1), prefix=prefix)
+    ]
+
+
+def filled_store(count: int) -> BuildStore:
+    """A store holding ``count`` builds in varied states, as polls would leave it."""
+    rng = random.Random(2)
+    now = time.time()
+    plans = random_plans(count, now - 900, rng)
+    store = BuildStore()
+    store.track(plan.build_id for plan in plans)
+    for plan in plans:
+        answer = json.dumps(plan.payload(now - rng.uniform(0, 900))).encode()
+        store.record_success(plan.build_id, parse_build(answer), now)
+    return store
+
+
+def _serve_canned(
+    plans: list[BuildPlan], ready: multiprocessing.Queue[str], stop: EventType
+) -> None:
+    """A minimal keep-alive HTTP server with every answer made in advance.
+
+    The threaded simulator spends its time on the interpreter lock; this one answers fast
+    enough that the client side, the exporter or a bare httpx loop, is what gets measured.
+    """
+    now = time.time()
+    answers = {}
+    for plan in plans:
+        body = json.dumps(plan.payload(now)).encode()
+        answers[f"/api/v1/images/build/{plan.build_id}".encode()] = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+    not_found = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while request_line := await reader.readline():
+                while await reader.readline() not in {b"\r\n", b""}:
+                    pass
+                path = request_line.split(b" ")[1]
+                writer.write(answers.get(path, not_found))
+                await writer.drain()
+        except (ConnectionError, IndexError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        ready.put(f"http://127.0.0.1:{port}")
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        server.close()
+
+    asyncio.run(main())
+
+
+def _serve_simulator(
+    plans: list[BuildPlan], ready: multiprocessing.Queue[str], stop: EventType
+) -> None:
+    with Simulator(API_KEY, plans) as simulator:
+        ready.put(simulator.base_url)
+        stop.wait()
+
+
+@contextmanager
+def simulator_process(plans: list[BuildPlan], *, canned: bool = False) -> Iterator[str]:
+    """A simulator (or canned answers) in a child process; yields its base URL."""
+    context = multiprocessing.get_context("fork")
+    ready: multiprocessing.Queue[str] = context.Queue()
+    stop = context.Event()
+    target = _serve_canned if canned else _serve_simulator
+    process = context.Process(target=target, args=(plans, ready, stop), daemon=True)
+    process.start()
+    try:
+        yield ready.get(timeout=60)
+    finally:
+        stop.set()
+        process.join(10)
+
+
+class RawClient:
+    """A keep-alive HTTP/1.1 client that only reads the body: the server is what is timed."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self._socket = socket.create_connection((host, int(port)))
+        self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reader = self._socket.makefile("rb")
+
+    def get(self, path: str, headers: dict[str, str]) -> bytes:
+        lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        self._socket.sendall(f"GET {path} HTTP/1.1\r\nHost: bench\r\n{lines}\r\n".encode())
+        length = 0
+        while line := self._reader.readline():
+            if line == b"\r\n":
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return self._reader.read(length)
+
+    def close(self) -> None:
+        self._reader.close()
+        self._socket.close()
+
+
+def scrape_times(url: str, headers: dict[str, str], count: int) -> tuple[float, float, int]:
+    """Median and 95th percentile seconds of ``count`` scrapes, and the body size."""
+    client = RawClient(url)
+    try:
+        size = len(client.get("/metrics", headers))  # warm: renders what is rendered once
+        times = []
+        for _ in range(count):
+            started = time.perf_counter()
+            client.get("/metrics", headers)
+            times.append(time.perf_counter() - started)
+    finally:
+        client.close()
+    times.sort()
+    return statistics.median(times), times[int(0.95 * (len(times) - 1))], size
+
+
+class GenerateLatestSource:
+    """What an exporter built on prometheus_client does: render every scrape, gzip level 9."""
+
+    def __init__(self, store: BuildStore, telemetry: Telemetry) -> None:
+        self._store = store
+        self._telemetry = telemetry
+
+    def body(self, format: ExpositionFormat, *, gzip: bool) -> Body:
+        families = [
+            *build_families(self._store.snapshot()),
+            *exporter_families(self._telemetry.snapshot()),
+        ]
+        collector = _Families(families)
+        data = exposition.generate_latest(collector)
+        if gzip:
+            data = _gzip_level_9(data)
+        return Body((data,), len(data))
+
+
+class StaticSource:
+    """The floor: the same number of bytes, already made."""
+
+    def __init__(self, plain: bytes) -> None:
+        self._plain = plain
+        self._compressed = gzip.compress(plain, compresslevel=6)
+
+    def body(self, format: ExpositionFormat, *, gzip: bool) -> Body:
+        data = self._compressed if gzip else self._plain
+        return Body((data,), len(data))
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def _gzip_level_9(data: bytes) -> bytes:
+    return gzip.compress(data)
+
+
+def serve(source: ExpositionSource) -> MetricsServer:
+    server = MetricsServer(
+        "127.0.0.1:0",
+        Endpoints(
+            metrics=source,
+            snapshot=BuildStore().snapshot,
+            unhealthy_reason=lambda: None,
+            unready_reason=lambda: None,
+            reload=None,
+            internal_error=lambda component, error: None,
+        ),
+    )
+    server.start()
+    return server
+
+
+def rss_kib(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0])
+
+
+# -- the measurements ------------------------------------------------------------------------
+
+
+def measure_scrapes(count: int, scrapes: int) -> list[Row]:
+    store = filled_store(count)
+    telemetry = Telemetry()
+    cache = ExpositionCache(store.snapshot, lambda: exporter_families(telemetry.snapshot()))
+    plain = cache.body(ExpositionFormat.TEXT, gzip=False).join()
+    rows = []
+    servers = {
+        "ours": serve(cache),
+        "generate_latest": serve(GenerateLatestSource(store, telemetry)),
+        "static": serve(StaticSource(plain)),
+    }
+    try:
+        for label, headers in (("plain", {}), ("gzip", {"Accept-Encoding": "gzip"})):
+            timings = {
+                name: scrape_times(server.url, headers, scrapes) for name, server in servers.items()
+            }
+            ours, reference, floor = timings["ours"], timings["generate_latest"], timings["static"]
+            rows.append(
+                Row(
+                    f"/metrics {label}, {count:,} builds ({ours[2] / 1e6:.1f} MB), median / p95",
+                    f"{ours[0] * 1000:.1f} / {ours[1] * 1000:.1f} ms",
+                    f"generate_latest {reference[0] * 1000:.0f} / {reference[1] * 1000:.0f} ms",
+                    f"{reference[0] / ours[0]:.0f}x faster",
+                    ">= 20x at 10,000" if count == 10_000 else "",
+                )
+            )
+            rows.append(
+                Row(
+                    "  same, against static bytes of that size (the floor)",
+                    f"{ours[0] * 1000:.1f} ms",
+                    f"static {floor[0] * 1000:.1f} ms",
+                    f"{ours[0] / floor[0]:.2f}x the floor",
+                    "<= 3x at 10,000" if count == 10_000 else "",
+                )
+            )
+    finally:
+        for server in servers.values():
+            server.stop()
+    return rows
+
+
+def measure_refresh(count: int) -> list[Row]:
+    store = filled_store(count)
+    cache = ExpositionCache(store.snapshot, list)
+    started = time.perf_counter()
+    cache.body(ExpositionFormat.TEXT, gzip=True)
+    full = time.perf_counter() - started
+    rng = random.Random(3)
+    build_ids = list(store.snapshot().records)
+    refreshes = []
+    for _ in range(9):
+        record = store.snapshot().records[rng.choice(build_ids)]
+        assert record.build is not None
+        store.record_success(record.build_id, record.build, time.time())
+        started = time.perf_counter()
+        cache.body(ExpositionFormat.TEXT, gzip=True)
+        refreshes.append(time.perf_counter() - started)
+    refresh = statistics.median(refreshes)
+    return [
+        Row(
+            f"refresh after 1 of {count:,} builds changed (text + gzip)",
+            f"{refresh * 1000:.1f} ms",
+            f"full render {full * 1000:.0f} ms",
+            f"{refresh / full * 100:.1f} % of it",
+            "<= 5 %",
+        )
+    ]
+
+
+async def _poll_with_exporter(base_url: str, build_ids: list[str], concurrency: int) -> float:
+    client = BuildStatusClient(
+        base_url, ApiKeySource(value=SecretStr(API_KEY)), timeout=30, max_connections=concurrency
+    )
+    store = BuildStore()
+    poller = Poller(
+        client,
+        store,
+        Telemetry(),
+        PollSettings(
+            interval=3600, stale_after=7200, requests_per_second=10_000, max_concurrency=concurrency
+        ),
+    )
+    poller.set_builds(build_ids)
+    started = time.perf_counter()
+    succeeded = await poller.poll_once()
+    elapsed = time.perf_counter() - started
+    await client.aclose()
+    assert succeeded, "some polls failed"
+    return len(build_ids) / elapsed
+
+
+async def _poll_bare(base_url: str, build_ids: list[str], concurrency: int) -> float:
+    urls = [f"{base_url}/api/v1/images/build/{build_id}" for build_id in build_ids]
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with httpx.AsyncClient(limits=limits, headers=headers) as client:
+        iterator = iter(urls)
+
+        async def worker() -> None:
+            for url in iterator:
+                response = await client.get(url)
+                response.raise_for_status()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return len(urls) / (time.perf_counter() - started)
+
+
+def measure_polling(count: int, concurrency: int) -> list[Row]:
+    plans = held_plans(count)
+    build_ids = [plan.build_id for plan in plans]
+    with simulator_process(plans, canned=True) as base_url:
+        asyncio.run(_poll_bare(base_url, build_ids[:500], concurrency))  # warm both sides
+        bare = statistics.median(
+            asyncio.run(_poll_bare(base_url, build_ids, concurrency)) for _ in range(3)
+        )
+        ours = statistics.median(
+            asyncio.run(_poll_with_exporter(base_url, build_ids, concurrency)) for _ in range(3)
+        )
+    return [
+        Row(
+            f"builds polled per second, rate limit off, concurrency {concurrency}",
+            f"{ours:,.0f}/s",
+            f"bare httpx loop {bare:,.0f}/s",
+            f"{ours / bare * 100:.0f} % of it",
+            ">= 80 %",
+        )
+    ]
+
+
+def _exporter_rss(base_url: str, build_ids: list[str], work: Path) -> int:
+    (work / "builds.txt").write_text("\n".join(build_ids))
+    config = work / "config.yaml"
+    config.write_text(
+        f"api:\n  base_url: {base_url}\n  requests_per_second: 10000\n  max_concurrency: 32\n"
+        "polling:\n  interval: 1h\nbuild_files: [builds.txt]\n"
+        "web:\n  listen_address: 127.0.0.1:19898\n"
+    )
+    process = subprocess.Popen(
+        [str(SCRIPT), "--config.file", str(config), "--log.level", "error"],
+        env={**os.environ, "PRIME_API_KEY": API_KEY},
+    )
+    try:
+        with httpx.Client(timeout=120) as client:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                try:
+                    if client.get("http://127.0.0.1:19898/-/ready").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+            # A scrape as Prometheus makes one, so the kept body counts too.
+            client.get(
+                "http://127.0.0.1:19898/metrics",
+                headers={"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"},
+            )
+        return rss_kib(process.pid)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+
+
+def measure_memory(sizes: list[int]) -> list[Row]:
+    plans = held_plans(max(sizes))
+    build_ids = [plan.build_id for plan in plans]
+    with simulator_process(plans) as base_url, tempfile.TemporaryDirectory() as work:
+        rss = {size: _exporter_rss(base_url, build_ids[:size], Path(work)) for size in sizes}
+    rows = [
+        Row(f"resident memory, {size:,} builds", f"{rss[size] / 1024:.1f} MiB") for size in sizes
+    ]
+    largest, empty = max(sizes), min(sizes)
+    per_build = (rss[largest] - rss[empty]) * 1024 / (largest - empty)
+    rows.append(
+        Row("  per build above the empty process", f"{per_build / 1024:.1f} KiB", target="<= 25 KB")
+    )
+    return rows
+
+
+def measure_requests_saved(count: int, finished: int, interval: float, window: float) -> list[Row]:
+    now = time.time()
+    plans = [
+        BuildPlan(f"done{index:05d}", "app", "v1", now - 3600, 10, 10, 60)
+        for index in range(finished)
+    ] + held_plans(count - finished, prefix="busy")
+    with Simulator(API_KEY, plans) as simulator, tempfile.TemporaryDirectory() as work:
+        Path(work, "builds.txt").write_text("\n".join(plan.build_id for plan in plans))
+        config = Path(work, "config.yaml")
+        config.write_text(
+            f"api:\n  base_url: {simulator.base_url}\n  requests_per_second: 10000\n"
+            f"  max_concurrency: 16\npolling:\n  interval: {interval:g}s\n"
+            "build_files: [builds.txt]\nweb:\n  listen_address: 127.0.0.1:19897\n"
+        )
+        process = subprocess.Popen(
+            [str(SCRIPT), "--config.file", str(config), "--log.level", "error"],
+            env={**os.environ, "PRIME_API_KEY": API_KEY},
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while (
+                len({r.build_id for r in simulator.requests()}) < count
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.1)
+            first_round_end = time.monotonic()
+            time.sleep(window)
+            late = [r for r in simulator.requests() if r.at > first_round_end]
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(30)
+    finished_late = sum(1 for r in late if r.build_id.startswith("done"))
+    per_hour = len(late) / window * 3600
+    everything_per_hour = count / interval * 3600
+    at_default = per_hour * interval / 30
+    return [
+        Row(
+            f"API requests per hour, {count:,} builds of which {finished:,} finished "
+            f"(interval {interval:g}s; at the default 30s: {at_default:,.0f})",
+            f"{per_hour:,.0f}",
+            f"poll-everything {everything_per_hour:,.0f}",
+            f"{per_hour / everything_per_hour * 100:.0f} % of it",
+        ),
+        Row(
+            f"  requests for finished builds after their final poll, over {window:g}s",
+            f"{finished_late}",
+            target="0",
+        ),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Benchmark the exporter; prints one table.")
+    parser.add_argument("--scrapes", type=int, default=21)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    arguments = parser.parse_args()
+    sizes = [100, 1_000] if arguments.quick else [1_000, 10_000]
+    rows: list[Row] = []
+    steps: list[Callable[[], list[Row]]] = [
+        *(lambda size=size: measure_scrapes(size, arguments.scrapes) for size in sizes),
+        lambda: measure_refresh(sizes[-1]),
+        lambda: measure_polling(sizes[-1] // 2, 32),
+        lambda: measure_memory([0, *sizes]),
+        lambda: measure_requests_saved(
+            1_000, 900, interval=2, window=10 if arguments.quick else 20
+        ),
+    ]
+    for step in steps:
+        rows.extend(step())
+        print(".", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    widths = [
+        max(len(getattr(row, field)) for row in rows)
+        for field in ("measure", "value", "against", "ratio", "target")
+    ]
+    header = Row("measure", "value", "compared with", "ratio", "target")
+    for row in [header, *rows]:
+        cells = (row.measure, row.value, row.against, row.ratio, row.target)
+        print(
+            " | ".join(
+                cell.ljust(width) for cell, width in zip(cells, widths, strict=True)
+            ).rstrip()
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
