@@ -1,0 +1,545 @@
+"""The Helm chart, linted and rendered offline by Helm's own engine (helm-python-sdk).
+
+helm-python-sdk binds the official Helm Go library (bundled in its wheel as libhelm_c), so
+these tests need neither a ``helm`` binary nor a cluster nor the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import re
+import subprocess
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate  # type: ignore[import-untyped]  # ships no type information
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from exporter import __version__
+from exporter.config import ConfigFile
+from tests.support import REPOSITORY, SCRIPT, environment
+
+CHART = REPOSITORY / "helm" / "primeintellect-build-exporter"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+CASES = ["defaults", *(path.name.removesuffix("-values.yaml") for path in CI_VALUES)]
+RELEASE = "builds"
+NAMESPACE = "monitoring"
+FULLNAME = "builds-primeintellect-build-exporter"
+API_KEY_FILE = "/etc/primeintellect-build-exporter/secrets/api-key"
+ALERTS = REPOSITORY / "monitoring" / "alerts.yaml"
+DASHBOARD = REPOSITORY / "monitoring" / "dashboard.json"
+CORE_KINDS = {
+    "Deployment",
+    "StatefulSet",
+    "Service",
+    "ConfigMap",
+    "Secret",
+    "ServiceAccount",
+    "NetworkPolicy",
+}
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """Every object a release would create, and the NOTES text."""
+
+    objects: list[dict[str, Any]]
+    notes: str
+
+    def kinds(self) -> Counter[str]:
+        return Counter(obj["kind"] for obj in self.objects)
+
+    def all(self, kind: str) -> list[dict[str, Any]]:
+        return [obj for obj in self.objects if obj["kind"] == kind]
+
+    def one(self, kind: str, name: str = FULLNAME) -> dict[str, Any]:
+        matches = [obj for obj in self.all(kind) if obj["metadata"]["name"] == name]
+        assert len(matches) == 1, f"expected one {kind} {name}, found {len(matches)}"
+        return matches[0]
+
+    def workload(self) -> dict[str, Any]:
+        """The Deployment or StatefulSet: exactly one of them."""
+        workloads = self.all("Deployment") + self.all("StatefulSet")
+        assert len(workloads) == 1, [obj["kind"] for obj in workloads]
+        return workloads[0]
+
+    def pod_spec(self) -> dict[str, Any]:
+        spec: dict[str, Any] = self.workload()["spec"]["template"]["spec"]
+        return spec
+
+    def container(self) -> dict[str, Any]:
+        containers: list[dict[str, Any]] = self.pod_spec()["containers"]
+        assert len(containers) == 1
+        return containers[0]
+
+    def config_text(self) -> str:
+        text: str = self.one("ConfigMap")["data"]["config.yaml"]
+        return text
+
+
+def values_of(case: str) -> dict[str, Any]:
+    if case == "defaults":
+        return {}
+    loaded: dict[str, Any] = yaml.safe_load((CHART / "ci" / f"{case}-values.yaml").read_text())
+    return loaded
+
+
+def render(values: dict[str, Any]) -> Rendered:
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    objects: list[dict[str, Any]] = []
+    notes = ""
+    for template, text in sorted(manifests.items()):
+        if template.endswith("NOTES.txt"):
+            notes = text
+            continue
+        objects.extend(doc for doc in yaml.safe_load_all(text) if doc is not None)
+    return Rendered(objects, notes)
+
+
+@functools.cache
+def render_case(case: str) -> Rendered:
+    return render(values_of(case))
+
+
+def checksums(rendered: Rendered) -> dict[str, str]:
+    annotations: dict[str, str] = rendered.workload()["spec"]["template"]["metadata"]["annotations"]
+    return {key: value for key, value in annotations.items() if key.startswith("checksum/")}
+
+
+def test_ci_values_files_cover_every_scenario() -> None:
+    assert set(CASES) == {
+        "defaults",
+        "all-features",
+        "existing-secret",
+        "shards",
+        "no-servicemonitor",
+    }
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_chart_lints_without_warnings_or_errors(case: str) -> None:
+    report = helm.lint(CHART, values_of(case), strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    # Severity 1 is INFO (only "icon is recommended"); 2 is WARNING, 3 ERROR.
+    assert [message for message in report["messages"] if message["severity"] >= 2] == []
+
+
+EXPECTED_KINDS = {
+    "defaults": {"Deployment": 1, "Service": 1, "ConfigMap": 1, "Secret": 1, "ServiceAccount": 1},
+    "all-features": {
+        "Deployment": 1,
+        "Service": 1,
+        "ConfigMap": 2,
+        "Secret": 1,
+        "ServiceAccount": 1,
+        "ServiceMonitor": 1,
+        "PrometheusRule": 1,
+        "NetworkPolicy": 1,
+    },
+    "existing-secret": {"Deployment": 1, "Service": 1, "ConfigMap": 1, "ServiceAccount": 1},
+    "shards": {
+        "StatefulSet": 1,
+        "Service": 2,
+        "ConfigMap": 1,
+        "ServiceAccount": 1,
+        "ServiceMonitor": 1,
+    },
+    "no-servicemonitor": {
+        "Deployment": 1,
+        "Service": 1,
+        "ConfigMap": 2,
+        "Secret": 1,
+        "ServiceAccount": 1,
+        "PrometheusRule": 1,
+    },
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_chart_renders_exactly_the_objects_each_scenario_needs(case: str) -> None:
+    assert render_case(case).kinds() == Counter(EXPECTED_KINDS[case])
+
+
+def kubernetes_versions() -> list[str]:
+    """The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest known."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    match = re.fullmatch(r">=\s*(\d+\.\d+)\.\d+(-0)?", chart["kubeVersion"])
+    assert match, chart["kubeVersion"]
+    latest = str(kubernetes_validate.latest_version())
+    return [match.group(1), ".".join(latest.split(".")[:2])]
+
+
+@pytest.mark.parametrize("version", kubernetes_versions())
+@pytest.mark.parametrize("case", CASES)
+def test_core_objects_validate_against_the_kubernetes_schemas(case: str, version: str) -> None:
+    core = [obj for obj in render_case(case).objects if obj["kind"] in CORE_KINDS]
+    assert core
+    for obj in core:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            where = "/".join(str(part) for part in error.path)
+            pytest.fail(f"{obj['kind']} {obj['metadata']['name']}: {where}: {error.message}")
+
+
+# Pod Security Standards, "restricted" profile: the volume types it allows.
+RESTRICTED_VOLUME_TYPES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pods_meet_the_restricted_pod_security_standard(case: str) -> None:
+    rendered = render_case(case)
+    pod = rendered.pod_spec()
+    pod_context = pod["securityContext"]
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod.get(field)
+    for volume in pod["volumes"]:
+        assert set(volume) - {"name"} <= RESTRICTED_VOLUME_TYPES, volume
+    assert pod_context["runAsNonRoot"] is True
+    for key in ("runAsUser", "runAsGroup", "fsGroup"):
+        assert isinstance(pod_context[key], int)
+        assert pod_context[key] > 0, key
+    assert pod_context["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["automountServiceAccountToken"] is False
+    for container in pod["containers"]:
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False
+        assert not context.get("privileged")
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert not context["capabilities"].get("add")
+        assert context["readOnlyRootFilesystem"] is True
+        assert context.get("runAsUser", pod_context["runAsUser"]) != 0
+        assert context.get("seccompProfile", pod_context["seccompProfile"])["type"] in {
+            "RuntimeDefault",
+            "Localhost",
+        }
+        mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_service_account_carries_no_api_token(case: str) -> None:
+    account = render_case(case).one("ServiceAccount")
+    assert account["automountServiceAccountToken"] is False
+
+
+def walk_strings(node: object) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield str(key)
+            yield from walk_strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from walk_strings(item)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_api_key_reaches_the_pod_only_as_a_mounted_file(case: str) -> None:
+    rendered = render_case(case)
+    container = rendered.container()
+    assert "envFrom" not in container
+    for variable in container.get("env", []):
+        assert "secretKeyRef" not in variable.get("valueFrom", {}), variable
+        assert variable["name"] != "PRIME_API_KEY"
+    key = values_of(case).get("apiKey", {}).get("value")
+    if key:
+        secret = rendered.one("Secret")
+        assert base64.b64decode(secret["data"]["api-key"]).decode() == key
+        for obj in rendered.objects:
+            assert all(key not in text for text in walk_strings(obj)), obj["kind"]
+        assert key not in rendered.notes
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_config_points_at_the_file_the_secret_is_mounted_as(case: str) -> None:
+    rendered = render_case(case)
+    values = values_of(case).get("apiKey", {})
+    config = yaml.safe_load(rendered.config_text())
+    assert config["api"]["api_key_file"] == API_KEY_FILE
+    secret_volumes = [volume for volume in rendered.pod_spec()["volumes"] if "secret" in volume]
+    assert len(secret_volumes) == 1
+    secret = secret_volumes[0]["secret"]
+    expected_secret = values.get("existingSecret") or FULLNAME
+    assert secret["secretName"] == expected_secret
+    expected_key = (
+        values.get("existingSecretKey", "api-key") if "existingSecret" in values else "api-key"
+    )
+    [item] = secret["items"]
+    assert item["key"] == expected_key
+    [mount] = [
+        mount
+        for mount in rendered.container()["volumeMounts"]
+        if mount["name"] == secret_volumes[0]["name"]
+    ]
+    assert "subPath" not in mount, "a subPath mount would not see a rotated Secret"
+    assert f"{mount['mountPath']}/{item['path']}" == API_KEY_FILE
+    if not values.get("existingSecret"):
+        assert rendered.one("Secret")["data"].keys() == {"api-key"}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rendered_config_passes_the_exporters_own_config_check(case: str, tmp_path: Path) -> None:
+    rendered = render_case(case)
+    text = rendered.config_text()
+    assert text.count(API_KEY_FILE) == 1
+    key_file = tmp_path / "api-key"
+    key_file.write_text("pk-config-check\n")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(text.replace(API_KEY_FILE, str(key_file)))
+    # The container's own arguments, with the config file and the pod name of the
+    # third StatefulSet pod put in as Kubernetes would.
+    arguments = []
+    for argument in rendered.container()["args"]:
+        if argument.startswith("--config.file="):
+            argument = f"--config.file={config_file}"
+        arguments.append(argument.replace("$(POD_NAME)", f"{FULLNAME}-2"))
+    result = subprocess.run(
+        [SCRIPT, *arguments, "--config.check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment(),  # no PRIME_API_KEY: the key file is the only key source
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    builds = values_of(case).get("config", {}).get("builds", [])
+    assert f"OK, {len(builds)} builds" in result.stdout
+    shards = values_of(case).get("shards", 1)
+    if shards > 1:
+        assert f"in shard 2 of {shards}" in result.stdout
+
+
+def test_a_single_exporter_runs_as_a_deployment_without_shard_flags() -> None:
+    rendered = render_case("defaults")
+    deployment = rendered.one("Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert not [arg for arg in rendered.container()["args"] if arg.startswith("--shard.")]
+
+
+def test_shards_run_as_a_statefulset_each_pod_passing_its_name_as_shard_index() -> None:
+    rendered = render_case("shards")
+    statefulset = rendered.one("StatefulSet")
+    assert statefulset["spec"]["replicas"] == 3
+    assert statefulset["spec"]["podManagementPolicy"] == "Parallel"
+    headless = rendered.one("Service", statefulset["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    container = rendered.container()
+    assert "--shard.count=3" in container["args"]
+    assert "--shard.index=$(POD_NAME)" in container["args"]
+    [pod_name] = [variable for variable in container["env"] if variable["name"] == "POD_NAME"]
+    assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # The Service that the ServiceMonitor selects reaches every shard.
+    service = rendered.one("Service")
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+def test_service_monitor_scrapes_the_services_named_port() -> None:
+    rendered = render_case("all-features")
+    monitor = rendered.one("ServiceMonitor")
+    service = rendered.one("Service")
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_probes_use_the_exporters_health_and_readiness_endpoints() -> None:
+    container = render_case("defaults").container()
+    assert container["livenessProbe"]["httpGet"] == {"path": "/-/healthy", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/-/ready", "port": "http"}
+    assert [port["name"] for port in container["ports"]] == ["http"]
+    assert container["ports"][0]["containerPort"] == 9862
+
+
+def test_prometheus_rule_carries_exactly_the_repository_alerts() -> None:
+    rule = render_case("all-features").one("PrometheusRule")
+    assert rule["spec"] == {"groups": yaml.safe_load(ALERTS.read_text())["groups"]}
+    assert rule["spec"]["groups"], "monitoring/alerts.yaml has no rule groups"
+
+
+def test_dashboard_configmap_carries_exactly_the_repository_dashboard() -> None:
+    for case in ("all-features", "no-servicemonitor"):
+        configmap = render_case(case).one("ConfigMap", f"{FULLNAME}-dashboard")
+        assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+        [(name, text)] = configmap["data"].items()
+        assert name.endswith(".json")
+        assert text == DASHBOARD.read_text()
+        assert json.loads(text) == json.loads(DASHBOARD.read_text())
+    dashboard = render_case("no-servicemonitor").one("ConfigMap", f"{FULLNAME}-dashboard")
+    assert dashboard["metadata"]["namespace"] == "grafana"
+
+
+def test_chart_reaches_the_rules_and_dashboard_through_symlinks_to_one_source() -> None:
+    for linked, source in (("alerts.yaml", ALERTS), ("dashboard.json", DASHBOARD)):
+        path = CHART / "files" / linked
+        assert path.is_symlink(), f"{path} must link to {source}, not copy it"
+        assert path.resolve() == source.resolve()
+
+
+def test_packaged_chart_holds_the_linked_files_as_regular_files(tmp_path: Path) -> None:
+    archive = helm.package(CHART, destination=tmp_path)
+    with tarfile.open(archive) as tar:
+        member = tar.getmember("primeintellect-build-exporter/files/alerts.yaml")
+        assert member.isfile()
+        extracted = tar.extractfile(member)
+        assert extracted is not None
+        assert extracted.read().decode() == ALERTS.read_text()
+        assert not [name for name in tar.getnames() if "/ci/" in name]
+    with helm.Chart.load(archive) as chart:
+        manifests = chart.render({"prometheusRule": {"enabled": True}}, name=RELEASE)
+    [rule] = [text for name, text in manifests.items() if name.endswith("prometheusrule.yaml")]
+    assert yaml.safe_load(rule)["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
+
+
+def test_checksum_annotations_change_with_the_config_and_the_key_only() -> None:
+    base_values: dict[str, Any] = {"apiKey": {"value": "pk-one"}, "config": {"builds": ["b1"]}}
+    base = checksums(render(base_values))
+    assert base.keys() == {"checksum/config", "checksum/secret"}
+    new_config = checksums(render({**base_values, "config": {"builds": ["b1", "b2"]}}))
+    assert new_config["checksum/config"] != base["checksum/config"]
+    assert new_config["checksum/secret"] == base["checksum/secret"]
+    new_interval = checksums(render({**base_values, "config": {"polling": {"interval": "1m"}}}))
+    assert new_interval["checksum/config"] != base["checksum/config"]
+    new_key = checksums(render({**base_values, "apiKey": {"value": "pk-two"}}))
+    assert new_key["checksum/secret"] != base["checksum/secret"]
+    assert new_key["checksum/config"] == base["checksum/config"]
+    unrelated = checksums(render({**base_values, "podAnnotations": {"a": "b"}}))
+    assert unrelated == base
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"serviceMonitr": {"enabled": True}}, "'serviceMonitr' not allowed"),
+        ({"config": {"polling": {"intervall": "1m"}}}, "'intervall' not allowed"),
+        ({"config": {"api": {"api_key_file": "/key"}}}, "'api_key_file' not allowed"),
+        ({"config": {"web": {"listen_address": ":1"}}}, "'web' not allowed"),
+        ({"config": {"shard": {"count": 2}}}, "'shard' not allowed"),
+        ({"config": {"builds": ["a/b"]}}, "does not match pattern"),
+        ({"config": {"polling": {"interval": "5 minutes"}}}, "does not match pattern"),
+        ({"shards": 0}, "minimum"),
+        ({"log": {"level": "verbose"}}, "/log/level"),
+        ({"image": {"tag": 1}}, "/image/tag"),
+    ],
+)
+def test_values_schema_rejects_typos_and_bad_values(values: dict[str, Any], complaint: str) -> None:
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError, match=re.escape(complaint)):
+            chart.validate_schema(values)
+        with pytest.raises(helm.HelmValuesError):
+            chart.render(values, name=RELEASE)
+
+
+def schema_leaves(schema: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted paths of the values the schema describes, down to free-form objects."""
+    leaves: set[str] = set()
+    for key, node in schema.get("properties", {}).items():
+        path = f"{prefix}{key}"
+        if "properties" in node:
+            leaves |= schema_leaves(node, f"{path}.")
+        else:
+            leaves.add(path)
+    return leaves
+
+
+def values_paths(values: dict[str, Any], schema: dict[str, Any], prefix: str = "") -> set[str]:
+    """The same paths, as values.yaml spells them out."""
+    paths: set[str] = set()
+    for key, value in values.items():
+        node = schema.get("properties", {}).get(key, {})
+        if isinstance(value, dict) and "properties" in node:
+            paths |= values_paths(value, node, f"{prefix}{key}.")
+        else:
+            paths.add(f"{prefix}{key}")
+    return paths
+
+
+def load_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads((CHART / "values.schema.json").read_text())
+    return schema
+
+
+def test_values_yaml_and_the_schema_describe_the_same_values() -> None:
+    schema = load_schema()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values_paths(values, schema) == schema_leaves(schema) - {"global"}
+
+
+def test_schema_config_section_mirrors_the_exporters_config_file() -> None:
+    """Every exporter config key is settable, except those the chart sets itself."""
+    config_schema = load_schema()["properties"]["config"]["properties"]
+    chart_owned = {"web", "shard"}
+    assert set(config_schema) == set(ConfigFile.model_fields) - chart_owned
+    for section, node in config_schema.items():
+        annotation = ConfigFile.model_fields[section].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            expected = set(annotation.model_fields) - {"api_key_file"}
+            assert set(node["properties"]) == expected, section
+
+
+def test_chart_readme_documents_every_value() -> None:
+    readme = (CHART / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([^`]+)` \|", readme, flags=re.MULTILINE))
+    assert schema_leaves(load_schema()) - {"global"} == documented
+
+
+def test_chart_app_version_is_the_exporters_version() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2"
+    assert chart["appVersion"] == __version__
+    assert render_case("defaults").container()["image"].endswith(f":{__version__}")
+
+
+def test_image_digest_wins_over_the_tag() -> None:
+    image = render_case("all-features").container()["image"]
+    assert image == (
+        "registry.example.com/primeintellect-build-exporter@sha256:"
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    )
+
+
+def test_network_policy_admits_scrapes_and_lets_out_only_dns_and_the_api() -> None:
+    policy = render_case("all-features").one("NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    [ingress] = policy["ingress"]
+    assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert ingress["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    egress_ports = [
+        (port["port"], port["protocol"]) for rule in policy["egress"] for port in rule["ports"]
+    ]
+    assert sorted(egress_ports) == [(53, "TCP"), (53, "UDP"), (443, "TCP")]
+
+
+def test_notes_warn_when_no_api_key_is_configured() -> None:
+    assert "WARNING: no API key is configured" in render_case("defaults").notes
+    for case in ("all-features", "existing-secret", "shards"):
+        assert "WARNING" not in render_case(case).notes, case
