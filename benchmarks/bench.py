@@ -392,7 +392,7 @@ def measure_polling(count: int, concurrency: int) -> list[Row]:
             f"{ours:,.0f}/s",
             f"bare httpx loop {bare:,.0f}/s",
             f"{ours / bare * 100:.0f} % of it",
-            ">= 80 %",
+            ">= 80 %" if concurrency == 32 else "",
         )
     ]
 
@@ -508,6 +508,8 @@ def main() -> int:
         *(lambda size=size: measure_scrapes(size, arguments.scrapes) for size in sizes),
         lambda: measure_refresh(sizes[-1]),
         lambda: measure_polling(sizes[-1] // 2, 32),
+        # Where a bare httpx loop is at its best (its pool degrades at 32), for an honest ratio.
+        lambda: measure_polling(sizes[-1] // 2, 4),
         lambda: measure_memory([0, *sizes]),
         lambda: measure_requests_saved(
             1_000, 900, interval=2, window=10 if arguments.quick else 20
