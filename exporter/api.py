@@ -54,12 +54,8 @@ class FetchResult:
     retry_after: float | None = None
 
 
-class _ResponseTooLargeError(Exception):
-    pass
-
-
 class _UnreadableBodyError(Exception):
-    pass
+    """The body is too large, cut short or not decodable; the message says which."""
 
 
 class BuildStatusClient:
@@ -135,13 +131,6 @@ class BuildStatusClient:
             return FetchResult(
                 Outcome.TIMEOUT, detail=f"no complete answer within {self._timeout:g}s"
             )
-        except httpx.DecodingError:
-            return FetchResult(Outcome.INVALID_RESPONSE, detail="body could not be decoded")
-        except _ResponseTooLargeError:
-            return FetchResult(
-                Outcome.INVALID_RESPONSE,
-                detail=f"body larger than {self._max_response_bytes} bytes",
-            )
         except _UnreadableBodyError as error:
             return FetchResult(Outcome.INVALID_RESPONSE, detail=str(error))
         except httpx.HTTPError as error:
@@ -185,7 +174,7 @@ class BuildStatusClient:
         cap = self._max_response_bytes
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > cap:
-            raise _ResponseTooLargeError
+            raise _too_large(cap)
         decoder = _decoder_for(response.headers.get("Content-Encoding", ""))
         chunks = []
         received = decoded = 0
@@ -193,7 +182,7 @@ class BuildStatusClient:
         async for raw in response.aiter_raw():
             received += len(raw)
             if received > cap:
-                raise _ResponseTooLargeError
+                raise _too_large(cap)
             if decoder is None:
                 data = raw
             else:
@@ -202,14 +191,18 @@ class BuildStatusClient:
                 except zlib.error:
                     raise _UnreadableBodyError("compressed body is corrupt") from None
                 if decoder.unconsumed_tail:
-                    raise _ResponseTooLargeError
+                    raise _too_large(cap)
             decoded += len(data)
             if decoded > cap:
-                raise _ResponseTooLargeError
+                raise _too_large(cap)
             chunks.append(data)
         if decoder is not None and not decoder.eof:
             raise _UnreadableBodyError("compressed body ends early")
         return b"".join(chunks)
+
+
+def _too_large(cap: int) -> _UnreadableBodyError:
+    return _UnreadableBodyError(f"body larger than {cap} bytes")
 
 
 def _decoder_for(content_encoding: str) -> zlib._Decompress | None:

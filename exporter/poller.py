@@ -276,9 +276,7 @@ class Poller:
                 self._on_internal_error("poller", error)
             else:
                 log.exception("unexpected error while polling", extra={"build_id": build_id})
-            failures = self._failures.get(build_id, 0) + 1
-            self._failures[build_id] = failures
-            next_poll = time.monotonic() + self._backoff(failures)
+            next_poll = time.monotonic() + self._backoff(build_id)
         if next_poll is not None and not once and build_id in self._tracked:
             self._schedule(build_id, next_poll)
 
@@ -320,11 +318,11 @@ class Poller:
             self._parked.add(build_id)
             self._store.mark_unpolled(result.outcome)
             return self._paused_until
-        failures = self._failures.get(build_id, 0) + 1
-        self._failures[build_id] = failures
-        return now + self._backoff(failures)
+        return now + self._backoff(build_id)
 
-    def _backoff(self, failures: int) -> float:
+    def _backoff(self, build_id: str) -> float:
+        """Count one more failure of the build; the delay before its next poll."""
+        failures = self._failures[build_id] = self._failures.get(build_id, 0) + 1
         settings = self._settings
         return backoff_delay(failures, settings.interval, self._jitter(), settings.stale_after)
 

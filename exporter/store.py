@@ -124,8 +124,10 @@ class BuildStore:
             added = [build_id for build_id in wanted if build_id not in self._records]
             for build_id in removed:
                 del self._records[build_id]
-            for build_id in added:
-                self._records[build_id] = BuildRecord(build_id)
+            if added:
+                # Kept in build ID order, so a snapshot is a copy and never a sort.
+                records = {**self._records, **{b: BuildRecord(b) for b in added}}
+                self._records = dict(sorted(records.items()))
             if added or removed:
                 self._version += 1
         return added, removed
@@ -159,10 +161,10 @@ class BuildStore:
             before = self._records.get(build_id)
             if before is None:
                 return None
-            after = replace(before, polled=True, last_poll_ok=False, last_error=outcome)
-            if after != before:
-                self._records[build_id] = after
-                self._version += 1
+            if before.polled and not before.last_poll_ok and before.last_error is outcome:
+                return Transition(before, before)
+            after = self._records[build_id] = _failed(before, outcome)
+            self._version += 1
         return Transition(before, after)
 
     def mark_unpolled(self, outcome: Outcome) -> int:
@@ -173,9 +175,7 @@ class BuildStore:
         with self._lock:
             waiting = [record for record in self._records.values() if not record.polled]
             for record in waiting:
-                self._records[record.build_id] = replace(
-                    record, polled=True, last_poll_ok=False, last_error=outcome
-                )
+                self._records[record.build_id] = _failed(record, outcome)
             if waiting:
                 self._version += 1
         return len(waiting)
@@ -204,7 +204,7 @@ class BuildStore:
             if self._snapshot.version != self._version:
                 self._snapshot = Snapshot(
                     self._version,
-                    MappingProxyType(dict(sorted(self._records.items()))),
+                    MappingProxyType(dict(self._records)),
                     MappingProxyType(dict(self._finished)),
                 )
             return self._snapshot
@@ -221,6 +221,10 @@ class BuildStore:
                 else previous.durations
             ),
         )
+
+
+def _failed(record: BuildRecord, outcome: Outcome) -> BuildRecord:
+    return replace(record, polled=True, last_poll_ok=False, last_error=outcome)
 
 
 @dataclass(frozen=True)
