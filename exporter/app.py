@@ -19,6 +19,7 @@ from prometheus_client.registry import CollectorRegistry
 from exporter import __version__
 from exporter.api import BuildStatusClient
 from exporter.config import Config, ConfigError, build_files_fingerprint, collect_build_ids
+from exporter.connections import ServerLimits
 from exporter.exposition import ExpositionCache
 from exporter.metrics import ExpositionFormat, exporter_families
 from exporter.poller import Poller, PollSettings
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 # The poller loop wakes at least every second; this much silence means it is stuck.
 HEARTBEAT_TIMEOUT = 60.0
 POLLER_RESTART_DELAY = 1.0
-RELOAD_TIMEOUT = 60.0
 
 
 def poll_settings(config: Config) -> PollSettings:
@@ -94,7 +94,6 @@ class Exporter:
             self._per_scrape_families,
             max_artifacts_per_build=config.metrics.max_artifacts_per_build,
         )
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._poller_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._retired_clients: list[BuildStatusClient] = []
@@ -133,7 +132,9 @@ class Exporter:
         else:
             log.debug("unexpected error", exc_info=error, extra={"component": component})
 
-    def create_server(self, web_config_file: Path | None = None) -> MetricsServer:
+    def create_server(
+        self, web_config_file: Path | None = None, limits: ServerLimits | None = None
+    ) -> MetricsServer:
         """Bind the HTTP server to ``web.listen_address``; raises OSError if it cannot.
 
         ``web_config_file`` adds TLS and basic auth (exporter-toolkit format).
@@ -145,10 +146,11 @@ class Exporter:
                 snapshot=self.store.snapshot,
                 unhealthy_reason=self.unhealthy_reason,
                 unready_reason=self.unready_reason,
-                reload=self.reload_from_thread if self._enable_lifecycle else None,
+                reload=self.reload if self._enable_lifecycle else None,
                 internal_error=self.internal_error,
             ),
             web_config_file=web_config_file,
+            limits=limits,
         )
 
     async def serve(
@@ -158,8 +160,7 @@ class Exporter:
         on_listening: Callable[[str], None] | None = None,
     ) -> None:
         """Start the bound ``server`` and poll until ``stop`` is set."""
-        self._loop = asyncio.get_running_loop()
-        server.start()
+        await server.start()
         log.info(
             "listening",
             extra={
@@ -182,7 +183,7 @@ class Exporter:
             )
             for client in (self.client, *self._retired_clients):
                 await client.aclose()
-            await asyncio.to_thread(server.stop)
+            await server.stop()
             log.info("stopped")
 
     async def poll_once(self) -> tuple[bool, bytes]:
@@ -198,16 +199,6 @@ class Exporter:
     def request_reload(self) -> None:
         """Reload in the background (for SIGHUP); must be called on the event loop."""
         self._in_background(self.reload())
-
-    def reload_from_thread(self) -> str | None:
-        """Reload from another thread (``POST /-/reload``); the error, or None."""
-        if self._loop is None:
-            return "the exporter is not running"
-        future = asyncio.run_coroutine_threadsafe(self.reload(), self._loop)
-        try:
-            return future.result(timeout=RELOAD_TIMEOUT)
-        except TimeoutError:
-            return "the reload did not finish in time"
 
     async def reload(self) -> str | None:
         """Read the configuration again and apply it; on error keep the running one."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import random
+import resource
 import secrets
 import signal
 import sys
@@ -228,6 +230,7 @@ def _serve(exporter: Exporter, web_config_file: Path | None, *, demo: bool) -> i
             print(f"Demo exporter running: open {url}/ or {url}/metrics (Ctrl-C to stop)")
             sys.stdout.flush()
 
+    _raise_open_file_limit()
     try:
         server = exporter.create_server(web_config_file)
     except OSError as error:
@@ -241,6 +244,15 @@ def _serve(exporter: Exporter, web_config_file: Path | None, *, demo: bool) -> i
         return 1
     asyncio.run(_serve_until_signalled(exporter, server, announce))
     return 0
+
+
+def _raise_open_file_limit() -> None:
+    # As Go programs do at start: each HTTP connection holds a file descriptor, and the usual
+    # soft limit of 1024 would cap connections long before memory does.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def _serve_until_signalled(

@@ -1,51 +1,51 @@
-"""The HTTP endpoints: ``/metrics``, ``/-/healthy``, ``/-/ready`` and a status page at ``/``.
+"""The HTTP endpoints: ``/metrics``, ``/-/healthy``, ``/-/ready``, ``/-/reload`` and ``/``.
 
-With a web config file (exporter-toolkit format, see ``exporter.webconfig``) it serves HTTPS
-and/or requires basic auth on every path.
+aiohttp's low-level server parses requests and writes answers on the exporter's event loop;
+``exporter.connections`` puts deadlines and caps around every connection. With a web config
+file (exporter-toolkit format, see ``exporter.webconfig``) it serves HTTPS and/or requires
+basic auth on every path.
 """
 
 from __future__ import annotations
 
-import contextlib
-import html
+import asyncio
 import logging
-import selectors
+import resource
 import socket
-import ssl
-import sys
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, cast
-from urllib.parse import urlsplit
+from typing import Any, Protocol
+
+from aiohttp import web
 
 from exporter import __version__
+from exporter.auth import AUTH_REALM
 from exporter.config import parse_listen_address
+from exporter.connections import Listener, ServerLimits
 from exporter.exposition import Body
 from exporter.metrics import ExpositionFormat
-from exporter.store import BuildRecord, BuildState, Snapshot
-from exporter.webconfig import AUTH_REALM, TlsSettings, WebConfig, WebConfigWatcher
+from exporter.status_page import render_status_page
+from exporter.store import Snapshot
+from exporter.webconfig import WebConfig, WebConfigWatcher
 
 log = logging.getLogger(__name__)
 
-STATUS_PAGE_MAX_ROWS = 1000
-CLIENT_SOCKET_TIMEOUT = 30.0
-# Connections served at once, each by its own thread; more are closed at once, so that a
-# flood of connections cannot exhaust the process.
-MAX_CONNECTIONS = 64
-# A TLS client has this long, in total, to complete its handshake.
-TLS_HANDSHAKE_TIMEOUT = 5.0
-# What Go's servers answer to plain HTTP on a TLS port.
-_PLAIN_HTTP_ON_TLS_PORT = (
-    b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-    b"Connection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
-)
-# A refused connection is logged at warning level at most this often.
-_REFUSAL_LOG_INTERVAL = 60.0
+SERVER_SOFTWARE = f"primeintellect-build-exporter/{__version__}"
+# Renders run in these threads, so a cold render of a large body never stalls the loop.
+RENDER_THREADS = 2
+# Bodies are written in parts of about this size: few enough writes to be cheap, and small
+# enough that a client that stops reading holds one part in the buffer, not the whole body.
+WRITE_PART_BYTES = 256 * 1024
+# How often the web config file and its certificates are checked for changes.
+WEB_CONFIG_CHECK_INTERVAL = 1.0
+# File descriptors kept for everything but HTTP clients: API connections, files, the loop.
+_RESERVED_FILE_DESCRIPTORS = 128
+_RELOAD_PATH = "/-/reload"
+_ROUTES = ("/metrics", "/-/healthy", "/-/ready", "/")
 
 
 class ExpositionSource(Protocol):
@@ -64,7 +64,7 @@ class Endpoints:
     unready_reason: Callable[[], str | None]
     # Reloads the configuration and returns the error, or None; None when the lifecycle
     # API is disabled.
-    reload: Callable[[], str | None] | None
+    reload: Callable[[], Awaitable[str | None]] | None
     # Counts and logs an unexpected exception of a component, such as the renderer.
     internal_error: Callable[[str, BaseException], None]
 
@@ -109,352 +109,19 @@ def _parse_header_list(value: str) -> list[tuple[str, dict[str, str], float]]:
     return items
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = f"primeintellect-build-exporter/{__version__}"
-    sys_version = ""
-    timeout = CLIENT_SOCKET_TIMEOUT
-    # Headers and body leave in one write, and without Nagle's delay: otherwise a keep-alive
-    # scrape waits ~40 ms for the client's delayed ACK.
-    wbufsize = 1 << 16
-    disable_nagle_algorithm = True
-    endpoints: ClassVar[Endpoints]
-    # The web config of the request being answered, if the server has one.
-    _web_config: WebConfig | None = None
+class _ClientMistakeLogger(logging.Logger):
+    """aiohttp logs each malformed request at error level; on a port anyone can reach, those
+    are the clients' mistakes, so they go to debug."""
 
-    _ROUTES: ClassVar[dict[str, str]] = {
-        "/metrics": "_serve_metrics",
-        "/-/healthy": "_serve_healthy",
-        "/-/ready": "_serve_ready",
-        "/": "_serve_status_page",
-    }
-    _RELOAD_PATH = "/-/reload"
+    def error(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        self.debug(msg, *args, **kwargs)
 
-    def parse_request(self) -> bool:
-        # Runs before any method or path is looked at: rate limit and authentication apply
-        # to every request, as in exporter-toolkit.
-        if not super().parse_request():
-            return False
-        web_config = self._web_config = cast("_Server", self.server).current_web_config()
-        if web_config is None:
-            return True
-        if web_config.rate_limiter is not None and not web_config.rate_limiter.allow():
-            self._refuse(HTTPStatus.TOO_MANY_REQUESTS, b"Too many requests\n", {})
-            return False
-        if web_config.basic_auth is not None and not web_config.basic_auth.authorized(
-            self.headers.get("Authorization")
-        ):
-            self._refuse(
-                HTTPStatus.UNAUTHORIZED,
-                b"Unauthorized\n",
-                {"WWW-Authenticate": f'Basic realm="{AUTH_REALM}"'},
-            )
-            return False
-        return True
-
-    def _refuse(self, status: HTTPStatus, body: bytes, headers: dict[str, str]) -> None:
-        # The connection closes: a request body, if any, is left unread.
-        self._respond(
-            status,
-            body,
-            headers={**headers, "Connection": "close"},
-            send_body=self.command != "HEAD",
-        )
-        self.wfile.flush()
-
-    def do_GET(self) -> None:
-        self._route(send_body=True)
-
-    def do_HEAD(self) -> None:
-        self._route(send_body=False)
-
-    def _method_not_allowed(self) -> None:
-        path = self._path()
-        if path in self._ROUTES or path == self._RELOAD_PATH:
-            allow = "POST, PUT" if path == self._RELOAD_PATH else "GET, HEAD"
-            self._respond(
-                HTTPStatus.METHOD_NOT_ALLOWED, b"Method not allowed\n", headers={"Allow": allow}
-            )
-        else:
-            self._respond(HTTPStatus.NOT_FOUND, b"Not found\n")
-
-    def do_POST(self) -> None:
-        if self._path() == self._RELOAD_PATH:
-            self._serve_reload()
-        else:
-            self._method_not_allowed()
-
-    def do_PUT(self) -> None:
-        self.do_POST()
-
-    def do_DELETE(self) -> None:
-        self._method_not_allowed()
-
-    def do_PATCH(self) -> None:
-        self._method_not_allowed()
-
-    def do_OPTIONS(self) -> None:
-        self._method_not_allowed()
-
-    def _path(self) -> str:
-        return urlsplit(self.path).path
-
-    def _route(self, *, send_body: bool) -> None:
-        path = self._path()
-        route = self._ROUTES.get(path)
-        if route is None:
-            if path == self._RELOAD_PATH:
-                self._method_not_allowed()
-            else:
-                self._respond(HTTPStatus.NOT_FOUND, b"Not found\n", send_body=send_body)
-            return
-        getattr(self, route)(send_body)
-
-    def _serve_reload(self) -> None:
-        reload = self.endpoints.reload
-        if reload is None:
-            self._respond(
-                HTTPStatus.FORBIDDEN,
-                b"Lifecycle API is not enabled: start with --web.enable-lifecycle\n",
-            )
-            return
-        error = reload()
-        if error is None:
-            self._respond(HTTPStatus.OK, b"Configuration reloaded\n")
-        else:
-            self._respond(HTTPStatus.INTERNAL_SERVER_ERROR, f"Failed to reload: {error}\n".encode())
-
-    def _serve_metrics(self, send_body: bool) -> None:
-        format = negotiate_format(self.headers.get("Accept", ""))
-        gzip = accepts_gzip(self.headers.get("Accept-Encoding", ""))
-        try:
-            body = self.endpoints.metrics.body(format, gzip=gzip)
-        except Exception as error:  # noqa: BLE001 (a renderer bug answers 500, nothing worse)
-            self.endpoints.internal_error("renderer", error)
-            self._respond(
-                HTTPStatus.INTERNAL_SERVER_ERROR,
-                b"Error rendering metrics; see the exporter's log\n",
-                send_body=send_body,
-            )
-            return
-        headers = {"Content-Type": format.content_type, "Vary": "Accept, Accept-Encoding"}
-        if gzip:
-            headers["Content-Encoding"] = "gzip"
-        self._respond(HTTPStatus.OK, body, headers=headers, send_body=send_body)
-
-    def _serve_healthy(self, send_body: bool) -> None:
-        self._serve_check(self.endpoints.unhealthy_reason(), "Healthy", send_body)
-
-    def _serve_ready(self, send_body: bool) -> None:
-        self._serve_check(self.endpoints.unready_reason(), "Ready", send_body)
-
-    def _serve_check(self, problem: str | None, good: str, send_body: bool) -> None:
-        if problem is None:
-            self._respond(HTTPStatus.OK, f"{good}\n".encode(), send_body=send_body)
-        else:
-            self._respond(
-                HTTPStatus.SERVICE_UNAVAILABLE, f"{problem}\n".encode(), send_body=send_body
-            )
-
-    def _serve_status_page(self, send_body: bool) -> None:
-        page = render_status_page(self.endpoints.snapshot(), time.time())
-        self._respond(
-            HTTPStatus.OK,
-            page.encode(),
-            headers={"Content-Type": "text/html; charset=utf-8"},
-            send_body=send_body,
-        )
-
-    def _respond(
-        self,
-        status: HTTPStatus,
-        body: bytes | Body,
-        *,
-        headers: dict[str, str] | None = None,
-        send_body: bool = True,
-    ) -> None:
-        self.send_response(status)
-        all_headers = {"Content-Type": "text/plain; charset=utf-8", **(headers or {})}
-        for name, value in all_headers.items():
-            self.send_header(name, value)
-        pieces = body.pieces if isinstance(body, Body) else (body,)
-        length = body.length if isinstance(body, Body) else len(body)
-        self.send_header("Content-Length", str(length))
-        configured = self._web_config.headers if self._web_config is not None else ()
-        if not any(name == "X-Content-Type-Options" for name, _ in configured):
-            self.send_header("X-Content-Type-Options", "nosniff")
-        for name, value in configured:
-            self.send_header(name, value)
-        self.end_headers()
-        if send_body:
-            for piece in pieces:
-                self.wfile.write(piece)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug(
-            "http request", extra={"client": self.client_address[0], "request": format % args}
-        )
-
-
-class _Server(ThreadingHTTPServer):
-    # One thread per connection, at most MAX_CONNECTIONS, and TLS handshakes in that thread,
-    # not while accepting: a client that never completes its handshake holds up only its own
-    # thread, and only for TLS_HANDSHAKE_TIMEOUT.
-
-    daemon_threads = True
-    block_on_close = False
-    # socketserver's default of 5 makes a burst of connections wait for SYN retransmits
-    # (1 s, 3 s, ...) instead of being accepted, and refused beyond the bound, at once.
-    request_queue_size = socket.SOMAXCONN
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        handler: type[BaseHTTPRequestHandler],
-        web_config: WebConfigWatcher | None,
-    ) -> None:
-        self.web_config = web_config
-        self.tls = web_config is not None and web_config.current().tls is not None
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self._next_refusal_warning = 0.0
-        super().__init__(address, handler)
-
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6:
-            # ":port" means every address, IPv4 included, as in the Go exporters.
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
-
-    def current_web_config(self) -> WebConfig | None:
-        return None if self.web_config is None else self.web_config.current()
-
-    def process_request(
-        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
-    ) -> None:
-        if not self._slots.acquire(blocking=False):
-            self._log_refusal(client_address)
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(
-        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
-    ) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def finish_request(
-        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
-    ) -> None:
-        web_config = self.current_web_config()
-        if web_config is None or web_config.tls is None:
-            super().finish_request(request, client_address)
-            return
-        assert isinstance(request, socket.socket)
-        connection = self._tls_handshake(request, client_address, web_config.tls)
-        if connection is None:
-            return
-        try:
-            super().finish_request(connection, client_address)
-        finally:
-            self.shutdown_request(connection)
-
-    def _tls_handshake(
-        self, request: socket.socket, client_address: Any, tls: TlsSettings
-    ) -> ssl.SSLSocket | None:
-        # The connection after a complete handshake, or None and the socket closed.
-        request.setblocking(False)
-        connection = tls.context.wrap_socket(
-            request, server_side=True, do_handshake_on_connect=False
-        )
-        try:
-            _handshake(connection, time.monotonic() + TLS_HANDSHAKE_TIMEOUT)
-            allowed = tls.allows_client(connection.getpeercert())
-        except OSError as error:  # ssl.SSLError, TimeoutError, or the client went away
-            reason = getattr(error, "reason", None) or str(error) or type(error).__name__
-            if reason == "HTTP_REQUEST":
-                _answer_plain_http(connection)
-            log.debug("TLS handshake failed", extra={"client": client_address[0], "error": reason})
-            self.shutdown_request(connection)
-            return None
-        if not allowed:
-            log.debug(
-                "client certificate names none of client_allowed_sans",
-                extra={"client": client_address[0]},
-            )
-            self.shutdown_request(connection)
-            return None
-        connection.setblocking(True)
-        return connection
-
-    def _log_refusal(self, client_address: Any) -> None:
-        now = time.monotonic()
-        if now >= self._next_refusal_warning:
-            self._next_refusal_warning = now + _REFUSAL_LOG_INTERVAL
-            log.warning(
-                "too many connections; closing new ones until some finish",
-                extra={"limit": MAX_CONNECTIONS, "client": client_address[0]},
-            )
-        else:
-            log.debug("too many connections", extra={"client": client_address[0]})
-
-    def handle_error(
-        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
-    ) -> None:
-        # socketserver would print a traceback to stderr; a client that vanishes mid-request
-        # is routine, anything else is a bug worth a log line.
-        error = sys.exc_info()[1]
-        if isinstance(error, OSError):
-            log.debug("connection failed", extra={"client": client_address[0], "error": str(error)})
-        else:
-            log.error(
-                "unexpected error while serving a connection",
-                exc_info=error,
-                extra={"client": client_address[0]},
-            )
-
-
-def _handshake(connection: ssl.SSLSocket, deadline: float) -> None:
-    # A total deadline, not a timeout per read: a client sending one byte at a time must not
-    # hold its thread any longer than one that sends nothing.
-    with selectors.DefaultSelector() as selector:
-        while True:
-            try:
-                connection.do_handshake()
-            except ssl.SSLWantReadError:
-                events = selectors.EVENT_READ
-            except ssl.SSLWantWriteError:
-                events = selectors.EVENT_WRITE
-            else:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("no complete TLS handshake in time")
-            selector.register(connection, events)
-            ready = selector.select(remaining)
-            selector.unregister(connection)
-            if not ready:
-                raise TimeoutError("no complete TLS handshake in time")
-
-
-def _answer_plain_http(connection: ssl.SSLSocket) -> None:
-    # Written past the TLS layer, straight to the socket, as Go's servers do. The rest of the
-    # request is read first: closing with unread data would reset the connection, and the
-    # client could lose the answer.
-    with contextlib.suppress(OSError):
-        socket.socket.recv(connection, 1 << 16, socket.MSG_DONTWAIT)
-    with contextlib.suppress(OSError):
-        socket.socket.send(connection, _PLAIN_HTTP_ON_TLS_PORT)
+    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        self.debug(msg, *args, exc_info=exc_info, **kwargs)
 
 
 class MetricsServer:
-    """A threaded HTTP server for the endpoints, started and stopped explicitly.
+    """The HTTP server, bound at construction, served on the running loop by ``start``.
 
     ``web_config_file`` (exporter-toolkit format) adds TLS and basic auth; it and the
     certificates it names are re-read when they change. Raises ``WebConfigError`` when it is
@@ -462,42 +129,307 @@ class MetricsServer:
     """
 
     def __init__(
-        self, listen_address: str, endpoints: Endpoints, web_config_file: Path | None = None
+        self,
+        listen_address: str,
+        endpoints: Endpoints,
+        web_config_file: Path | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
+        self._endpoints = endpoints
+        self._limits = _within_file_limit(limits or ServerLimits())
+        self._web_config = None if web_config_file is None else WebConfigWatcher(web_config_file)
+        self._tls = self._web_config is not None and self._web_config.current().tls is not None
         host, port = parse_listen_address(listen_address)
-        handler = type("Handler", (_Handler,), {"endpoints": endpoints})
-        family, address = _resolve(host, port)
-        web_config = None if web_config_file is None else WebConfigWatcher(web_config_file)
-        server_class = type("Server", (_Server,), {"address_family": family})
-        self._server = server_class(address, handler, web_config)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            name="http-server",
-            daemon=True,
-        )
+        self._socket = _bind(host, port)
+        self._render = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="render")
+        self._http: web.Server | None = None
+        self._listener: Listener | None = None
+        self._watching: asyncio.Task[None] | None = None
+
+    @property
+    def limits(self) -> ServerLimits:
+        return self._limits
 
     @property
     def port(self) -> int:
-        return int(self._server.server_address[1])
+        return int(self._socket.getsockname()[1])
 
     @property
     def url(self) -> str:
-        host = self._server.server_address[0]
+        host = str(self._socket.getsockname()[0])
         if host in {"::", "0.0.0.0"}:  # noqa: S104 (reporting, not binding)
             host = "localhost"
-        elif ":" in str(host):
+        elif ":" in host:
             host = f"[{host}]"
-        scheme = "https" if self._server.tls else "http"
+        scheme = "https" if self._tls else "http"
         return f"{scheme}://{host}:{self.port}"
 
-    def start(self) -> None:
-        self._thread.start()
+    def open_connections(self) -> int:
+        """Connections being set up or served now; refused ones are not counted."""
+        return 0 if self._listener is None else self._listener.open_connections
 
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+    async def start(self) -> None:
+        """Accept connections on the running event loop."""
+        logger = _ClientMistakeLogger(f"{__name__}.http")
+        logger.parent = log
+        limits = self._limits
+        self._http = web.Server(
+            self._handle,
+            keepalive_timeout=limits.idle_timeout,
+            access_log=None,
+            logger=logger,
+            # The head is capped as a whole by the connection layer, answering 431.
+            max_line_size=limits.max_request_head_bytes,
+            max_field_size=limits.max_request_head_bytes,
+            max_headers=limits.max_request_head_bytes // 4,
+            lingering_time=1.0,
+        )
+        self._listener = Listener(
+            self._socket,
+            self._http,
+            limits,
+            tls_context=self._tls_context,
+            admit=self._admit if self._tls else None,
+        )
+        self._listener.start()
+        if self._web_config is not None:
+            self._watching = asyncio.get_running_loop().create_task(
+                self._watch_web_config(self._web_config), name="web-config"
+            )
+
+    async def stop(self) -> None:
+        """Stop accepting, close every connection, and release the address."""
+        if self._watching is not None:
+            self._watching.cancel()
+            await asyncio.gather(self._watching, return_exceptions=True)
+        if self._listener is not None:
+            await self._listener.stop()
+        else:
+            self._socket.close()
+        if self._http is not None:
+            await self._http.shutdown(timeout=1.0)
+        self._render.shutdown(wait=False, cancel_futures=True)
+
+    # -- TLS -------------------------------------------------------------------------------
+
+    def _tls_context(self) -> Any:
+        config = None if self._web_config is None else self._web_config.current()
+        return None if config is None or config.tls is None else config.tls.context
+
+    def _admit(self, transport: asyncio.BaseTransport) -> bool:
+        config = None if self._web_config is None else self._web_config.current()
+        if config is None or config.tls is None:
+            return True
+        if config.tls.allows_client(transport.get_extra_info("peercert")):
+            return True
+        peer = transport.get_extra_info("peername")
+        log.debug(
+            "client certificate names none of client_allowed_sans",
+            extra={"client": peer[0] if peer else "unknown"},
+        )
+        return False
+
+    async def _watch_web_config(self, watcher: WebConfigWatcher) -> None:
+        while True:
+            await asyncio.sleep(WEB_CONFIG_CHECK_INTERVAL)
+            try:
+                # Reading certificates and hashing the dummy password take time: not on the loop.
+                await asyncio.to_thread(watcher.check)
+            except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
+                self._endpoints.internal_error("server", error)
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        connection = (
+            None if self._listener is None else self._listener.connection(request.transport)
+        )
+        if connection is not None:
+            connection.request_started()
+        web_config = None if self._web_config is None else self._web_config.current()
+        try:
+            return await self._answer(request, web_config)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as error:  # noqa: BLE001 (a bug answers 500, nothing worse)
+            self._endpoints.internal_error("server", error)
+            return self._respond(
+                web_config, 500, "Internal error; see the exporter's log\n", close=True
+            )
+        finally:
+            if connection is not None:
+                connection.request_finished(had_body=request.body_exists)
+
+    async def _answer(
+        self, request: web.BaseRequest, web_config: WebConfig | None
+    ) -> web.StreamResponse:
+        if web_config is not None:
+            if web_config.rate_limiter is not None and not web_config.rate_limiter.allow():
+                return self._respond(web_config, 429, "Too many requests\n", close=True)
+            if web_config.basic_auth is not None and not await web_config.basic_auth.authorized(
+                request.headers.get("Authorization")
+            ):
+                return self._respond(
+                    web_config,
+                    401,
+                    "Unauthorized\n",
+                    {"WWW-Authenticate": f'Basic realm="{AUTH_REALM}"'},
+                )
+        refusal = await self._discard_body(request, web_config)
+        if refusal is not None:
+            return refusal
+        path, method = request.path, request.method
+        if path == _RELOAD_PATH:
+            if method in {"POST", "PUT"}:
+                return await self._reload(web_config)
+            return self._respond(web_config, 405, "Method not allowed\n", {"Allow": "POST, PUT"})
+        if path not in _ROUTES:
+            return self._respond(web_config, 404, "Not found\n")
+        if method not in {"GET", "HEAD"}:
+            return self._respond(web_config, 405, "Method not allowed\n", {"Allow": "GET, HEAD"})
+        if path == "/metrics":
+            return await self._metrics(request, web_config)
+        if path == "/":
+            loop = asyncio.get_running_loop()
+            page = await loop.run_in_executor(
+                self._render, render_status_page, self._endpoints.snapshot(), time.time()
+            )
+            return self._respond(
+                web_config, 200, page, {"Content-Type": "text/html; charset=utf-8"}
+            )
+        problem = (
+            self._endpoints.unhealthy_reason()
+            if path == "/-/healthy"
+            else self._endpoints.unready_reason()
+        )
+        if problem is None:
+            return self._respond(
+                web_config, 200, "Healthy\n" if path == "/-/healthy" else "Ready\n"
+            )
+        return self._respond(web_config, 503, f"{problem}\n")
+
+    async def _discard_body(
+        self, request: web.BaseRequest, web_config: WebConfig | None
+    ) -> web.StreamResponse | None:
+        # No endpoint takes a body; one is read and dropped, so it is never taken for the next
+        # request, or refused.
+        if not request.body_exists:
+            return None
+        limit = self._limits.max_request_body_bytes
+        too_large = self._respond(web_config, 413, "Request body too large\n", close=True)
+        if request.content_length is not None and request.content_length > limit:
+            return too_large
+        received = 0
+        try:
+            async with asyncio.timeout(self._limits.request_head_timeout):
+                while chunk := await request.content.readany():
+                    received += len(chunk)
+                    if received > limit:
+                        return too_large
+        except TimeoutError:
+            return self._respond(web_config, 408, "Request body not received in time\n", close=True)
+        return None
+
+    async def _metrics(
+        self, request: web.BaseRequest, web_config: WebConfig | None
+    ) -> web.StreamResponse:
+        format = negotiate_format(request.headers.get("Accept", ""))
+        gzip = accepts_gzip(request.headers.get("Accept-Encoding", ""))
+        loop = asyncio.get_running_loop()
+        try:
+            body = await loop.run_in_executor(
+                self._render, partial(self._endpoints.metrics.body, format, gzip=gzip)
+            )
+        except Exception as error:  # noqa: BLE001 (a renderer bug answers 500, nothing worse)
+            self._endpoints.internal_error("renderer", error)
+            return self._respond(
+                web_config, 500, "Error rendering metrics; see the exporter's log\n"
+            )
+        headers = {"Content-Type": format.content_type, "Vary": "Accept, Accept-Encoding"}
+        if gzip:
+            headers["Content-Encoding"] = "gzip"
+        response = web.StreamResponse(headers=self._headers(web_config, headers))
+        response.content_length = body.length
+        await response.prepare(request)
+        if request.method != "HEAD":
+            for part in write_parts(body.pieces, WRITE_PART_BYTES):
+                await response.write(part)
+        await response.write_eof()
+        return response
+
+    async def _reload(self, web_config: WebConfig | None) -> web.StreamResponse:
+        reload = self._endpoints.reload
+        if reload is None:
+            return self._respond(
+                web_config, 403, "Lifecycle API is not enabled: start with --web.enable-lifecycle\n"
+            )
+        error = await reload()
+        if error is None:
+            return self._respond(web_config, 200, "Configuration reloaded\n")
+        return self._respond(web_config, 500, f"Failed to reload: {error}\n")
+
+    def _respond(
+        self,
+        web_config: WebConfig | None,
+        status: int,
+        text: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        close: bool = False,
+    ) -> web.Response:
+        response = web.Response(
+            status=status,
+            body=text.encode(),
+            headers=self._headers(
+                web_config, {"Content-Type": "text/plain; charset=utf-8", **(headers or {})}
+            ),
+        )
+        if close:
+            response.force_close()
+        return response
+
+    def _headers(self, web_config: WebConfig | None, headers: Mapping[str, str]) -> dict[str, str]:
+        configured = () if web_config is None else web_config.headers
+        return {
+            "Server": SERVER_SOFTWARE,
+            "X-Content-Type-Options": "nosniff",
+            **headers,
+            **dict(configured),
+        }
+
+
+def write_parts(pieces: Iterable[bytes], size: int) -> Iterator[bytes | memoryview]:
+    """The pieces as parts of at least ``size`` bytes (the last may be shorter): large pieces
+    are sliced, small ones joined with their neighbours."""
+    pending: list[bytes | memoryview] = []
+    pending_bytes = 0
+    for piece in pieces:
+        view = memoryview(piece)
+        for start in range(0, len(view), size):
+            part = view[start : start + size] if len(view) > size else piece
+            pending.append(part)
+            pending_bytes += len(part)
+            if pending_bytes >= size:
+                yield pending[0] if len(pending) == 1 else b"".join(pending)
+                pending, pending_bytes = [], 0
+    if pending:
+        yield pending[0] if len(pending) == 1 else b"".join(pending)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family, address = _resolve(host, port)
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and not host:
+            # ":port" means every address, IPv4 included, as in the Go exporters.
+            listening.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listening.bind(address)
+        listening.listen(socket.SOMAXCONN)
+    except OSError:
+        listening.close()
+        raise
+    return listening
 
 
 def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, tuple[str, int]]:
@@ -510,79 +442,17 @@ def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, tuple[str, int
     return family, (str(address[0]), port)
 
 
-_STATE_ORDER = {BuildState.FAILING: 0, BuildState.ACTIVE: 1, BuildState.FINISHED: 2}
-
-
-def render_status_page(snapshot: Snapshot, now: float) -> str:
-    """A small HTML page listing every tracked build; all API strings escaped."""
-    records = sorted(
-        snapshot.records.values(), key=lambda record: (_STATE_ORDER[record.state], record.build_id)
+def _within_file_limit(limits: ServerLimits) -> ServerLimits:
+    # Each connection holds a file descriptor; past the process's limit, accepting would fail
+    # instead of answering 503.
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return limits
+    available = max(16, soft - _RESERVED_FILE_DESCRIPTORS)
+    if limits.max_connections <= available:
+        return limits
+    log.warning(
+        "the open-file limit caps concurrent HTTP connections",
+        extra={"max_connections": available, "open_file_limit": soft},
     )
-    rows = "\n".join(_status_row(record, now) for record in records[:STATUS_PAGE_MAX_ROWS])
-    hidden = len(records) - STATUS_PAGE_MAX_ROWS
-    more = f"<p>and {hidden} more builds, see /metrics.</p>" if hidden > 0 else ""
-    counts = dict.fromkeys(BuildState, 0)
-    for record in records:
-        counts[record.state] += 1
-    summary = ", ".join(f"{count} {state.value}" for state, count in counts.items())
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head><meta charset="utf-8"><title>Prime Intellect build exporter</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; }}
-table {{ border-collapse: collapse; }}
-th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
-.failing {{ background: #fdd; }}
-</style></head>
-<body>
-<h1>Prime Intellect build exporter</h1>
-<p>Version {html.escape(__version__)}. Tracking {len(records)} builds: {summary}.</p>
-<ul>
-<li><a href="/metrics">Metrics</a></li>
-<li><a href="/-/healthy">Health</a></li>
-<li><a href="/-/ready">Readiness</a></li>
-</ul>
-<table>
-<thead><tr><th>Build ID</th><th>Image</th><th>Tag</th><th>Status</th><th>Age</th>
-<th>Last poll</th></tr></thead>
-<tbody>
-{rows}
-</tbody>
-</table>
-{more}
-</body>
-</html>
-"""
-
-
-def _status_row(record: BuildRecord, now: float) -> str:
-    build = record.build
-    if not record.polled:
-        poll = "not yet"
-    elif record.last_poll_ok:
-        poll = "ok"
-    else:
-        poll = record.last_error.value if record.last_error else "failed"
-    cells = [
-        record.build_id,
-        build.image_name if build else "",
-        build.image_tag if build else "",
-        build.status if build else "",
-        _age(now - build.created_at) if build else "",
-        poll,
-    ]
-    css = ' class="failing"' if record.state is BuildState.FAILING else ""
-    return f"<tr{css}>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>"
-
-
-def _age(seconds: float) -> str:
-    days, rest = divmod(max(0, int(seconds)), 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, seconds_left = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours}h"
-    if hours:
-        return f"{hours}h{minutes}m"
-    if minutes:
-        return f"{minutes}m{seconds_left}s"
-    return f"{seconds_left}s"
+    return replace(limits, max_connections=available)

@@ -8,6 +8,7 @@ import pytest
 from exporter.config import Config
 from exporter.logs import LogfmtFormatter
 from exporter.simulator import Simulator
+from tests.pki import Pki, make_pki
 from tests.support import CANARY_API_KEY, Daemon, RunningExporter
 
 
@@ -51,3 +52,9 @@ def daemons() -> Iterator[list[Daemon]]:
     yield started
     for daemon in started:
         daemon.kill()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA with a server and two client certificates, and a client of another CA."""
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -23,6 +23,8 @@ from pydantic import SecretStr
 
 from exporter.app import Exporter
 from exporter.config import ApiKeySource, Config, ConfigFile
+from exporter.connections import ServerLimits
+from exporter.server import MetricsServer
 from exporter.simulator import ArtifactPlan, BuildPlan
 
 SCRIPT = str(Path(sys.executable).parent / "primeintellect-build-exporter")
@@ -93,7 +95,9 @@ class RunningExporter:
         web_config_file: Path | None = None,
         load_config: Callable[[], Config] | None = None,
         enable_lifecycle: bool = False,
+        limits: ServerLimits | None = None,
     ) -> None:
+        self._limits = limits
         self.exporter = Exporter(
             config,
             wall_clock=wall_clock,
@@ -124,7 +128,7 @@ class RunningExporter:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        server = self.exporter.create_server(self._web_config_file)
+        server = self.exporter.create_server(self._web_config_file, self._limits)
         await self.exporter.serve(self._stop, server, self._on_listening)
 
     def _on_listening(self, url: str) -> None:
@@ -170,6 +174,27 @@ class RunningExporter:
             timeout=timeout,
             message="every build polled once",
         )
+
+
+class ServerThread:
+    """A bare MetricsServer on its own event loop in a background thread."""
+
+    def __init__(self, server: MetricsServer) -> None:
+        self.server = server
+        self.url = server.url
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(10)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
 
 
 def parse_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

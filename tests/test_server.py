@@ -13,7 +13,7 @@ from exporter.server import Endpoints, MetricsServer, accepts_gzip, negotiate_fo
 from exporter.simulator import Fault, Simulator
 from exporter.store import BuildStore, Snapshot
 from tests.conftest import StartExporter
-from tests.support import EPOCH, make_config
+from tests.support import EPOCH, ServerThread, make_config
 from tests.test_poller import forever_building
 
 PROMETHEUS_2_ACCEPT = (
@@ -176,13 +176,10 @@ def test_a_renderer_failure_answers_500_and_is_counted_not_fatal() -> None:
             internal_error=lambda component, error: errors.append((component, error)),
         ),
     )
-    server.start()
-    try:
-        first = httpx.get(server.url + "/metrics")
-        second = httpx.get(server.url + "/metrics")
-        healthy = httpx.get(server.url + "/-/healthy")
-    finally:
-        server.stop()
+    with ServerThread(server) as served:
+        first = httpx.get(served.url + "/metrics")
+        second = httpx.get(served.url + "/metrics")
+        healthy = httpx.get(served.url + "/-/healthy")
     assert (first.status_code, second.status_code, healthy.status_code) == (500, 500, 200)
     assert "see the exporter's log" in first.text
     assert [component for component, _ in errors] == ["renderer", "renderer"]

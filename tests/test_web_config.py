@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -17,165 +15,27 @@ import bcrypt
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from exporter.auth import AUTH_REALM
+from exporter.connections import ServerLimits
 from exporter.logs import LogfmtFormatter
-from exporter.server import MAX_CONNECTIONS, TLS_HANDSHAKE_TIMEOUT
 from exporter.simulator import Simulator
-from exporter.webconfig import (
-    AUTH_REALM,
-    WebConfigError,
-    WebConfigWatcher,
-    load_web_config,
-)
+from exporter.webconfig import WebConfigWatcher
 from tests.conftest import StartExporter
+from tests.pki import (
+    CLIENT_DNS_NAME,
+    CLIENT_IP,
+    SERVER_NAMES,
+    Pki,
+    client_context,
+    replace_file,
+    tls_section,
+)
 from tests.support import RunningExporter, make_config, wait_until
 
 PASSWORD = "correct horse battery staple"
 # Low cost keeps the suite fast; the server matches the cost of what is configured.
 BCRYPT_ROUNDS = 5
-CLIENT_DNS_NAME = "prometheus.monitoring.example"
-CLIENT_IP = "2001:db8::7"
-
-
-class Authority:
-    """A certificate authority that issues server and client certificates into a directory."""
-
-    def __init__(self, name: str) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.now(UTC)
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        public_key = self.key.public_key()
-        self.certificate = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(hours=1))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-
-    def write(self, path: Path) -> Path:
-        path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
-        return path
-
-    def issue(
-        self,
-        directory: Path,
-        stem: str,
-        names: Sequence[x509.GeneralName],
-        *,
-        server: bool,
-    ) -> Issued:
-        """Write ``stem.crt`` and ``stem.key``; a server certificate, or a client one."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.now(UTC)
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
-            .issuer_name(self.certificate.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(hours=1))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                critical=False,
-            )
-            .sign(self.key, hashes.SHA256())
-        )
-        issued = Issued(directory / f"{stem}.crt", directory / f"{stem}.key", certificate)
-        _replace(
-            issued.key,
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-        )
-        _replace(issued.cert, certificate.public_bytes(serialization.Encoding.PEM))
-        return issued
-
-
-@dataclass(frozen=True)
-class Issued:
-    cert: Path
-    key: Path
-    certificate: x509.Certificate
-
-    @property
-    def pair(self) -> tuple[str, str]:
-        return str(self.cert), str(self.key)
-
-
-@dataclass(frozen=True)
-class Pki:
-    authority: Authority
-    ca: Path
-    server: Issued
-    client: Issued
-    intruder: Issued
-    stranger: Issued
-
-
-def _replace(path: Path, content: bytes) -> None:
-    # Atomically, as certificate tools do: the exporter never reads a half-written file.
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_bytes(content)
-    partial.replace(path)
-
-
-SERVER_NAMES: list[x509.GeneralName] = [
-    x509.DNSName("localhost"),
-    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-]
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    """A CA with a server and two client certificates, and a client of another CA."""
-    directory = tmp_path_factory.mktemp("pki")
-    authority = Authority("test CA")
-    other = Authority("some other CA")
-    return Pki(
-        authority=authority,
-        ca=authority.write(directory / "ca.crt"),
-        server=authority.issue(directory, "server", SERVER_NAMES, server=True),
-        client=authority.issue(
-            directory,
-            "client",
-            [x509.DNSName(CLIENT_DNS_NAME), x509.IPAddress(ipaddress.ip_address(CLIENT_IP))],
-            server=False,
-        ),
-        intruder=authority.issue(
-            directory, "intruder", [x509.DNSName("intruder.example")], server=False
-        ),
-        stranger=other.issue(directory, "stranger", [x509.DNSName(CLIENT_DNS_NAME)], server=False),
-    )
 
 
 @pytest.fixture
@@ -184,7 +44,7 @@ def web_config(tmp_path: Path) -> Callable[[str], Path]:
     path = tmp_path / "web.yml"
 
     def write(text: str) -> Path:
-        _replace(path, text.encode())
+        replace_file(path, text.encode())
         return path
 
     return write
@@ -200,16 +60,6 @@ def start_with(
     return start
 
 
-def tls_section(pki: Pki, **extra: str) -> str:
-    lines = [
-        "tls_server_config:",
-        f"  cert_file: {pki.server.cert}",
-        f"  key_file: {pki.server.key}",
-    ]
-    lines += [f"  {key}: {value}" for key, value in extra.items()]
-    return "\n".join(lines) + "\n"
-
-
 def users_section(**users: str) -> str:
     lines = ["basic_auth_users:"]
     lines += [f"  {user}: '{hashed}'" for user, hashed in users.items()]
@@ -218,20 +68,6 @@ def users_section(**users: str) -> str:
 
 def bcrypt_hash(password: str, rounds: int = BCRYPT_ROUNDS) -> str:
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=rounds)).decode()
-
-
-def client_context(
-    pki: Pki,
-    identity: Issued | None = None,
-    *,
-    maximum_version: ssl.TLSVersion | None = None,
-) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=pki.ca)
-    if identity is not None:
-        context.load_cert_chain(*identity.pair)
-    if maximum_version is not None:
-        context.maximum_version = maximum_version
-    return context
 
 
 def basic(user: str, password: str) -> dict[str, str]:
@@ -398,38 +234,11 @@ def test_idle_tls_handshake_does_not_block_other_scrapes(
     raw_connections.append(idle)
     # Sends no ClientHello. A server that shakes hands while accepting would make this scrape
     # wait for the idle client's handshake timeout, longer than the scrape's own.
-    response = scrape(running.url, client_context(pki), timeout=TLS_HANDSHAKE_TIMEOUT / 2)
+    response = scrape(
+        running.url, client_context(pki), timeout=ServerLimits().tls_handshake_timeout / 2
+    )
     assert response.status_code == 200
     assert not is_closed_by_server(idle)
-
-
-def test_connection_flood_beyond_the_bound_does_not_stop_later_scrapes(
-    pki: Pki,
-    web_config: Callable[[str], Path],
-    start_with: Callable[[Path], RunningExporter],
-    raw_connections: list[socket.socket],
-) -> None:
-    running = start_with(web_config(tls_section(pki)))
-    parts = urlsplit(running.url)
-    assert parts.port is not None
-    extra = 16
-    raw_connections.extend(
-        socket.create_connection(("127.0.0.1", parts.port)) for _ in range(MAX_CONNECTIONS + extra)
-    )
-    # Connections beyond the bound are closed at once, long before any handshake times out.
-    wait_until(
-        lambda: sum(map(is_closed_by_server, raw_connections)) >= extra,
-        timeout=TLS_HANDSHAKE_TIMEOUT / 2,
-        message="the connections beyond the bound to be closed",
-    )
-
-    def scrape_succeeds() -> bool:
-        try:
-            return scrape(running.url, client_context(pki), timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(scrape_succeeds, timeout=TLS_HANDSHAKE_TIMEOUT + 10, message="a scrape")
 
 
 def test_rotated_server_certificate_is_served_without_restart(
@@ -631,46 +440,6 @@ def test_empty_file_serves_plain_http_without_auth(
     assert scrape(running.url).status_code == 200
 
 
-def test_every_toolkit_key_this_exporter_honours_loads(pki: Pki, tmp_path: Path) -> None:
-    (tmp_path / "certs").mkdir()
-    for source in (pki.server.cert, pki.server.key, pki.ca):
-        (tmp_path / "certs" / source.name).write_bytes(source.read_bytes())
-    path = tmp_path / "web.yml"
-    path.write_text(
-        "tls_server_config:\n"
-        "  cert_file: certs/server.crt\n"  # relative to the web config file
-        "  key_file: certs/server.key\n"
-        "  client_auth_type: RequireAndVerifyClientCert\n"
-        "  client_ca_file: certs/ca.crt\n"
-        "  client_allowed_sans: [prometheus.monitoring.example]\n"
-        "  min_version: TLS12\n"
-        "  max_version: TLS13\n"
-        "  prefer_server_cipher_suites: false\n"
-        "  cipher_suites: []\n"
-        "  curve_preferences: []\n"
-        "http_server_config:\n"
-        "  http2: true\n"
-        "  headers:\n"
-        "    Content-Security-Policy: default-src 'self'\n"
-        "rate_limit:\n"
-        "  interval: 100ms\n"
-        "  burst: 10\n" + users_section(alice=bcrypt_hash(PASSWORD))
-    )
-    config = load_web_config(path)
-    assert config.tls is not None
-    assert config.tls.cert_file == tmp_path / "certs" / "server.crt"
-    assert config.tls.client_ca_file == tmp_path / "certs" / "ca.crt"
-    assert config.tls.client_auth_type == "RequireAndVerifyClientCert"
-    assert config.tls.min_version is ssl.TLSVersion.TLSv1_2
-    assert config.tls.context.verify_mode is ssl.CERT_REQUIRED
-    assert not config.tls.context.options & ssl.OP_CIPHER_SERVER_PREFERENCE
-    assert config.headers == (("Content-Security-Policy", "default-src 'self'"),)
-    assert config.rate_limiter is not None
-    assert config.rate_limiter.burst == 10
-    assert config.basic_auth is not None
-    assert config.basic_auth.authorized(basic("alice", PASSWORD)["Authorization"])
-
-
 # --- reloading ---------------------------------------------------------------------------
 
 
@@ -701,19 +470,21 @@ def test_unchanged_broken_file_is_reported_once(
 ) -> None:
     path = tmp_path / "web.yml"
     path.write_text(users_section(alice=bcrypt_hash(PASSWORD)))
-    watcher = WebConfigWatcher(path, check_interval=0)
+    watcher = WebConfigWatcher(path)
     good = watcher.current()
     path.write_text("basic_auth_user: {}\n")
     for _ in range(3):
+        assert not watcher.check()
         assert watcher.current() is good
     failures = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(failures) == 1
     assert "basic_auth_user: unknown key" in failures[0].__dict__["error"]
     path.write_text(users_section(bob=bcrypt_hash(PASSWORD)))
+    assert watcher.check()
     reloaded = watcher.current()
     assert reloaded is not good
     assert reloaded.basic_auth is not None
-    assert reloaded.basic_auth.authorized(basic("bob", PASSWORD)["Authorization"])
+    assert asyncio.run(reloaded.basic_auth.authorized(basic("bob", PASSWORD)["Authorization"]))
 
 
 def test_certificate_created_after_the_config_naming_it_is_picked_up(
@@ -721,12 +492,14 @@ def test_certificate_created_after_the_config_naming_it_is_picked_up(
 ) -> None:
     path = tmp_path / "web.yml"
     path.write_text(tls_section(pki))
-    watcher = WebConfigWatcher(path, check_interval=0)
+    watcher = WebConfigWatcher(path)
     first = watcher.current()
     path.write_text("tls_server_config:\n  cert_file: new.crt\n  key_file: new.key\n")
+    assert not watcher.check()
     assert watcher.current() is first
     assert "tls_server_config.cert_file: cannot read" in logged(caplog)
     pki.authority.issue(tmp_path, "new", SERVER_NAMES, server=True)
+    assert watcher.check()
     reloaded = watcher.current()
     assert reloaded.tls is not None
     assert reloaded.tls.cert_file == tmp_path / "new.crt"
@@ -737,8 +510,9 @@ def test_switching_between_http_and_https_needs_a_restart(
 ) -> None:
     path = tmp_path / "web.yml"
     path.write_text(users_section(alice=bcrypt_hash(PASSWORD)))
-    watcher = WebConfigWatcher(path, check_interval=0)
+    watcher = WebConfigWatcher(path)
     path.write_text(tls_section(pki))
+    assert not watcher.check()
     assert watcher.current().tls is None
     assert "switching between HTTP and HTTPS needs a restart" in logged(caplog)
 
@@ -748,175 +522,3 @@ def test_invalid_web_config_stops_the_start(
 ) -> None:
     with pytest.raises(RuntimeError, match="client_auth_type"):
         start_with(web_config(tls_section(pki, client_auth_type="Sometimes")))
-
-
-# --- invalid files -----------------------------------------------------------------------
-
-TLS = "tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
-ALICE = "basic_auth_users:\n  alice: {hash}\n"
-
-INVALID_WEB_CONFIGS = {
-    "unknown_top_level_key": (
-        "tls_server_confg:\n  cert_file: {cert}\n",
-        "tls_server_confg: unknown key; did you mean tls_server_config?",
-    ),
-    "unknown_nested_key": (
-        TLS + "  cert_fil: {cert}\n",
-        "tls_server_config.cert_fil: unknown key; did you mean cert_file?",
-    ),
-    "unknown_http_key": ("http_server_config:\n  http3: true\n", "http_server_config.http3: "),
-    "plain_text_password": (
-        "basic_auth_users:\n  alice: hunter2-plain\n",
-        "basic_auth_users.alice: not a bcrypt hash",
-    ),
-    "unsupported_bcrypt_variant": (
-        "basic_auth_users:\n  alice: '$2x$05$" + "a" * 53 + "'\n",
-        "basic_auth_users.alice: not a bcrypt hash",
-    ),
-    "user_name_with_colon": (
-        "basic_auth_users:\n  'al:ice': '{hash}'\n",
-        "basic_auth_users.al:ice: a user name cannot contain ':'",
-    ),
-    "missing_key_file": (
-        "tls_server_config:\n  cert_file: {cert}\n",
-        "tls_server_config.key_file: required when tls_server_config is set",
-    ),
-    "cert_file_not_found": (
-        "tls_server_config:\n  cert_file: {missing}\n  key_file: {key}\n",
-        "tls_server_config.cert_file: cannot read",
-    ),
-    "cert_file_holds_a_key": (
-        "tls_server_config:\n  cert_file: {key}\n  key_file: {key}\n",
-        "tls_server_config.cert_file: ",
-    ),
-    "cert_key_mismatch": (
-        "tls_server_config:\n  cert_file: {cert}\n  key_file: {client_key}\n",
-        "tls_server_config.key_file: the key in",
-    ),
-    "bad_client_auth_type": (
-        TLS + "  client_auth_type: Sometimes\n  client_ca_file: {ca}\n",
-        "tls_server_config.client_auth_type: 'Sometimes' is not one of NoClientCert, "
-        "VerifyClientCertIfGiven, RequireAndVerifyClientCert",
-    ),
-    "request_client_cert": (
-        TLS + "  client_auth_type: RequestClientCert\n  client_ca_file: {ca}\n",
-        "tls_server_config.client_auth_type: RequestClientCert is not supported by this exporter",
-    ),
-    "require_any_client_cert": (
-        TLS + "  client_auth_type: RequireAnyClientCert\n",
-        "tls_server_config.client_auth_type: RequireAnyClientCert is not supported by this "
-        "exporter",
-    ),
-    "verification_without_client_ca": (
-        TLS + "  client_auth_type: RequireAndVerifyClientCert\n",
-        "tls_server_config.client_ca_file: required when client_auth_type is "
-        "RequireAndVerifyClientCert",
-    ),
-    "client_ca_without_verification": (
-        TLS + "  client_ca_file: {ca}\n",
-        "tls_server_config.client_auth_type: is NoClientCert",
-    ),
-    "client_ca_file_holds_no_certificate": (
-        TLS + "  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: {key}\n",
-        "tls_server_config.client_ca_file: ",
-    ),
-    "bad_min_version": (
-        TLS + "  min_version: TLS14\n",
-        "tls_server_config.min_version: 'TLS14' is not one of TLS10, TLS11, TLS12, TLS13",
-    ),
-    "tls10": (
-        TLS + "  min_version: TLS10\n",
-        "tls_server_config.min_version: TLS10 is not supported by this exporter",
-    ),
-    "max_below_min": (
-        TLS + "  min_version: TLS13\n  max_version: TLS12\n",
-        "tls_server_config.max_version: TLS12 is lower than min_version TLS13",
-    ),
-    "cipher_suites": (
-        TLS + "  cipher_suites: [TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]\n",
-        "tls_server_config.cipher_suites: not supported by this exporter",
-    ),
-    "curve_preferences": (
-        TLS + "  curve_preferences: [X25519]\n",
-        "tls_server_config.curve_preferences: not supported by this exporter",
-    ),
-    "inline_key": (
-        "tls_server_config:\n  cert_file: {cert}\n  key: inline-key-material\n",
-        "tls_server_config.key: inline certificates and keys are not supported",
-    ),
-    "allowed_sans_without_required_certificate": (
-        TLS + "  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: {ca}\n"
-        "  client_allowed_sans: [a.example]\n",
-        "tls_server_config.client_allowed_sans: needs client_auth_type RequireAndVerifyClientCert",
-    ),
-    "header_not_configurable": (
-        "http_server_config:\n  headers:\n    Server: nginx\n",
-        "http_server_config.headers.Server: this header cannot be configured",
-    ),
-    "header_value_not_allowed": (
-        "http_server_config:\n  headers:\n    X-Frame-Options: allow\n",
-        "http_server_config.headers.X-Frame-Options: 'allow' is not one of deny, sameorigin",
-    ),
-    "http2_not_boolean": (
-        "http_server_config:\n  http2: maybe\n",
-        "http_server_config.http2: must be true or false",
-    ),
-    "rate_limit_without_burst": (
-        "rate_limit:\n  interval: 1s\n",
-        "rate_limit.burst: must be a whole number of at least 1",
-    ),
-    "duplicate_yaml_key": (
-        ALICE + "basic_auth_users:\n  bob: {hash}\n",
-        "duplicate key 'basic_auth_users'",
-    ),
-    "not_a_mapping": ("- tls_server_config\n", "must be a YAML mapping"),
-}
-
-
-@pytest.mark.parametrize(
-    ("template", "expected"), INVALID_WEB_CONFIGS.values(), ids=INVALID_WEB_CONFIGS.keys()
-)
-def test_invalid_web_config_is_rejected_naming_the_key(
-    pki: Pki, tmp_path: Path, template: str, expected: str
-) -> None:
-    path = tmp_path / "web.yml"
-    path.write_text(
-        template.format(
-            cert=pki.server.cert,
-            key=pki.server.key,
-            client_key=pki.client.key,
-            ca=pki.ca,
-            missing=tmp_path / "missing.crt",
-            hash=bcrypt_hash(PASSWORD, rounds=4),
-        )
-    )
-    with pytest.raises(WebConfigError) as raised:
-        load_web_config(path)
-    message = str(raised.value)
-    assert message.startswith(f"{path}:")
-    assert expected in message
-    for secret in ("hunter2-plain", "inline-key-material"):
-        assert secret not in message
-
-
-def test_missing_web_config_file_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(WebConfigError, match="cannot read the web config file"):
-        load_web_config(tmp_path / "absent.yml")
-
-
-def test_encrypted_key_is_an_error_not_a_prompt(pki: Pki, tmp_path: Path) -> None:
-    key = serialization.load_pem_private_key(pki.server.key.read_bytes(), password=None)
-    encrypted = tmp_path / "encrypted.key"
-    encrypted.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"passphrase"),
-        )
-    )
-    path = tmp_path / "web.yml"
-    path.write_text(
-        f"tls_server_config:\n  cert_file: {pki.server.cert}\n  key_file: {encrypted}\n"
-    )
-    with pytest.raises(WebConfigError, match=r"tls_server_config\.key_file: .* is encrypted"):
-        load_web_config(path)
