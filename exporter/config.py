@@ -65,16 +65,45 @@ class ConfigError(Exception):
     """A configuration mistake, worded for the operator who has to fix it."""
 
 
+# A run of key-like characters this long is taken for a secret, such as an API key pasted
+# into the wrong field; path segments, host names and durations are much shorter.
+_SECRET_LOOKING = re.compile(r"[A-Za-z0-9_+-]{24,}")
+_LONGEST_QUOTED = 64
+
+
+def quoted(value: object) -> str:
+    """A config value as an error message may repeat it: short text and numbers as written,
+    anything that could be a secret described instead of repeated."""
+    if value is None or isinstance(value, bool | int | float):
+        return repr(value)
+    if not isinstance(value, str):
+        return f"a YAML {type(value).__name__}"
+    if len(value) > _LONGEST_QUOTED or _SECRET_LOOKING.search(value):
+        return f"a {len(value)}-character value (not repeated: it may be a secret)"
+    return repr(value)
+
+
+def quoted_url(value: str) -> str:
+    """A URL as an error message may repeat it: its query, fragment and credentials never."""
+    parts = urlsplit(value.strip())
+    if not parts.scheme or not parts.hostname:
+        return quoted(value)
+    hidden = "?…" if parts.query or parts.fragment else ""
+    return quoted(f"{parts.scheme}://{parts.hostname}{parts.path}") + (
+        " (with a query, not repeated)" if hidden else ""
+    )
+
+
 def parse_duration(value: object) -> float:
     """Parse a Prometheus-style duration such as ``30s``, ``5m`` or ``1h30m`` into seconds."""
     if isinstance(value, bool) or not isinstance(value, str):
         raise ValueError(
-            f"{value!r} is not a duration: write a number with a unit, such as 30s, 5m or 1h"
+            f"{quoted(value)} is not a duration: write a number with a unit, such as 30s, 5m or 1h"
         )
     match = _DURATION.fullmatch(value.strip())
     if not value.strip() or match is None:
         raise ValueError(
-            f"{value!r} is not a duration: write a number with a unit "
+            f"{quoted(value)} is not a duration: write a number with a unit "
             "(ms, s, m, h, d, w, y), such as 30s, 5m or 1h30m"
         )
     return sum(
@@ -91,8 +120,8 @@ def parse_size(value: object) -> int:
     match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
     if match is None:
         raise ValueError(
-            f"{value!r} is not a size: write bytes with a unit (B, KB, MB, GB, KiB, MiB, GiB), "
-            "such as 1MiB"
+            f"{quoted(value)} is not a size: write bytes with a unit "
+            "(B, KB, MB, GB, KiB, MiB, GiB), such as 1MiB"
         )
     return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
 
@@ -147,7 +176,7 @@ def validate_build_id(value: object) -> str:
         raise BuildIdNotStringError(value)
     if not _BUILD_ID.fullmatch(value) or value in {".", ".."}:
         raise ValueError(
-            f"build ID {value!r} is invalid: use 1 to 128 letters, digits, '-', '_' or '.', "
+            f"build ID {quoted(value)} is invalid: use 1 to 128 letters, digits, '-', '_' or '.', "
             "and not '.' or '..'"
         )
     return value
@@ -227,7 +256,8 @@ def parse_shard_index(value: str) -> int:
     match = _SHARD_INDEX.fullmatch(value.strip())
     if match is None:
         raise ValueError(
-            f"{value!r} is not a shard index: give a number, or a pod name ending in -<number>"
+            f"{quoted(value)} is not a shard index: give a number, "
+            "or a pod name ending in -<number>"
         )
     return int(match.group(1))
 
@@ -369,16 +399,16 @@ def normalize_base_url(value: str) -> str:
     if "@" in parts.netloc:
         raise ValueError("credentials do not belong in the URL: use api_key_file or PRIME_API_KEY")
     if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise ValueError(f"{value!r} is not an http(s) URL such as {DEFAULT_BASE_URL}")
+        raise ValueError(f"{quoted_url(value)} is not an http(s) URL such as {DEFAULT_BASE_URL}")
     try:
         parts.port  # noqa: B018 (reading it validates it)
     except ValueError:
-        raise ValueError(f"{value!r} has an invalid port") from None
+        raise ValueError(f"{quoted_url(value)} has an invalid port") from None
     if parts.query or parts.fragment:
-        raise ValueError(f"{value!r} must not have a query or fragment")
+        raise ValueError(f"{quoted_url(value)} must not have a query or fragment")
     if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         raise ValueError(
-            f"{value!r} uses plain http: the API key is only sent over https, "
+            f"{quoted_url(value)} uses plain http: the API key is only sent over https, "
             "or over http to a loopback address such as 127.0.0.1"
         )
     path = parts.path.rstrip("/")
@@ -400,15 +430,15 @@ def parse_listen_address(value: str) -> tuple[str, int]:
     """Split ``host:port`` (``:9862``, ``0.0.0.0:9862``, ``[::1]:9862``) into host and port."""
     host, separator, port_text = value.rpartition(":")
     if not separator or not _PORT.fullmatch(port_text) or int(port_text) > 65535:
-        raise ValueError(f"{value!r} is not a listen address such as :9862 or 127.0.0.1:9862")
+        raise ValueError(f"{quoted(value)} is not a listen address such as :9862 or 127.0.0.1:9862")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ValueError(f"{value!r} has an invalid IPv6 address") from None
+            raise ValueError(f"{quoted(value)} has an invalid IPv6 address") from None
     elif ":" in host:
-        raise ValueError(f"{value!r}: write IPv6 addresses in brackets, such as [::1]:9862")
+        raise ValueError(f"{quoted(value)}: write IPv6 addresses in brackets, such as [::1]:9862")
     return host, int(port_text)
 
 
@@ -618,7 +648,7 @@ def describe_validation_error(error: ValidationError, source: str | None = None)
     elif first["type"] == "list_type":
         message = "must be a list"
     elif "input" in first and first["type"] not in {"value_error", "assertion_error"}:
-        message = f"{message} (got {first['input']!r})"
+        message = f"{message} (got {quoted(first['input'])})"
     more = len(problems) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     return f"{location}: {message}{suffix}"

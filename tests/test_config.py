@@ -14,8 +14,10 @@ from exporter.config import (
     ConfigFile,
     load_config,
     parse_duration,
+    quoted,
     validate_build_id,
 )
+from tests.support import CANARY_API_KEY
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 INVALID = CONFIGS / "invalid"
@@ -117,7 +119,7 @@ INVALID_CASES: list[tuple[str, Mapping[str, str], tuple[str, ...]]] = [
     (
         "build_id_too_long.yaml",
         WITH_KEY,
-        ("{file}: builds[0]: build ID '" + "a" * 200 + "' is invalid: use 1 to 128",),
+        ("{file}: builds[0]: build ID a 200-character value (not repeated", "use 1 to 128"),
     ),
     (
         "build_id_unquoted_number.yaml",
@@ -852,3 +854,54 @@ def test_repeated_build_ids_are_tracked_once_with_a_warning(
     (record,) = caplog.records
     assert record.getMessage() == "duplicate build IDs ignored"
     assert (record.__dict__["count"], record.__dict__["build_ids"]) == (3, "b1,b2")
+
+
+# --- a secret in the wrong field is never repeated -----------------------------------------------
+
+SECRET = CANARY_API_KEY
+MISPLACED_SECRETS = {
+    "in_the_base_url_query": f"api:\n  base_url: https://api.example/?key={SECRET}\n",
+    "in_the_base_url_fragment": f"api:\n  base_url: https://api.example/#{SECRET}\n",
+    "over_plain_http": f"api:\n  base_url: http://api.example/{SECRET}\n",
+    "as_the_timeout": f"api:\n  timeout: {SECRET}\n",
+    "as_requests_per_second": f"api:\n  requests_per_second: {SECRET}\n",
+    "as_the_interval": f"polling:\n  interval: {SECRET}\n",
+    "as_the_response_size": f"api:\n  max_response_size: {SECRET}\n",
+    "as_a_build_id": f"builds:\n  - {SECRET}/x\n",
+    "as_the_listen_address": f"web:\n  listen_address: {SECRET}\n",
+    "as_the_shard_index": f"shard:\n  count: 2\n  index: {SECRET}\n",
+    "as_a_section": f"api: {SECRET}\n",
+    "in_a_list_for_a_number": f"api:\n  max_concurrency: [{SECRET}]\n",
+}
+
+
+@pytest.mark.parametrize("text", MISPLACED_SECRETS.values(), ids=MISPLACED_SECRETS.keys())
+def test_a_secret_in_the_wrong_field_is_not_repeated_in_the_error(
+    tmp_path: Path, text: str
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    message = config_error(path, {"PRIME_API_KEY": "pk-another-key"})
+    assert SECRET not in message
+    assert SECRET[:24] not in message
+    # Still says where the mistake is.
+    assert message.startswith(f"{path}: ")
+    assert ": " in message.removeprefix(f"{path}: ")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("30 s", "'30 s'"),
+        (45, "45"),
+        ("/etc/primeintellect/builds.d/*.txt", "'/etc/primeintellect/builds.d/*.txt'"),
+        ("x" * 65, "a 65-character value (not repeated: it may be a secret)"),
+        (
+            "pk-0123456789abcdefghijklmnop",
+            "a 29-character value (not repeated: it may be a secret)",
+        ),
+        (["a"], "a YAML list"),
+    ],
+)
+def test_short_values_are_quoted_and_key_like_ones_described(value: object, expected: str) -> None:
+    assert quoted(value) == expected

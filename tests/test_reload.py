@@ -192,3 +192,17 @@ def test_a_rejected_key_pauses_polling_and_a_fixed_key_file_recovers_without_res
         == 1
     )
     assert "pk-revoked" not in caplog.text
+
+
+def test_a_failed_reload_never_repeats_a_secret_over_http_or_in_the_log(
+    simulator: Simulator, start_exporter: StartExporter, tmp_path: Path
+) -> None:
+    path = write_config(tmp_path / "config.yaml", simulator.base_url, [])
+    running = start_exporter(loader(path)(), load_config=loader(path), enable_lifecycle=True)
+    # The key pasted into the base URL's query; the log is checked for it by conftest.
+    write_config(path, f"{simulator.base_url}/?api_key={CANARY_API_KEY}", [])
+    answer = reload_over_http(running)
+    assert answer.status_code == 500
+    assert "api.base_url" in answer.text
+    assert "query" in answer.text
+    assert CANARY_API_KEY not in answer.text
