@@ -153,12 +153,13 @@ def _run_with(arguments: argparse.Namespace, simulator: Simulator | None) -> int
     web_config_file = Path(arguments.web_config_file) if arguments.web_config_file else None
     try:
         config = load()
-        if web_config_file is not None:
-            load_web_config(web_config_file)
+        notes = () if web_config_file is None else load_web_config(web_config_file).notes
     except (ConfigError, WebConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if arguments.config_check:
+        for note in notes:
+            print(f"warning: {web_config_file}: {note}", file=sys.stderr)
         shard = config.shard
         share = (
             f" ({len(config.owned_build_ids)} in shard {shard.index} of {shard.count})"

@@ -125,7 +125,10 @@ class GuardedConnection(asyncio.Protocol):
         self._head_started = False
         self._head_complete = False
         self._tail = b""
-        self._bytes_after_head = False
+        # Bytes received after the end of the current head: a body, or pipelined requests.
+        self._unparsed = 0
+        self._overflowed = False
+        self._end_of_input = False
         self._in_request = False
         self._head_deadline: asyncio.TimerHandle | None = None
         self._write_deadline: asyncio.TimerHandle | None = None
@@ -148,8 +151,7 @@ class GuardedConnection(asyncio.Protocol):
         self._expect_head()
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering is not None:
-            self._lingering.discard()
+        if self._lingering is not None or self._overflowed:
             return
         if not self._in_request and self._head_deadline is None:
             # The first byte of a request on a kept-alive connection.
@@ -163,18 +165,32 @@ class GuardedConnection(asyncio.Protocol):
             else:
                 self._head_bytes += end + len(_END_OF_HEAD) - len(self._tail)
                 self._head_complete = True
-                self._bytes_after_head = end + len(_END_OF_HEAD) < len(self._tail) + len(data)
+                self._unparsed = len(self._tail) + len(data) - end - len(_END_OF_HEAD)
             if self._head_bytes > self._limits.max_request_head_bytes:
                 self._refuse(HEAD_TOO_LARGE)
                 return
-        elif self._head_complete:
-            self._bytes_after_head = True
+        else:
+            self._unparsed += len(data)
+        limits = self._limits
+        if self._unparsed > limits.max_request_head_bytes + limits.max_request_body_bytes:
+            # More than a body and the next head while a request is served: aiohttp would
+            # buffer all of it, uncounted. The rest is dropped, and the next head's deadline
+            # ends the connection.
+            self._overflowed = True
+            log.debug("client sent too much ahead of its answers", extra=self._peer())
+            return
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
         if self._lingering is not None:
             return None
-        return self._inner.eof_received()
+        self._inner.eof_received()
+        if self._in_request or self._head_complete:
+            # A client that sends its request and then closes its side, as `nc -N` does,
+            # still gets its answer; the head deadline closes the connection after it.
+            self._end_of_input = True
+            return True
+        return None
 
     def pause_writing(self) -> None:
         if self._write_deadline is None:
@@ -207,12 +223,14 @@ class GuardedConnection(asyncio.Protocol):
     def request_finished(self, *, had_body: bool) -> None:
         """The answer is written; the next byte starts the next request's head deadline."""
         self._in_request = False
-        pipelined = self._bytes_after_head and not had_body
+        pipelined = self._overflowed or (self._unparsed > 0 and not had_body)
+        if self._end_of_input and not pipelined:
+            self._expect_head()
         self._head_bytes = 0
         self._head_started = pipelined
         self._head_complete = False
         self._tail = b""
-        self._bytes_after_head = False
+        self._unparsed = 0
         if pipelined:
             # Part of the next request may be waiting in aiohttp's buffer already.
             self._expect_head()

@@ -15,6 +15,7 @@ import pytest
 
 from exporter import __version__
 from exporter.simulator import Simulator
+from tests.pki import Pki, tls_section
 from tests.support import CANARY_API_KEY, Daemon, environment, run_script, wait_until
 from tests.test_poller import forever_building
 
@@ -56,6 +57,22 @@ def test_config_check_exits_zero_for_a_valid_config(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "OK, 2 builds" in result.stdout
+
+
+def test_config_check_warns_about_curves_it_cannot_restrict(tmp_path: Path, pki: Pki) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"])
+    web_config = tmp_path / "web.yml"
+    web_config.write_text(tls_section(pki, curve_preferences="[X25519, CurveP256]"))
+    result = run_script(
+        "--config.file",
+        str(config),
+        "--web.config.file",
+        str(web_config),
+        "--config.check",
+        env=environment(PRIME_API_KEY="k"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {web_config}: tls_server_config.curve_preferences: " in result.stderr
 
 
 @pytest.mark.parametrize(

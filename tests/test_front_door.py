@@ -312,6 +312,37 @@ def test_a_request_hidden_in_a_body_performs_nothing(smuggled: bytes) -> None:
     assert reloads.count == 0
 
 
+def test_requests_pipelined_far_ahead_are_dropped_not_buffered(
+    sockets: list[socket.socket],
+) -> None:
+    junk = b"X-Junk: " + b"j" * 30_000 + b"\r\n"
+    with serve() as served:
+        assert scrape_success(served.url, scrapes=1, path="/metrics") == 1.0
+        before = rss_bytes()
+
+        def pipeline(connection: socket.socket) -> None:
+            # An answer that will not be read, then 90 MB of the next request's head: far
+            # more than the kernel's socket buffers hold, so the server must read most of it.
+            connection.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n")
+            for _ in range(3000):
+                connection.sendall(junk)
+
+        for _ in range(4):
+            sockets.append(connect(served.url, receive_buffer=4096))
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(pipeline, sockets))
+        assert scrape_success(served.url) >= 0.99
+        assert rss_bytes() - before < 50 * 1024 * 1024
+
+
+def test_a_request_followed_by_a_half_close_is_answered() -> None:
+    with serve(limits=SHORT) as served, connect(served.url) as client:
+        client.sendall(b"GET /-/healthy HTTP/1.0\r\n\r\n")
+        client.shutdown(socket.SHUT_WR)
+        assert read_response(client)[:1] == (200,)
+        wait_until(lambda: closed_by_server(client), message="the connection to be closed")
+
+
 def test_300_concurrent_scrapers_all_get_an_answer() -> None:
     async def scrape(port: int) -> int:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
