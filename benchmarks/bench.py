@@ -209,6 +209,9 @@ class GenerateLatestSource:
         self._store = store
         self._telemetry = telemetry
 
+    def kept_body(self, format: ExpositionFormat, *, gzip: bool) -> Body | None:
+        return None
+
     def body(self, format: ExpositionFormat, *, gzip: bool) -> Body:
         families = [
             *build_families(self._store.snapshot()),
@@ -231,6 +234,9 @@ class StaticSource:
     def body(self, format: ExpositionFormat, *, gzip: bool) -> Body:
         data = self._compressed if gzip else self._plain
         return Body((data,), len(data))
+
+    def kept_body(self, format: ExpositionFormat, *, gzip: bool) -> Body | None:
+        return self.body(format, gzip=gzip)
 
 
 class _Families(Collector):

@@ -7,7 +7,7 @@ import hashlib
 import ipaddress
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -633,7 +633,7 @@ def describe_validation_error(error: ValidationError, source: str | None = None)
     """
     problems = error.errors(include_url=False)
     first = problems[0]
-    location = _format_location(first["loc"])
+    location = format_location(first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     cause = first.get("ctx", {}).get("error")
     if isinstance(cause, BuildIdNotStringError) and source is not None:
@@ -670,7 +670,8 @@ def _written_scalar(source: str, location: tuple[int | str, ...]) -> str | None:
     return node.value if isinstance(node, yaml.ScalarNode) else None
 
 
-def _format_location(location: tuple[int | str, ...]) -> str:
+def format_location(location: Sequence[int | str]) -> str:
+    """A pydantic error location as a key path, such as ``api.timeout`` or ``builds[3]``."""
     text = ""
     for part in location:
         if isinstance(part, int):

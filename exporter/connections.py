@@ -92,9 +92,6 @@ class _Lingering:
             transport.write_eof()
         self._handle = asyncio.get_running_loop().call_later(_LINGER, transport.abort)
 
-    def discard(self) -> None:
-        """The client's data after the answer goes nowhere."""
-
     def cancel(self) -> None:
         self._handle.cancel()
 
@@ -172,14 +169,16 @@ class GuardedConnection(asyncio.Protocol):
         else:
             self._unparsed += len(data)
         limits = self._limits
-        if self._unparsed > limits.max_request_head_bytes + limits.max_request_body_bytes:
-            # More than a body and the next head while a request is served: aiohttp would
-            # buffer all of it, uncounted. The rest is dropped, and the next head's deadline
-            # ends the connection.
+        excess = self._unparsed - limits.max_request_head_bytes - limits.max_request_body_bytes
+        if excess > 0:
+            # More than a body and the next head ahead of the answer: aiohttp would buffer
+            # all of it, uncounted. What fits goes on, the rest is dropped, and the next
+            # head's deadline ends the connection.
             self._overflowed = True
             log.debug("client sent too much ahead of its answers", extra=self._peer())
-            return
-        self._inner.data_received(data)
+            data = data[: len(data) - excess]
+        if data:
+            self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
         if self._lingering is not None:
@@ -223,16 +222,14 @@ class GuardedConnection(asyncio.Protocol):
     def request_finished(self, *, had_body: bool) -> None:
         """The answer is written; the next byte starts the next request's head deadline."""
         self._in_request = False
+        # Part of the next request may be waiting in aiohttp's buffer already.
         pipelined = self._overflowed or (self._unparsed > 0 and not had_body)
-        if self._end_of_input and not pipelined:
-            self._expect_head()
         self._head_bytes = 0
         self._head_started = pipelined
         self._head_complete = False
         self._tail = b""
         self._unparsed = 0
-        if pipelined:
-            # Part of the next request may be waiting in aiohttp's buffer already.
+        if pipelined or self._end_of_input:
             self._expect_head()
 
     # -- internals -------------------------------------------------------------------------

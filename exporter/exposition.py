@@ -96,6 +96,30 @@ class ExpositionCache:
         with self._lock:
             rendered = self._refresh(format)
             compressed = self._compressed(rendered) if gzip else None
+        return self._with_tail(format, rendered, compressed)
+
+    def kept_body(self, format: ExpositionFormat, *, gzip: bool) -> Body | None:
+        """The full exposition if the builds' part is kept for the current snapshot, else None.
+
+        Renders only the exporter's own small families, and never waits for a render in
+        progress elsewhere, so it is cheap enough to call on the event loop.
+        """
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            rendered = self._rendered.get(format)
+            if rendered is None or rendered.version != self._snapshot().version:
+                return None
+            compressed = rendered.compressed_pieces if gzip else None
+            if gzip and compressed is None:
+                return None
+        finally:
+            self._lock.release()
+        return self._with_tail(format, rendered, compressed)
+
+    def _with_tail(
+        self, format: ExpositionFormat, rendered: _Rendered, compressed: tuple[bytes, ...] | None
+    ) -> Body:
         tail = render(self._per_scrape(), format)
         if compressed is None:
             return Body((*rendered.plain_pieces, tail), rendered.plain_length + len(tail))

@@ -35,7 +35,8 @@ from exporter.webconfig import WebConfig, WebConfigWatcher
 log = logging.getLogger(__name__)
 
 SERVER_SOFTWARE = f"primeintellect-build-exporter/{__version__}"
-# Renders run in these threads, so a cold render of a large body never stalls the loop.
+# Renders of builds run in these threads, so a cold render of a large body never stalls the
+# loop.
 RENDER_THREADS = 2
 # Bodies are written in parts of about this size: few enough writes to be cheap, and small
 # enough that a client that stops reading holds one part in the buffer, not the whole body.
@@ -52,6 +53,10 @@ class ExpositionSource(Protocol):
     """Where ``/metrics`` bodies come from (an ExpositionCache in the exporter)."""
 
     def body(self, format: ExpositionFormat, *, gzip: bool) -> Body: ...
+
+    def kept_body(self, format: ExpositionFormat, *, gzip: bool) -> Body | None:
+        """The body if it needs no rendering of builds, else None."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,10 @@ class MetricsServer:
             self._socket.close()
         if self._http is not None:
             await self._http.shutdown(timeout=1.0)
+            # Aborted connections learn it on the next turns of the loop; their request tasks
+            # end on the one after.
+            for _ in range(3):
+                await asyncio.sleep(0)
         self._render.shutdown(wait=False, cancel_futures=True)
 
     # -- TLS -------------------------------------------------------------------------------
@@ -335,11 +344,15 @@ class MetricsServer:
     ) -> web.StreamResponse:
         format = negotiate_format(request.headers.get("Accept", ""))
         gzip = accepts_gzip(request.headers.get("Accept-Encoding", ""))
-        loop = asyncio.get_running_loop()
+        metrics = self._endpoints.metrics
         try:
-            body = await loop.run_in_executor(
-                self._render, partial(self._endpoints.metrics.body, format, gzip=gzip)
-            )
+            # A kept body is served from the loop: a hop to a thread would cost more than it.
+            body = metrics.kept_body(format, gzip=gzip)
+            if body is None:
+                loop = asyncio.get_running_loop()
+                body = await loop.run_in_executor(
+                    self._render, partial(metrics.body, format, gzip=gzip)
+                )
         except Exception as error:  # noqa: BLE001 (a renderer bug answers 500, nothing worse)
             self._endpoints.internal_error("renderer", error)
             return self._respond(

@@ -44,7 +44,7 @@ from pydantic import (
 )
 
 from exporter.auth import BasicAuth, RateLimiter
-from exporter.config import Duration
+from exporter.config import Duration, format_location
 
 log = logging.getLogger(__name__)
 
@@ -403,17 +403,7 @@ def _describe(error: ValidationError) -> str:
         message = "must be true or false"
     more = len(problems) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"{_format_location(location)}: {message}{suffix}"
-
-
-def _format_location(location: list[str | int]) -> str:
-    text = ""
-    for part in location:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += f".{part}" if text else part
-    return text or "(top level)"
+    return f"{format_location(location)}: {message}{suffix}"
 
 
 def _known_keys_hint(location: list[str | int]) -> str:

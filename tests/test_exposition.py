@@ -103,3 +103,22 @@ def test_changing_the_artifact_limit_renders_again() -> None:
     assert after != before
     assert after == expected(scenario.store, ExpositionFormat.TEXT, max_artifacts=1)
     assert b"primeintellect_image_build_artifacts_omitted{" in after
+
+
+@pytest.mark.parametrize("format", FORMATS)
+@pytest.mark.parametrize("gzip", [False, True])
+def test_a_kept_body_is_offered_only_while_it_matches_the_snapshot(
+    format: ExpositionFormat, gzip: bool
+) -> None:
+    scenario = Scenario(150, seed=7)
+    cache = ExpositionCache(scenario.store.snapshot, tail_families)
+    assert cache.kept_body(format, gzip=gzip) is None  # nothing rendered yet
+    rendered = cache.body(format, gzip=gzip).join()
+    kept = cache.kept_body(format, gzip=gzip)
+    assert kept is not None
+    assert kept.join() == rendered
+    scenario.change_something()
+    assert cache.kept_body(format, gzip=gzip) is None
+    fresh = cache.body(format, gzip=gzip).join()
+    plain = zlib.decompress(fresh, wbits=31) if gzip else fresh
+    assert plain == expected(scenario.store, format)

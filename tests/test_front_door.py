@@ -49,6 +49,9 @@ class StaticMetrics:
         data = self.compressed if gzip else self.plain
         return Body((data,), len(data))
 
+    def kept_body(self, format: ExpositionFormat, *, gzip: bool) -> Body | None:
+        return self.body(format, gzip=gzip)
+
 
 class Reloads:
     def __init__(self) -> None:
@@ -162,6 +165,12 @@ def scrape_success(
     return succeeded / scrapes
 
 
+def tls_config_file(pki: Pki, directory: Path) -> Path:
+    path = directory / "web.yml"
+    path.write_text(tls_section(pki))
+    return path
+
+
 def rss_bytes() -> int:
     status = Path("/proc/self/status").read_text()
     return int(status.split("VmRSS:")[1].split()[0]) * 1024
@@ -225,8 +234,7 @@ def test_64_clients_that_never_read_leave_scrapes_answered_and_memory_flat(
 def test_idle_and_silent_tls_clients_leave_scrapes_answered(
     pki: Pki, tmp_path: Path, sockets: list[socket.socket]
 ) -> None:
-    web_config = tmp_path / "web.yml"
-    web_config.write_text(tls_section(pki))
+    web_config = tls_config_file(pki, tmp_path)
     context = client_context(pki)
     with serve(web_config_file=web_config) as served:
         # 64 that never send a ClientHello, 64 that finish the handshake and say nothing.
@@ -500,8 +508,7 @@ def test_connections_past_the_cap_are_answered_503(sockets: list[socket.socket])
 def test_tls_connections_past_the_cap_are_answered_503_over_tls(
     pki: Pki, tmp_path: Path, sockets: list[socket.socket]
 ) -> None:
-    web_config = tmp_path / "web.yml"
-    web_config.write_text(tls_section(pki))
+    web_config = tls_config_file(pki, tmp_path)
     context = client_context(pki)
     with serve(limits=ServerLimits(max_connections=4), web_config_file=web_config) as served:
         for _ in range(4):
@@ -514,8 +521,7 @@ def test_tls_connections_past_the_cap_are_answered_503_over_tls(
 def test_an_unfinished_tls_handshake_is_dropped_after_its_deadline(
     pki: Pki, tmp_path: Path
 ) -> None:
-    web_config = tmp_path / "web.yml"
-    web_config.write_text(tls_section(pki))
+    web_config = tls_config_file(pki, tmp_path)
     with serve(limits=SHORT, web_config_file=web_config) as served, connect(served.url) as idle:
         # Half a ClientHello, then silence.
         idle.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")

@@ -149,6 +149,22 @@ def test_listens_on_ipv6_loopback(simulator: Simulator, start_exporter: StartExp
     assert running.get("/-/healthy").status_code == 200
 
 
+def test_a_bare_port_listens_on_ipv4_and_ipv6(
+    simulator: Simulator, start_exporter: StartExporter
+) -> None:
+    if not socket.has_dualstack_ipv6():
+        pytest.skip("this machine has no dual-stack IPv6")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("::1 is not configured here")
+    running = start_exporter(make_config(simulator.base_url, [], listen_address=":0"))
+    port = running.url.rsplit(":", 1)[1]
+    for host in ("127.0.0.1", "[::1]"):
+        assert httpx.get(f"http://{host}:{port}/-/healthy").status_code == 200
+
+
 def test_api_up_is_absent_until_the_api_has_answered(
     simulator: Simulator, start_exporter: StartExporter
 ) -> None:

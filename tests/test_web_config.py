@@ -221,6 +221,27 @@ def test_max_version_tls12_is_what_a_tls13_client_gets(
         assert connection.version() == "TLSv1.2"
 
 
+def test_cipher_suites_in_go_names_restrict_what_tls12_clients_may_use(
+    pki: Pki, web_config: Callable[[str], Path], start_with: Callable[[Path], RunningExporter]
+) -> None:
+    running = start_with(
+        web_config(
+            tls_section(
+                pki,
+                max_version="TLS12",
+                cipher_suites="[TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384]",
+            )
+        )
+    )
+    allowed = client_context(pki)
+    allowed.set_ciphers("ECDHE-ECDSA-AES256-GCM-SHA384")
+    assert scrape(running.url, allowed).status_code == 200
+    other = client_context(pki)
+    other.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256")
+    with pytest.raises(httpx.TransportError):
+        scrape(running.url, other)
+
+
 def test_idle_tls_handshake_does_not_block_other_scrapes(
     pki: Pki,
     web_config: Callable[[str], Path],
