@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lint format bench soak clean
+.PHONY: demo test lint format bench attacks soak clean
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -30,6 +30,9 @@ lint: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/bench.py
+
+attacks: $(INSTALLED)
+	$(BIN)/python benchmarks/attacks.py
 
 soak: $(INSTALLED)
 	$(BIN)/python benchmarks/soak.py --builds 300 --duration 180
