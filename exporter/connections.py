@@ -364,9 +364,10 @@ class Listener:
             try:
                 connection, address = await loop.sock_accept(self._socket)
             except OSError as error:
-                if error.errno in {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}:
-                    # The connection waits in the listen backlog until descriptors free up.
-                    self._warn("out of file descriptors; accepting again shortly", error)
+                if error.errno != errno.ECONNABORTED:
+                    # Out of descriptors, most likely: the connection waits in the listen
+                    # backlog until some free up, and this loop does not spin meanwhile.
+                    self._warn("cannot accept connections; trying again shortly", error)
                     await asyncio.sleep(_ACCEPT_BACKOFF)
                 continue
             task = loop.create_task(self._set_up(connection, address))
