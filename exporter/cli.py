@@ -251,9 +251,11 @@ def _raise_open_file_limit() -> None:
     # As Go programs do at start: each HTTP connection holds a file descriptor, and the usual
     # soft limit of 1024 would cap connections long before memory does.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+    # An unlimited hard limit still stops at the kernel's nr_open, 1048576 by default.
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 async def _serve_until_signalled(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -189,6 +190,24 @@ def test_json_logs_are_one_object_per_line_without_the_key(
     assert failures[0]["build_id"] == "gone"
     assert {"ts", "level", "msg"} <= set(records[0])
     assert CANARY_API_KEY not in stderr
+
+
+def test_the_open_file_soft_limit_is_raised_to_the_hard_limit(daemons: list[Daemon]) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip("the hard open-file limit is too low to lower the soft one under it")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        # The child inherits the low soft limit, as from a shell's default of 1024.
+        daemon = Daemon("--demo", "--web.listen-address", "127.0.0.1:0", env=environment())
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    daemons.append(daemon)
+    daemon.wait_for_url()
+    limits = Path(f"/proc/{daemon.process.pid}/limits").read_text()
+    open_files = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    expected = "1048576" if hard == resource.RLIM_INFINITY else str(hard)
+    assert open_files.split()[3] == expected, open_files
 
 
 def test_demo_serves_simulated_builds_without_an_api_key(daemons: list[Daemon]) -> None:

@@ -136,14 +136,19 @@ def test_status_page_lists_builds_and_escapes_api_strings(
         assert link in page.text
 
 
-def test_listens_on_ipv6_loopback(simulator: Simulator, start_exporter: StartExporter) -> None:
-    if not socket.has_ipv6:
-        pytest.skip("this machine has no IPv6")
+def require_ipv6_loopback(*, dual_stack: bool = False) -> None:
+    """Skip unless ::1 can be bound (and, with ``dual_stack``, IPv4 can share the socket)."""
+    if not (socket.has_dualstack_ipv6() if dual_stack else socket.has_ipv6):
+        pytest.skip("this machine has no dual-stack IPv6" if dual_stack else "no IPv6 here")
     try:
         with socket.socket(socket.AF_INET6) as probe:
             probe.bind(("::1", 0))
     except OSError:
         pytest.skip("::1 is not configured here")
+
+
+def test_listens_on_ipv6_loopback(simulator: Simulator, start_exporter: StartExporter) -> None:
+    require_ipv6_loopback()
     running = start_exporter(make_config(simulator.base_url, [], listen_address="[::1]:0"))
     assert running.url.startswith("http://[::1]:")
     assert running.get("/-/healthy").status_code == 200
@@ -152,13 +157,7 @@ def test_listens_on_ipv6_loopback(simulator: Simulator, start_exporter: StartExp
 def test_a_bare_port_listens_on_ipv4_and_ipv6(
     simulator: Simulator, start_exporter: StartExporter
 ) -> None:
-    if not socket.has_dualstack_ipv6():
-        pytest.skip("this machine has no dual-stack IPv6")
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        pytest.skip("::1 is not configured here")
+    require_ipv6_loopback(dual_stack=True)
     running = start_exporter(make_config(simulator.base_url, [], listen_address=":0"))
     port = running.url.rsplit(":", 1)[1]
     for host in ("127.0.0.1", "[::1]"):
