@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import glob
 import hashlib
 import ipaddress
@@ -633,25 +634,50 @@ def describe_validation_error(error: ValidationError, source: str | None = None)
     """
     problems = error.errors(include_url=False)
     first = problems[0]
-    location = format_location(first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     cause = first.get("ctx", {}).get("error")
     if isinstance(cause, BuildIdNotStringError) and source is not None:
         written = _written_scalar(source, first["loc"])
         message = str(BuildIdNotStringError(cause.value, written))
     elif first["type"] == "extra_forbidden":
-        message = f"unknown key{_allowed_keys_hint(first['loc'])}"
-    elif first["type"] == "missing":
-        message = "required"
-    elif first["type"] in {"model_type", "dict_type"}:
-        message = "must be a mapping of keys"
-    elif first["type"] == "list_type":
-        message = "must be a list"
+        message = f"unknown key{unknown_key_hint(ConfigFile, first['loc'])}"
+    elif (generic := generic_problem(first["type"])) is not None:
+        message = generic
     elif "input" in first and first["type"] not in {"value_error", "assertion_error"}:
         message = f"{message} (got {quoted(first['input'])})"
-    more = len(problems) - 1
-    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"{location}: {message}{suffix}"
+    return f"{format_location(first['loc'])}: {message}{more_problems(len(problems))}"
+
+
+def generic_problem(error_type: str) -> str | None:
+    """The wording of a pydantic error type that says the same in every file, or None."""
+    return {
+        "missing": "required",
+        "model_type": "must be a mapping of keys to values",
+        "dict_type": "must be a mapping of keys to values",
+        "list_type": "must be a list",
+        "bool_type": "must be true or false",
+    }.get(error_type)
+
+
+def more_problems(count: int) -> str:
+    """`` (and N more problems)`` after the first of ``count``, or nothing."""
+    more = count - 1
+    return f" (and {more} more problem{'s' if more > 1 else ''})" if more > 0 else ""
+
+
+def unknown_key_hint(root: type[BaseModel], location: Sequence[int | str]) -> str:
+    """A close match for an unknown key, if any, and the keys allowed where it stands."""
+    model = root
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(str(location[-1]), allowed, n=1) if location else []
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"{hint} (allowed: {', '.join(allowed)})"
 
 
 def _written_scalar(source: str, location: tuple[int | str, ...]) -> str | None:
@@ -679,14 +705,3 @@ def format_location(location: Sequence[int | str]) -> str:
         else:
             text += f".{part}" if text else part
     return text or "(top level)"
-
-
-def _allowed_keys_hint(location: tuple[int | str, ...]) -> str:
-    model: type[BaseModel] = ConfigFile
-    for part in location[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return ""
-        model = annotation
-    return f" (allowed: {', '.join(model.model_fields)})"

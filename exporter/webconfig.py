@@ -44,7 +44,13 @@ from pydantic import (
 )
 
 from exporter.auth import BasicAuth, RateLimiter
-from exporter.config import Duration, format_location
+from exporter.config import (
+    Duration,
+    format_location,
+    generic_problem,
+    more_problems,
+    unknown_key_hint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -394,30 +400,10 @@ def _describe(error: ValidationError) -> str:
         location.append(cause.key)
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        message = f"unknown key{_known_keys_hint(location)}"
-    elif first["type"] in {"model_type", "dict_type"}:
-        message = "must be a mapping of keys to values"
-    elif first["type"] == "list_type":
-        message = "must be a list"
-    elif first["type"] == "bool_type":
-        message = "must be true or false"
-    more = len(problems) - 1
-    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"{format_location(location)}: {message}{suffix}"
-
-
-def _known_keys_hint(location: list[str | int]) -> str:
-    model: type[BaseModel] = WebConfigFile
-    for part in location[:-1]:
-        section = model.model_fields.get(str(part))
-        annotation = section.annotation if section else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return ""
-        model = annotation
-    known = list(model.model_fields)
-    close = difflib.get_close_matches(str(location[-1]), known, n=1)
-    hint = f"; did you mean {close[0]}?" if close else ""
-    return f"{hint} (known keys here: {', '.join(known)})"
+        message = f"unknown key{unknown_key_hint(WebConfigFile, location)}"
+    elif (generic := generic_problem(first["type"])) is not None:
+        message = generic
+    return f"{format_location(location)}: {message}{more_problems(len(problems))}"
 
 
 # --- YAML as Go's decoder reads it -------------------------------------------------------
