@@ -245,8 +245,9 @@ class GuardedConnection(asyncio.Protocol):
         if self._head_started:
             self._refuse(REQUEST_TIMEOUT)
         elif self.transport is not None:
-            # Nothing was sent: nobody is listening for an answer.
-            self.transport.abort()
+            # No request is coming: close once the last answer is out (a client that stops
+            # reading it meets the write deadline instead).
+            self.transport.close()
 
     def _write_timed_out(self) -> None:
         self._write_deadline = None

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import resource
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -152,10 +153,6 @@ class MetricsServer:
         self._watching: asyncio.Task[None] | None = None
 
     @property
-    def limits(self) -> ServerLimits:
-        return self._limits
-
-    @property
     def port(self) -> int:
         return int(self._socket.getsockname()[1])
 
@@ -221,7 +218,7 @@ class MetricsServer:
 
     # -- TLS -------------------------------------------------------------------------------
 
-    def _tls_context(self) -> Any:
+    def _tls_context(self) -> ssl.SSLContext | None:
         config = None if self._web_config is None else self._web_config.current()
         return None if config is None or config.tls is None else config.tls.context
 
@@ -325,19 +322,19 @@ class MetricsServer:
         if not request.body_exists:
             return None
         limit = self._limits.max_request_body_bytes
-        too_large = self._respond(web_config, 413, "Request body too large\n", close=True)
-        if request.content_length is not None and request.content_length > limit:
-            return too_large
-        received = 0
-        try:
-            async with asyncio.timeout(self._limits.request_head_timeout):
-                while chunk := await request.content.readany():
-                    received += len(chunk)
-                    if received > limit:
-                        return too_large
-        except TimeoutError:
-            return self._respond(web_config, 408, "Request body not received in time\n", close=True)
-        return None
+        if (request.content_length or 0) <= limit:
+            received = 0
+            try:
+                async with asyncio.timeout(self._limits.request_head_timeout):
+                    while received <= limit and (chunk := await request.content.readany()):
+                        received += len(chunk)
+            except TimeoutError:
+                return self._respond(
+                    web_config, 408, "Request body not received in time\n", close=True
+                )
+            if received <= limit:
+                return None
+        return self._respond(web_config, 413, "Request body too large\n", close=True)
 
     async def _metrics(
         self, request: web.BaseRequest, web_config: WebConfig | None
