@@ -8,15 +8,11 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import bcrypt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from exporter.webconfig import (
     GO_CIPHER_SUITES,
@@ -24,6 +20,7 @@ from exporter.webconfig import (
     WebConfigWatcher,
     load_web_config,
 )
+from tests.pki import make_pki
 
 PASSWORD = "correct horse battery staple"
 # The lowest cost bcrypt allows keeps the suite fast; it is still a valid hash.
@@ -42,50 +39,24 @@ class CertificateFiles:
 
 
 def write_certificate_files(directory: Path) -> CertificateFiles:
-    """Write a CA and a server certificate (P-256 keys) into ``directory``."""
-    now = datetime.now(UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web config test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
+    """Write a CA, a server certificate for localhost, and keys that do not fit it."""
+    pki = make_pki(directory)
+    key = serialization.load_pem_private_key(pki.server.key.read_bytes(), password=None)
+    encrypted_key = directory / "encrypted.key"
+    encrypted_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
     )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(ca_key, hashes.SHA256())
+    return CertificateFiles(
+        ca=pki.ca,
+        cert=pki.server.cert,
+        key=pki.server.key,
+        other_key=pki.client.key,
+        encrypted_key=encrypted_key,
     )
-    files = CertificateFiles(
-        ca=directory / "ca.crt",
-        cert=directory / "server.crt",
-        key=directory / "server.key",
-        other_key=directory / "other.key",
-        encrypted_key=directory / "encrypted.key",
-    )
-    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files.cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    pkcs8 = serialization.PrivateFormat.PKCS8
-    for path, key, encryption in (
-        (files.key, server_key, serialization.NoEncryption()),
-        (files.other_key, ca_key, serialization.NoEncryption()),
-        (files.encrypted_key, server_key, serialization.BestAvailableEncryption(b"passphrase")),
-    ):
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, pkcs8, encryption))
-    return files
 
 
 def bcrypt_hash(password: str = PASSWORD) -> str:
