@@ -56,8 +56,8 @@ class ServerLimits:
     tls_handshake_timeout: float = 5.0
 
 
-def canned_response(status: int, reason: str, body: str, *extra_headers: str) -> bytes:
-    """A complete HTTP/1.1 answer that closes the connection."""
+def _canned_response(status: int, reason: str, body: str, *extra_headers: str) -> bytes:
+    # A complete HTTP/1.1 answer that closes the connection.
     payload = body.encode()
     head = [
         f"HTTP/1.1 {status} {reason}",
@@ -70,15 +70,15 @@ def canned_response(status: int, reason: str, body: str, *extra_headers: str) ->
     return ("\r\n".join(head) + "\r\n\r\n").encode() + payload
 
 
-REQUEST_TIMEOUT = canned_response(408, "Request Timeout", "Request head not received in time\n")
-HEAD_TOO_LARGE = canned_response(
+REQUEST_TIMEOUT = _canned_response(408, "Request Timeout", "Request head not received in time\n")
+HEAD_TOO_LARGE = _canned_response(
     431, "Request Header Fields Too Large", "Request header fields too large\n"
 )
-TOO_MANY_CONNECTIONS = canned_response(
+TOO_MANY_CONNECTIONS = _canned_response(
     503, "Service Unavailable", "Too many connections; try again\n", "Retry-After: 1"
 )
 # What Go's servers answer to plain HTTP on a TLS port.
-PLAIN_HTTP_ON_TLS_PORT = canned_response(
+PLAIN_HTTP_ON_TLS_PORT = _canned_response(
     400, "Bad Request", "Client sent an HTTP request to an HTTPS server.\n"
 )
 

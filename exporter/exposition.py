@@ -196,8 +196,8 @@ class ExpositionCache:
                         chunk.compressed = tuple(_deflate_segment(part) for part in chunk.plain)
                     pieces.append(chunk.compressed[family])
             pieces.append(_deflate_segment(rendered.summary))
-            # Joined once per snapshot: a scrape then writes a few large parts instead of
-            # thousands of small segments. The compressed body is small enough to hold twice.
+            # Joined once per snapshot, not on every scrape: the server writes large parts,
+            # and the compressed body is small enough to hold twice.
             rendered.compressed_pieces = (b"".join(pieces),)
         return rendered.compressed_pieces
 
