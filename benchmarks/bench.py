@@ -38,6 +38,7 @@ from prometheus_client.registry import Collector
 from pydantic import SecretStr
 
 from exporter.api import BuildStatusClient
+from exporter.app import PerScrapeFamilies
 from exporter.config import ApiKeySource
 from exporter.exposition import Body, ExpositionCache
 from exporter.metrics import ExpositionFormat, build_families, exporter_families
@@ -314,7 +315,8 @@ def rss_kib(pid: int) -> int:
 def measure_scrapes(count: int, scrapes: int) -> list[Row]:
     store = filled_store(count)
     telemetry = Telemetry()
-    cache = ExpositionCache(store.snapshot, lambda: exporter_families(telemetry.snapshot()))
+    # What the exporter collects on every scrape: its own families and the process's.
+    cache = ExpositionCache(store.snapshot, PerScrapeFamilies(telemetry).collect)
     plain = cache.body(ExpositionFormat.TEXT, gzip=False).join()
     rows = []
     sources: dict[str, ExpositionSource] = {

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from exporter.exposition import ExpositionCache
 from exporter.metrics import ExpositionFormat, exporter_families
 from exporter.poller import Poller, PollSettings
 from exporter.server import Endpoints, MetricsServer
-from exporter.store import BuildStore, Telemetry
+from exporter.store import BuildStore, Telemetry, TelemetrySnapshot
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,31 @@ def poll_settings(config: Config) -> PollSettings:
         requests_per_second=config.api.requests_per_second,
         max_concurrency=config.api.max_concurrency,
     )
+
+
+class PerScrapeFamilies:
+    """The families collected on every scrape: the exporter's own, and the process's."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self._telemetry = telemetry
+        # A private registry: the process, platform and garbage-collector metrics.
+        self._runtime = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self._runtime)
+        PlatformCollector(registry=self._runtime)
+        GCCollector(registry=self._runtime)
+        self._made_from: TelemetrySnapshot | None = None
+        self._made_for_shard = (0, 1)
+        self._own: list[Metric] = []
+
+    def collect(self, shard_index: int = 0, shard_count: int = 1) -> list[Metric]:
+        telemetry = self._telemetry.snapshot()
+        shard = (shard_index, shard_count)
+        # The same snapshot object means nothing changed: the families stay the same objects,
+        # which the render cache recognises without comparing their samples.
+        if telemetry is not self._made_from or shard != self._made_for_shard:
+            self._own = exporter_families(telemetry, shard_index, shard_count)
+            self._made_from, self._made_for_shard = telemetry, shard
+        return [*self._own, *self._runtime.collect()]
 
 
 def create_client(config: Config) -> BuildStatusClient:
@@ -74,11 +99,7 @@ class Exporter:
         self._enable_lifecycle = enable_lifecycle
         self.store = BuildStore()
         self.telemetry = Telemetry()
-        # A private registry: the process, platform and garbage-collector metrics of this process.
-        self._runtime = CollectorRegistry(auto_describe=False)
-        ProcessCollector(registry=self._runtime)
-        PlatformCollector(registry=self._runtime)
-        GCCollector(registry=self._runtime)
+        self._per_scrape = PerScrapeFamilies(self.telemetry)
         self.client = create_client(config)
         self.poller = Poller(
             self.client,
@@ -99,10 +120,9 @@ class Exporter:
         self._retired_clients: list[BuildStatusClient] = []
         self._reload_lock = asyncio.Lock()
 
-    def _per_scrape_families(self) -> Iterable[Metric]:
+    def _per_scrape_families(self) -> list[Metric]:
         shard = self.config.shard
-        yield from exporter_families(self.telemetry.snapshot(), shard.index, shard.count)
-        yield from self._runtime.collect()
+        return self._per_scrape.collect(shard.index, shard.count)
 
     def unhealthy_reason(self) -> str | None:
         """Why the exporter is unhealthy, or None: the poller must be running and awake."""

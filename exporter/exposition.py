@@ -2,10 +2,13 @@
 
 Build series change only when an API answer changes, so their exposition is kept between
 scrapes, in chunks of consecutive builds. A store change re-renders only the chunks holding a
-changed build, in each format asked for since; gzip is kept the same way, as independently
-compressed deflate segments joined into one gzip member. Only the exporter's own small
-families are rendered on every scrape. The bytes are exactly what prometheus_client writes
-for the same families: each chunk is rendered by it, and joined in the same order.
+changed build, in each format asked for since; gzip is kept the same way, as deflate segments
+joined into one gzip member, each primed with the text before it (as pigz does), so the
+body is as small as one compressed in one go and a change recompresses only the segments
+that hold or follow it closely. The exporter's own small families
+are collected on every scrape, and each is rendered again only when its samples differ from
+the last scrape's. The bytes are exactly what prometheus_client writes for the same
+families: each chunk and family is rendered by it, and joined in the same order.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import struct
 import threading
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +37,11 @@ CHUNK_SIZE = 64
 GZIP_LEVEL = 6
 # A gzip member header: deflate, no name, no time, unknown OS (RFC 1952).
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+# The farthest a deflate back-reference reaches: a segment may refer to this much of the
+# text before it.
+WINDOW_BYTES = 32 * 1024
+# An empty final deflate block: ends a run of byte-aligned segments.
+_FINAL_DEFLATE_BLOCK = b"\x03\x00"
 
 
 @dataclass(frozen=True)
@@ -46,12 +55,89 @@ class Body:
         return b"".join(self.pieces)
 
 
+@dataclass(frozen=True)
+class _Segment:
+    """One piece deflated with the end of the text before it as the dictionary."""
+
+    data: bytes
+    # The pieces whose end was the dictionary: the segment is valid only after exactly these.
+    primed_with: tuple[bytes, ...]
+
+
 @dataclass
 class _Chunk:
     records: tuple[BuildRecord, ...]
     # One rendered piece per build family, without the family's HELP and TYPE lines.
     plain: tuple[bytes, ...]
-    compressed: tuple[bytes, ...] | None = None
+    compressed: list[_Segment | None] | None = None
+
+
+class _Window:
+    """The last WINDOW_BYTES of the text so far, as the fewest pieces that hold them."""
+
+    def __init__(self) -> None:
+        self._pieces: deque[bytes] = deque()
+        self._length = 0
+
+    def pieces(self) -> tuple[bytes, ...]:
+        return tuple(self._pieces)
+
+    def dictionary(self) -> bytes:
+        needed = WINDOW_BYTES
+        parts = []
+        for piece in reversed(self._pieces):
+            if len(piece) >= needed:
+                parts.append(piece[-needed:])
+                break
+            parts.append(piece)
+            needed -= len(piece)
+        return b"".join(reversed(parts))
+
+    def add(self, piece: bytes) -> None:
+        if not piece:
+            return
+        self._pieces.append(piece)
+        self._length += len(piece)
+        while self._length - len(self._pieces[0]) >= WINDOW_BYTES:
+            self._length -= len(self._pieces.popleft())
+
+
+@dataclass(frozen=True)
+class _RenderedFamily:
+    """One per-scrape family as last rendered: its samples, bytes and deflate segment."""
+
+    metric: Metric
+    plain: bytes
+    compressed: bytes
+
+
+class _PerScrapeFamilies:
+    """Renders the per-scrape families, each again only when it differs from the last scrape.
+
+    Between two scrapes most of them do not change (the platform, most counters), and
+    prometheus_client spends microseconds per sample on names and escaping.
+    """
+
+    def __init__(self) -> None:
+        # Called from the event loop and from render threads; held only to swap the dicts.
+        self._lock = threading.Lock()
+        self._last: dict[ExpositionFormat, dict[str, _RenderedFamily]] = {}
+
+    def render(self, families: Iterable[Metric], format: ExpositionFormat) -> list[_RenderedFamily]:
+        with self._lock:
+            last = self._last.get(format, {})
+        current: dict[str, _RenderedFamily] = {}
+        in_order = []
+        for family in families:
+            rendered = last.get(family.name)
+            if rendered is None or not _same_family(rendered.metric, family):
+                plain = render([family], format).removesuffix(OPENMETRICS_EOF)
+                rendered = _RenderedFamily(family, plain, _deflate_segment(plain))
+            current[family.name] = rendered
+            in_order.append(rendered)
+        with self._lock:
+            self._last[format] = current
+        return in_order
 
 
 @dataclass
@@ -66,6 +152,7 @@ class _Rendered:
     plain_pieces: tuple[bytes, ...] = ()
     plain_length: int = 0
     plain_crc: int = 0
+    # The gzip member up to the per-scrape families: its header and the deflated build part.
     compressed_pieces: tuple[bytes, ...] | None = None
 
 
@@ -84,6 +171,7 @@ class ExpositionCache:
         self._max_artifacts_per_build = max_artifacts_per_build
         self._lock = threading.Lock()
         self._rendered: dict[ExpositionFormat, _Rendered] = {}
+        self._per_scrape_families = _PerScrapeFamilies()
 
     def set_max_artifacts_per_build(self, limit: int) -> None:
         with self._lock:
@@ -120,17 +208,25 @@ class ExpositionCache:
     def _with_tail(
         self, format: ExpositionFormat, rendered: _Rendered, compressed: tuple[bytes, ...] | None
     ) -> Body:
-        tail = render(self._per_scrape(), format)
+        families = self._per_scrape_families.render(self._per_scrape(), format)
+        end = OPENMETRICS_EOF if format is ExpositionFormat.OPENMETRICS else b""
+        tail = b"".join([*(family.plain for family in families), end])
         if compressed is None:
             return Body((*rendered.plain_pieces, tail), rendered.plain_length + len(tail))
-        compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15)
-        last = compressor.compress(tail) + compressor.flush(zlib.Z_FINISH)
         trailer = struct.pack(
             "<II",
             zlib.crc32(tail, rendered.plain_crc),
             (rendered.plain_length + len(tail)) & 0xFFFFFFFF,
         )
-        pieces = (_GZIP_HEADER, *compressed, last, trailer)
+        last = b"".join(
+            [
+                *(family.compressed for family in families),
+                _DEFLATED_OPENMETRICS_EOF if end else b"",
+                _FINAL_DEFLATE_BLOCK,
+                trailer,
+            ]
+        )
+        pieces = (*compressed, last)
         return Body(pieces, sum(len(piece) for piece in pieces))
 
     def _refresh(self, format: ExpositionFormat) -> _Rendered:
@@ -145,7 +241,7 @@ class ExpositionCache:
         for index, start in enumerate(range(0, len(records), CHUNK_SIZE)):
             members = records[start : start + CHUNK_SIZE]
             old = old_chunks[index] if index < len(old_chunks) else None
-            if old is not None and _same_records(old.records, members):
+            if old is not None and _same_objects(old.records, members):
                 chunks.append(old)
             else:
                 chunks.append(_Chunk(members, self._render_chunk(members, format)))
@@ -187,27 +283,57 @@ class ExpositionCache:
 
     def _compressed(self, rendered: _Rendered) -> tuple[bytes, ...]:
         if rendered.compressed_pieces is None:
-            headers = [_deflate_segment(header) for header in rendered.headers]
-            pieces = []
-            for family, header in enumerate(headers):
-                pieces.append(header)
+            window = _Window()
+            parts = [_GZIP_HEADER]
+
+            def deflated(piece: bytes, kept: _Segment | None) -> _Segment:
+                before = window.pieces()
+                if kept is None or not _same_objects(kept.primed_with, before):
+                    kept = _Segment(_deflate_segment(piece, window.dictionary()), before)
+                window.add(piece)
+                parts.append(kept.data)
+                return kept
+
+            for family, header in enumerate(rendered.headers):
+                deflated(header, None)
                 for chunk in rendered.chunks:
                     if chunk.compressed is None:
-                        chunk.compressed = tuple(_deflate_segment(part) for part in chunk.plain)
-                    pieces.append(chunk.compressed[family])
-            pieces.append(_deflate_segment(rendered.summary))
+                        chunk.compressed = [None] * len(chunk.plain)
+                    chunk.compressed[family] = deflated(
+                        chunk.plain[family], chunk.compressed[family]
+                    )
+            deflated(rendered.summary, None)
             # Joined once per snapshot, not on every scrape: the server writes large parts,
             # and the compressed body is small enough to hold twice.
-            rendered.compressed_pieces = (b"".join(pieces),)
+            rendered.compressed_pieces = (b"".join(parts),)
         return rendered.compressed_pieces
 
 
-def _same_records(old: Sequence[BuildRecord], new: Sequence[BuildRecord]) -> bool:
-    # Records are immutable and replaced on every change, so identity is enough.
+def _same_objects(old: Sequence[object], new: Sequence[object]) -> bool:
+    # Records and rendered pieces are never changed in place, only replaced.
     return len(old) == len(new) and all(a is b for a, b in zip(old, new, strict=True))
 
 
-def _deflate_segment(data: bytes) -> bytes:
-    """Raw deflate of ``data``, byte-aligned and not final, so segments can be joined."""
-    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15)
+def _same_family(old: Metric, new: Metric) -> bool:
+    return old is new or (
+        old.type == new.type
+        and old.documentation == new.documentation
+        and old.unit == new.unit
+        and old.samples == new.samples
+    )
+
+
+def _deflate_segment(data: bytes, dictionary: bytes = b"") -> bytes:
+    """Raw deflate of ``data``, byte-aligned and not final, so segments can be joined.
+
+    With a ``dictionary`` (the text just before ``data`` in the body) it may refer back into
+    it, as a decoder holds those bytes in its window.
+    """
+    if dictionary:
+        compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15, zdict=dictionary)
+    else:
+        compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -15)
     return compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+
+
+_DEFLATED_OPENMETRICS_EOF = _deflate_segment(OPENMETRICS_EOF)

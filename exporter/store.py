@@ -240,7 +240,10 @@ class TelemetrySnapshot:
 
 
 class Telemetry:
-    """Counters about the exporter itself, updated on every request."""
+    """Counters about the exporter itself, updated on every request.
+
+    ``snapshot()`` returns the same object until something changes.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -251,20 +254,24 @@ class Telemetry:
         self._config_reload_successful = True
         self._internal_errors = dict.fromkeys(INTERNAL_ERROR_COMPONENTS, 0)
         self._error_classes_seen: set[tuple[str, str]] = set()
+        self._snapshot: TelemetrySnapshot | None = None
 
     def observe_request(self, outcome: Outcome, duration: float) -> None:
         with self._lock:
             self._requests[outcome] += 1
             self._durations = self._durations.observe(duration)
             self._api_up = outcome not in API_DOWN_OUTCOMES
+            self._snapshot = None
 
     def set_rate_limited_until(self, timestamp: float) -> None:
         with self._lock:
             self._rate_limited_until = timestamp
+            self._snapshot = None
 
     def set_config_reload_successful(self, successful: bool) -> None:
         with self._lock:
             self._config_reload_successful = successful
+            self._snapshot = None
 
     def record_internal_error(self, component: str, error: BaseException) -> bool:
         """Count an unexpected exception; True the first time its class is seen here."""
@@ -273,15 +280,18 @@ class Telemetry:
             error_class = (component, type(error).__qualname__)
             first = error_class not in self._error_classes_seen
             self._error_classes_seen.add(error_class)
+            self._snapshot = None
             return first
 
     def snapshot(self) -> TelemetrySnapshot:
         with self._lock:
-            return TelemetrySnapshot(
-                requests=MappingProxyType(dict(self._requests)),
-                request_durations=self._durations,
-                api_up=self._api_up,
-                rate_limited_until=self._rate_limited_until,
-                config_reload_successful=self._config_reload_successful,
-                internal_errors=MappingProxyType(dict(self._internal_errors)),
-            )
+            if self._snapshot is None:
+                self._snapshot = TelemetrySnapshot(
+                    requests=MappingProxyType(dict(self._requests)),
+                    request_durations=self._durations,
+                    api_up=self._api_up,
+                    rate_limited_until=self._rate_limited_until,
+                    config_reload_successful=self._config_reload_successful,
+                    internal_errors=MappingProxyType(dict(self._internal_errors)),
+                )
+            return self._snapshot

@@ -122,3 +122,44 @@ def test_a_kept_body_is_offered_only_while_it_matches_the_snapshot(
     fresh = cache.body(format, gzip=gzip).join()
     plain = zlib.decompress(fresh, wbits=31) if gzip else fresh
     assert plain == expected(scenario.store, format)
+
+
+class ChangingTail:
+    """Per-scrape families whose values, labels and membership change between scrapes."""
+
+    def __init__(self, seed: int) -> None:
+        self.random = random.Random(seed)
+        self.values = {"steady": 1.0, "moving": 0.0}
+
+    def change(self) -> None:
+        self.values["moving"] += self.random.choice([0.0, 1.0, 0.5])
+        # A family that comes and goes; NaN never equals itself, so it is always new.
+        if self.random.random() < 0.3 and self.values.pop("sometimes", None) is None:
+            self.values["sometimes"] = float("nan")
+
+    def families(self) -> list[Metric]:
+        families: list[Metric] = []
+        for name, value in self.values.items():
+            family = GaugeMetricFamily(
+                f"primeintellect_exporter_test_{name}", f"{name} \\ \n part.", labels=("kind",)
+            )
+            family.add_metric(('quoted "' + name + '"',), value)
+            families.append(family)
+        return families
+
+
+@pytest.mark.parametrize("format", FORMATS, ids=["text", "openmetrics"])
+@pytest.mark.parametrize("gzip", [False, True], ids=["plain", "gzip"])
+def test_per_scrape_families_show_their_current_values_on_every_scrape(
+    format: ExpositionFormat, gzip: bool
+) -> None:
+    scenario = Scenario(count=20, seed=11)
+    tail = ChangingTail(seed=12)
+    cache = ExpositionCache(scenario.store.snapshot, tail.families)
+    builds = render(build_families(scenario.store.snapshot()), format).removesuffix(OPENMETRICS_EOF)
+    for _ in range(30):
+        kept = cache.kept_body(format, gzip=gzip)
+        body = (kept or cache.body(format, gzip=gzip)).join()
+        plain = zlib.decompress(body, wbits=31) if gzip else body
+        assert plain == builds + render(tail.families(), format)
+        tail.change()
