@@ -109,11 +109,13 @@ class GuardedConnection(asyncio.Protocol):
         limits: ServerLimits,
         connections: dict[asyncio.BaseTransport, GuardedConnection],
         admit: Callable[[asyncio.BaseTransport], bool] | None = None,
+        set_up: Callable[[], None] = lambda: None,
     ) -> None:
         self._inner = inner
         self._limits = limits
         self._connections = connections
         self._admit = admit
+        self._set_up = set_up
         self._inner_connected = False
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -137,6 +139,7 @@ class GuardedConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self._connections[transport] = self
+        self._set_up()
         if self._admit is not None and not self._admit(transport):
             transport.abort()
             return
@@ -417,8 +420,15 @@ class Listener:
             raise
 
     def _guarded(self) -> asyncio.Protocol:
+        # Called in the connection's set-up task; the connection leaves the pending ones as it
+        # joins the open ones (after its TLS handshake), so it is never counted twice.
+        setting_up = asyncio.current_task()
         return GuardedConnection(
-            self._protocol_factory(), self._limits, self._connections, admit=self._admit
+            self._protocol_factory(),
+            self._limits,
+            self._connections,
+            admit=self._admit,
+            set_up=lambda: self._pending.discard(setting_up),
         )
 
     def _refused(self, answer: bytes) -> asyncio.Protocol:
