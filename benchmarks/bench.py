@@ -46,7 +46,10 @@ from exporter.models import parse_build
 from exporter.poller import Poller, PollSettings
 from exporter.server import Endpoints, ExpositionSource, MetricsServer
 from exporter.simulator import BuildPlan, Simulator, random_plans
-from exporter.store import BuildStore, Telemetry
+from exporter.state import StateFile
+from exporter.store import BuildStore
+from exporter.telemetry import Telemetry
+from tests.support import FastClock, RunningExporter, make_config
 
 API_KEY = "pk-bench"
 SCRIPT = Path(sys.executable).parent / "primeintellect-build-exporter"
@@ -549,6 +552,146 @@ def measure_requests_saved(count: int, finished: int, interval: float, window: f
     ]
 
 
+def _start_daemon(config: Path) -> tuple[subprocess.Popen[bytes], float]:
+    """The exporter as a process; returns it and the seconds until /-/ready answered 200."""
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [str(SCRIPT), "--config.file", str(config), "--log.level", "error"],
+        env={**os.environ, "PRIME_API_KEY": API_KEY},
+    )
+    with httpx.Client(timeout=10) as client:
+        deadline = started + 120
+        while time.monotonic() < deadline:
+            try:
+                if client.get("http://127.0.0.1:19896/-/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+    return process, time.monotonic() - started
+
+
+def measure_restart(count: int, finished: int, window: float) -> list[Row]:
+    """A restart of an exporter that tracks ``count`` builds, with and without a state file."""
+    now = time.time()
+    plans = [
+        BuildPlan(f"done{index:05d}", "app", "v1", now - 3600, 10, 10, 60)
+        for index in range(finished)
+    ] + held_plans(count - finished, prefix="busy")
+    results: dict[bool, tuple[float, int, int, int]] = {}
+    with Simulator(API_KEY, plans) as simulator, tempfile.TemporaryDirectory() as work:
+        Path(work, "builds.txt").write_text("\n".join(plan.build_id for plan in plans))
+        for with_state in (True, False):
+            config = Path(work, "config.yaml")
+            state = f"state:\n  path: {work}/state.db\n" if with_state else ""
+            config.write_text(
+                f"api:\n  base_url: {simulator.base_url}\n  requests_per_second: 10000\n"
+                "  max_concurrency: 32\npolling:\n  interval: 30s\n"
+                f"build_files: [builds.txt]\nweb:\n  listen_address: 127.0.0.1:19896\n{state}"
+            )
+            # The first life polls everything once (and fills the state file).
+            process, _ = _start_daemon(config)
+            deadline = time.monotonic() + 300
+            while (
+                len({r.build_id for r in simulator.requests()}) < count
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.1)
+            time.sleep(2)  # the state is written each second
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+            before = len(simulator.requests())
+            process, ready_after = _start_daemon(config)
+            try:
+                time.sleep(window)
+                requests = simulator.requests()[before:]
+                rss = rss_kib(process.pid)
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(60)
+            finished_requests = sum(1 for r in requests if r.build_id.startswith("done"))
+            results[with_state] = (ready_after, len(requests), finished_requests, rss)
+    ready, total, for_finished, rss = results[True]
+    _, total_without, for_finished_without, _ = results[False]
+    label = f"restart, {count:,} tracked builds ({finished:,} finished)"
+    return [
+        Row(f"{label}: seconds to ready, with a state file", f"{ready:.1f} s", target="<= 5 s"),
+        Row(
+            f"  requests in the first {window:g}s after the restart (for finished builds)",
+            f"{total:,} ({for_finished:,})",
+            f"no state file {total_without:,} ({for_finished_without:,})",
+            target="0 for finished",
+        ),
+        Row("  resident memory after the restart", f"{rss / 1024:.1f} MiB"),
+    ]
+
+
+def measure_state_writes(count: int, batch: int) -> list[Row]:
+    """What writing the state costs per poll: one row per changed build, a batch per second."""
+    store = filled_store(count)
+    records = list(store.snapshot().records.values())
+    with tempfile.TemporaryDirectory() as work:
+        state = StateFile.open(Path(work, "state.db"))
+        try:
+            started = time.perf_counter()
+            for start in range(0, len(records), batch):
+                state.save(records[start : start + batch])
+            per_record = (time.perf_counter() - started) / len(records)
+            size = Path(work, "state.db").stat().st_size + sum(
+                path.stat().st_size for path in Path(work).glob("state.db-*")
+            )
+        finally:
+            state.close()
+    return [
+        Row(
+            f"state write per poll ({count:,} builds, {batch} per transaction)",
+            f"{per_record * 1e6:.0f} µs",
+            target="",
+        ),
+        Row("  state file size per build", f"{size / count / 1024:.1f} KiB"),
+    ]
+
+
+def measure_stale_builds(count: int, speed: float) -> list[Row]:
+    """Requests in an hour for builds stuck in BUILDING, adaptive cadence on and off.
+
+    The exporter runs in this process on a clock ``speed`` times faster than the real one.
+    """
+    per_hour = {}
+    for max_interval in ("10m", "30s"):
+        plans = held_plans(count, prefix="stale")
+        with simulator_process(plans, canned=True) as base_url:
+            clock = FastClock(speed)
+            config = make_config(
+                base_url,
+                [plan.build_id for plan in plans],
+                api_key=API_KEY,
+                interval="30s",
+                max_interval=max_interval,
+                requests_per_second=10_000,
+                max_concurrency=32,
+            )
+            exporter = RunningExporter(config, clock=clock, wall_clock=clock.wall).start()
+            try:
+                while clock.elapsed() < 3600:
+                    time.sleep(0.2)
+                requests = exporter.exporter.telemetry.snapshot().requests
+            finally:
+                exporter.stop()
+        per_hour[max_interval] = sum(requests.values())
+    scale = 500 / count
+    on, off = per_hour["10m"] * scale, per_hour["30s"] * scale
+    return [
+        Row(
+            f"requests in the first hour, 500 stale BUILDING builds (measured with {count}, "
+            "x5), adaptive cadence on",
+            f"{on:,.0f}",
+            f"cadence off {off:,.0f}",
+            f"{on / off * 100:.0f} % of it",
+        )
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Benchmark the exporter; prints one table.")
     parser.add_argument("--scrapes", type=int, default=21)
@@ -566,6 +709,11 @@ def main() -> int:
         lambda: measure_requests_saved(
             1_000, 900, interval=2, window=10 if arguments.quick else 20
         ),
+        lambda: measure_restart(
+            sizes[-1], sizes[-1] * 9 // 10, window=10 if arguments.quick else 20
+        ),
+        lambda: measure_state_writes(sizes[-1], batch=100),
+        lambda: measure_stale_builds(100, speed=120 if arguments.quick else 60),
     ]
     for step in steps:
         rows.extend(step())

@@ -22,9 +22,11 @@ from exporter.config import Config, ConfigError, build_files_fingerprint, collec
 from exporter.connections import ServerLimits
 from exporter.exposition import ExpositionCache
 from exporter.metrics import ExpositionFormat, exporter_families
-from exporter.poller import Poller, PollSettings
+from exporter.poller import Clock, Poller, PollSettings
 from exporter.server import Endpoints, MetricsServer
-from exporter.store import BuildStore, Telemetry, TelemetrySnapshot
+from exporter.state import Restored, StateFile, StateSync, open_state
+from exporter.store import BuildStore
+from exporter.telemetry import Telemetry, TelemetrySnapshot
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +35,23 @@ HEARTBEAT_TIMEOUT = 60.0
 POLLER_RESTART_DELAY = 1.0
 
 
+# How often what changed in the store is written to the state file.
+STATE_SYNC_INTERVAL = 1.0
+
+
 def poll_settings(config: Config) -> PollSettings:
-    """The poller's view of a configuration."""
+    """The poller's view of a configuration.
+
+    The request budget belongs to the API key: each of ``shard.count`` replicas spends its
+    share of it.
+    """
     return PollSettings(
         interval=config.polling.interval,
         stale_after=config.polling.stale_after,
-        requests_per_second=config.api.requests_per_second,
+        requests_per_second=config.api.requests_per_second / config.shard.count,
         max_concurrency=config.api.max_concurrency,
+        max_interval=config.polling.max_interval,
+        finished_build_retention=config.metrics.finished_build_retention,
     )
 
 
@@ -83,7 +95,8 @@ class Exporter:
     """The exporter for one configuration: build it, then ``serve`` or ``poll_once``.
 
     ``load_config`` reads the configuration again on reload (SIGHUP, ``POST /-/reload``);
-    without it a reload re-applies the current one.
+    without it a reload re-applies the current one. With ``use_state`` and ``state.path``
+    the state file is opened and loaded here, before anything is served.
     """
 
     def __init__(
@@ -93,11 +106,18 @@ class Exporter:
         load_config: Callable[[], Config] | None = None,
         enable_lifecycle: bool = False,
         wall_clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
+        use_state: bool = True,
     ) -> None:
         self.config = config
         self._load_config = load_config or (lambda: self.config)
         self._enable_lifecycle = enable_lifecycle
-        self.store = BuildStore()
+        self._state: StateFile | None = None
+        restored = Restored({})
+        if use_state and config.state_path is not None:
+            self._state, restored = open_state(config.state_path)
+        self._state_sync = None if self._state is None else StateSync(self._state, restored)
+        self.store = BuildStore(restored.records)
         self.telemetry = Telemetry()
         self._per_scrape = PerScrapeFamilies(self.telemetry)
         self.client = create_client(config)
@@ -107,9 +127,16 @@ class Exporter:
             self.telemetry,
             poll_settings(config),
             wall_clock=wall_clock,
+            clock=clock,
             on_internal_error=self.internal_error,
         )
         self.poller.set_builds(config.owned_build_ids)
+        self.telemetry.set_state_restored_builds(
+            sum(
+                record.restored and record.build is not None
+                for record in self.store.snapshot().records.values()
+            )
+        )
         self.cache = ExpositionCache(
             self.store.snapshot,
             self._per_scrape_families,
@@ -134,11 +161,11 @@ class Exporter:
         return None
 
     def unready_reason(self) -> str | None:
-        """Why the exporter is not ready, or None: every build must have been polled once."""
-        records = self.store.snapshot().records
-        waiting = sum(not record.polled for record in records.values())
-        if waiting:
-            return f"Not ready: {waiting} of {len(records)} builds not polled yet"
+        """Why the exporter is not ready, or None.
+
+        Config and state are loaded before anything is served, so a server that answers is
+        ready; it never waits for polls (``primeintellect_exporter_builds{state="unpolled"}``).
+        """
         return None
 
     def internal_error(self, component: str, error: BaseException) -> None:
@@ -168,6 +195,7 @@ class Exporter:
                 unready_reason=self.unready_reason,
                 reload=self.reload if self._enable_lifecycle else None,
                 internal_error=self.internal_error,
+                request_budget=lambda: poll_settings(self.config).requests_per_second,
             ),
             web_config_file=web_config_file,
             limits=limits,
@@ -181,11 +209,14 @@ class Exporter:
     ) -> None:
         """Start the bound ``server`` and poll until ``stop`` is set."""
         await server.start()
+        settings = poll_settings(self.config)
         log.info(
             "listening",
             extra={
                 "url": server.url,
                 "builds": len(self.config.owned_build_ids),
+                "restored_builds": self.telemetry.snapshot().state_restored_builds,
+                "requests_per_second": round(settings.requests_per_second, 6),
                 "version": __version__,
             },
         )
@@ -193,17 +224,19 @@ class Exporter:
             on_listening(server.url)
         self._poller_task = asyncio.create_task(self._supervise_poller(), name="poller")
         watcher = asyncio.create_task(self._watch_build_files(), name="build-files")
+        saver = asyncio.create_task(self._save_state(), name="state")
         try:
             await stop.wait()
         finally:
-            for task in (self._poller_task, watcher, *self._background):
+            for task in (self._poller_task, watcher, saver, *self._background):
                 task.cancel()
             await asyncio.gather(
-                self._poller_task, watcher, *self._background, return_exceptions=True
+                self._poller_task, watcher, saver, *self._background, return_exceptions=True
             )
             for client in (self.client, *self._retired_clients):
                 await client.aclose()
             await server.stop()
+            await asyncio.to_thread(self._close_state)
             log.info("stopped")
 
     async def poll_once(self) -> tuple[bool, bytes]:
@@ -255,6 +288,11 @@ class Exporter:
             log.warning(
                 "web.listen_address changed: it applies after a restart",
                 extra={"listen_address": old.web.listen_address},
+            )
+        if config.state_path != old.state_path:
+            log.warning(
+                "state.path changed: it applies after a restart",
+                extra={"path": str(old.state_path or "")},
             )
         self.config = config
         log.info(
@@ -315,6 +353,27 @@ class Exporter:
         await asyncio.sleep(delay)
         self._retired_clients.remove(client)
         await client.aclose()
+
+    async def _save_state(self) -> None:
+        if self._state_sync is None:
+            return
+        while True:
+            await asyncio.sleep(STATE_SYNC_INTERVAL)
+            try:
+                await asyncio.to_thread(self._state_sync.sync, self.store.snapshot())
+            except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
+                self.internal_error("state", error)
+
+    def _close_state(self) -> None:
+        """Write the last changes and let the file go, for the next process to take."""
+        if self._state is None or self._state_sync is None:
+            return
+        try:
+            self._state_sync.sync(self.store.snapshot())
+        except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
+            self.internal_error("state", error)
+        self._state.close()
+        self._state = None
 
     async def _supervise_poller(self) -> None:
         while True:

@@ -168,7 +168,13 @@ def _run_with(arguments: argparse.Namespace, simulator: Simulator | None) -> int
         )
         print(f"{config.source}: OK, {len(config.build_ids)} builds{share}")
         return 0
-    exporter = Exporter(config, load_config=load, enable_lifecycle=arguments.enable_lifecycle)
+    exporter = Exporter(
+        config,
+        load_config=load,
+        enable_lifecycle=arguments.enable_lifecycle,
+        # One poll of everything, not a restart: the daemon may hold the state file.
+        use_state=not arguments.once,
+    )
     if arguments.once:
         return _poll_once(exporter)
     return _serve(exporter, web_config_file, demo=simulator is not None)

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.primeintellect.ai"
 DEFAULT_LISTEN_ADDRESS = ":9862"
+DEFAULT_MAX_INTERVAL = 600.0
 API_KEY_ENV = "PRIME_API_KEY"
 BASE_URL_ENV = "PRIME_API_BASE_URL"
 
@@ -222,13 +223,42 @@ class PollingSettings(_Strict):
 
     interval: Annotated[Duration, _duration_within(1)] = 30.0
     stale_after: Annotated[Duration, _duration_within(1)] = 900.0
+    max_interval: Annotated[Duration, _duration_within(1)] = DEFAULT_MAX_INTERVAL
     build_files_refresh_interval: Annotated[Duration, _duration_within(0.1)] = 5.0
+
+    @model_validator(mode="after")
+    def _max_interval_not_below_interval(self) -> PollingSettings:
+        if self.max_interval < self.interval:
+            if "max_interval" in self.model_fields_set:
+                raise ValueError(
+                    f"max_interval ({format_duration(self.max_interval)}) must not be shorter "
+                    f"than interval ({format_duration(self.interval)})"
+                )
+            # Left out: the default never shortens a long interval.
+            return self.model_copy(update={"max_interval": self.interval})
+        return self
 
 
 class MetricsSettings(_Strict):
     """The ``metrics`` section."""
 
     max_artifacts_per_build: int = Field(default=64, ge=0, le=10_000, strict=True)
+    finished_build_retention: Annotated[Duration, _duration_within(0)] = 0.0
+
+
+class StateSettings(_Strict):
+    """The ``state`` section: where the durable state lives; unset keeps it in memory."""
+
+    path: Path | None = None
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _check_path(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("must be a file path, or leave it out to keep state in memory")
+            return Path(value).expanduser()
+        return value
 
 
 class ShardSettings(_Strict):
@@ -285,6 +315,7 @@ class ConfigFile(_Strict):
     metrics: MetricsSettings = MetricsSettings()
     shard: ShardSettings = ShardSettings()
     web: WebSettings = WebSettings()
+    state: StateSettings = StateSettings()
 
     @model_validator(mode="before")
     @classmethod
@@ -297,6 +328,7 @@ class ConfigFile(_Strict):
                 "metrics": {},
                 "shard": {},
                 "web": {},
+                "state": {},
                 "builds": [],
                 "build_files": [],
             }
@@ -386,6 +418,14 @@ class Config:
     @property
     def web(self) -> WebSettings:
         return self.file.web
+
+    @property
+    def state_path(self) -> Path | None:
+        """The state file, relative paths taken from the config file's directory."""
+        path = self.file.state.path
+        if path is None or path.is_absolute():
+            return path
+        return self.source.parent / path
 
     @property
     def owned_build_ids(self) -> tuple[str, ...]:

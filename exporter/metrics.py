@@ -21,7 +21,8 @@ from prometheus_client.utils import floatToGoString
 from exporter import __version__
 from exporter.api import Outcome
 from exporter.models import BUILD_STATUSES, UNKNOWN, Artifact, Build
-from exporter.store import BuildRecord, BuildState, Histogram, Snapshot, TelemetrySnapshot
+from exporter.store import BuildRecord, BuildState, Snapshot
+from exporter.telemetry import Histogram, TelemetrySnapshot
 
 BUILD_LABELS = ("build_id", "image_name", "image_tag")
 ARTIFACT_LABELS = (*BUILD_LABELS, "artifact_id", "artifact_type")
@@ -195,7 +196,9 @@ def per_build_families(
     """The build-scoped families of these builds; always the same families, in one order."""
     per_build = _BuildFamilies(max_artifacts_per_build)
     for record in records:
-        per_build.add(record)
+        # Past metrics.finished_build_retention: tracked, never polled, no series of its own.
+        if not record.retired:
+            per_build.add(record)
     return per_build.families()
 
 
@@ -224,7 +227,7 @@ def summary_families(snapshot: Snapshot) -> list[Metric]:
         states[record.state] += 1
     tracked = GaugeMetricFamily(
         "primeintellect_exporter_builds",
-        "Tracked builds by state: active, finished, or failing (last poll failed).",
+        "Tracked builds by state: active, finished, failing (last poll failed), unpolled.",
         labels=("state",),
     )
     for state, count in states.items():
@@ -281,6 +284,22 @@ def exporter_families(
             "primeintellect_exporter_rate_limited_until_timestamp_seconds",
             "End of the current pause after HTTP 429, or 0 if none.",
             value=telemetry.rate_limited_until,
+        ),
+        GaugeMetricFamily(
+            "primeintellect_exporter_poll_lag_seconds",
+            "How long the most overdue unfinished build has waited past its due time.",
+            value=telemetry.poll_lag_seconds,
+        ),
+        GaugeMetricFamily(
+            "primeintellect_exporter_poll_demand_ratio",
+            "Polls per second the schedule needs over this replica's request budget; "
+            "above 1 the interval cannot be kept.",
+            value=telemetry.poll_demand_ratio,
+        ),
+        GaugeMetricFamily(
+            "primeintellect_exporter_state_restored_builds",
+            "Builds whose last answer came from the state file at start.",
+            value=telemetry.state_restored_builds,
         ),
         GaugeMetricFamily(
             "primeintellect_exporter_config_last_reload_successful",

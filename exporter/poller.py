@@ -2,7 +2,8 @@
 
 One scheduler loop hands due builds to request tasks, within a concurrency bound, a token
 bucket, and a global pause after HTTP 429. Failing builds back off on their own; finished
-builds are never requested again.
+builds are never requested again; a build whose answer stays the same is asked less and less
+often. When the budget is short, new builds and builds that just changed go first.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from exporter.api import FetchResult, Outcome
-from exporter.store import BuildStore, Telemetry, Transition
+from exporter.store import BuildStore, Transition
+from exporter.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +29,38 @@ DEFAULT_RATE_LIMIT_PAUSES = (10.0, 30.0, 60.0)
 MAX_BACKOFF = 300.0
 FIRST_KEY_REJECTED_PAUSE = 30.0
 TICK = 1.0
+# The adaptive cadence: an unfinished build is polled again after a tenth of the time its
+# answer has stayed the same (within polling.interval and polling.max_interval), so a change
+# is seen at most that fraction late, and stale BUILDING rows cost little.
+CADENCE_FRACTION = 0.1
 # Answers that prove the API accepted our key.
 KEY_ACCEPTED_OUTCOMES = frozenset(
     {Outcome.OK, Outcome.NOT_FOUND, Outcome.CLIENT_ERROR, Outcome.INVALID_RESPONSE}
 )
+
+
+class Clock(Protocol):
+    """Where the poller reads the time and waits: the system's, or one a test drives."""
+
+    def monotonic(self) -> float: ...
+
+    async def wait(self, event: asyncio.Event, seconds: float) -> None:
+        """Return when ``event`` is set or ``seconds`` have passed, whichever comes first."""
+        ...
+
+
+class SystemClock:
+    """The real monotonic clock."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def wait(self, event: asyncio.Event, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await event.wait()
+        except TimeoutError:
+            pass
 
 
 class BuildFetcher(Protocol):
@@ -49,6 +79,14 @@ class PollSettings:
     stale_after: float
     requests_per_second: float
     max_concurrency: int
+    # The longest gap the adaptive cadence leaves; equal to interval turns it off.
+    max_interval: float = 0.0
+    # Finished builds lose their answer this long after completedAt; 0 keeps them.
+    finished_build_retention: float = 0.0
+
+    @property
+    def longest_gap(self) -> float:
+        return max(self.interval, self.max_interval)
 
 
 class TokenBucket:
@@ -87,6 +125,12 @@ def backoff_delay(failures: int, interval: float, jitter: float, stale_after: fl
     return delay * (0.8 + 0.4 * jitter)
 
 
+def cadence_gap(interval: float, max_interval: float, unchanged_for: float) -> float:
+    """Seconds until the next poll of an unfinished build whose answer has not changed for
+    ``unchanged_for`` seconds."""
+    return min(max(interval, unchanged_for * CADENCE_FRACTION), max(interval, max_interval))
+
+
 def rate_limit_pause(retry_after: float | None, consecutive: int) -> float:
     """How long to pause every request after a 429, honouring ``Retry-After`` within bounds."""
     if retry_after is None:
@@ -107,6 +151,7 @@ class Poller:
         settings: PollSettings,
         *,
         wall_clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
         jitter: Callable[[], float] = random.random,
         on_internal_error: Callable[[str, BaseException], None] | None = None,
     ) -> None:
@@ -116,16 +161,21 @@ class Poller:
         self._telemetry = telemetry
         self._settings = settings
         self._wall_clock = wall_clock
+        self._time = clock or SystemClock()
+        self._clock = self._time.monotonic
         self._jitter = jitter
         self._tracked: set[str] = set()
-        # Heap of (due, sequence, build_id); an entry whose due differs from _due is outdated.
+        # Two heaps of (due, sequence, build_id): builds never polled or just changed, then
+        # the rest. An entry whose sequence differs from _entries is outdated.
+        self._urgent: list[tuple[float, int, str]] = []
         self._queue: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}
+        self._entries: dict[str, int] = {}
         self._failures: dict[str, int] = {}
         self._sequence = 0
         self._in_flight: dict[asyncio.Task[None], str] = {}
         self._wakeup = asyncio.Event()
-        self._bucket = TokenBucket(settings.requests_per_second, now=time.monotonic())
+        self._bucket = TokenBucket(settings.requests_per_second, now=self._clock())
         # Every request waits for both pauses: after a 429, and after the key was rejected.
         self._rate_limit_pause_until = 0.0
         self._consecutive_rate_limits = 0
@@ -135,6 +185,7 @@ class Poller:
         self._rejected_generation: int | None = None
         self._parked: set[str] = set()
         self._last_sweep = 0.0
+        self._behind = False
         self.heartbeat = time.monotonic()
 
     @property
@@ -160,12 +211,34 @@ class Poller:
         self._tracked = set(wanted)
         for build_id in removed:
             self._due.pop(build_id, None)
+            self._entries.pop(build_id, None)
             self._failures.pop(build_id, None)
-        now = time.monotonic()
-        for build_id in added:
-            self._schedule(build_id, now)
+        self._schedule_added(added)
         self._wakeup.set()
         return added, removed
+
+    def _schedule_added(self, added: list[str]) -> None:
+        """New builds at once, first; restored ones where their schedule left them, spread."""
+        now = self._clock()
+        wall = self._wall_clock()
+        records = self._store.snapshot().records
+        resuming = []
+        for build_id in added:
+            record = records.get(build_id)
+            if record is None or not record.restored or record.last_poll_time is None:
+                self._schedule(build_id, now, urgent=True)
+            elif not record.finished:
+                gap = self._gap(record.last_change_time, wall)
+                resuming.append((record.last_poll_time + gap - wall, build_id))
+        # Overdue ones one budget slot apart, in the order they fell due: not all at once.
+        resuming.sort()
+        slot = 1.0 / self._settings.requests_per_second
+        overdue = 0
+        for wait, build_id in resuming:
+            if wait <= overdue * slot:
+                wait = overdue * slot
+                overdue += 1
+            self._schedule(build_id, now + wait)
 
     async def run(self) -> None:
         """Poll forever; returns only by cancellation."""
@@ -181,7 +254,7 @@ class Poller:
         try:
             while True:
                 self._wakeup.clear()
-                now = time.monotonic()
+                now = self._clock()
                 self._beat(now)
                 if once and not self._due and not self._in_flight:
                     return
@@ -189,11 +262,7 @@ class Poller:
                 if wait <= 0:
                     self._start_next_poll(now, once=once)
                     continue
-                try:
-                    async with asyncio.timeout(min(wait, TICK)):
-                        await self._wakeup.wait()
-                except TimeoutError:
-                    pass
+                await self._time.wait(self._wakeup, min(wait, TICK))
         finally:
             interrupted = list(self._in_flight.values())
             for task in list(self._in_flight):
@@ -203,7 +272,7 @@ class Poller:
             # A restarted loop must still poll the builds whose requests were cut short.
             for build_id in interrupted:
                 if build_id in self._tracked and build_id not in self._due:
-                    self._schedule(build_id, time.monotonic())
+                    self._schedule(build_id, self._clock())
 
     def _beat(self, now: float) -> None:
         self.heartbeat = time.monotonic()
@@ -222,37 +291,89 @@ class Poller:
             self._parked.clear()
         if now - self._last_sweep >= TICK:
             self._last_sweep = now
-            for build_id in self._store.expire_stale(
-                self._wall_clock(), self._settings.stale_after
-            ):
+            self._measure_capacity(now)
+            wall = self._wall_clock()
+            retention = self._settings.finished_build_retention
+            if retention > 0:
+                retired = self._store.retire_finished(wall, retention)
+                if retired:
+                    log.info(
+                        "finished builds past their retention: series dropped",
+                        extra={"builds": len(retired), "retention_seconds": retention},
+                    )
+            for build_id in self._store.expire_stale(wall, self._settings.stale_after):
                 log.warning(
                     "build values dropped: no successful poll for too long",
                     extra={"build_id": build_id, "stale_after": self._settings.stale_after},
                 )
 
+    def _measure_capacity(self, now: float) -> None:
+        """Poll lag and demand for the telemetry; a log line when demand crosses 1."""
+        settings = self._settings
+        earliest = self._earliest_due()
+        lag = 0.0 if earliest is None else now - earliest
+        # Dispatch is a matter of milliseconds: under a tick late counts as on time.
+        lag = lag if lag >= TICK else 0.0
+        unfinished = len(self._due) + len(self._in_flight)
+        demand = unfinished / settings.interval / settings.requests_per_second
+        self._telemetry.set_capacity(round(lag, 3), demand)
+        if demand > 1 and not self._behind:
+            log.warning(
+                "more polls due than the request budget allows: builds are polled late",
+                extra={
+                    "unfinished_builds": unfinished,
+                    "interval_seconds": settings.interval,
+                    "requests_per_second": settings.requests_per_second,
+                    "interval_that_can_be_kept_seconds": round(
+                        unfinished / settings.requests_per_second, 1
+                    ),
+                },
+            )
+        elif demand <= 1 and self._behind:
+            log.info("the request budget covers the polling interval again")
+        self._behind = demand > 1
+
+    def _earliest_due(self) -> float | None:
+        heads = [queue[0][0] for queue in (self._urgent, self._queue) if queue]
+        return min(heads, default=None)
+
+    def _next_queue(self, now: float) -> list[tuple[float, int, str]] | None:
+        """The queue to take the next build from: the urgent one while its head is due."""
+        self._drop_outdated_queue_entries()
+        if not self._urgent:
+            return self._queue or None
+        urgent_due = self._urgent[0][0]
+        if urgent_due <= now or not self._queue or urgent_due <= self._queue[0][0]:
+            return self._urgent
+        return self._queue
+
     def _next_dispatch_wait(self, now: float) -> float:
         """Seconds until the next poll may start; TICK when only a free slot is missing."""
-        self._drop_outdated_queue_entries()
-        if not self._queue:
+        queue = self._next_queue(now)
+        if queue is None:
             return TICK
         if len(self._in_flight) >= self._settings.max_concurrency:
             return TICK
         return max(
-            self._queue[0][0] - now,
+            queue[0][0] - now,
             self._paused_until - now,
             self._bucket.delay(now),
         )
 
     def _drop_outdated_queue_entries(self) -> None:
-        while self._queue:
-            due, _, build_id = self._queue[0]
-            if self._due.get(build_id) == due:
-                return
-            heapq.heappop(self._queue)
+        for queue in (self._urgent, self._queue):
+            while queue:
+                _, sequence, build_id = queue[0]
+                if self._entries.get(build_id) == sequence:
+                    break
+                heapq.heappop(queue)
 
     def _start_next_poll(self, now: float, *, once: bool) -> None:
-        _, _, build_id = heapq.heappop(self._queue)
+        queue = self._next_queue(now)
+        assert queue is not None
+        _, _, build_id = heapq.heappop(queue)
         del self._due[build_id]
+        del self._entries[build_id]
         self._bucket.take(now)
         task = asyncio.create_task(self._poll(build_id, once=once), name=f"poll {build_id}")
         self._in_flight[task] = build_id
@@ -263,11 +384,11 @@ class Poller:
         self._wakeup.set()
 
     async def _poll(self, build_id: str, *, once: bool) -> None:
-        started = time.monotonic()
-        next_poll: float | None
+        started = self._clock()
+        next_poll: tuple[float, bool] | None
         try:
             result = await self._fetcher.fetch(build_id)
-            now = time.monotonic()
+            now = self._clock()
             self._telemetry.observe_request(result.outcome, now - started)
             next_poll = self._apply(build_id, result, now)
         except Exception as error:
@@ -276,12 +397,14 @@ class Poller:
                 self._on_internal_error("poller", error)
             else:
                 log.exception("unexpected error while polling", extra={"build_id": build_id})
-            next_poll = time.monotonic() + self._backoff(build_id)
+            next_poll = self._clock() + self._backoff(build_id), False
         if next_poll is not None and not once and build_id in self._tracked:
-            self._schedule(build_id, next_poll)
+            due, urgent = next_poll
+            self._schedule(build_id, due, urgent=urgent)
 
-    def _apply(self, build_id: str, result: FetchResult, now: float) -> float | None:
-        """Record a result; returns when to poll this build next, or None for never."""
+    def _apply(self, build_id: str, result: FetchResult, now: float) -> tuple[float, bool] | None:
+        """Record a result; returns when to poll this build next and whether ahead of others
+        (it just changed), or None for never."""
         if result.outcome is Outcome.RATE_LIMITED:
             self._consecutive_rate_limits += 1
             pause = rate_limit_pause(result.retry_after, self._consecutive_rate_limits)
@@ -302,23 +425,35 @@ class Poller:
             self._key_accepted = True
             self._key_rejections = 0
 
+        wall = self._wall_clock()
         if result.build is not None:
-            transition = self._store.record_success(build_id, result.build, self._wall_clock())
+            transition = self._store.record_success(build_id, result.build, wall)
             self._failures.pop(build_id, None)
-            if transition is not None:
-                _log_success(transition)
-            return None if result.build.finished else now + self._settings.interval
+            if transition is None:
+                return None
+            _log_success(transition)
+            if result.build.finished:
+                return None
+            before = transition.before.build
+            changed = before is not None and before != transition.after.build
+            return now + self._gap(transition.after.last_change_time, wall), changed
 
-        transition = self._store.record_failure(build_id, result.outcome)
+        transition = self._store.record_failure(build_id, result.outcome, wall)
         if transition is not None and result.outcome is not Outcome.UNAUTHORIZED:
             _log_failure(transition, result)
         if result.outcome in {Outcome.RATE_LIMITED, Outcome.UNAUTHORIZED}:
             # Not this build's fault: it waits for the pause, without backing off; and builds
-            # never polled wait with it, reported, so readiness does not wait for the API.
+            # never polled wait with it, reported with the pause's reason.
             self._parked.add(build_id)
             self._store.mark_unpolled(result.outcome)
-            return self._paused_until
-        return now + self._backoff(build_id)
+            return self._paused_until, False
+        return now + self._backoff(build_id), False
+
+    def _gap(self, last_change_time: float | None, wall: float) -> float:
+        """The adaptive cadence: the wait before polling an unfinished build again."""
+        unchanged_for = 0.0 if last_change_time is None else max(0.0, wall - last_change_time)
+        settings = self._settings
+        return cadence_gap(settings.interval, settings.max_interval, unchanged_for)
 
     def _backoff(self, build_id: str) -> float:
         """Count one more failure of the build; the delay before its next poll."""
@@ -349,16 +484,17 @@ class Poller:
         # A new key gets a fresh start, and its own log line if it is rejected too.
         self._key_rejections = 0
         self._key_accepted = None
-        now = time.monotonic()
+        now = self._clock()
         for build_id in self._parked:
             if build_id in self._due:
                 self._schedule(build_id, max(now, self._rate_limit_pause_until))
         self._parked.clear()
 
-    def _schedule(self, build_id: str, due: float) -> None:
+    def _schedule(self, build_id: str, due: float, *, urgent: bool = False) -> None:
         self._due[build_id] = due
         self._sequence += 1
-        heapq.heappush(self._queue, (due, self._sequence, build_id))
+        self._entries[build_id] = self._sequence
+        heapq.heappush(self._urgent if urgent else self._queue, (due, self._sequence, build_id))
 
 
 def _log_success(transition: Transition) -> None:

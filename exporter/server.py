@@ -73,6 +73,8 @@ class Endpoints:
     reload: Callable[[], Awaitable[str | None]] | None
     # Counts and logs an unexpected exception of a component, such as the renderer.
     internal_error: Callable[[str, BaseException], None]
+    # The requests per second this replica may spend, for the status page.
+    request_budget: Callable[[], float | None] = lambda: None
 
 
 def negotiate_format(accept: str) -> ExpositionFormat:
@@ -298,7 +300,11 @@ class MetricsServer:
         if path == "/":
             loop = asyncio.get_running_loop()
             page = await loop.run_in_executor(
-                self._render, render_status_page, self._endpoints.snapshot(), time.time()
+                self._render,
+                render_status_page,
+                self._endpoints.snapshot(),
+                time.time(),
+                self._endpoints.request_budget(),
             )
             return self._respond(
                 web_config, 200, page, {"Content-Type": "text/html; charset=utf-8"}

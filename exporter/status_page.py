@@ -9,10 +9,17 @@ from exporter.store import BuildRecord, BuildState, Snapshot
 
 STATUS_PAGE_MAX_ROWS = 1000
 
-_STATE_ORDER = {BuildState.FAILING: 0, BuildState.ACTIVE: 1, BuildState.FINISHED: 2}
+_STATE_ORDER = {
+    BuildState.FAILING: 0,
+    BuildState.ACTIVE: 1,
+    BuildState.UNPOLLED: 2,
+    BuildState.FINISHED: 3,
+}
 
 
-def render_status_page(snapshot: Snapshot, now: float) -> str:
+def render_status_page(
+    snapshot: Snapshot, now: float, requests_per_second: float | None = None
+) -> str:
     """A small HTML page listing every tracked build; all API strings escaped."""
     records = sorted(
         snapshot.records.values(), key=lambda record: (_STATE_ORDER[record.state], record.build_id)
@@ -24,6 +31,11 @@ def render_status_page(snapshot: Snapshot, now: float) -> str:
     for record in records:
         counts[record.state] += 1
     summary = ", ".join(f"{count} {state.value}" for state, count in counts.items())
+    budget = (
+        ""
+        if requests_per_second is None
+        else f" Request budget of this replica: {requests_per_second:g} per second."
+    )
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head><meta charset="utf-8"><title>Prime Intellect build exporter</title>
@@ -35,7 +47,7 @@ th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
 </style></head>
 <body>
 <h1>Prime Intellect build exporter</h1>
-<p>Version {html.escape(__version__)}. Tracking {len(records)} builds: {summary}.</p>
+<p>Version {html.escape(__version__)}. Tracking {len(records)} builds: {summary}.{budget}</p>
 <ul>
 <li><a href="/metrics">Metrics</a></li>
 <li><a href="/-/healthy">Health</a></li>

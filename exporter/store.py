@@ -1,24 +1,22 @@
-"""What the exporter knows: each build's latest answer and poll health, and its own counters.
+"""What the exporter knows of each build: its latest answer and poll health.
 
-The poller writes from the event loop; HTTP handler threads read immutable snapshots.
+The poller writes from the event loop; renderers and the state writer read immutable
+snapshots from other threads.
 """
 
 from __future__ import annotations
 
-import bisect
 import enum
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from exporter.api import API_DOWN_OUTCOMES, Outcome
+from exporter.api import Outcome
 from exporter.models import Build
+from exporter.telemetry import Histogram
 
 FINISHED_DURATION_BUCKETS = (60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
-REQUEST_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-# Parts of the exporter whose unexpected exceptions are counted rather than fatal.
-INTERNAL_ERROR_COMPONENTS = ("poller", "renderer", "reload")
 
 
 class BuildState(enum.StrEnum):
@@ -27,6 +25,7 @@ class BuildState(enum.StrEnum):
     ACTIVE = "active"
     FINISHED = "finished"
     FAILING = "failing"
+    UNPOLLED = "unpolled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,37 +40,24 @@ class BuildRecord:
     last_error: Outcome | None = None
     last_success_time: float | None = None
     seen_unfinished: bool = False
+    # Wall-clock times of the last poll, and of the last answer that differed from the one
+    # before (the adaptive cadence polls an unchanged build less often).
+    last_poll_time: float | None = None
+    last_change_time: float | None = None
+    # Loaded from the state file at start rather than polled by this process.
+    restored: bool = False
+    # Finished longer than metrics.finished_build_retention ago: its answer is dropped.
+    retired: bool = False
 
     @property
     def state(self) -> BuildState:
         if self.finished:
             return BuildState.FINISHED
-        if self.polled and not self.last_poll_ok:
+        if not self.polled:
+            return BuildState.UNPOLLED
+        if not self.last_poll_ok:
             return BuildState.FAILING
         return BuildState.ACTIVE
-
-
-@dataclass(frozen=True, slots=True)
-class Histogram:
-    """An immutable histogram: per-bucket counts (not cumulative), plus sum and count."""
-
-    bounds: tuple[float, ...]
-    counts: tuple[int, ...]
-    total: float = 0.0
-
-    @classmethod
-    def empty(cls, bounds: tuple[float, ...]) -> Histogram:
-        return cls(bounds, (0,) * (len(bounds) + 1))
-
-    def observe(self, value: float) -> Histogram:
-        index = bisect.bisect_left(self.bounds, value)
-        counts = list(self.counts)
-        counts[index] += 1
-        return Histogram(self.bounds, tuple(counts), self.total + value)
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +90,15 @@ class Transition:
 
 
 class BuildStore:
-    """Latest state of each tracked build; snapshots are built lazily, once per change."""
+    """Latest state of each tracked build; snapshots are built lazily, once per change.
 
-    def __init__(self) -> None:
+    ``restored`` records (from the state file) are taken up when their builds are tracked.
+    """
+
+    def __init__(self, restored: Mapping[str, BuildRecord] | None = None) -> None:
         self._lock = threading.Lock()
         self._records: dict[str, BuildRecord] = {}
+        self._restored = dict(restored or {})
         self._finished: dict[tuple[str, str], FinishedBuilds] = {}
         self._version = 0
         self._snapshot = Snapshot(0, MappingProxyType({}), MappingProxyType({}))
@@ -126,8 +116,13 @@ class BuildStore:
                 del self._records[build_id]
             if added:
                 # Kept in build ID order, so a snapshot is a copy and never a sort.
-                records = {**self._records, **{b: BuildRecord(b) for b in added}}
+                records = {
+                    **self._records,
+                    **{b: self._restored.get(b) or BuildRecord(b) for b in added},
+                }
                 self._records = dict(sorted(records.items()))
+            # Only what the first tracked set holds comes back; later additions are new builds.
+            self._restored.clear()
             if added or removed:
                 self._version += 1
         return added, removed
@@ -139,6 +134,7 @@ class BuildStore:
             if before is None:
                 return None
             finished = build.finished
+            changed = before.build != build or before.last_change_time is None
             after = replace(
                 before,
                 build=build,
@@ -148,6 +144,8 @@ class BuildStore:
                 last_error=None,
                 last_success_time=now,
                 seen_unfinished=before.seen_unfinished or not finished,
+                last_poll_time=now,
+                last_change_time=now if changed else before.last_change_time,
             )
             if finished and before.seen_unfinished and not before.finished:
                 self._count_finished(build)
@@ -155,7 +153,9 @@ class BuildStore:
             self._version += 1
         return Transition(before, after)
 
-    def record_failure(self, build_id: str, outcome: Outcome) -> Transition | None:
+    def record_failure(
+        self, build_id: str, outcome: Outcome, now: float | None = None
+    ) -> Transition | None:
         """Store a failed poll; the last good answer stays until it goes stale."""
         with self._lock:
             before = self._records.get(build_id)
@@ -163,7 +163,7 @@ class BuildStore:
                 return None
             if before.polled and not before.last_poll_ok and before.last_error is outcome:
                 return Transition(before, before)
-            after = self._records[build_id] = _failed(before, outcome)
+            after = self._records[build_id] = _failed(before, outcome, now)
             self._version += 1
         return Transition(before, after)
 
@@ -198,6 +198,28 @@ class BuildStore:
                 self._version += 1
         return expired
 
+    def retire_finished(self, now: float, retention: float) -> list[str]:
+        """Drop the answers of builds that finished (``completedAt``) ``retention`` seconds ago.
+
+        They stay tracked and finished, so they are never requested again.
+        """
+        retired = []
+        with self._lock:
+            for build_id, record in self._records.items():
+                build = record.build
+                if (
+                    record.finished
+                    and build is not None
+                    and build.completed_at is not None
+                    and now - build.completed_at >= retention
+                ):
+                    retired.append(build_id)
+            for build_id in retired:
+                self._records[build_id] = replace(self._records[build_id], build=None, retired=True)
+            if retired:
+                self._version += 1
+        return retired
+
     def snapshot(self) -> Snapshot:
         """The current state; the same object until something changes."""
         with self._lock:
@@ -223,75 +245,11 @@ class BuildStore:
         )
 
 
-def _failed(record: BuildRecord, outcome: Outcome) -> BuildRecord:
-    return replace(record, polled=True, last_poll_ok=False, last_error=outcome)
-
-
-@dataclass(frozen=True)
-class TelemetrySnapshot:
-    """The exporter's own health, read once per scrape."""
-
-    requests: Mapping[Outcome, int]
-    request_durations: Histogram
-    api_up: bool | None
-    rate_limited_until: float
-    config_reload_successful: bool
-    internal_errors: Mapping[str, int]
-
-
-class Telemetry:
-    """Counters about the exporter itself, updated on every request.
-
-    ``snapshot()`` returns the same object until something changes.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._requests = dict.fromkeys(Outcome, 0)
-        self._durations = Histogram.empty(REQUEST_DURATION_BUCKETS)
-        self._api_up: bool | None = None
-        self._rate_limited_until = 0.0
-        self._config_reload_successful = True
-        self._internal_errors = dict.fromkeys(INTERNAL_ERROR_COMPONENTS, 0)
-        self._error_classes_seen: set[tuple[str, str]] = set()
-        self._snapshot: TelemetrySnapshot | None = None
-
-    def observe_request(self, outcome: Outcome, duration: float) -> None:
-        with self._lock:
-            self._requests[outcome] += 1
-            self._durations = self._durations.observe(duration)
-            self._api_up = outcome not in API_DOWN_OUTCOMES
-            self._snapshot = None
-
-    def set_rate_limited_until(self, timestamp: float) -> None:
-        with self._lock:
-            self._rate_limited_until = timestamp
-            self._snapshot = None
-
-    def set_config_reload_successful(self, successful: bool) -> None:
-        with self._lock:
-            self._config_reload_successful = successful
-            self._snapshot = None
-
-    def record_internal_error(self, component: str, error: BaseException) -> bool:
-        """Count an unexpected exception; True the first time its class is seen here."""
-        with self._lock:
-            self._internal_errors[component] = self._internal_errors.get(component, 0) + 1
-            error_class = (component, type(error).__qualname__)
-            first = error_class not in self._error_classes_seen
-            self._error_classes_seen.add(error_class)
-            self._snapshot = None
-            return first
-
-    def snapshot(self) -> TelemetrySnapshot:
-        with self._lock:
-            if self._snapshot is None:
-                self._snapshot = TelemetrySnapshot(
-                    requests=MappingProxyType(dict(self._requests)),
-                    request_durations=self._durations,
-                    api_up=self._api_up,
-                    rate_limited_until=self._rate_limited_until,
-                    config_reload_successful=self._config_reload_successful,
-                    internal_errors=MappingProxyType(dict(self._internal_errors)),
-                )
-            return self._snapshot
+def _failed(record: BuildRecord, outcome: Outcome, now: float | None = None) -> BuildRecord:
+    return replace(
+        record,
+        polled=True,
+        last_poll_ok=False,
+        last_error=outcome,
+        last_poll_time=record.last_poll_time if now is None else now,
+    )

@@ -24,6 +24,7 @@ from pydantic import SecretStr
 from exporter.app import Exporter
 from exporter.config import ApiKeySource, Config, ConfigFile
 from exporter.connections import ServerLimits
+from exporter.poller import Clock
 from exporter.server import MetricsServer
 from exporter.simulator import ArtifactPlan, BuildPlan
 
@@ -60,10 +61,25 @@ def make_config(
     max_concurrency: int = 4,
     max_response_size: str = "1MiB",
     listen_address: str = "127.0.0.1:0",
+    max_interval: str | None = None,
+    state_path: Path | None = None,
+    shard: tuple[int, int] | None = None,
+    finished_build_retention: str | None = None,
 ) -> Config:
     """A valid config pointing at a loopback API, with the key given directly."""
+    polling = {"interval": interval, "stale_after": stale_after}
+    if max_interval is not None:
+        polling["max_interval"] = max_interval
+    extra: dict[str, object] = {}
+    if state_path is not None:
+        extra["state"] = {"path": str(state_path)}
+    if shard is not None:
+        extra["shard"] = {"index": shard[0], "count": shard[1]}
+    if finished_build_retention is not None:
+        extra["metrics"] = {"finished_build_retention": finished_build_retention}
     file = ConfigFile.model_validate(
         {
+            **extra,
             "api": {
                 "base_url": base_url,
                 "timeout": timeout,
@@ -71,7 +87,7 @@ def make_config(
                 "max_concurrency": max_concurrency,
                 "max_response_size": max_response_size,
             },
-            "polling": {"interval": interval, "stale_after": stale_after},
+            "polling": polling,
             "builds": list(build_ids),
             "web": {"listen_address": listen_address},
         }
@@ -82,6 +98,32 @@ def make_config(
         api_key=ApiKeySource(value=SecretStr(api_key)),
         build_ids=tuple(file.builds),
     )
+
+
+class FastClock:
+    """A clock that runs ``speed`` times faster than the real one, waits included, so a test
+    sees minutes of schedule in seconds; ``wall`` is the matching wall clock."""
+
+    def __init__(self, speed: float) -> None:
+        self.speed = speed
+        self._started = time.monotonic()
+        self._wall_started = time.time()
+
+    def elapsed(self) -> float:
+        return (time.monotonic() - self._started) * self.speed
+
+    def monotonic(self) -> float:
+        return self._started + self.elapsed()
+
+    def wall(self) -> float:
+        return self._wall_started + self.elapsed()
+
+    async def wait(self, event: asyncio.Event, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds / self.speed):
+                await event.wait()
+        except TimeoutError:
+            pass
 
 
 class RunningExporter:
@@ -96,6 +138,7 @@ class RunningExporter:
         load_config: Callable[[], Config] | None = None,
         enable_lifecycle: bool = False,
         limits: ServerLimits | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self._limits = limits
         self.exporter = Exporter(
@@ -103,6 +146,7 @@ class RunningExporter:
             wall_clock=wall_clock,
             load_config=load_config,
             enable_lifecycle=enable_lifecycle,
+            clock=clock,
         )
         self._web_config_file = web_config_file
         self.url = ""

@@ -214,10 +214,13 @@ def test_demo_serves_simulated_builds_without_an_api_key(daemons: list[Daemon]) 
     daemon = Daemon("--demo", "--web.listen-address", "127.0.0.1:0", env=environment())
     daemons.append(daemon)
     url = daemon.wait_for_url()
-    wait_until(lambda: httpx.get(url + "/-/ready").status_code == 200, message="readiness")
-    metrics = httpx.get(url + "/metrics").text
-    assert 'image_name="inference-server"' in metrics
+    assert httpx.get(url + "/-/ready").status_code == 200
     missing = 'primeintellect_image_build_last_poll_error{build_id="cmdemo0gone0009"'
+    metrics = wait_until(
+        lambda: (text := httpx.get(url + "/metrics").text) and missing in text and text,
+        message="every demo build polled",
+    )
+    assert 'image_name="inference-server"' in metrics
     assert f'{missing},reason="not_found"}} 1.0' in metrics
     returncode, _, _ = daemon.stop()
     assert returncode == 0

@@ -53,7 +53,7 @@ INVALID_CASES: list[tuple[str, Mapping[str, str], tuple[str, ...]]] = [
         WITH_KEY,
         (
             "{file}: polling_interval: unknown key",
-            "(allowed: api, polling, builds, build_files, metrics, shard, web)",
+            "(allowed: api, polling, builds, build_files, metrics, shard, web, state)",
         ),
     ),
     (

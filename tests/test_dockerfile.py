@@ -438,7 +438,15 @@ def test_installed_exporter_serves_demo_builds_writes_nothing_and_stops_on_sigte
         timeout=20,
         message="readiness",
     )
-    metrics = httpx.get(url + "/metrics", timeout=5).text
+    metrics = wait_until(
+        lambda: (
+            (text := httpx.get(url + "/metrics", timeout=5).text)
+            and 'image_name="inference-server"' in text
+            and text
+        ),
+        timeout=20,
+        message="the demo builds polled",
+    )
     builds = re.findall(r"^primeintellect_image_build_info\{", metrics, flags=re.MULTILINE)
     assert len(builds) >= 3, metrics[:2000]
     assert 'image_name="inference-server"' in metrics

@@ -45,6 +45,7 @@ CORE_KINDS = {
     "Secret",
     "ServiceAccount",
     "NetworkPolicy",
+    "PersistentVolumeClaim",
 }
 
 
@@ -138,6 +139,7 @@ EXPECTED_KINDS = {
     "defaults": {"Deployment": 1, "Service": 1, "ConfigMap": 1, "Secret": 1, "ServiceAccount": 1},
     "all-features": {
         "Deployment": 1,
+        "PersistentVolumeClaim": 1,
         "Service": 1,
         "ConfigMap": 2,
         "Secret": 1,
@@ -370,6 +372,50 @@ def test_service_monitor_scrapes_the_services_named_port() -> None:
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
+STATE_DIRECTORY = "/var/lib/primeintellect-build-exporter"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_state_file_lives_on_the_state_volume(case: str) -> None:
+    rendered = render_case(case)
+    config = yaml.safe_load(rendered.config_text())
+    assert config["state"] == {"path": f"{STATE_DIRECTORY}/state.db"}
+    mounts = {mount["name"]: mount for mount in rendered.container()["volumeMounts"]}
+    assert mounts["state"]["mountPath"] == STATE_DIRECTORY
+    assert "readOnly" not in mounts["state"]
+
+
+def test_state_is_an_empty_dir_by_default_which_survives_container_restarts() -> None:
+    rendered = render_case("defaults")
+    volumes = {volume["name"]: volume for volume in rendered.pod_spec()["volumes"]}
+    assert volumes["state"] == {"name": "state", "emptyDir": {"sizeLimit": "256Mi"}}
+    assert "strategy" not in rendered.workload()["spec"]
+    assert rendered.all("PersistentVolumeClaim") == []
+
+
+def test_persistent_state_of_one_exporter_is_a_claim_and_pods_never_overlap() -> None:
+    rendered = render_case("all-features")
+    claim = rendered.one("PersistentVolumeClaim", f"{FULLNAME}-state")
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "storageClassName": "fast-ssd",
+        "resources": {"requests": {"storage": "2Gi"}},
+    }
+    volumes = {volume["name"]: volume for volume in rendered.pod_spec()["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"] == {"claimName": f"{FULLNAME}-state"}
+    # Two pods must not share one state file: the old one stops before the new one starts.
+    assert rendered.workload()["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_persistent_state_of_shards_is_a_claim_per_pod() -> None:
+    rendered = render_case("shards")
+    templates = rendered.workload()["spec"]["volumeClaimTemplates"]
+    assert [template["metadata"]["name"] for template in templates] == ["state"]
+    assert templates[0]["spec"]["resources"] == {"requests": {"storage": "1Gi"}}
+    assert "state" not in {volume["name"] for volume in rendered.pod_spec()["volumes"]}
+    assert rendered.all("PersistentVolumeClaim") == []
+
+
 def test_probes_use_the_exporters_health_and_readiness_endpoints() -> None:
     container = render_case("defaults").container()
     assert container["livenessProbe"]["httpGet"] == {"path": "/-/healthy", "port": "http"}
@@ -495,7 +541,7 @@ def test_values_yaml_and_the_schema_describe_the_same_values() -> None:
 def test_schema_config_section_mirrors_the_exporters_config_file() -> None:
     """Every exporter config key is settable, except those the chart sets itself."""
     config_schema = load_schema()["properties"]["config"]["properties"]
-    chart_owned = {"web", "shard"}
+    chart_owned = {"web", "shard", "state"}
     assert set(config_schema) == set(ConfigFile.model_fields) - chart_owned
     for section, node in config_schema.items():
         annotation = ConfigFile.model_fields[section].annotation

@@ -22,7 +22,8 @@ from exporter.poller import (
     rate_limit_pause,
 )
 from exporter.simulator import BuildPlan, Fault, Simulator
-from exporter.store import BuildStore, Telemetry
+from exporter.store import BuildStore
+from exporter.telemetry import Telemetry
 from tests.conftest import StartExporter
 from tests.support import EPOCH, RunningExporter, make_config, wait_until
 

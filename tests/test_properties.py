@@ -35,7 +35,8 @@ from exporter.metrics import (
 )
 from exporter.models import ARTIFACT_TYPES, BUILD_STATUSES, InvalidBuildError, parse_build
 from exporter.poller import Poller, PollSettings
-from exporter.store import BuildStore, Telemetry
+from exporter.store import BuildStore
+from exporter.telemetry import Telemetry
 from tests.test_bad_answers import assert_label_value_is_clean
 
 BUILD_IDS = ("build-a", "build-b")

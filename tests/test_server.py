@@ -13,7 +13,7 @@ from exporter.server import Endpoints, MetricsServer, accepts_gzip, negotiate_fo
 from exporter.simulator import Fault, Simulator
 from exporter.store import BuildStore, Snapshot
 from tests.conftest import StartExporter
-from tests.support import EPOCH, ServerThread, make_config
+from tests.support import EPOCH, ServerThread, make_config, wait_until
 from tests.test_poller import forever_building
 
 PROMETHEUS_2_ACCEPT = (
@@ -101,20 +101,22 @@ def test_query_strings_do_not_change_the_route(
     assert running.get("/metrics?debug=1").status_code == 200
 
 
-def test_ready_only_after_every_build_was_polled_once(
+def test_ready_at_once_while_builds_wait_for_their_first_poll(
     simulator: Simulator, start_exporter: StartExporter
 ) -> None:
     simulator.add(forever_building("quick"))
     simulator.add(forever_building("sluggish"))
     simulator.set_fault("sluggish", Fault.slow(delay=1.5))
     running = start_exporter(make_config(simulator.base_url, ["quick", "sluggish"], timeout="5s"))
-    not_ready = running.get("/-/ready")
-    assert not_ready.status_code == 503
-    assert "of 2 builds not polled yet" in not_ready.text
-    assert running.get("/-/healthy").status_code == 200
-    running.wait_until_all_polled()
     ready = running.get("/-/ready")
     assert (ready.status_code, ready.text) == (200, "Ready\n")
+    wait_until(
+        lambda: running.value("primeintellect_exporter_builds", state="active") == 1,
+        message="the quick build polled",
+    )
+    assert running.value("primeintellect_exporter_builds", state="unpolled") == 1
+    running.wait_until_all_polled()
+    assert running.value("primeintellect_exporter_builds", state="unpolled") == 0
 
 
 def test_status_page_lists_builds_and_escapes_api_strings(
@@ -134,6 +136,22 @@ def test_status_page_lists_builds_and_escapes_api_strings(
     assert "not_found" in page.text
     for link in ('href="/metrics"', 'href="/-/healthy"', 'href="/-/ready"'):
         assert link in page.text
+
+
+def test_status_page_shows_unpolled_builds_and_this_replicas_request_budget(
+    simulator: Simulator, start_exporter: StartExporter
+) -> None:
+    simulator.add(forever_building("slow"))
+    simulator.set_fault("slow", Fault.slow(delay=3))
+    config = make_config(
+        simulator.base_url, ["slow"], requests_per_second=3, shard=(0, 2), timeout="5s"
+    )
+    assert config.owned_build_ids == ("slow",)
+    page = start_exporter(config).get("/")
+    assert page.status_code == 200
+    assert "1 unpolled" in page.text
+    # The key's 3 requests per second, shared by two shards.
+    assert "Request budget of this replica: 1.5 per second." in page.text
 
 
 def require_ipv6_loopback(*, dual_stack: bool = False) -> None:

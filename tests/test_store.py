@@ -7,7 +7,8 @@ from typing import Any
 
 from exporter.api import Outcome
 from exporter.models import Build, parse_build
-from exporter.store import BuildState, BuildStore, Histogram
+from exporter.store import BuildState, BuildStore
+from exporter.telemetry import Histogram
 from tests.support import EPOCH
 
 FINISHED_PAYLOAD = {

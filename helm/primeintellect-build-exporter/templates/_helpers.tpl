@@ -107,12 +107,31 @@ Where things live inside the container.
 The exporter's config file: the `config` value, plus what the chart decides itself
 (the key file it mounts and the port it exposes).
 */}}
+{{- define "primeintellect-build-exporter.stateDir" -}}
+/var/lib/primeintellect-build-exporter
+{{- end }}
+
+{{/*
+The spec of the state volume's claim, for the PersistentVolumeClaim and volumeClaimTemplates.
+*/}}
+{{- define "primeintellect-build-exporter.stateClaimSpec" -}}
+accessModes:
+  {{- toYaml .Values.persistence.accessModes | nindent 2 }}
+{{- with .Values.persistence.storageClassName }}
+storageClassName: {{ . | quote }}
+{{- end }}
+resources:
+  requests:
+    storage: {{ .Values.persistence.size }}
+{{- end }}
+
 {{- define "primeintellect-build-exporter.configFile" -}}
 {{- $config := deepCopy .Values.config }}
 {{- $api := get $config "api" | default dict }}
 {{- $_ := set $api "api_key_file" (include "primeintellect-build-exporter.apiKeyFile" .) }}
 {{- $_ = set $config "api" $api }}
 {{- $_ = set $config "web" (dict "listen_address" (printf ":%d" (int .Values.containerPort))) }}
+{{- $_ = set $config "state" (dict "path" (printf "%s/state.db" (include "primeintellect-build-exporter.stateDir" .))) }}
 {{- toYaml $config }}
 {{- end }}
 
@@ -203,6 +222,8 @@ spec:
           readOnly: true
         - name: tmp
           mountPath: /tmp
+        - name: state
+          mountPath: {{ include "primeintellect-build-exporter.stateDir" . }}
         {{- with .Values.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -220,6 +241,15 @@ spec:
     - name: tmp
       emptyDir:
         sizeLimit: {{ .Values.tmpSizeLimit }}
+    {{- if not .Values.persistence.enabled }}
+    - name: state
+      emptyDir:
+        sizeLimit: {{ .Values.persistence.emptyDirSizeLimit }}
+    {{- else if le (int .Values.shards) 1 }}
+    - name: state
+      persistentVolumeClaim:
+        claimName: {{ include "primeintellect-build-exporter.fullname" . }}-state
+    {{- end }}
     {{- with .Values.extraVolumes }}
     {{- toYaml . | nindent 4 }}
     {{- end }}

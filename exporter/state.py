@@ -1,0 +1,328 @@
+"""The durable state: every tracked build's last good answer and poll health, in SQLite.
+
+A restart loads it, so finished builds are exposed at once and never requested again, and
+unfinished ones resume their schedule. The file belongs to one process at a time (an
+exclusive lock on a file beside it). Anything wrong with the file costs its contents, never
+the start: a corrupt or newer-schema file is moved aside, a locked one is left alone, and the
+exporter then keeps its state in memory only, saying so in one log line.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from exporter.api import Outcome
+from exporter.models import Build, InvalidBuildError, parse_build
+from exporter.store import BuildRecord, Snapshot
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS builds (
+    build_id TEXT PRIMARY KEY,
+    answer TEXT,
+    finished INTEGER NOT NULL,
+    seen_unfinished INTEGER NOT NULL,
+    polled INTEGER NOT NULL,
+    last_poll_ok INTEGER NOT NULL,
+    last_error TEXT,
+    last_poll_time REAL,
+    last_success_time REAL,
+    last_change_time REAL,
+    retired INTEGER NOT NULL
+) WITHOUT ROWID
+"""
+_UPSERT = """
+INSERT OR REPLACE INTO builds (
+    build_id, answer, finished, seen_unfinished, polled, last_poll_ok, last_error,
+    last_poll_time, last_success_time, last_change_time, retired
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_TIMESTAMP_FIELDS = ("createdAt", "startedAt", "completedAt")
+
+
+class StateUnavailableError(Exception):
+    """The state file cannot be used; the message says why, for one log line."""
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a state file gave back at start."""
+
+    records: Mapping[str, BuildRecord]
+    # Build IDs whose rows could not be read: they are polled as if new.
+    unreadable: int = 0
+
+
+class StateFile:
+    """One open state file, locked for this process; every method may be called from a thread."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection, lock_file: int) -> None:
+        self.path = path
+        self._connection = connection
+        self._lock_file = lock_file
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path) -> StateFile:
+        """Open (or create) and lock the state file; raises StateUnavailableError."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock_file = os.open(_lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as error:
+            raise StateUnavailableError(f"cannot create it: {error.strerror}") from None
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock_file)
+            raise StateUnavailableError(
+                "another exporter process holds it; two processes must not share one state file"
+            ) from None
+        try:
+            return cls(path, _connect(path), lock_file)
+        except BaseException:
+            os.close(lock_file)
+            raise
+
+    def load(self) -> Restored:
+        """Every saved build; a row that cannot be read is skipped (and later overwritten)."""
+        with self._lock:
+            rows = self._connection.execute("SELECT * FROM builds").fetchall()
+        records = {}
+        unreadable = 0
+        for row in rows:
+            try:
+                record = _record_from_row(row)
+            except (InvalidBuildError, ValueError, TypeError, KeyError):
+                unreadable += 1
+                continue
+            records[record.build_id] = record
+        return Restored(records, unreadable)
+
+    def save(self, records: Iterable[BuildRecord], removed: Iterable[str] = ()) -> None:
+        """Write changed records and delete removed builds, in one transaction."""
+        rows = [_row_from_record(record) for record in records]
+        gone = [(build_id,) for build_id in removed]
+        if not rows and not gone:
+            return
+        with self._lock, self._connection:
+            self._connection.executemany(_UPSERT, rows)
+            self._connection.executemany("DELETE FROM builds WHERE build_id = ?", gone)
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+            os.close(self._lock_file)
+
+
+def open_state(path: Path) -> tuple[StateFile | None, Restored]:
+    """Open and load the state file; on any problem one log line and a fresh start.
+
+    Returns no file when the state must stay in memory (the file is held by another process,
+    or cannot be created).
+    """
+    started = time.monotonic()
+    try:
+        state = StateFile.open(path)
+    except StateUnavailableError as error:
+        log.error(
+            "state file unusable; the state stays in memory only",
+            extra={"path": str(path), "reason": str(error)},
+        )
+        return None, Restored({})
+    except (sqlite3.DatabaseError, _NewerSchemaError) as error:
+        return _start_fresh(path, str(error))
+    try:
+        restored = state.load()
+    except sqlite3.DatabaseError as error:
+        state.close()
+        return _start_fresh(path, str(error))
+    log.info(
+        "state loaded",
+        extra={
+            "path": str(path),
+            "builds": len(restored.records),
+            "finished": sum(record.finished for record in restored.records.values()),
+            "unreadable_rows": restored.unreadable,
+            "seconds": round(time.monotonic() - started, 3),
+        },
+    )
+    return state, restored
+
+
+class _NewerSchemaError(Exception):
+    pass
+
+
+def _start_fresh(path: Path, reason: str) -> tuple[StateFile | None, Restored]:
+    """Move a file that cannot be read aside, keeping it for a look, and begin a new one."""
+    aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
+    try:
+        path.replace(aside)
+        for suffix in ("-wal", "-shm"):
+            companion = path.with_name(path.name + suffix)
+            if companion.exists():
+                companion.replace(aside.with_name(aside.name + suffix))
+    except OSError as error:
+        log.error(
+            "state file unreadable and cannot be moved aside; the state stays in memory only",
+            extra={"path": str(path), "reason": reason, "error": error.strerror},
+        )
+        return None, Restored({})
+    log.error(
+        "state file unreadable: moved aside, starting with a fresh state",
+        extra={"path": str(path), "reason": reason, "moved_to": str(aside)},
+    )
+    try:
+        return StateFile.open(path), Restored({})
+    except (StateUnavailableError, sqlite3.DatabaseError, _NewerSchemaError) as error:
+        log.error(
+            "fresh state file unusable; the state stays in memory only",
+            extra={"path": str(path), "reason": str(error)},
+        )
+        return None, Restored({})
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=1)
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+        # WAL with synchronous=NORMAL: a power cut may lose the last moments, never the file.
+        connection.execute("PRAGMA synchronous=NORMAL")
+        _check_schema(connection)
+        connection.execute(_SCHEMA)
+        connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        connection.execute("SELECT count(*) FROM builds").fetchone()
+        connection.isolation_level = "DEFERRED"
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _check_schema(connection: sqlite3.Connection) -> None:
+    version = connection.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise _NewerSchemaError(
+            f"written by a newer exporter (schema {version}; this one reads {SCHEMA_VERSION})"
+        )
+
+
+def encode_build(build: Build) -> str:
+    """A build as the JSON of an API answer, which ``parse_build`` reads back unchanged."""
+    document: dict[str, Any] = build.model_dump(mode="json", by_alias=True)
+    _timestamps_as_text(document)
+    for artifact in document.get("artifacts", ()):
+        _timestamps_as_text(artifact)
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+
+
+def _timestamps_as_text(document: dict[str, Any]) -> None:
+    for name in _TIMESTAMP_FIELDS:
+        value = document.get(name)
+        if isinstance(value, float | int):
+            document[name] = datetime.fromtimestamp(value, UTC).isoformat()
+
+
+def _row_from_record(record: BuildRecord) -> tuple[object, ...]:
+    return (
+        record.build_id,
+        None if record.build is None else encode_build(record.build),
+        int(record.finished),
+        int(record.seen_unfinished),
+        int(record.polled),
+        int(record.last_poll_ok),
+        None if record.last_error is None else record.last_error.value,
+        record.last_poll_time,
+        record.last_success_time,
+        record.last_change_time,
+        int(record.retired),
+    )
+
+
+def _record_from_row(row: tuple[Any, ...]) -> BuildRecord:
+    (
+        build_id,
+        answer,
+        finished,
+        seen_unfinished,
+        polled,
+        last_poll_ok,
+        last_error,
+        last_poll_time,
+        last_success_time,
+        last_change_time,
+        retired,
+    ) = row
+    if not isinstance(build_id, str):
+        raise TypeError("build_id")
+    build = None if answer is None else parse_build(str(answer).encode())
+    if build is not None and build.id != build_id:
+        raise ValueError("the saved answer belongs to another build")
+    retired = bool(retired) and build is None
+    # A finished build is never requested again: the answer must prove it (or be retired).
+    finished = bool(finished) and (retired or (build is not None and build.finished))
+    return BuildRecord(
+        build_id=build_id,
+        build=build,
+        finished=finished,
+        polled=bool(polled),
+        last_poll_ok=bool(last_poll_ok),
+        last_error=None if last_error is None else Outcome(last_error),
+        last_success_time=_optional_float(last_success_time),
+        seen_unfinished=bool(seen_unfinished),
+        last_poll_time=_optional_float(last_poll_time),
+        last_change_time=_optional_float(last_change_time),
+        restored=True,
+        retired=retired,
+    )
+
+
+def _optional_float(value: object) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, float | int):
+        raise TypeError("not a number")
+    return float(value)
+
+
+class StateSync:
+    """Writes to the state file what changed in the store since the last write."""
+
+    def __init__(self, state: StateFile, restored: Restored) -> None:
+        self._state = state
+        self._written: Mapping[str, BuildRecord] = dict(restored.records)
+        self._version: int | None = None
+
+    def sync(self, snapshot: Snapshot) -> int:
+        """Write the records that differ from the last write; returns how many."""
+        if snapshot.version == self._version:
+            return 0
+        written = self._written
+        # Records are replaced, never changed in place: identity tells what changed.
+        changed = [
+            record
+            for build_id, record in snapshot.records.items()
+            if written.get(build_id) is not record
+        ]
+        removed = [build_id for build_id in written if build_id not in snapshot.records]
+        self._state.save(changed, removed)
+        self._written = snapshot.records
+        self._version = snapshot.version
+        return len(changed)

@@ -1,0 +1,133 @@
+"""The exporter's own health: request counters, pauses, capacity and errors."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from exporter.api import API_DOWN_OUTCOMES, Outcome
+
+REQUEST_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Parts of the exporter whose unexpected exceptions are counted rather than fatal.
+INTERNAL_ERROR_COMPONENTS = ("poller", "renderer", "reload", "state")
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """An immutable histogram: per-bucket counts (not cumulative), plus sum and count."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    total: float = 0.0
+
+    @classmethod
+    def empty(cls, bounds: tuple[float, ...]) -> Histogram:
+        return cls(bounds, (0,) * (len(bounds) + 1))
+
+    def observe(self, value: float) -> Histogram:
+        index = bisect.bisect_left(self.bounds, value)
+        counts = list(self.counts)
+        counts[index] += 1
+        return Histogram(self.bounds, tuple(counts), self.total + value)
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass(frozen=True)
+class TelemetrySnapshot:
+    """The exporter's own health, read once per scrape."""
+
+    requests: Mapping[Outcome, int]
+    request_durations: Histogram
+    api_up: bool | None
+    rate_limited_until: float
+    config_reload_successful: bool
+    internal_errors: Mapping[str, int]
+    poll_lag_seconds: float = 0.0
+    poll_demand_ratio: float = 0.0
+    state_restored_builds: int = 0
+
+
+class Telemetry:
+    """Counters about the exporter itself, updated on every request.
+
+    ``snapshot()`` returns the same object until something changes.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests = dict.fromkeys(Outcome, 0)
+        self._durations = Histogram.empty(REQUEST_DURATION_BUCKETS)
+        self._api_up: bool | None = None
+        self._rate_limited_until = 0.0
+        self._config_reload_successful = True
+        self._internal_errors = dict.fromkeys(INTERNAL_ERROR_COMPONENTS, 0)
+        self._error_classes_seen: set[tuple[str, str]] = set()
+        self._poll_lag_seconds = 0.0
+        self._poll_demand_ratio = 0.0
+        self._state_restored_builds = 0
+        self._snapshot: TelemetrySnapshot | None = None
+
+    def observe_request(self, outcome: Outcome, duration: float) -> None:
+        with self._lock:
+            self._requests[outcome] += 1
+            self._durations = self._durations.observe(duration)
+            self._api_up = outcome not in API_DOWN_OUTCOMES
+            self._snapshot = None
+
+    def set_rate_limited_until(self, timestamp: float) -> None:
+        with self._lock:
+            self._rate_limited_until = timestamp
+            self._snapshot = None
+
+    def set_capacity(self, poll_lag_seconds: float, poll_demand_ratio: float) -> None:
+        """How far behind the poll schedule is, and how much of the budget it needs."""
+        with self._lock:
+            if (poll_lag_seconds, poll_demand_ratio) != (
+                self._poll_lag_seconds,
+                self._poll_demand_ratio,
+            ):
+                self._poll_lag_seconds = poll_lag_seconds
+                self._poll_demand_ratio = poll_demand_ratio
+                self._snapshot = None
+
+    def set_state_restored_builds(self, count: int) -> None:
+        with self._lock:
+            self._state_restored_builds = count
+            self._snapshot = None
+
+    def set_config_reload_successful(self, successful: bool) -> None:
+        with self._lock:
+            self._config_reload_successful = successful
+            self._snapshot = None
+
+    def record_internal_error(self, component: str, error: BaseException) -> bool:
+        """Count an unexpected exception; True the first time its class is seen here."""
+        with self._lock:
+            self._internal_errors[component] = self._internal_errors.get(component, 0) + 1
+            error_class = (component, type(error).__qualname__)
+            first = error_class not in self._error_classes_seen
+            self._error_classes_seen.add(error_class)
+            self._snapshot = None
+            return first
+
+    def snapshot(self) -> TelemetrySnapshot:
+        with self._lock:
+            if self._snapshot is None:
+                self._snapshot = TelemetrySnapshot(
+                    requests=MappingProxyType(dict(self._requests)),
+                    request_durations=self._durations,
+                    api_up=self._api_up,
+                    rate_limited_until=self._rate_limited_until,
+                    config_reload_successful=self._config_reload_successful,
+                    internal_errors=MappingProxyType(dict(self._internal_errors)),
+                    poll_lag_seconds=self._poll_lag_seconds,
+                    poll_demand_ratio=self._poll_demand_ratio,
+                    state_restored_builds=self._state_restored_builds,
+                )
+            return self._snapshot
