@@ -78,6 +78,8 @@ class StateFile:
     @classmethod
     def open(cls, path: Path) -> StateFile:
         """Open (or create) and lock the state file; raises StateUnavailableError."""
+        if path.exists() and not path.is_file():
+            raise StateUnavailableError("it is not a regular file")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             lock_file = os.open(_lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -92,6 +94,10 @@ class StateFile:
             ) from None
         try:
             return cls(path, _connect(path), lock_file)
+        except sqlite3.OperationalError as error:
+            # Not the file's fault (read-only, no space, an I/O error): leave it as it is.
+            os.close(lock_file)
+            raise StateUnavailableError(str(error)) from None
         except BaseException:
             os.close(lock_file)
             raise
@@ -146,6 +152,13 @@ def open_state(path: Path) -> tuple[StateFile | None, Restored]:
         return _start_fresh(path, str(error))
     try:
         restored = state.load()
+    except sqlite3.OperationalError as error:
+        state.close()
+        log.error(
+            "state file unusable; the state stays in memory only",
+            extra={"path": str(path), "reason": str(error)},
+        )
+        return None, Restored({})
     except sqlite3.DatabaseError as error:
         state.close()
         return _start_fresh(path, str(error))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -18,7 +19,16 @@ from exporter.models import parse_build
 from exporter.simulator import BuildPlan, Simulator, random_plans
 from exporter.state import StateFile, encode_build, open_state
 from exporter.store import BuildRecord
-from tests.support import CANARY_API_KEY, EPOCH, RunningExporter, make_config, wait_until
+from tests.support import (
+    CANARY_API_KEY,
+    EPOCH,
+    Daemon,
+    RunningExporter,
+    environment,
+    make_config,
+    parse_samples,
+    wait_until,
+)
 
 FINISHED = 1_000
 UNFINISHED = 100
@@ -198,10 +208,10 @@ def test_a_state_file_held_by_another_process_is_left_alone(
 
 def test_unreadable_rows_are_skipped_and_the_rest_restored(tmp_path: Path) -> None:
     state_path = tmp_path / "state.db"
-    state = StateFile.open(state_path)
+    writer = StateFile.open(state_path)
     good = record_of(finished_plan(1))
-    state.save([good, record_of(finished_plan(2))])
-    state.close()
+    writer.save([good, record_of(finished_plan(2))])
+    writer.close()
     with sqlite3.connect(state_path) as connection:
         connection.execute("UPDATE builds SET answer = '{\"id\": 3' WHERE build_id = 'done-0002'")
     state, restored = open_state(state_path)
@@ -250,20 +260,14 @@ def test_every_field_of_a_record_survives_a_restart(tmp_path: Path) -> None:
         seen_unfinished=True,
     )
     records = [record_of(finished_plan(1)), record_of(unfinished_plan(2)), failing]
-    state = StateFile.open(state_path)
-    state.save(records)
-    state.close()
+    writer = StateFile.open(state_path)
+    writer.save(records)
+    writer.close()
     state, restored = open_state(state_path)
     assert state is not None
     state.close()
     for record in records:
-        assert restored.records[record.build_id] == BuildRecord(
-            **{**_fields(record), "restored": True}
-        )
-
-
-def _fields(record: BuildRecord) -> dict[str, object]:
-    return {name: getattr(record, name) for name in record.__slots__}
+        assert restored.records[record.build_id] == dataclasses.replace(record, restored=True)
 
 
 def test_retention_drops_exactly_the_builds_finished_longer_ago_also_after_a_restart(
@@ -310,3 +314,82 @@ def test_retention_drops_exactly_the_builds_finished_longer_ago_also_after_a_res
             second.stop()
         again = requests_by_build(simulator)
     assert {b for b in again if b.startswith("aged-") and again[b] > polled[b]} == set()
+
+
+@pytest.mark.parametrize("problem", ["directory", "parent_is_a_file", "held_by_sqlite"])
+def test_a_state_path_that_cannot_be_used_is_left_untouched_and_the_state_kept_in_memory(
+    tmp_path: Path, problem: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    state_path = tmp_path / "state" / "state.db"
+    state_path.parent.mkdir()
+    holder = None
+    if problem == "directory":
+        state_path.mkdir()
+    elif problem == "parent_is_a_file":
+        state_path.parent.rmdir()
+        state_path.parent.write_text("not a directory")
+        state_path = state_path.parent / "state.db"
+    else:
+        StateFile.open(state_path).close()
+        # Another program (an sqlite3 shell, a backup) holding SQLite's own lock.
+        holder = sqlite3.connect(state_path, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+    existed = state_path.exists()
+    try:
+        with caplog.at_level(logging.ERROR, logger="exporter.state"):
+            state, restored = open_state(state_path)
+    finally:
+        if holder is not None:
+            holder.close()
+    assert state is None
+    assert restored.records == {}
+    assert [r.getMessage() for r in caplog.records] == [
+        "state file unusable; the state stays in memory only"
+    ]
+    # Nothing moved aside: the file is not at fault.
+    assert state_path.exists() == existed
+    assert list(tmp_path.rglob("*unreadable*")) == []
+
+
+def test_a_killed_exporter_leaves_a_state_file_the_next_one_takes_up(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    state_path = tmp_path / "state.db"
+    build_ids = [f"done-{index:04d}" for index in range(50)]
+    builds = "\n".join(f"  - {build_id}" for build_id in build_ids)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"api:\n  base_url: {simulator.base_url}\n  requests_per_second: 500\n"
+        f"builds:\n{builds}\nstate:\n  path: {state_path}\n"
+        "web:\n  listen_address: 127.0.0.1:0\n"
+    )
+    env = environment(PRIME_API_KEY=CANARY_API_KEY)
+    first = Daemon("--config.file", str(config), env=env)
+    try:
+        url = first.wait_for_url()
+
+        def saved() -> int:
+            probe = sqlite3.connect(f"file:{state_path}?mode=ro", uri=True)
+            try:
+                return int(probe.execute("SELECT count(*) FROM builds").fetchone()[0])
+            except sqlite3.OperationalError:
+                return 0
+            finally:
+                probe.close()
+
+        wait_until(lambda: httpx.get(url + "/-/ready").status_code == 200, message="ready")
+        wait_until(lambda: saved() == 50, message="every build written")
+    finally:
+        # No clean stop: the kernel releases the lock, SQLite recovers the journal.
+        first.kill()
+    requested = len(simulator.requests())
+    second = Daemon("--config.file", str(config), env=env)
+    try:
+        url = second.wait_for_url()
+        samples = parse_samples(httpx.get(url + "/metrics").text)
+        restored = samples[("primeintellect_exporter_state_restored_builds", frozenset())]
+        finished = samples[("primeintellect_exporter_builds", frozenset({("state", "finished")}))]
+    finally:
+        second.stop()
+    assert (restored, finished) == (50, 50)
+    assert len(simulator.requests()) == requested
