@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -18,11 +17,12 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
 from exporter.api import BuildStatusClient
-from exporter.config import Config, ConfigError, build_files_fingerprint, collect_build_ids
+from exporter.config import Config
 from exporter.connections import ServerLimits
 from exporter.exposition import ExpositionCache
 from exporter.metrics import ExpositionFormat, exporter_families
 from exporter.poller import Clock, Poller, PollSettings
+from exporter.reload import Reloader
 from exporter.server import Endpoints, MetricsServer
 from exporter.state import Restored, StateFile, StateSync, open_state
 from exporter.store import BuildStore
@@ -145,7 +145,13 @@ class Exporter:
         self._poller_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._retired_clients: list[BuildStatusClient] = []
-        self._reload_lock = asyncio.Lock()
+        self.reloader = Reloader(
+            lambda: self.config,
+            self._load_config,
+            self._apply,
+            self.telemetry,
+            self.internal_error,
+        )
 
     def _per_scrape_families(self) -> list[Metric]:
         shard = self.config.shard
@@ -223,7 +229,7 @@ class Exporter:
         if on_listening is not None:
             on_listening(server.url)
         self._poller_task = asyncio.create_task(self._supervise_poller(), name="poller")
-        watcher = asyncio.create_task(self._watch_build_files(), name="build-files")
+        watcher = asyncio.create_task(self.reloader.watch_build_files(), name="build-files")
         saver = asyncio.create_task(self._save_state(), name="state")
         try:
             await stop.wait()
@@ -251,29 +257,13 @@ class Exporter:
 
     def request_reload(self) -> None:
         """Reload in the background (for SIGHUP); must be called on the event loop."""
-        self._in_background(self.reload())
+        self._in_background(self.reloader.reload())
 
     async def reload(self) -> str | None:
         """Read the configuration again and apply it; on error keep the running one."""
-        async with self._reload_lock:
-            try:
-                config = await asyncio.to_thread(self._load_config)
-                self._apply(config)
-            except ConfigError as error:
-                self.telemetry.set_config_reload_successful(False)
-                log.error(
-                    "configuration reload failed; the running configuration stays",
-                    extra={"error": str(error)},
-                )
-                return str(error)
-            except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
-                self.telemetry.set_config_reload_successful(False)
-                self.internal_error("reload", error)
-                return "unexpected error; see the exporter's log"
-            self.telemetry.set_config_reload_successful(True)
-            return None
+        return await self.reloader.reload()
 
-    def _apply(self, config: Config) -> None:
+    def _apply(self, config: Config) -> tuple[int, int]:
         old = self.config
         api_key_unchanged = config.api_key is not None and config.api_key.same_source(old.api_key)
         if config.api != old.api or not api_key_unchanged:
@@ -295,52 +285,7 @@ class Exporter:
                 extra={"path": str(old.state_path or "")},
             )
         self.config = config
-        log.info(
-            "configuration reloaded",
-            extra={
-                "builds": len(config.owned_build_ids),
-                "added": len(added),
-                "removed": len(removed),
-            },
-        )
-
-    async def reload_build_files(self) -> None:
-        """Read the build files again; on error keep tracking the current builds."""
-        async with self._reload_lock:
-            config = self.config
-            try:
-                build_ids = await asyncio.to_thread(
-                    collect_build_ids, config.file, config.source.parent
-                )
-            except ConfigError as error:
-                self.telemetry.set_config_reload_successful(False)
-                log.error(
-                    "build files reload failed; the tracked builds stay",
-                    extra={"error": str(error)},
-                )
-                return
-            self.config = dataclasses.replace(config, build_ids=build_ids)
-            added, removed = self.poller.set_builds(self.config.owned_build_ids)
-            self.telemetry.set_config_reload_successful(True)
-            log.info(
-                "build files changed",
-                extra={"builds": len(build_ids), "added": len(added), "removed": len(removed)},
-            )
-
-    async def _watch_build_files(self) -> None:
-        seen: tuple[object, ...] | None = None
-        while True:
-            try:
-                config = self.config
-                current = await asyncio.to_thread(
-                    build_files_fingerprint, config.file.build_files, config.source.parent
-                )
-                if seen is not None and current != seen:
-                    await self.reload_build_files()
-                seen = current
-            except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
-                self.internal_error("reload", error)
-            await asyncio.sleep(self.config.polling.build_files_refresh_interval)
+        return len(added), len(removed)
 
     # -- background work ------------------------------------------------------------------------
 

@@ -1,0 +1,98 @@
+"""Every way the configuration changes, through one path.
+
+SIGHUP, ``POST /-/reload`` and a changed build file each produce a new ``Config``; one lock
+orders them, one function applies them, and a bad one keeps the running configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from exporter.config import Config, ConfigError, build_files_fingerprint, collect_build_ids
+from exporter.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+class Reloader:
+    """Reads a new configuration when asked, or when the build files change, and applies it.
+
+    ``apply`` takes a validated configuration and returns how many builds it added and
+    removed; ``current`` is the configuration running now.
+    """
+
+    def __init__(
+        self,
+        current: Callable[[], Config],
+        load_config: Callable[[], Config],
+        apply: Callable[[Config], tuple[int, int]],
+        telemetry: Telemetry,
+        internal_error: Callable[[str, BaseException], None],
+    ) -> None:
+        self._current = current
+        self._load_config = load_config
+        self._apply = apply
+        self._telemetry = telemetry
+        self._internal_error = internal_error
+        self._lock = asyncio.Lock()
+
+    async def reload(self) -> str | None:
+        """Read the config file (and its build files) again; the error, or None."""
+        return await self._reload("config", self._load_config)
+
+    async def reload_build_files(self) -> str | None:
+        """Read only the build files again; the error, or None."""
+
+        def with_new_build_files() -> Config:
+            config = self._current()
+            build_ids = collect_build_ids(config.file, config.source.parent)
+            return dataclasses.replace(config, build_ids=build_ids)
+
+        return await self._reload("build_files", with_new_build_files)
+
+    async def watch_build_files(self) -> None:
+        """Reload the build files whenever they change; runs until cancelled."""
+        seen: tuple[object, ...] | None = None
+        while True:
+            try:
+                config = self._current()
+                current = await asyncio.to_thread(
+                    build_files_fingerprint, config.file.build_files, config.source.parent
+                )
+                if seen is not None and current != seen:
+                    await self.reload_build_files()
+                seen = current
+            except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
+                self._internal_error("reload", error)
+            await asyncio.sleep(self._current().polling.build_files_refresh_interval)
+
+    async def _reload(self, source: str, load: Callable[[], Config]) -> str | None:
+        async with self._lock:
+            try:
+                config = await asyncio.to_thread(load)
+                added, removed = self._apply(config)
+            except ConfigError as error:
+                self._telemetry.set_config_reload_successful(False)
+                log.error(
+                    "reload failed; the running configuration stays",
+                    extra={"source": source, "error": str(error)},
+                )
+                return str(error)
+            except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
+                self._telemetry.set_config_reload_successful(False)
+                self._internal_error("reload", error)
+                return "unexpected error; see the exporter's log"
+            self._telemetry.set_config_reload_successful(True)
+            log.info(
+                "configuration reloaded",
+                extra={
+                    "source": source,
+                    "builds": len(config.owned_build_ids),
+                    "added": added,
+                    "removed": removed,
+                },
+            )
+            return None
