@@ -460,20 +460,13 @@ def _exporter_rss(base_url: str, build_ids: list[str], work: Path) -> int:
         "polling:\n  interval: 1h\nbuild_files: [builds.txt]\n"
         "web:\n  listen_address: 127.0.0.1:19898\n"
     )
-    process = subprocess.Popen(
-        [str(SCRIPT), "--config.file", str(config), "--log.level", "error"],
-        env={**os.environ, "PRIME_API_KEY": API_KEY},
-    )
+    process, _ = _start_daemon(config, "http://127.0.0.1:19898")
     try:
+        # Every build polled once: the simulator answers them all at this rate within seconds.
+        deadline = time.monotonic() + 300
+        while _unpolled(process, "http://127.0.0.1:19898") and time.monotonic() < deadline:
+            time.sleep(0.2)
         with httpx.Client(timeout=120) as client:
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                try:
-                    if client.get("http://127.0.0.1:19898/-/ready").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
             # A scrape as Prometheus makes one, so the kept body counts too.
             client.get(
                 "http://127.0.0.1:19898/metrics",
@@ -552,7 +545,7 @@ def measure_requests_saved(count: int, finished: int, interval: float, window: f
     ]
 
 
-def _start_daemon(config: Path) -> tuple[subprocess.Popen[bytes], float]:
+def _start_daemon(config: Path, url: str) -> tuple[subprocess.Popen[bytes], float]:
     """The exporter as a process; returns it and the seconds until /-/ready answered 200."""
     started = time.monotonic()
     process = subprocess.Popen(
@@ -563,12 +556,20 @@ def _start_daemon(config: Path) -> tuple[subprocess.Popen[bytes], float]:
         deadline = started + 120
         while time.monotonic() < deadline:
             try:
-                if client.get("http://127.0.0.1:19896/-/ready").status_code == 200:
+                if client.get(url + "/-/ready").status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
     return process, time.monotonic() - started
+
+
+def _unpolled(process: subprocess.Popen[bytes], url: str) -> bool:
+    """Whether the exporter still has builds waiting for their first poll."""
+    if process.poll() is not None:
+        return False
+    text = httpx.get(url + "/metrics", timeout=120).text
+    return 'primeintellect_exporter_builds{state="unpolled"} 0.0' not in text
 
 
 def measure_restart(count: int, finished: int, window: float) -> list[Row]:
@@ -590,7 +591,7 @@ def measure_restart(count: int, finished: int, window: float) -> list[Row]:
                 f"build_files: [builds.txt]\nweb:\n  listen_address: 127.0.0.1:19896\n{state}"
             )
             # The first life polls everything once (and fills the state file).
-            process, _ = _start_daemon(config)
+            process, _ = _start_daemon(config, "http://127.0.0.1:19896")
             deadline = time.monotonic() + 300
             while (
                 len({r.build_id for r in simulator.requests()}) < count
@@ -601,7 +602,7 @@ def measure_restart(count: int, finished: int, window: float) -> list[Row]:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
             before = len(simulator.requests())
-            process, ready_after = _start_daemon(config)
+            process, ready_after = _start_daemon(config, "http://127.0.0.1:19896")
             try:
                 time.sleep(window)
                 requests = simulator.requests()[before:]

@@ -153,6 +153,15 @@ def _duration_within(minimum: float, maximum: float | None = None) -> AfterValid
     return AfterValidator(check)
 
 
+def _file_path(value: object, otherwise: str) -> object:
+    """A path from a string, ``~`` expanded; a blank string is refused with what to do instead."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"must be a file path, or leave it out {otherwise}")
+        return Path(value).expanduser()
+    return value
+
+
 class BuildIdNotStringError(ValueError):
     """YAML read a build ID as a number, boolean, date or null."""
 
@@ -211,11 +220,7 @@ class ApiSettings(_Strict):
     @field_validator("api_key_file", mode="before")
     @classmethod
     def _check_api_key_file(cls, value: object) -> object:
-        if isinstance(value, str):
-            if not value.strip():
-                raise ValueError("must be a file path, or leave it out to use PRIME_API_KEY")
-            return Path(value).expanduser()
-        return value
+        return _file_path(value, "to use PRIME_API_KEY")
 
 
 class PollingSettings(_Strict):
@@ -254,11 +259,7 @@ class StateSettings(_Strict):
     @field_validator("path", mode="before")
     @classmethod
     def _check_path(cls, value: object) -> object:
-        if isinstance(value, str):
-            if not value.strip():
-                raise ValueError("must be a file path, or leave it out to keep state in memory")
-            return Path(value).expanduser()
-        return value
+        return _file_path(value, "to keep the state in memory")
 
 
 class ShardSettings(_Strict):
