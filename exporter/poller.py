@@ -84,10 +84,6 @@ class PollSettings:
     # Finished builds lose their answer this long after completedAt; 0 keeps them.
     finished_build_retention: float = 0.0
 
-    @property
-    def longest_gap(self) -> float:
-        return max(self.interval, self.max_interval)
-
 
 class TokenBucket:
     """Allows ``rate`` requests per second on average, and bursts of at most ``burst``."""
@@ -334,6 +330,7 @@ class Poller:
         self._behind = demand > 1
 
     def _earliest_due(self) -> float | None:
+        self._drop_outdated_queue_entries()
         heads = [queue[0][0] for queue in (self._urgent, self._queue) if queue]
         return min(heads, default=None)
 
