@@ -62,7 +62,7 @@ class Restored:
     """What a state file gave back at start."""
 
     records: Mapping[str, BuildRecord]
-    # Build IDs whose rows could not be read: they are polled as if new.
+    # How many rows could not be read: their builds are polled as if new.
     unreadable: int = 0
 
 
