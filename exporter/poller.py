@@ -288,16 +288,19 @@ class Poller:
         if now - self._last_sweep >= TICK:
             self._last_sweep = now
             self._measure_capacity(now)
-            wall = self._wall_clock()
-            retention = self._settings.finished_build_retention
-            if retention > 0:
-                retired = self._store.retire_finished(wall, retention)
-                if retired:
-                    log.info(
-                        "finished builds past their retention: series dropped",
-                        extra={"builds": len(retired), "retention_seconds": retention},
-                    )
-            for build_id in self._store.expire_stale(wall, self._settings.stale_after):
+            settings = self._settings
+            swept = self._store.sweep(
+                self._wall_clock(), settings.stale_after, settings.finished_build_retention
+            )
+            if swept.retired:
+                log.info(
+                    "finished builds past their retention: series dropped",
+                    extra={
+                        "builds": len(swept.retired),
+                        "retention_seconds": settings.finished_build_retention,
+                    },
+                )
+            for build_id in swept.expired:
                 log.warning(
                     "build values dropped: no successful poll for too long",
                     extra={"build_id": build_id, "stale_after": self._settings.stale_after},
@@ -431,9 +434,8 @@ class Poller:
             _log_success(transition)
             if result.build.finished:
                 return None
-            before = transition.before.build
-            changed = before is not None and before != transition.after.build
-            return now + self._gap(transition.after.last_change_time, wall), changed
+            gap = self._gap(transition.after.last_change_time, wall)
+            return now + gap, transition.answer_changed
 
         transition = self._store.record_failure(build_id, result.outcome, wall)
         if transition is not None and result.outcome is not Outcome.UNAUTHORIZED:

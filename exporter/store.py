@@ -87,6 +87,16 @@ class Transition:
 
     before: BuildRecord
     after: BuildRecord
+    # A good answer that differs from the previous good one (not the first answer).
+    answer_changed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Swept:
+    """The builds a sweep dropped answers of: stale unfinished ones, and retired ones."""
+
+    expired: list[str]
+    retired: list[str]
 
 
 class BuildStore:
@@ -134,7 +144,7 @@ class BuildStore:
             if before is None:
                 return None
             finished = build.finished
-            changed = before.build != build or before.last_change_time is None
+            changed = before.build != build
             after = replace(
                 before,
                 build=build,
@@ -145,13 +155,15 @@ class BuildStore:
                 last_success_time=now,
                 seen_unfinished=before.seen_unfinished or not finished,
                 last_poll_time=now,
-                last_change_time=now if changed else before.last_change_time,
+                last_change_time=now
+                if changed or before.last_change_time is None
+                else before.last_change_time,
             )
             if finished and before.seen_unfinished and not before.finished:
                 self._count_finished(build)
             self._records[build_id] = after
             self._version += 1
-        return Transition(before, after)
+        return Transition(before, after, answer_changed=changed and before.build is not None)
 
     def record_failure(
         self, build_id: str, outcome: Outcome, now: float | None = None
@@ -180,45 +192,39 @@ class BuildStore:
                 self._version += 1
         return len(waiting)
 
-    def expire_stale(self, now: float, stale_after: float) -> list[str]:
-        """Drop the values of unfinished builds without a good poll for ``stale_after`` seconds."""
-        expired = []
-        with self._lock:
-            for build_id, record in self._records.items():
-                if (
-                    record.build is not None
-                    and not record.finished
-                    and record.last_success_time is not None
-                    and now - record.last_success_time >= stale_after
-                ):
-                    expired.append(build_id)
-            for build_id in expired:
-                self._records[build_id] = replace(self._records[build_id], build=None)
-            if expired:
-                self._version += 1
-        return expired
+    def sweep(self, now: float, stale_after: float, retention: float = 0.0) -> Swept:
+        """Drop answers that are too old, in one pass over the builds.
 
-    def retire_finished(self, now: float, retention: float) -> list[str]:
-        """Drop the answers of builds that finished (``completedAt``) ``retention`` seconds ago.
-
-        They stay tracked and finished, so they are never requested again.
+        An unfinished build without a good poll for ``stale_after`` seconds loses its values;
+        with a ``retention``, a build finished (``completedAt``) that long ago loses its
+        answer and is retired: still tracked and finished, so never requested again.
         """
+        expired = []
         retired = []
         with self._lock:
             for build_id, record in self._records.items():
                 build = record.build
-                if (
-                    record.finished
-                    and build is not None
+                if build is None:
+                    continue
+                if not record.finished:
+                    if (
+                        record.last_success_time is not None
+                        and now - record.last_success_time >= stale_after
+                    ):
+                        expired.append(build_id)
+                elif (
+                    retention > 0
                     and build.completed_at is not None
                     and now - build.completed_at >= retention
                 ):
                     retired.append(build_id)
+            for build_id in expired:
+                self._records[build_id] = replace(self._records[build_id], build=None)
             for build_id in retired:
                 self._records[build_id] = replace(self._records[build_id], build=None, retired=True)
-            if retired:
+            if expired or retired:
                 self._version += 1
-        return retired
+        return Swept(expired, retired)
 
     def snapshot(self) -> Snapshot:
         """The current state; the same object until something changes."""

@@ -54,7 +54,7 @@ class Scenario:
         elif action < 0.8:
             self.store.record_failure(build_id, self.random.choice(list(Outcome)[1:]))
         elif action < 0.9:
-            self.store.expire_stale(EPOCH + 10**6, stale_after=1)
+            self.store.sweep(EPOCH + 10**6, stale_after=1)
         else:
             kept = [other for other in self.plans if other != build_id or action < 0.95]
             new = f"zz-new-{self.random.randrange(10**6)}"

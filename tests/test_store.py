@@ -54,7 +54,7 @@ def test_a_finish_is_counted_even_after_the_running_values_went_stale() -> None:
     store = BuildStore()
     store.track(["b1"])
     store.record_success("b1", build(**RUNNING), EPOCH)
-    assert store.expire_stale(EPOCH + 100, stale_after=60) == ["b1"]
+    assert store.sweep(EPOCH + 100, stale_after=60).expired == ["b1"]
     assert store.snapshot().records["b1"].build is None
     store.record_success("b1", build(status="FAILED"), EPOCH + 200)
     assert store.snapshot().finished[("trainer", "FAILED")].count == 1
@@ -79,7 +79,7 @@ def test_finished_builds_never_go_stale() -> None:
     store = BuildStore()
     store.track(["b1"])
     store.record_success("b1", build(), EPOCH)
-    assert store.expire_stale(EPOCH + 10**9, stale_after=60) == []
+    assert store.sweep(EPOCH + 10**9, stale_after=60).expired == []
     assert store.snapshot().records["b1"].build is not None
 
 
