@@ -5,10 +5,10 @@ scrapes, in chunks of consecutive builds. A store change re-renders only the chu
 changed build, in each format asked for since; gzip is kept the same way, as deflate segments
 joined into one gzip member, each primed with the text before it (as pigz does), so the
 body is as small as one compressed in one go and a change recompresses only the segments
-that hold or follow it closely. The exporter's own small families
-are collected on every scrape, and each is rendered again only when its samples differ from
-the last scrape's. The bytes are exactly what prometheus_client writes for the same
-families: each chunk and family is rendered by it, and joined in the same order.
+that hold or follow it closely. The exporter's own small families are collected on every
+scrape, and each is rendered again only when its samples differ from the last scrape's.
+The bytes are exactly what prometheus_client writes for the same families: each chunk and
+family is rendered by it, and joined in the same order.
 """
 
 from __future__ import annotations
@@ -102,16 +102,23 @@ class _Window:
             self._length -= len(self._pieces.popleft())
 
 
-@dataclass(frozen=True)
+@dataclass
 class _RenderedFamily:
-    """One per-scrape family as last rendered: its samples, bytes and deflate segment."""
+    """One per-scrape family as last rendered: its samples, bytes and, once a gzip answer
+    needed it, its deflate segment."""
 
     metric: Metric
     plain: bytes
-    compressed: bytes
+    _compressed: bytes | None = None
+
+    def compressed(self) -> bytes:
+        # Two threads may both compute it; both get the same bytes.
+        if self._compressed is None:
+            self._compressed = _deflate_segment(self.plain)
+        return self._compressed
 
 
-class _PerScrapeFamilies:
+class _PerScrapeRenders:
     """Renders the per-scrape families, each again only when it differs from the last scrape.
 
     Between two scrapes most of them do not change (the platform, most counters), and
@@ -132,7 +139,7 @@ class _PerScrapeFamilies:
             rendered = last.get(family.name)
             if rendered is None or not _same_family(rendered.metric, family):
                 plain = render([family], format).removesuffix(OPENMETRICS_EOF)
-                rendered = _RenderedFamily(family, plain, _deflate_segment(plain))
+                rendered = _RenderedFamily(family, plain)
             current[family.name] = rendered
             in_order.append(rendered)
         with self._lock:
@@ -171,7 +178,7 @@ class ExpositionCache:
         self._max_artifacts_per_build = max_artifacts_per_build
         self._lock = threading.Lock()
         self._rendered: dict[ExpositionFormat, _Rendered] = {}
-        self._per_scrape_families = _PerScrapeFamilies()
+        self._per_scrape_renders = _PerScrapeRenders()
 
     def set_max_artifacts_per_build(self, limit: int) -> None:
         with self._lock:
@@ -208,7 +215,7 @@ class ExpositionCache:
     def _with_tail(
         self, format: ExpositionFormat, rendered: _Rendered, compressed: tuple[bytes, ...] | None
     ) -> Body:
-        families = self._per_scrape_families.render(self._per_scrape(), format)
+        families = self._per_scrape_renders.render(self._per_scrape(), format)
         end = OPENMETRICS_EOF if format is ExpositionFormat.OPENMETRICS else b""
         tail = b"".join([*(family.plain for family in families), end])
         if compressed is None:
@@ -220,7 +227,7 @@ class ExpositionCache:
         )
         last = b"".join(
             [
-                *(family.compressed for family in families),
+                *(family.compressed() for family in families),
                 _DEFLATED_OPENMETRICS_EOF if end else b"",
                 _FINAL_DEFLATE_BLOCK,
                 trailer,
