@@ -24,7 +24,7 @@ from exporter.metrics import ExpositionFormat, exporter_families
 from exporter.poller import Clock, Poller, PollSettings
 from exporter.reload import Reloader
 from exporter.server import Endpoints, MetricsServer
-from exporter.state import Restored, StateFile, StateSync, open_state
+from exporter.state import Restored, StateSync, open_state
 from exporter.store import BuildStore
 from exporter.telemetry import Telemetry, TelemetrySnapshot
 
@@ -112,11 +112,12 @@ class Exporter:
         self.config = config
         self._load_config = load_config or (lambda: self.config)
         self._enable_lifecycle = enable_lifecycle
-        self._state: StateFile | None = None
         restored = Restored({})
+        self._state_sync: StateSync | None = None
         if use_state and config.state_path is not None:
-            self._state, restored = open_state(config.state_path)
-        self._state_sync = None if self._state is None else StateSync(self._state, restored)
+            state, restored = open_state(config.state_path)
+            if state is not None:
+                self._state_sync = StateSync(state, restored)
         self.store = BuildStore(restored.records)
         self.telemetry = Telemetry()
         self._per_scrape = PerScrapeFamilies(self.telemetry)
@@ -311,14 +312,14 @@ class Exporter:
 
     def _close_state(self) -> None:
         """Write the last changes and let the file go, for the next process to take."""
-        if self._state is None or self._state_sync is None:
+        if self._state_sync is None:
             return
         try:
             self._state_sync.sync(self.store.snapshot())
         except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
             self.internal_error("state", error)
-        self._state.close()
-        self._state = None
+        self._state_sync.close()
+        self._state_sync = None
 
     async def _supervise_poller(self) -> None:
         while True:

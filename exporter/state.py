@@ -339,3 +339,7 @@ class StateSync:
         self._written = snapshot.records
         self._version = snapshot.version
         return len(changed)
+
+    def close(self) -> None:
+        """Let the file go, for the next process to take."""
+        self._state.close()
