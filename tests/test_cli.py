@@ -181,7 +181,12 @@ def test_json_logs_are_one_object_per_line_without_the_key(
     )
     daemons.append(daemon)
     url = daemon.wait_for_url()
-    wait_until(lambda: httpx.get(url + "/-/ready").status_code == 200, message="readiness")
+    # Ready no longer waits for a first poll, so wait for the failed poll itself.
+    wait_until(
+        lambda: 'last_poll_error{build_id="gone",reason="not_found"} 1.0'
+        in httpx.get(url + "/metrics").text,
+        message="the failed poll of 'gone'",
+    )
     _, _, stderr = daemon.stop()
     records = [json.loads(line) for line in stderr.splitlines() if line.strip()]
     failures = [r for r in records if r["msg"] == "poll failed"]
