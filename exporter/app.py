@@ -19,8 +19,8 @@ from exporter import __version__
 from exporter.api import BuildStatusClient
 from exporter.config import Config
 from exporter.connections import ServerLimits
-from exporter.exposition import ExpositionCache
-from exporter.metrics import ExpositionFormat, exporter_families
+from exporter.exposition import ExpositionCache, ExpositionFormat
+from exporter.metrics import exporter_families
 from exporter.poller import Clock, Poller, PollSettings
 from exporter.reload import Reloader
 from exporter.server import Endpoints, MetricsServer

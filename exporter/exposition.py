@@ -13,24 +13,24 @@ family is rendered by it, and joined in the same order.
 
 from __future__ import annotations
 
+import enum
 import struct
 import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
+from prometheus_client import exposition
 from prometheus_client.core import Metric
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.registry import Collector
 
-from exporter.metrics import (
-    OPENMETRICS_EOF,
-    ExpositionFormat,
-    per_build_families,
-    render,
-    summary_families,
-)
+from exporter.metrics import per_build_families, summary_families
 from exporter.store import BuildRecord, Snapshot
 
+OPENMETRICS_EOF = b"# EOF\n"
 # Builds per chunk: small enough that one change re-renders little, large enough that the
 # pieces stay few and compress well.
 CHUNK_SIZE = 64
@@ -42,6 +42,76 @@ _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 WINDOW_BYTES = 32 * 1024
 # An empty final deflate block: ends a run of byte-aligned segments.
 _FINAL_DEFLATE_BLOCK = b"\x03\x00"
+
+
+class ExpositionFormat(enum.Enum):
+    """The two exposition formats a scraper may ask for."""
+
+    TEXT = exposition.CONTENT_TYPE_PLAIN_0_0_4
+    OPENMETRICS = openmetrics.CONTENT_TYPE_LATEST
+
+    @property
+    def content_type(self) -> str:
+        return str(self.value)
+
+
+def negotiate_format(accept: str) -> ExpositionFormat:
+    """OpenMetrics when the Accept header prefers it over the Prometheus text format."""
+    best_openmetrics = best_text = 0.0
+    for media_range, params, quality in _parse_header_list(accept):
+        major_version = params.get("version", "1").split(".")[0]
+        if media_range == "application/openmetrics-text" and major_version == "1":
+            best_openmetrics = max(best_openmetrics, quality)
+        elif media_range in {"text/plain", "text/*", "*/*"}:
+            best_text = max(best_text, quality)
+    if best_openmetrics > 0 and best_openmetrics >= best_text:
+        return ExpositionFormat.OPENMETRICS
+    return ExpositionFormat.TEXT
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """True when ``Accept-Encoding`` allows gzip."""
+    return any(
+        coding in {"gzip", "*"} and quality > 0
+        for coding, _, quality in _parse_header_list(accept_encoding)
+    )
+
+
+def _parse_header_list(value: str) -> list[tuple[str, dict[str, str], float]]:
+    items = []
+    for item in value.split(","):
+        name, *raw_params = (part.strip() for part in item.split(";"))
+        if not name:
+            continue
+        params = {}
+        for raw in raw_params:
+            key, _, param_value = raw.partition("=")
+            params[key.strip().lower()] = param_value.strip().strip('"')
+        try:
+            quality = float(params.pop("q", "1"))
+        except ValueError:
+            quality = 0.0
+        items.append((name.lower(), params, quality))
+    return items
+
+
+def render(families: Iterable[Metric], format: ExpositionFormat) -> bytes:
+    """Exposition bytes of families, as prometheus_client writes them.
+
+    OpenMetrics output ends with ``# EOF``.
+    """
+    collector = _StaticCollector(list(families))
+    if format is ExpositionFormat.OPENMETRICS:
+        return cast(bytes, openmetrics.generate_latest(collector))  # type: ignore[no-untyped-call]
+    return exposition.generate_latest(collector)
+
+
+class _StaticCollector(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
 
 
 @dataclass(frozen=True)

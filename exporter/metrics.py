@@ -1,12 +1,12 @@
-"""Metric families from store snapshots and telemetry; rendering through prometheus_client."""
+"""Metric families from store snapshots and telemetry, as prometheus_client families.
+
+They are the reference for every byte of ``/metrics``: ``exporter.exposition`` renders them.
+"""
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable, Sequence
-from typing import cast
 
-from prometheus_client import exposition
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -14,8 +14,6 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.openmetrics import exposition as openmetrics
-from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
@@ -26,18 +24,6 @@ from exporter.telemetry import Histogram, TelemetrySnapshot
 
 BUILD_LABELS = ("build_id", "image_name", "image_tag")
 ARTIFACT_LABELS = (*BUILD_LABELS, "artifact_id", "artifact_type")
-OPENMETRICS_EOF = b"# EOF\n"
-
-
-class ExpositionFormat(enum.Enum):
-    """The two exposition formats a scraper may ask for."""
-
-    TEXT = exposition.CONTENT_TYPE_PLAIN_0_0_4
-    OPENMETRICS = openmetrics.CONTENT_TYPE_LATEST
-
-    @property
-    def content_type(self) -> str:
-        return str(self.value)
 
 
 class _BuildFamilies:
@@ -313,25 +299,6 @@ def exporter_families(
         ),
         shard,
     ]
-
-
-def render(families: Iterable[Metric], format: ExpositionFormat) -> bytes:
-    """Exposition bytes of families, as prometheus_client writes them.
-
-    OpenMetrics output ends with ``# EOF``.
-    """
-    collector = _StaticCollector(list(families))
-    if format is ExpositionFormat.OPENMETRICS:
-        return cast(bytes, openmetrics.generate_latest(collector))  # type: ignore[no-untyped-call]
-    return exposition.generate_latest(collector)
-
-
-class _StaticCollector(Collector):
-    def __init__(self, families: list[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> Iterable[Metric]:
-        return self._families
 
 
 def _build_gauge(name: str, documentation: str) -> GaugeMetricFamily:

@@ -27,8 +27,7 @@ from exporter import __version__
 from exporter.auth import AUTH_REALM
 from exporter.config import parse_listen_address
 from exporter.connections import Listener, ServerLimits
-from exporter.exposition import Body
-from exporter.metrics import ExpositionFormat
+from exporter.exposition import Body, ExpositionFormat, accepts_gzip, negotiate_format
 from exporter.status_page import render_status_page
 from exporter.store import Snapshot
 from exporter.webconfig import WebConfig, WebConfigWatcher
@@ -75,46 +74,6 @@ class Endpoints:
     internal_error: Callable[[str, BaseException], None]
     # The requests per second this replica may spend, for the status page.
     request_budget: Callable[[], float | None] = lambda: None
-
-
-def negotiate_format(accept: str) -> ExpositionFormat:
-    """OpenMetrics when the Accept header prefers it over the Prometheus text format."""
-    best_openmetrics = best_text = 0.0
-    for media_range, params, quality in _parse_header_list(accept):
-        major_version = params.get("version", "1").split(".")[0]
-        if media_range == "application/openmetrics-text" and major_version == "1":
-            best_openmetrics = max(best_openmetrics, quality)
-        elif media_range in {"text/plain", "text/*", "*/*"}:
-            best_text = max(best_text, quality)
-    if best_openmetrics > 0 and best_openmetrics >= best_text:
-        return ExpositionFormat.OPENMETRICS
-    return ExpositionFormat.TEXT
-
-
-def accepts_gzip(accept_encoding: str) -> bool:
-    """True when ``Accept-Encoding`` allows gzip."""
-    return any(
-        coding in {"gzip", "*"} and quality > 0
-        for coding, _, quality in _parse_header_list(accept_encoding)
-    )
-
-
-def _parse_header_list(value: str) -> list[tuple[str, dict[str, str], float]]:
-    items = []
-    for item in value.split(","):
-        name, *raw_params = (part.strip() for part in item.split(";"))
-        if not name:
-            continue
-        params = {}
-        for raw in raw_params:
-            key, _, param_value = raw.partition("=")
-            params[key.strip().lower()] = param_value.strip().strip('"')
-        try:
-            quality = float(params.pop("q", "1"))
-        except ValueError:
-            quality = 0.0
-        items.append((name.lower(), params, quality))
-    return items
 
 
 class _ClientMistakeLogger(logging.Logger):

@@ -183,8 +183,10 @@ def test_json_logs_are_one_object_per_line_without_the_key(
     url = daemon.wait_for_url()
     # Ready no longer waits for a first poll, so wait for the failed poll itself.
     wait_until(
-        lambda: 'last_poll_error{build_id="gone",reason="not_found"} 1.0'
-        in httpx.get(url + "/metrics").text,
+        lambda: (
+            'last_poll_error{build_id="gone",reason="not_found"} 1.0'
+            in httpx.get(url + "/metrics").text
+        ),
         message="the failed poll of 'gone'",
     )
     _, _, stderr = daemon.stop()

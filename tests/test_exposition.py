@@ -10,8 +10,14 @@ import pytest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.api import Outcome
-from exporter.exposition import CHUNK_SIZE, ExpositionCache
-from exporter.metrics import OPENMETRICS_EOF, ExpositionFormat, build_families, render
+from exporter.exposition import (
+    CHUNK_SIZE,
+    OPENMETRICS_EOF,
+    ExpositionCache,
+    ExpositionFormat,
+    render,
+)
+from exporter.metrics import build_families
 from exporter.models import parse_build
 from exporter.simulator import random_plans
 from exporter.store import BuildStore

@@ -25,8 +25,7 @@ import httpx
 import pytest
 
 from exporter.connections import ServerLimits
-from exporter.exposition import Body
-from exporter.metrics import ExpositionFormat
+from exporter.exposition import Body, ExpositionFormat
 from exporter.server import Endpoints, MetricsServer
 from exporter.store import BuildStore
 from tests.pki import Pki, client_context, tls_section

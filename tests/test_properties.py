@@ -27,12 +27,8 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.api import BuildStatusClient, Outcome
-from exporter.metrics import (
-    ExpositionFormat,
-    build_families,
-    exporter_families,
-    render,
-)
+from exporter.exposition import ExpositionFormat, render
+from exporter.metrics import build_families, exporter_families
 from exporter.models import ARTIFACT_TYPES, BUILD_STATUSES, InvalidBuildError, parse_build
 from exporter.poller import Poller, PollSettings
 from exporter.store import BuildStore

@@ -7,9 +7,8 @@ import socket
 import httpx
 import pytest
 
-from exporter.exposition import ExpositionCache
-from exporter.metrics import ExpositionFormat
-from exporter.server import Endpoints, MetricsServer, accepts_gzip, negotiate_format
+from exporter.exposition import ExpositionCache, ExpositionFormat, accepts_gzip, negotiate_format
+from exporter.server import Endpoints, MetricsServer
 from exporter.simulator import Fault, Simulator
 from exporter.store import BuildStore, Snapshot
 from tests.conftest import StartExporter
