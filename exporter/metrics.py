@@ -120,30 +120,17 @@ class _BuildFamilies:
         _add_if_known(self.completed, labels, build.completed_at)
         _add_if_known(self.queued, labels, build.queued_seconds)
         _add_if_known(self.duration, labels, build.duration_seconds)
-        self._add_artifact_counts(labels, build.artifacts)
-        shown = build.artifacts
-        if len(shown) > self.max_artifacts_per_build:
-            # Artifacts with an error message matter most; keep those first.
-            shown = tuple(sorted(shown, key=lambda artifact: artifact.error_message is None))
-            shown = shown[: self.max_artifacts_per_build]
-            self.artifacts_omitted.add_metric(labels, len(build.artifacts) - len(shown))
+        for artifact_type, status, count in artifact_counts(build.artifacts):
+            self.artifacts.add_metric((*labels, artifact_type, status), float(count))
+        shown, omitted = shown_artifacts(build.artifacts, self.max_artifacts_per_build)
+        if omitted:
+            self.artifacts_omitted.add_metric(labels, omitted)
         for artifact in shown:
             artifact_labels = (*labels, artifact.id, artifact.type_label)
             self.artifact_info.add_metric((*artifact_labels, artifact.full_image_path or ""), {})
             _add_if_known(self.artifact_duration, artifact_labels, artifact.duration_seconds)
             if artifact.error_message:
                 self.artifact_error.add_metric((*artifact_labels, artifact.error_message), {})
-
-    def _add_artifact_counts(
-        self, labels: tuple[str, str, str], artifacts: Sequence[Artifact]
-    ) -> None:
-        counts: dict[str, dict[str, int]] = {}
-        for artifact in artifacts:
-            by_status = counts.setdefault(artifact.type_label, dict.fromkeys(BUILD_STATUSES, 0))
-            by_status[artifact.status_label] = by_status.get(artifact.status_label, 0) + 1
-        for artifact_type in sorted(counts):
-            for status, count in counts[artifact_type].items():
-                self.artifacts.add_metric((*labels, artifact_type, status), float(count))
 
     def families(self) -> list[Metric]:
         return [
@@ -163,6 +150,33 @@ class _BuildFamilies:
             self.last_poll_success_timestamp,
             self.last_poll_error,
         ]
+
+
+def artifact_counts(artifacts: Sequence[Artifact]) -> list[tuple[str, str, int]]:
+    """``(artifact_type, status, count)`` for the artifacts family: every documented status of
+    each type present, zeros included, types in name order."""
+    counts: dict[str, dict[str, int]] = {}
+    for artifact in artifacts:
+        by_status = counts.setdefault(artifact.type_label, dict.fromkeys(BUILD_STATUSES, 0))
+        by_status[artifact.status_label] = by_status.get(artifact.status_label, 0) + 1
+    return [
+        (artifact_type, status, count)
+        for artifact_type in sorted(counts)
+        for status, count in counts[artifact_type].items()
+    ]
+
+
+def shown_artifacts(
+    artifacts: tuple[Artifact, ...], limit: int
+) -> tuple[tuple[Artifact, ...], int]:
+    """The artifacts that get series of their own, and how many are left out past ``limit``.
+
+    Artifacts with an error message matter most; they are kept first.
+    """
+    if len(artifacts) <= limit:
+        return artifacts, 0
+    shown = tuple(sorted(artifacts, key=lambda artifact: artifact.error_message is None))[:limit]
+    return shown, len(artifacts) - len(shown)
 
 
 def build_families(snapshot: Snapshot, max_artifacts_per_build: int = 64) -> list[Metric]:
@@ -208,15 +222,12 @@ def summary_families(snapshot: Snapshot) -> list[Metric]:
         finished_durations.add_metric(
             (image_name, status), _cumulative_buckets(value.durations), value.durations.total
         )
-    states = dict.fromkeys(BuildState, 0)
-    for record in snapshot.records.values():
-        states[record.state] += 1
     tracked = GaugeMetricFamily(
         "primeintellect_exporter_builds",
         "Tracked builds by state: active, finished, failing (last poll failed), unpolled.",
         labels=("state",),
     )
-    for state, count in states.items():
+    for state, count in snapshot.states.items():
         tracked.add_metric((state.value,), count)
     return [finished, finished_durations, tracked]
 

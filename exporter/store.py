@@ -6,6 +6,7 @@ snapshots from other threads.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import threading
 from collections.abc import Iterable, Mapping
@@ -16,6 +17,8 @@ from exporter.api import Outcome
 from exporter.models import Build
 from exporter.telemetry import Histogram
 
+# A change log this short is never restarted, however few builds are tracked.
+_MIN_CHANGE_LOG = 1024
 FINISHED_DURATION_BUCKETS = (60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 
 
@@ -69,16 +72,44 @@ class FinishedBuilds:
 
 
 @dataclass(frozen=True)
+class ChangeLog:
+    """Which builds changed at which version, from ``since`` on: ``(version, build_id)`` in
+    version order. Only ever appended to; the store starts a new one when it grows too long."""
+
+    since: int
+    entries: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """An immutable view of every tracked build, ordered by build ID."""
 
     version: int
     records: Mapping[str, BuildRecord]
     finished: Mapping[tuple[str, str], FinishedBuilds]
+    states: Mapping[BuildState, int] = field(
+        default_factory=lambda: MappingProxyType(dict.fromkeys(BuildState, 0))
+    )
+    changes: ChangeLog = field(default_factory=lambda: ChangeLog(0))
 
     @property
     def all_polled(self) -> bool:
-        return all(record.polled for record in self.records.values())
+        return self.states[BuildState.UNPOLLED] == 0
+
+    def changed_since(self, version: int) -> set[str] | None:
+        """Builds added, removed or updated after ``version`` up to this snapshot's, or None if
+        that is no longer known (then every build may have changed)."""
+        changes = self.changes
+        if version < changes.since or version > self.version:
+            return None
+        entries = changes.entries
+        first = bisect.bisect_right(entries, version, key=_version_of)
+        last = bisect.bisect_right(entries, self.version, key=_version_of)
+        return {build_id for _, build_id in entries[first:last]}
+
+
+def _version_of(entry: tuple[int, str]) -> int:
+    return entry[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +141,9 @@ class BuildStore:
         self._records: dict[str, BuildRecord] = {}
         self._restored = dict(restored or {})
         self._finished: dict[tuple[str, str], FinishedBuilds] = {}
+        self._states = dict.fromkeys(BuildState, 0)
         self._version = 0
+        self._changes = ChangeLog(0)
         self._snapshot = Snapshot(0, MappingProxyType({}), MappingProxyType({}))
 
     def track(self, build_ids: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -122,19 +155,20 @@ class BuildStore:
         with self._lock:
             removed = [build_id for build_id in self._records if build_id not in wanted]
             added = [build_id for build_id in wanted if build_id not in self._records]
-            for build_id in removed:
-                del self._records[build_id]
-            if added:
-                # Kept in build ID order, so a snapshot is a copy and never a sort.
-                records = {
-                    **self._records,
-                    **{b: self._restored.get(b) or BuildRecord(b) for b in added},
-                }
-                self._records = dict(sorted(records.items()))
-            # Only what the first tracked set holds comes back; later additions are new builds.
-            self._restored.clear()
             if added or removed:
                 self._version += 1
+            for build_id in removed:
+                self._count_state(self._records.pop(build_id), -1)
+                self._log_change(build_id)
+            if added:
+                new = {b: self._restored.get(b) or BuildRecord(b) for b in added}
+                for build_id, record in new.items():
+                    self._count_state(record, 1)
+                    self._log_change(build_id)
+                # Kept in build ID order, so a snapshot is a copy and never a sort.
+                self._records = dict(sorted({**self._records, **new}.items()))
+            # Only what the first tracked set holds comes back; later additions are new builds.
+            self._restored.clear()
         return added, removed
 
     def record_success(self, build_id: str, build: Build, now: float) -> Transition | None:
@@ -161,8 +195,8 @@ class BuildStore:
             )
             if finished and before.seen_unfinished and not before.finished:
                 self._count_finished(build)
-            self._records[build_id] = after
             self._version += 1
+            self._put(after)
         return Transition(before, after, answer_changed=changed and before.build is not None)
 
     def record_failure(
@@ -175,8 +209,9 @@ class BuildStore:
                 return None
             if before.polled and not before.last_poll_ok and before.last_error is outcome:
                 return Transition(before, before)
-            after = self._records[build_id] = _failed(before, outcome, now)
+            after = _failed(before, outcome, now)
             self._version += 1
+            self._put(after)
         return Transition(before, after)
 
     def mark_unpolled(self, outcome: Outcome) -> int:
@@ -186,10 +221,10 @@ class BuildStore:
         """
         with self._lock:
             waiting = [record for record in self._records.values() if not record.polled]
-            for record in waiting:
-                self._records[record.build_id] = _failed(record, outcome)
             if waiting:
                 self._version += 1
+            for record in waiting:
+                self._put(_failed(record, outcome))
         return len(waiting)
 
     def sweep(self, now: float, stale_after: float, retention: float = 0.0) -> Swept:
@@ -218,12 +253,12 @@ class BuildStore:
                     and now - build.completed_at >= retention
                 ):
                     retired.append(build_id)
-            for build_id in expired:
-                self._records[build_id] = replace(self._records[build_id], build=None)
-            for build_id in retired:
-                self._records[build_id] = replace(self._records[build_id], build=None, retired=True)
             if expired or retired:
                 self._version += 1
+            for build_id in expired:
+                self._put(replace(self._records[build_id], build=None))
+            for build_id in retired:
+                self._put(replace(self._records[build_id], build=None, retired=True))
         return Swept(expired, retired)
 
     def snapshot(self) -> Snapshot:
@@ -234,8 +269,27 @@ class BuildStore:
                     self._version,
                     MappingProxyType(dict(self._records)),
                     MappingProxyType(dict(self._finished)),
+                    MappingProxyType(dict(self._states)),
+                    self._changes,
                 )
             return self._snapshot
+
+    def _put(self, record: BuildRecord) -> None:
+        before = self._records[record.build_id]
+        self._records[record.build_id] = record
+        self._count_state(before, -1)
+        self._count_state(record, 1)
+        self._log_change(record.build_id)
+
+    def _count_state(self, record: BuildRecord, step: int) -> None:
+        self._states[record.state] += step
+
+    def _log_change(self, build_id: str) -> None:
+        # Past a few entries per build, a reader this far behind re-renders everything anyway;
+        # a new log keeps memory bounded, and snapshots holding the old one keep it intact.
+        if len(self._changes.entries) >= max(_MIN_CHANGE_LOG, 2 * len(self._records)):
+            self._changes = ChangeLog(self._version)
+        self._changes.entries.append((self._version, build_id))
 
     def _count_finished(self, build: Build) -> None:
         key = (build.image_name, build.status_label)
