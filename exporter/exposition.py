@@ -13,21 +13,30 @@ family is rendered by it, and joined in the same order.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import struct
 import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
+from isal.isal_zlib import crc32_combine
 from prometheus_client import exposition
 from prometheus_client.core import Metric
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-from exporter.metrics import per_build_families, summary_families
+from exporter.metrics import (
+    artifact_counts,
+    per_build_families,
+    shown_artifacts,
+    summary_families,
+)
+from exporter.models import BUILD_STATUSES, UNKNOWN, Build
 from exporter.store import BuildRecord, Snapshot
 
 OPENMETRICS_EOF = b"# EOF\n"
@@ -114,6 +123,161 @@ class _StaticCollector(Collector):
         return self._families
 
 
+# -- build lines, written directly -----------------------------------------------------------
+#
+# prometheus_client spends most of a full render validating label names and formatting
+# samples one by one. The build families' lines are written here instead, from the same
+# names, label order (sorted, as prometheus_client sorts them), escaping and value
+# formatting; tests compare the two on random and hostile builds in both formats. Their
+# sample lines read the same in both formats (gauges and infos only), so one rendering
+# serves both; only the HELP and TYPE lines differ, and those come from prometheus_client.
+
+
+def _sample_names() -> tuple[str, ...]:
+    return tuple(
+        family.name + "_info" if family.type == "info" else family.name
+        for family in per_build_families(())
+    )
+
+
+(
+    _INFO,
+    _STATUS,
+    _CREATED,
+    _STARTED,
+    _COMPLETED,
+    _QUEUED,
+    _DURATION,
+    _ARTIFACTS,
+    _ARTIFACT_INFO,
+    _ARTIFACT_DURATION,
+    _ARTIFACT_ERROR,
+    _ARTIFACTS_OMITTED,
+    _LAST_POLL_SUCCESS,
+    _LAST_POLL_SUCCESS_TIMESTAMP,
+    _LAST_POLL_ERROR,
+) = (name + "{" for name in _sample_names())
+BUILD_FAMILY_COUNT = 15
+_ONE = " 1.0\n"
+_ZERO = " 0.0\n"
+# Counts are small whole numbers; their formatted values are made once.
+_COUNTS = tuple(f" {floatToGoString(float(count))}\n" for count in range(256))  # type: ignore[no-untyped-call]
+
+
+def _escape(value: str) -> str:
+    # Most values need nothing; three scans in C are cheaper than three replacements.
+    if "\\" in value or "\n" in value or '"' in value:
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return value
+
+
+def _value(value: float) -> str:
+    formatted: str = floatToGoString(value)  # type: ignore[no-untyped-call]
+    return f" {formatted}\n"
+
+
+def _count(count: int) -> str:
+    return _COUNTS[count] if 0 <= count < len(_COUNTS) else _value(count)
+
+
+class _BuildLines:
+    """The sample lines of every build family for a run of builds, family by family."""
+
+    def __init__(self, max_artifacts_per_build: int) -> None:
+        self._max_artifacts_per_build = max_artifacts_per_build
+        self.lines: list[list[str]] = [[] for _ in range(BUILD_FAMILY_COUNT)]
+
+    def add(self, record: BuildRecord) -> None:
+        # As in exporter.metrics: a retired build has no series of its own.
+        if record.retired:
+            return
+        if record.build is not None:
+            self._add_build(record.build)
+        lines = self.lines
+        build_id = _escape(record.build_id)
+        ok = _ONE if record.last_poll_ok else _ZERO
+        lines[12].append(f'{_LAST_POLL_SUCCESS}build_id="{build_id}"}}{ok}')
+        if record.last_success_time is not None:
+            value = _value(record.last_success_time)
+            lines[13].append(f'{_LAST_POLL_SUCCESS_TIMESTAMP}build_id="{build_id}"}}{value}')
+        if record.last_error is not None:
+            reason = _escape(record.last_error.value)
+            lines[14].append(f'{_LAST_POLL_ERROR}build_id="{build_id}",reason="{reason}"}}{_ONE}')
+
+    def _add_build(self, build: Build) -> None:
+        lines = self.lines
+        build_id = f'build_id="{_escape(build.id)}"'
+        image = f'image_name="{_escape(build.image_name)}",image_tag="{_escape(build.image_tag)}"'
+        labels = f"{build_id},{image}"
+        lines[0].append(f"{_INFO}{labels}}}{_ONE}")
+        current = build.status_label
+        lines[1].extend(
+            [
+                f'{_STATUS}{labels},status="{status}"}}{_ONE if status == current else _ZERO}'
+                for status in BUILD_STATUSES
+            ]
+        )
+        if current == UNKNOWN:
+            lines[1].append(f'{_STATUS}{labels},status="{UNKNOWN}"}}{_ONE}')
+        lines[2].append(f"{_CREATED}{labels}}}{_value(build.created_at)}")
+        for index, prefix, value in (
+            (3, _STARTED, build.started_at),
+            (4, _COMPLETED, build.completed_at),
+            (5, _QUEUED, build.queued_seconds),
+            (6, _DURATION, build.duration_seconds),
+        ):
+            if value is not None:
+                lines[index].append(f"{prefix}{labels}}}{_value(value)}")
+        for artifact_type, status, count in artifact_counts(build.artifacts):
+            # Type and status labels are the documented names or UNKNOWN: nothing to escape.
+            lines[7].append(
+                f'{_ARTIFACTS}artifact_type="{artifact_type}",{labels},'
+                f'status="{status}"}}{_count(count)}'
+            )
+        shown, omitted = shown_artifacts(build.artifacts, self._max_artifacts_per_build)
+        if omitted:
+            lines[11].append(f"{_ARTIFACTS_OMITTED}{labels}}}{_count(omitted)}")
+        for artifact in shown:
+            artifact_labels = (
+                f'artifact_id="{_escape(artifact.id)}",'
+                f'artifact_type="{_escape(artifact.type_label)}",{build_id}'
+            )
+            path = _escape(artifact.full_image_path or "")
+            lines[8].append(
+                f'{_ARTIFACT_INFO}{artifact_labels},full_image_path="{path}",{image}}}{_ONE}'
+            )
+            duration = artifact.duration_seconds
+            if duration is not None:
+                lines[9].append(
+                    f"{_ARTIFACT_DURATION}{artifact_labels},{image}}}{_value(duration)}"
+                )
+            if artifact.error_message:
+                message = _escape(artifact.error_message)
+                lines[10].append(
+                    f'{_ARTIFACT_ERROR}{artifact_labels},error_message="{message}",{image}}}{_ONE}'
+                )
+
+    def pieces(self) -> tuple[bytes, ...]:
+        return tuple("".join(family).encode() for family in self.lines)
+
+
+def render_build_lines(
+    records: Iterable[BuildRecord], max_artifacts_per_build: int = 64
+) -> tuple[bytes, ...]:
+    """Each build family's sample lines for these builds, without HELP and TYPE lines.
+
+    Byte for byte what prometheus_client writes for the same families, in either format:
+    ``primeintellect_image_build_info{build_id="b1",image_name="app",image_tag="v1"} 1.0``
+    """
+    lines = _BuildLines(max_artifacts_per_build)
+    for record in records:
+        lines.add(record)
+    return lines.pieces()
+
+
+# -- the body -------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Body:
     """A response body as pieces, to be written in order without joining them first."""
@@ -136,10 +300,27 @@ class _Segment:
 
 @dataclass
 class _Chunk:
-    records: tuple[BuildRecord, ...]
-    # One rendered piece per build family, without the family's HELP and TYPE lines.
-    plain: tuple[bytes, ...]
-    compressed: list[_Segment | None] | None = None
+    """Builds whose IDs sort from ``start`` up to the next chunk's start.
+
+    Placement by ID range, not by position: adding or removing a build changes only the
+    chunk its ID falls in, whatever else is tracked.
+    """
+
+    start: str
+    records: dict[str, BuildRecord]
+    # One piece per build family, the same in both formats, and the CRC-32 of each.
+    pieces: tuple[bytes, ...]
+    crcs: tuple[int, ...]
+    compressed: dict[ExpositionFormat, list[_Segment | None]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Builds:
+    """The build part of the body as of one snapshot, chunk by chunk."""
+
+    version: int
+    chunks: list[_Chunk]
+    starts: list[str]
 
 
 class _Window:
@@ -219,22 +400,22 @@ class _PerScrapeRenders:
 
 @dataclass
 class _Rendered:
-    """One format's build part, as of one snapshot."""
+    """One format's body up to the per-scrape families, as of one snapshot."""
 
     version: int
-    build_ids: tuple[str, ...]
-    headers: tuple[bytes, ...]
-    chunks: list[_Chunk]
-    summary: bytes
-    plain_pieces: tuple[bytes, ...] = ()
-    plain_length: int = 0
-    plain_crc: int = 0
+    plain_pieces: tuple[bytes, ...]
+    plain_length: int
+    plain_crc: int
     # The gzip member up to the per-scrape families: its header and the deflated build part.
     compressed_pieces: tuple[bytes, ...] | None = None
 
 
 class ExpositionCache:
-    """Serves ``/metrics`` bodies; build series are rendered again only where they changed."""
+    """Serves ``/metrics`` bodies; build series are rendered again only where they changed.
+
+    Each variant (text or OpenMetrics, plain or gzip) is made on the first request after a
+    change, then kept until the next.
+    """
 
     def __init__(
         self,
@@ -247,20 +428,24 @@ class ExpositionCache:
         self._per_scrape = per_scrape
         self._max_artifacts_per_build = max_artifacts_per_build
         self._lock = threading.Lock()
+        self._builds: _Builds | None = None
         self._rendered: dict[ExpositionFormat, _Rendered] = {}
+        self._headers = {format: self._render_headers(format) for format in ExpositionFormat}
+        self._summary: tuple[int, dict[ExpositionFormat, bytes]] = (-1, {})
         self._per_scrape_renders = _PerScrapeRenders()
 
     def set_max_artifacts_per_build(self, limit: int) -> None:
         with self._lock:
             if limit != self._max_artifacts_per_build:
                 self._max_artifacts_per_build = limit
+                self._builds = None
                 self._rendered.clear()
 
     def body(self, format: ExpositionFormat, *, gzip: bool) -> Body:
         """The full exposition; with ``gzip`` a single gzip member."""
         with self._lock:
             rendered = self._refresh(format)
-            compressed = self._compressed(rendered) if gzip else None
+            compressed = self._compressed(format, rendered) if gzip else None
         return self._with_tail(format, rendered, compressed)
 
     def kept_body(self, format: ExpositionFormat, *, gzip: bool) -> Body | None:
@@ -281,6 +466,12 @@ class ExpositionCache:
         finally:
             self._lock.release()
         return self._with_tail(format, rendered, compressed)
+
+    def placement(self) -> list[tuple[str, ...]]:
+        """The build IDs of each chunk as last rendered, in body order."""
+        with self._lock:
+            builds = self._builds
+            return [] if builds is None else [tuple(chunk.records) for chunk in builds.chunks]
 
     def _with_tail(
         self, format: ExpositionFormat, rendered: _Rendered, compressed: tuple[bytes, ...] | None
@@ -311,55 +502,102 @@ class ExpositionCache:
         previous = self._rendered.get(format)
         if previous is not None and previous.version == snapshot.version:
             return previous
-        records = tuple(snapshot.records.values())
-        build_ids = tuple(snapshot.records)
-        old_chunks = previous.chunks if previous and previous.build_ids == build_ids else []
-        chunks = []
-        for index, start in enumerate(range(0, len(records), CHUNK_SIZE)):
-            members = records[start : start + CHUNK_SIZE]
-            old = old_chunks[index] if index < len(old_chunks) else None
-            if old is not None and _same_objects(old.records, members):
-                chunks.append(old)
-            else:
-                chunks.append(_Chunk(members, self._render_chunk(members, format)))
-        headers = previous.headers if previous else self._render_chunk((), format)
+        builds = self._refresh_builds(snapshot)
+        headers = self._headers[format]
+        summary = self._summary_of(snapshot, format)
+        pieces: list[bytes] = []
+        crc = 0
+        for family, (header, header_crc) in enumerate(headers):
+            pieces.append(header)
+            crc = crc32_combine(crc, header_crc, len(header))
+            for chunk in builds.chunks:
+                piece = chunk.pieces[family]
+                if piece:
+                    pieces.append(piece)
+                    crc = crc32_combine(crc, chunk.crcs[family], len(piece))
+        pieces.append(summary)
+        crc = zlib.crc32(summary, crc)
         rendered = _Rendered(
             version=snapshot.version,
-            build_ids=build_ids,
-            headers=headers,
-            chunks=chunks,
-            summary=render(summary_families(snapshot), format).removesuffix(OPENMETRICS_EOF),
+            plain_pieces=tuple(pieces),
+            plain_length=sum(len(piece) for piece in pieces),
+            plain_crc=crc,
         )
-        pieces = []
-        for family, header in enumerate(headers):
-            pieces.append(header)
-            pieces.extend(chunk.plain[family] for chunk in chunks)
-        pieces.append(rendered.summary)
-        rendered.plain_pieces = tuple(pieces)
-        rendered.plain_length = sum(len(piece) for piece in pieces)
-        crc = 0
-        for piece in pieces:
-            crc = zlib.crc32(piece, crc)
-        rendered.plain_crc = crc
         self._rendered[format] = rendered
         return rendered
 
-    def _render_chunk(
-        self, records: Sequence[BuildRecord], format: ExpositionFormat
-    ) -> tuple[bytes, ...]:
-        """Each build family of these builds; with no builds, each family's header lines."""
-        families = per_build_families(records, self._max_artifacts_per_build)
-        pieces = []
-        for family in families:
-            text = render([family], format).removesuffix(OPENMETRICS_EOF)
-            if records:
-                # Drop the HELP and TYPE lines: they stand once, before the first chunk.
-                text = text.split(b"\n", 2)[2]
-            pieces.append(text)
-        return tuple(pieces)
+    def _refresh_builds(self, snapshot: Snapshot) -> _Builds:
+        previous = self._builds
+        if previous is not None and previous.version == snapshot.version:
+            return previous
+        changed = None if previous is None else snapshot.changed_since(previous.version)
+        if previous is None or changed is None:
+            chunks = self._chunks_of(list(snapshot.records.values()), "")
+        else:
+            chunks = list(previous.chunks)
+            dirty: dict[int, list[str]] = {}
+            for build_id in changed:
+                index = max(0, bisect.bisect_right(previous.starts, build_id) - 1)
+                dirty.setdefault(index, []).append(build_id)
+            # From the last chunk back, so replacing one chunk by several or none leaves the
+            # indices still to visit where they were.
+            for index in sorted(dirty, reverse=True):
+                chunk = chunks[index] if chunks else _Chunk("", {}, (), ())
+                records = dict(chunk.records)
+                for build_id in dirty[index]:
+                    record = snapshot.records.get(build_id)
+                    if record is None:
+                        records.pop(build_id, None)
+                    else:
+                        records[build_id] = record
+                ordered = [records[build_id] for build_id in sorted(records)]
+                chunks[index : index + 1] = self._chunks_of(ordered, chunk.start)
+        builds = _Builds(snapshot.version, chunks, [chunk.start for chunk in chunks])
+        self._builds = builds
+        return builds
 
-    def _compressed(self, rendered: _Rendered) -> tuple[bytes, ...]:
+    def _chunks_of(self, records: Sequence[BuildRecord], start: str) -> list[_Chunk]:
+        """Builds in ID order as chunks; one chunk unless there are more than two chunks' worth."""
+        if not records:
+            return []
+        size = len(records) if len(records) <= 2 * CHUNK_SIZE else CHUNK_SIZE
+        chunks = []
+        for offset in range(0, len(records), size):
+            members = records[offset : offset + size]
+            pieces = render_build_lines(members, self._max_artifacts_per_build)
+            chunks.append(
+                _Chunk(
+                    start if offset == 0 else members[0].build_id,
+                    {record.build_id: record for record in members},
+                    pieces,
+                    tuple(zlib.crc32(piece) for piece in pieces),
+                )
+            )
+        return chunks
+
+    def _summary_of(self, snapshot: Snapshot, format: ExpositionFormat) -> bytes:
+        version, by_format = self._summary
+        if version != snapshot.version:
+            by_format = {}
+            self._summary = (snapshot.version, by_format)
+        if format not in by_format:
+            by_format[format] = render(summary_families(snapshot), format).removesuffix(
+                OPENMETRICS_EOF
+            )
+        return by_format[format]
+
+    @staticmethod
+    def _render_headers(format: ExpositionFormat) -> tuple[tuple[bytes, int], ...]:
+        headers = []
+        for family in per_build_families(()):
+            header = render([family], format).removesuffix(OPENMETRICS_EOF)
+            headers.append((header, zlib.crc32(header)))
+        return tuple(headers)
+
+    def _compressed(self, format: ExpositionFormat, rendered: _Rendered) -> tuple[bytes, ...]:
         if rendered.compressed_pieces is None:
+            builds = self._builds
+            assert builds is not None  # rendered by _refresh just before
             window = _Window()
             parts = [_GZIP_HEADER]
 
@@ -371,15 +609,17 @@ class ExpositionCache:
                 parts.append(kept.data)
                 return kept
 
-            for family, header in enumerate(rendered.headers):
+            for family, (header, _) in enumerate(self._headers[format]):
                 deflated(header, None)
-                for chunk in rendered.chunks:
-                    if chunk.compressed is None:
-                        chunk.compressed = [None] * len(chunk.plain)
-                    chunk.compressed[family] = deflated(
-                        chunk.plain[family], chunk.compressed[family]
-                    )
-            deflated(rendered.summary, None)
+                for chunk in builds.chunks:
+                    piece = chunk.pieces[family]
+                    if not piece:
+                        continue
+                    segments = chunk.compressed.get(format)
+                    if segments is None:
+                        segments = chunk.compressed[format] = [None] * len(chunk.pieces)
+                    segments[family] = deflated(piece, segments[family])
+            deflated(rendered.plain_pieces[-1], None)
             # Joined once per snapshot, not on every scrape: the server writes large parts,
             # and the compressed body is small enough to hold twice.
             rendered.compressed_pieces = (b"".join(parts),)

@@ -19,7 +19,7 @@ from prometheus_client.utils import floatToGoString
 from exporter import __version__
 from exporter.api import Outcome
 from exporter.models import BUILD_STATUSES, UNKNOWN, Artifact, Build
-from exporter.store import BuildRecord, BuildState, Snapshot
+from exporter.store import BuildRecord, Snapshot
 from exporter.telemetry import Histogram, TelemetrySnapshot
 
 BUILD_LABELS = ("build_id", "image_name", "image_tag")
