@@ -120,8 +120,9 @@ class _BuildFamilies:
         _add_if_known(self.completed, labels, build.completed_at)
         _add_if_known(self.queued, labels, build.queued_seconds)
         _add_if_known(self.duration, labels, build.duration_seconds)
-        for artifact_type, status, count in artifact_counts(build.artifacts):
-            self.artifacts.add_metric((*labels, artifact_type, status), float(count))
+        for artifact_type, by_status in artifact_counts(build.artifacts).items():
+            for status, count in by_status.items():
+                self.artifacts.add_metric((*labels, artifact_type, status), float(count))
         shown, omitted = shown_artifacts(build.artifacts, self.max_artifacts_per_build)
         if omitted:
             self.artifacts_omitted.add_metric(labels, omitted)
@@ -152,18 +153,23 @@ class _BuildFamilies:
         ]
 
 
-def artifact_counts(artifacts: Sequence[Artifact]) -> list[tuple[str, str, int]]:
-    """``(artifact_type, status, count)`` for the artifacts family: every documented status of
-    each type present, zeros included, types in name order."""
+def artifact_counts(artifacts: Sequence[Artifact]) -> dict[str, dict[str, int]]:
+    """Counts for the artifacts family, by type (in name order) and status: every documented
+    status of each type present, zeros included, then any other status seen."""
     counts: dict[str, dict[str, int]] = {}
     for artifact in artifacts:
-        by_status = counts.setdefault(artifact.type_label, dict.fromkeys(BUILD_STATUSES, 0))
-        by_status[artifact.status_label] = by_status.get(artifact.status_label, 0) + 1
-    return [
-        (artifact_type, status, count)
-        for artifact_type in sorted(counts)
-        for status, count in counts[artifact_type].items()
-    ]
+        artifact_type = artifact.type_label
+        by_status = counts.get(artifact_type)
+        if by_status is None:
+            by_status = counts[artifact_type] = _NO_ARTIFACTS.copy()
+        status = artifact.status_label
+        by_status[status] = by_status.get(status, 0) + 1
+    if len(counts) < 2:
+        return counts
+    return {artifact_type: counts[artifact_type] for artifact_type in sorted(counts)}
+
+
+_NO_ARTIFACTS = dict.fromkeys(BUILD_STATUSES, 0)
 
 
 def shown_artifacts(
