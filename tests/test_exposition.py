@@ -13,6 +13,7 @@ from exporter.api import Outcome
 from exporter.exposition import (
     CHUNK_SIZE,
     OPENMETRICS_EOF,
+    Body,
     ExpositionCache,
     ExpositionFormat,
     render,
@@ -169,3 +170,90 @@ def test_per_scrape_families_show_their_current_values_on_every_scrape(
         plain = zlib.decompress(body, wbits=31) if gzip else body
         assert plain == builds + render(tail.families(), format)
         tail.change()
+
+
+def new_pieces(before: Body, after: Body) -> list[bytes]:
+    """Pieces of ``after`` that are not objects of ``before``: what was rendered anew."""
+    kept = {id(piece) for piece in before.pieces}
+    return [piece for piece in after.pieces if id(piece) not in kept]
+
+
+def build_pieces(pieces: list[bytes]) -> list[bytes]:
+    # The summary families (builds by state) change with any change of the tracked set.
+    return [piece for piece in pieces if b"primeintellect_exporter_builds{" not in piece]
+
+
+def middle_id(store: BuildStore) -> str:
+    ids = sorted(store.snapshot().records)
+    return ids[len(ids) // 2] + "-inserted"
+
+
+@pytest.mark.parametrize("change", ["add", "remove", "add and remove"])
+def test_a_change_of_the_tracked_set_renders_only_the_chunks_of_the_builds_it_touches(
+    change: str,
+) -> None:
+    scenario = Scenario(count=CHUNK_SIZE * 6, seed=21)
+    cache = ExpositionCache(scenario.store.snapshot, list)
+    before = cache.body(ExpositionFormat.TEXT, gzip=False)
+    chunks_before = cache.placement()
+    tracked = sorted(scenario.store.snapshot().records)
+    touched = set()
+    if "add" in change:
+        touched.add(middle_id(scenario.store))
+        tracked.append(middle_id(scenario.store))
+    if "remove" in change:
+        touched.add(tracked.pop(5))
+    scenario.store.track(tracked)
+    after = cache.body(ExpositionFormat.TEXT, gzip=False)
+    assert after.join() == render(build_families(scenario.store.snapshot()), ExpositionFormat.TEXT)
+    chunks_after = cache.placement()
+    # Every chunk but the one each touched build falls in is still there, with the same
+    # builds...
+    changed = [chunk for chunk in chunks_before if chunk not in chunks_after]
+    assert len(changed) == len(touched)
+    assert len(chunks_after) == len(chunks_before)
+    # ...and its bytes were not rendered again: new pieces come from one chunk per touched
+    # build, at most one piece per family each.
+    rendered_again = build_pieces(new_pieces(before, after))
+    assert 0 < len(rendered_again) <= len(touched) * 15
+
+
+def test_placement_survives_a_reload_that_keeps_the_tracked_set() -> None:
+    scenario = Scenario(count=CHUNK_SIZE * 4, seed=22)
+    cache = ExpositionCache(scenario.store.snapshot, list)
+    before = cache.body(ExpositionFormat.OPENMETRICS, gzip=True)
+    chunks = cache.placement()
+    scenario.store.track(sorted(scenario.store.snapshot().records, reverse=True))
+    after = cache.body(ExpositionFormat.OPENMETRICS, gzip=True)
+    assert cache.placement() == chunks
+    assert after.pieces == before.pieces
+
+
+def test_chunks_stay_bounded_as_builds_come_and_go() -> None:
+    scenario = Scenario(count=CHUNK_SIZE, seed=23)
+    cache = ExpositionCache(scenario.store.snapshot, list)
+    rng = random.Random(24)
+    tracked = sorted(scenario.store.snapshot().records)
+    for round_number in range(30):
+        # Grow in the middle and at the end, shrink at random.
+        tracked += [f"{rng.choice(tracked)}-{round_number}-{n}" for n in range(20)]
+        for _ in range(rng.randrange(15)):
+            tracked.remove(rng.choice(tracked))
+        scenario.store.track(tracked)
+        body = cache.body(ExpositionFormat.TEXT, gzip=False).join()
+        assert body == render(build_families(scenario.store.snapshot()), ExpositionFormat.TEXT)
+    placement = cache.placement()
+    assert [build_id for chunk in placement for build_id in chunk] == sorted(tracked)
+    assert all(0 < len(chunk) <= 2 * CHUNK_SIZE for chunk in placement)
+
+
+def test_a_reader_behind_a_restarted_change_log_renders_everything_again() -> None:
+    scenario = Scenario(count=10, seed=25)
+    cache = ExpositionCache(scenario.store.snapshot, tail_families)
+    cache.body(ExpositionFormat.TEXT, gzip=True)
+    # Far more changes than the log keeps for ten builds.
+    for _ in range(3000):
+        scenario.change_something()
+    assert scenario.store.snapshot().changed_since(1) is None
+    body = cache.body(ExpositionFormat.TEXT, gzip=True).join()
+    assert zlib.decompress(body, wbits=31) == expected(scenario.store, ExpositionFormat.TEXT)

@@ -137,3 +137,49 @@ def test_unknown_status_keeps_a_build_unfinished() -> None:
     store.track(["b1"])
     store.record_success("b1", build(status="ARCHIVED"), EPOCH)
     assert not store.snapshot().records["b1"].finished
+
+
+def test_a_snapshot_names_the_builds_changed_since_an_earlier_version() -> None:
+    store = BuildStore()
+    store.track(["a", "b", "c"])
+    start = store.snapshot().version
+    store.record_success("a", build(id="a"), EPOCH)
+    store.record_failure("b", Outcome.TIMEOUT, EPOCH)
+    middle = store.snapshot().version
+    store.track(["a", "b", "d"])
+    store.sweep(EPOCH + 10**6, stale_after=1)
+    snapshot = store.snapshot()
+    assert snapshot.changed_since(start) == {"a", "b", "c", "d"}
+    assert snapshot.changed_since(middle) == {"c", "d"}
+    assert snapshot.changed_since(snapshot.version) == set()
+    # A version later than the snapshot's own is not one it can answer for.
+    assert snapshot.changed_since(snapshot.version + 1) is None
+
+
+def test_a_reader_too_far_behind_is_told_that_anything_may_have_changed() -> None:
+    store = BuildStore()
+    store.track(["a"])
+    first = store.snapshot().version
+    for second in range(2000):
+        store.record_success("a", build(id="a"), EPOCH + second)
+    assert store.snapshot().changed_since(first) is None
+    recent = store.snapshot().version
+    store.record_failure("a", Outcome.TIMEOUT, EPOCH)
+    assert store.snapshot().changed_since(recent) == {"a"}
+
+
+def test_counts_by_state_follow_every_change() -> None:
+    store = BuildStore()
+    store.track(["a", "b", "c", "d"])
+    store.record_success("a", build(id="a"), EPOCH)
+    store.record_success("b", build(id="b", **RUNNING), EPOCH)
+    store.record_failure("c", Outcome.SERVER_ERROR, EPOCH)
+    store.mark_unpolled(Outcome.RATE_LIMITED)
+    store.track(["a", "b", "c", "d", "e"])
+    store.sweep(EPOCH + 10**6, stale_after=1)
+    snapshot = store.snapshot()
+    recounted = dict.fromkeys(BuildState, 0)
+    for record in snapshot.records.values():
+        recounted[record.state] += 1
+    assert dict(snapshot.states) == recounted
+    assert recounted[BuildState.UNPOLLED] == 1  # "e", added after the pause began
