@@ -18,7 +18,7 @@ import enum
 import struct
 import threading
 import zlib
-from collections import deque
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -51,9 +51,10 @@ CHUNK_SIZE = 64
 GZIP_LEVEL = 2
 # A gzip member header: deflate, no name, no time, unknown OS (RFC 1952).
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
-# The farthest a deflate back-reference reaches: a segment may refer to this much of the
-# text before it.
-WINDOW_BYTES = 32 * 1024
+# A segment is primed with this much of the end of the piece before it: nearly all that
+# priming gains (2.05 MB at 10,000 builds, against 2.04 MB with all 32 KiB a back-reference
+# may reach and 2.41 MB unprimed), and a change recompresses only its own segment and the next.
+DICTIONARY_BYTES = 8 * 1024
 # An empty final deflate block: ends a run of byte-aligned segments.
 _FINAL_DEFLATE_BLOCK = b"\x03\x00"
 
@@ -163,6 +164,8 @@ def _sample_names() -> tuple[str, ...]:
     _LAST_POLL_ERROR,
 ) = (name + "{" for name in _sample_names())
 BUILD_FAMILY_COUNT = 15
+# The families before these three are about a build's answer; these are about its polls.
+_LAST_POLL_FAMILIES = 12
 _ONE = " 1.0\n"
 _ZERO = " 0.0\n"
 # Counts are small whole numbers; their formatted values are made once.
@@ -220,28 +223,41 @@ def _count(count: int) -> str:
 
 
 class _BuildLines:
-    """The sample lines of every build family for a run of builds, family by family."""
+    """The sample lines of every build family for a run of builds, family by family: each
+    build adds exactly one string (maybe empty) to each family, so string ``i`` of every
+    family is build ``i``'s."""
 
     def __init__(self, max_artifacts_per_build: int) -> None:
         self._max_artifacts_per_build = max_artifacts_per_build
         self.lines: list[list[str]] = [[] for _ in range(BUILD_FAMILY_COUNT)]
 
     def add(self, record: BuildRecord) -> None:
+        lines = self.lines
         # As in exporter.metrics: a retired build has no series of its own.
         if record.retired:
+            for family in lines:
+                family.append("")
             return
-        if record.build is not None:
+        if record.build is None:
+            for family in lines[:_LAST_POLL_FAMILIES]:
+                family.append("")
+        else:
             self._add_build(record.build)
-        lines = self.lines
         build_id = _escape(record.build_id)
         ok = _ONE if record.last_poll_ok else _ZERO
         lines[12].append(f'{_LAST_POLL_SUCCESS}build_id="{build_id}"}}{ok}')
-        if record.last_success_time is not None:
-            value = _value(record.last_success_time)
-            lines[13].append(f'{_LAST_POLL_SUCCESS_TIMESTAMP}build_id="{build_id}"}}{value}')
-        if record.last_error is not None:
-            reason = _escape(record.last_error.value)
-            lines[14].append(f'{_LAST_POLL_ERROR}build_id="{build_id}",reason="{reason}"}}{_ONE}')
+        success = record.last_success_time
+        lines[13].append(
+            ""
+            if success is None
+            else f'{_LAST_POLL_SUCCESS_TIMESTAMP}build_id="{build_id}"}}{_value(success)}'
+        )
+        error = record.last_error
+        lines[14].append(
+            ""
+            if error is None
+            else f'{_LAST_POLL_ERROR}build_id="{build_id}",reason="{_escape(error.value)}"}}{_ONE}'
+        )
 
     def _add_build(self, build: Build) -> None:
         lines = self.lines
@@ -259,8 +275,8 @@ class _BuildLines:
             (5, _QUEUED, build.queued_seconds),
             (6, _DURATION, build.duration_seconds),
         ):
-            if value is not None:
-                lines[index].append(f"{prefix}{labels}}}{_value(value)}")
+            lines[index].append("" if value is None else f"{prefix}{labels}}}{_value(value)}")
+        counts = []
         for artifact_type, by_status in artifact_counts(build.artifacts).items():
             # Type and status labels are documented names or UNKNOWN: nothing to escape.
             prefix = f'{_ARTIFACTS}artifact_type="{artifact_type}",{labels},status="'
@@ -268,32 +284,49 @@ class _BuildLines:
                 _COUNT_ENDINGS.get(status_count) or f'{status_count[0]}"}}{_count(status_count[1])}'
                 for status_count in by_status.items()
             ]
-            lines[7].append(prefix + prefix.join(endings))
+            counts.append(prefix + prefix.join(endings))
+        lines[7].append("".join(counts))
         shown, omitted = shown_artifacts(build.artifacts, self._max_artifacts_per_build)
-        if omitted:
-            lines[11].append(f"{_ARTIFACTS_OMITTED}{labels}}}{_count(omitted)}")
+        infos = []
+        durations = []
+        errors = []
         for artifact in shown:
             artifact_labels = (
                 f'artifact_id="{_escape(artifact.id)}",'
                 f'artifact_type="{_escape(artifact.type_label)}",{build_id}'
             )
             path = _escape(artifact.full_image_path or "")
-            lines[8].append(
+            infos.append(
                 f'{_ARTIFACT_INFO}{artifact_labels},full_image_path="{path}",{image}}}{_ONE}'
             )
             duration = artifact.duration_seconds
             if duration is not None:
-                lines[9].append(
+                durations.append(
                     f"{_ARTIFACT_DURATION}{artifact_labels},{image}}}{_value(duration)}"
                 )
             if artifact.error_message:
                 message = _escape(artifact.error_message)
-                lines[10].append(
+                errors.append(
                     f'{_ARTIFACT_ERROR}{artifact_labels},error_message="{message}",{image}}}{_ONE}'
                 )
+        lines[8].append("".join(infos))
+        lines[9].append("".join(durations))
+        lines[10].append("".join(errors))
+        lines[11].append(f"{_ARTIFACTS_OMITTED}{labels}}}{_count(omitted)}" if omitted else "")
 
-    def pieces(self) -> tuple[bytes, ...]:
-        return tuple("".join(family).encode() for family in self.lines)
+    def pieces(self) -> tuple[tuple[bytes, ...], tuple[array[int], ...]]:
+        """Each family's bytes, and the length in bytes of each build's lines in it."""
+        pieces = []
+        lengths = []
+        for strings in self.lines:
+            text = "".join(strings)
+            data = text.encode()
+            pieces.append(data)
+            if len(data) == len(text):
+                lengths.append(array("I", map(len, strings)))
+            else:
+                lengths.append(array("I", [len(string.encode()) for string in strings]))
+        return tuple(pieces), tuple(lengths)
 
 
 def render_build_lines(
@@ -304,6 +337,12 @@ def render_build_lines(
     Byte for byte what prometheus_client writes for the same families, in either format:
     ``primeintellect_image_build_info{build_id="b1",image_name="app",image_tag="v1"} 1.0``
     """
+    return _render_run(records, max_artifacts_per_build)[0]
+
+
+def _render_run(
+    records: Iterable[BuildRecord], max_artifacts_per_build: int
+) -> tuple[tuple[bytes, ...], tuple[array[int], ...]]:
     lines = _BuildLines(max_artifacts_per_build)
     for record in records:
         lines.add(record)
@@ -326,11 +365,13 @@ class Body:
 
 @dataclass(frozen=True)
 class _Segment:
-    """One piece deflated with the end of the text before it as the dictionary."""
+    """One piece deflated with the end of the piece before it as the dictionary."""
 
     data: bytes
-    # The pieces whose end was the dictionary: the segment is valid only after exactly these.
-    primed_with: tuple[bytes, ...]
+    # The piece it holds, and the piece whose end was the dictionary: the segment is valid
+    # for that piece only, right after one that ends the same way.
+    piece: bytes
+    primed_with: bytes
 
 
 @dataclass
@@ -343,17 +384,24 @@ class _Chunk:
 
     start: str
     records: dict[str, BuildRecord]
-    # One piece per build family, the same in both formats.
+    # One piece per build family, the same in both formats, and the length of each build's
+    # lines in it: a change re-renders only the builds it touches.
     pieces: tuple[bytes, ...]
+    lengths: tuple[array[int], ...]
     compressed: dict[ExpositionFormat, list[_Segment | None]] = field(default_factory=dict)
-    _crcs: tuple[int, ...] | None = None
+    # The CRC-32 of each piece, for gzip trailers; computed when first needed.
+    _crcs: list[int | None] | None = None
 
-    @property
-    def crcs(self) -> tuple[int, ...]:
-        """The CRC-32 of each piece, for gzip trailers; computed when first needed."""
+    def crc(self, family: int) -> int:
         if self._crcs is None:
-            self._crcs = tuple(zlib.crc32(piece) for piece in self.pieces)
-        return self._crcs
+            self._crcs = [None] * len(self.pieces)
+        crc = self._crcs[family]
+        if crc is None:
+            crc = self._crcs[family] = zlib.crc32(self.pieces[family])
+        return crc
+
+    def known_crc(self, family: int) -> int | None:
+        return None if self._crcs is None else self._crcs[family]
 
 
 @dataclass(frozen=True)
@@ -363,36 +411,6 @@ class _Builds:
     version: int
     chunks: list[_Chunk]
     starts: list[str]
-
-
-class _Window:
-    """The last WINDOW_BYTES of the text so far, as the fewest pieces that hold them."""
-
-    def __init__(self) -> None:
-        self._pieces: deque[bytes] = deque()
-        self._length = 0
-
-    def pieces(self) -> tuple[bytes, ...]:
-        return tuple(self._pieces)
-
-    def dictionary(self) -> bytes:
-        needed = WINDOW_BYTES
-        parts = []
-        for piece in reversed(self._pieces):
-            if len(piece) >= needed:
-                parts.append(piece[-needed:])
-                break
-            parts.append(piece)
-            needed -= len(piece)
-        return b"".join(reversed(parts))
-
-    def add(self, piece: bytes) -> None:
-        if not piece:
-            return
-        self._pieces.append(piece)
-        self._length += len(piece)
-        while self._length - len(self._pieces[0]) >= WINDOW_BYTES:
-            self._length -= len(self._pieces.popleft())
 
 
 @dataclass
@@ -577,8 +595,8 @@ class ExpositionCache:
             # From the last chunk back, so replacing one chunk by several or none leaves the
             # indices still to visit where they were.
             for index in sorted(dirty, reverse=True):
-                chunk = chunks[index] if chunks else _Chunk("", {}, ())
-                records = dict(chunk.records)
+                chunk = chunks[index] if chunks else None
+                records = dict(chunk.records) if chunk else {}
                 for build_id in dirty[index]:
                     record = snapshot.records.get(build_id)
                     if record is None:
@@ -586,7 +604,12 @@ class ExpositionCache:
                     else:
                         records[build_id] = record
                 ordered = [records[build_id] for build_id in sorted(records)]
-                chunks[index : index + 1] = self._chunks_of(ordered, chunk.start)
+                start = chunk.start if chunk else ""
+                if chunk is None or len(ordered) > 2 * CHUNK_SIZE:
+                    replacement = self._chunks_of(ordered, start)
+                else:
+                    replacement = [self._updated(chunk, ordered)] if ordered else []
+                chunks[index : index + 1] = replacement
         builds = _Builds(snapshot.version, chunks, [chunk.start for chunk in chunks])
         self._builds = builds
         return builds
@@ -599,15 +622,70 @@ class ExpositionCache:
         chunks = []
         for offset in range(0, len(records), size):
             members = records[offset : offset + size]
-            pieces = render_build_lines(members, self._max_artifacts_per_build)
+            pieces, lengths = _render_run(members, self._max_artifacts_per_build)
             chunks.append(
                 _Chunk(
                     start if offset == 0 else members[0].build_id,
                     {record.build_id: record for record in members},
                     pieces,
+                    lengths,
                 )
             )
         return chunks
+
+    def _updated(self, chunk: _Chunk, records: list[BuildRecord]) -> _Chunk:
+        """The chunk holding ``records``: the builds that changed rendered, the others' lines
+        copied from the old pieces, and a piece whose bytes did not change kept as it was."""
+        old = chunk.records
+        positions = {build_id: index for index, build_id in enumerate(old)}
+        fresh = [record for record in records if old.get(record.build_id) is not record]
+        fresh_pieces, fresh_lengths = _render_run(fresh, self._max_artifacts_per_build)
+        # Runs of consecutive builds from one source: (from the old pieces?, first, end).
+        runs: list[list[int]] = []
+        fresh_index = 0
+        for record in records:
+            if old.get(record.build_id) is record:
+                source, index = 1, positions[record.build_id]
+            else:
+                source, index = 0, fresh_index
+                fresh_index += 1
+            if runs and runs[-1][0] == source and runs[-1][2] == index:
+                runs[-1][2] = index + 1
+            else:
+                runs.append([source, index, index + 1])
+        pieces = []
+        lengths = []
+        crcs: list[int | None] = []
+        for family in range(BUILD_FAMILY_COUNT):
+            sources = (
+                (fresh_pieces[family], fresh_lengths[family]),
+                (chunk.pieces[family], chunk.lengths[family]),
+            )
+            parts = []
+            family_lengths = array("I")
+            for source, first, end in runs:
+                piece, piece_lengths = sources[source]
+                base = sum(piece_lengths[:first])
+                run_lengths = piece_lengths[first:end]
+                parts.append(piece[base : base + sum(run_lengths)])
+                family_lengths.extend(run_lengths)
+            piece = b"".join(parts)
+            if piece == chunk.pieces[family]:
+                # The same object, so its CRC and gzip segment are reused too.
+                piece = chunk.pieces[family]
+                crcs.append(chunk.known_crc(family))
+            else:
+                crcs.append(None)
+            pieces.append(piece)
+            lengths.append(family_lengths)
+        return _Chunk(
+            chunk.start,
+            {record.build_id: record for record in records},
+            tuple(pieces),
+            tuple(lengths),
+            chunk.compressed,
+            crcs,
+        )
 
     def _summary_of(self, snapshot: Snapshot, format: ExpositionFormat) -> bytes:
         version, by_format = self._summary
@@ -630,17 +708,24 @@ class ExpositionCache:
 
     def _compressed(self, format: ExpositionFormat, rendered: _Rendered) -> tuple[bytes, ...]:
         if rendered.compressed_pieces is None:
-            window = _Window()
             parts = [_GZIP_HEADER]
             crc = 0
+            previous = b""
 
             def deflated(piece: bytes, piece_crc: int, kept: _Segment | None) -> _Segment:
-                nonlocal crc
+                nonlocal crc, previous
                 crc = crc32_combine(crc, piece_crc, len(piece))
-                before = window.pieces()
-                if kept is None or not _same_objects(kept.primed_with, before):
-                    kept = _Segment(_deflate_segment(piece, window.dictionary()), before)
-                window.add(piece)
+                if (
+                    kept is None
+                    or kept.piece is not piece
+                    or not _primed_alike(kept.primed_with, previous)
+                ):
+                    data = _deflate_segment(piece, previous[-DICTIONARY_BYTES:])
+                    kept = _Segment(data, piece, previous)
+                elif kept.primed_with is not previous:
+                    # The piece before changed, but not where this segment refers back to.
+                    kept = _Segment(kept.data, piece, previous)
+                previous = piece
                 parts.append(kept.data)
                 return kept
 
@@ -653,7 +738,7 @@ class ExpositionCache:
                     segments = chunk.compressed.get(format)
                     if segments is None:
                         segments = chunk.compressed[format] = [None] * len(chunk.pieces)
-                    segments[family] = deflated(piece, chunk.crcs[family], segments[family])
+                    segments[family] = deflated(piece, chunk.crc(family), segments[family])
             summary = rendered.plain_pieces[-1]
             deflated(summary, zlib.crc32(summary), None)
             rendered.plain_crc = crc
@@ -663,9 +748,8 @@ class ExpositionCache:
         return rendered.compressed_pieces
 
 
-def _same_objects(old: Sequence[object], new: Sequence[object]) -> bool:
-    # Records and rendered pieces are never changed in place, only replaced.
-    return len(old) == len(new) and all(a is b for a, b in zip(old, new, strict=True))
+def _primed_alike(old: bytes, new: bytes) -> bool:
+    return old is new or old[-DICTIONARY_BYTES:] == new[-DICTIONARY_BYTES:]
 
 
 def _same_family(old: Metric, new: Metric) -> bool:
