@@ -388,7 +388,9 @@ class _Chunk:
     # lines in it: a change re-renders only the builds it touches.
     pieces: tuple[bytes, ...]
     lengths: tuple[array[int], ...]
-    compressed: dict[ExpositionFormat, list[_Segment | None]] = field(default_factory=dict)
+    # The gzip segment of each piece, shared by both formats (a family's first segment is
+    # primed with its header, so it holds only for the format it was made for).
+    compressed: list[_Segment | None] = field(default_factory=lambda: [None] * BUILD_FAMILY_COUNT)
     # The CRC-32 of each piece, for gzip trailers; computed when first needed.
     _crcs: list[int | None] | None = None
 
@@ -458,6 +460,16 @@ class _PerScrapeRenders:
         return in_order
 
 
+@dataclass(frozen=True)
+class _FamilyRun:
+    """One build family deflated: its header and every chunk's piece, in order."""
+
+    pieces: tuple[bytes, ...]
+    data: bytes
+    crc: int
+    length: int
+
+
 @dataclass
 class _Rendered:
     """One format's body up to the per-scrape families, as of one snapshot."""
@@ -466,6 +478,8 @@ class _Rendered:
     builds: _Builds
     plain_pieces: tuple[bytes, ...]
     plain_length: int
+    # Each family's pieces, header first.
+    family_pieces: tuple[tuple[bytes, ...], ...] = ()
     # The gzip member up to the per-scrape families: its header and the deflated build part,
     # and the CRC-32 of the text they hold.
     compressed_pieces: tuple[bytes, ...] | None = None
@@ -493,6 +507,8 @@ class ExpositionCache:
         self._builds: _Builds | None = None
         self._rendered: dict[ExpositionFormat, _Rendered] = {}
         self._headers = {format: self._render_headers(format) for format in ExpositionFormat}
+        self._header_segments: dict[ExpositionFormat, list[bytes]] = {}
+        self._family_runs: dict[ExpositionFormat, list[_FamilyRun | None]] = {}
         self._summary: tuple[int, dict[ExpositionFormat, bytes]] = (-1, {})
         self._per_scrape_renders = _PerScrapeRenders()
 
@@ -502,6 +518,7 @@ class ExpositionCache:
                 self._max_artifacts_per_build = limit
                 self._builds = None
                 self._rendered.clear()
+                self._family_runs.clear()
 
     def body(self, format: ExpositionFormat, *, gzip: bool) -> Body:
         """The full exposition; with ``gzip`` a single gzip member."""
@@ -565,16 +582,18 @@ class ExpositionCache:
         if previous is not None and previous.version == snapshot.version:
             return previous
         builds = self._refresh_builds(snapshot)
-        pieces: list[bytes] = []
-        for family, (header, _) in enumerate(self._headers[format]):
-            pieces.append(header)
-            pieces.extend(chunk.pieces[family] for chunk in builds.chunks if chunk.pieces[family])
+        family_pieces = tuple(
+            (header, *(chunk.pieces[family] for chunk in builds.chunks if chunk.pieces[family]))
+            for family, (header, _) in enumerate(self._headers[format])
+        )
+        pieces = [piece for family in family_pieces for piece in family]
         pieces.append(self._summary_of(snapshot, format))
         rendered = _Rendered(
             version=snapshot.version,
             builds=builds,
             plain_pieces=tuple(pieces),
             plain_length=sum(len(piece) for piece in pieces),
+            family_pieces=family_pieces,
         )
         self._rendered[format] = rendered
         return rendered
@@ -708,44 +727,59 @@ class ExpositionCache:
 
     def _compressed(self, format: ExpositionFormat, rendered: _Rendered) -> tuple[bytes, ...]:
         if rendered.compressed_pieces is None:
-            parts = [_GZIP_HEADER]
-            crc = 0
-            previous = b""
-
-            def deflated(piece: bytes, piece_crc: int, kept: _Segment | None) -> _Segment:
-                nonlocal crc, previous
-                crc = crc32_combine(crc, piece_crc, len(piece))
-                if (
-                    kept is None
-                    or kept.piece is not piece
-                    or not _primed_alike(kept.primed_with, previous)
-                ):
-                    data = _deflate_segment(piece, previous[-DICTIONARY_BYTES:])
-                    kept = _Segment(data, piece, previous)
-                elif kept.primed_with is not previous:
-                    # The piece before changed, but not where this segment refers back to.
-                    kept = _Segment(kept.data, piece, previous)
-                previous = piece
-                parts.append(kept.data)
-                return kept
-
-            for family, (header, header_crc) in enumerate(self._headers[format]):
-                deflated(header, header_crc, None)
-                for chunk in rendered.builds.chunks:
-                    piece = chunk.pieces[family]
-                    if not piece:
-                        continue
-                    segments = chunk.compressed.get(format)
-                    if segments is None:
-                        segments = chunk.compressed[format] = [None] * len(chunk.pieces)
-                    segments[family] = deflated(piece, chunk.crc(family), segments[family])
+            runs = self._family_runs.setdefault(format, [None] * BUILD_FAMILY_COUNT)
+            for family, pieces in enumerate(rendered.family_pieces):
+                run = runs[family]
+                if run is None or not _same_objects(run.pieces, pieces):
+                    runs[family] = self._family_run(format, family, rendered.builds, pieces)
             summary = rendered.plain_pieces[-1]
-            deflated(summary, zlib.crc32(summary), None)
-            rendered.plain_crc = crc
-            # Joined once per snapshot, not on every scrape: the server writes large parts,
-            # and the compressed body is small enough to hold twice.
-            rendered.compressed_pieces = (b"".join(parts),)
+            crc = 0
+            parts = [_GZIP_HEADER]
+            for run in runs:
+                assert run is not None  # made just above
+                crc = crc32_combine(crc, run.crc, run.length)
+                parts.append(run.data)
+            parts.append(_deflate_segment(summary))
+            rendered.plain_crc = zlib.crc32(summary, crc)
+            rendered.compressed_pieces = tuple(parts)
         return rendered.compressed_pieces
+
+    def _family_run(
+        self, format: ExpositionFormat, family: int, builds: _Builds, pieces: tuple[bytes, ...]
+    ) -> _FamilyRun:
+        header, header_crc = self._headers[format][family]
+        if format not in self._header_segments:
+            # Deflated on their own, so each family's run depends on its pieces only.
+            self._header_segments[format] = [
+                _deflate_segment(header) for header, _ in self._headers[format]
+            ]
+        parts = [self._header_segments[format][family]]
+        crc = header_crc
+        previous = header
+        for chunk in builds.chunks:
+            piece = chunk.pieces[family]
+            if not piece:
+                continue
+            kept = chunk.compressed[family]
+            if (
+                kept is None
+                or kept.piece is not piece
+                or not _primed_alike(kept.primed_with, previous)
+            ):
+                data = _deflate_segment(piece, previous[-DICTIONARY_BYTES:])
+                kept = chunk.compressed[family] = _Segment(data, piece, previous)
+            elif kept.primed_with is not previous:
+                # The piece before changed, but not where this segment refers back to.
+                kept = chunk.compressed[family] = _Segment(kept.data, piece, previous)
+            crc = crc32_combine(crc, chunk.crc(family), len(piece))
+            parts.append(kept.data)
+            previous = piece
+        return _FamilyRun(pieces, b"".join(parts), crc, sum(len(piece) for piece in pieces))
+
+
+def _same_objects(old: Sequence[object], new: Sequence[object]) -> bool:
+    # Pieces are never changed in place, only replaced.
+    return len(old) == len(new) and all(a is b for a, b in zip(old, new, strict=True))
 
 
 def _primed_alike(old: bytes, new: bytes) -> bool:
