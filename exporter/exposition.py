@@ -616,18 +616,25 @@ class ExpositionCache:
             for index in sorted(dirty, reverse=True):
                 chunk = chunks[index] if chunks else None
                 records = dict(chunk.records) if chunk else {}
+                members_changed = False
                 for build_id in dirty[index]:
                     record = snapshot.records.get(build_id)
                     if record is None:
-                        records.pop(build_id, None)
+                        members_changed |= records.pop(build_id, None) is not None
                     else:
+                        members_changed |= build_id not in records
                         records[build_id] = record
-                ordered = [records[build_id] for build_id in sorted(records)]
-                start = chunk.start if chunk else ""
-                if chunk is None or len(ordered) > 2 * CHUNK_SIZE:
-                    replacement = self._chunks_of(ordered, start)
+                if members_changed:
+                    records = dict(sorted(records.items()))
+                if chunk is None or len(records) > 2 * CHUNK_SIZE:
+                    start = chunk.start if chunk else ""
+                    replacement = self._chunks_of(list(records.values()), start)
+                elif not records:
+                    replacement = []
+                elif members_changed:
+                    replacement = [self._rebuilt(chunk, records)]
                 else:
-                    replacement = [self._updated(chunk, ordered)] if ordered else []
+                    replacement = [self._answered_anew(chunk, records, sorted(dirty[index]))]
                 chunks[index : index + 1] = replacement
         builds = _Builds(snapshot.version, chunks, [chunk.start for chunk in chunks])
         self._builds = builds
@@ -652,17 +659,49 @@ class ExpositionCache:
             )
         return chunks
 
-    def _updated(self, chunk: _Chunk, records: list[BuildRecord]) -> _Chunk:
-        """The chunk holding ``records``: the builds that changed rendered, the others' lines
-        copied from the old pieces, and a piece whose bytes did not change kept as it was."""
+    def _answered_anew(
+        self, chunk: _Chunk, records: dict[str, BuildRecord], changed: list[str]
+    ) -> _Chunk:
+        """The chunk with the same builds, some of them answered anew (``changed``, in ID
+        order): only those are rendered, and only pieces whose bytes changed are replaced."""
+        old = chunk.records
+        fresh_ids = [build_id for build_id in changed if old[build_id] is not records[build_id]]
+        fresh_pieces, fresh_lengths = _render_run(
+            [records[build_id] for build_id in fresh_ids], self._max_artifacts_per_build
+        )
+        order = list(old)
+        positions = [order.index(build_id) for build_id in fresh_ids]
+        pieces = []
+        lengths = []
+        crcs: list[int | None] = []
+        for family in range(BUILD_FAMILY_COUNT):
+            piece, piece_lengths = chunk.pieces[family], chunk.lengths[family]
+            fresh_piece, fresh_family_lengths = fresh_pieces[family], fresh_lengths[family]
+            if _reads_as_before(piece, piece_lengths, positions, fresh_piece, fresh_family_lengths):
+                # The same object, so its CRC and gzip segment are reused too.
+                pieces.append(piece)
+                lengths.append(piece_lengths)
+                crcs.append(chunk.known_crc(family))
+            else:
+                new_piece, new_lengths = _replaced(
+                    piece, piece_lengths, positions, fresh_piece, fresh_family_lengths
+                )
+                pieces.append(new_piece)
+                lengths.append(new_lengths)
+                crcs.append(None)
+        return _Chunk(chunk.start, records, tuple(pieces), tuple(lengths), chunk.compressed, crcs)
+
+    def _rebuilt(self, chunk: _Chunk, records: dict[str, BuildRecord]) -> _Chunk:
+        """The chunk holding ``records`` after builds came or went: new and changed builds
+        rendered, the others' lines copied from the old pieces."""
         old = chunk.records
         positions = {build_id: index for index, build_id in enumerate(old)}
-        fresh = [record for record in records if old.get(record.build_id) is not record]
+        fresh = [record for record in records.values() if old.get(record.build_id) is not record]
         fresh_pieces, fresh_lengths = _render_run(fresh, self._max_artifacts_per_build)
         # Runs of consecutive builds from one source: (from the old pieces?, first, end).
         runs: list[list[int]] = []
         fresh_index = 0
-        for record in records:
+        for record in records.values():
             if old.get(record.build_id) is record:
                 source, index = 1, positions[record.build_id]
             else:
@@ -674,7 +713,6 @@ class ExpositionCache:
                 runs.append([source, index, index + 1])
         pieces = []
         lengths = []
-        crcs: list[int | None] = []
         for family in range(BUILD_FAMILY_COUNT):
             sources = (
                 (fresh_pieces[family], fresh_lengths[family]),
@@ -688,23 +726,9 @@ class ExpositionCache:
                 run_lengths = piece_lengths[first:end]
                 parts.append(piece[base : base + sum(run_lengths)])
                 family_lengths.extend(run_lengths)
-            piece = b"".join(parts)
-            if piece == chunk.pieces[family]:
-                # The same object, so its CRC and gzip segment are reused too.
-                piece = chunk.pieces[family]
-                crcs.append(chunk.known_crc(family))
-            else:
-                crcs.append(None)
-            pieces.append(piece)
+            pieces.append(b"".join(parts))
             lengths.append(family_lengths)
-        return _Chunk(
-            chunk.start,
-            {record.build_id: record for record in records},
-            tuple(pieces),
-            tuple(lengths),
-            chunk.compressed,
-            crcs,
-        )
+        return _Chunk(chunk.start, records, tuple(pieces), tuple(lengths))
 
     def _summary_of(self, snapshot: Snapshot, format: ExpositionFormat) -> bytes:
         version, by_format = self._summary
@@ -775,6 +799,51 @@ class ExpositionCache:
             parts.append(kept.data)
             previous = piece
         return _FamilyRun(pieces, b"".join(parts), crc, sum(len(piece) for piece in pieces))
+
+
+def _reads_as_before(
+    piece: bytes,
+    lengths: array[int],
+    positions: list[int],
+    fresh_piece: bytes,
+    fresh_lengths: array[int],
+) -> bool:
+    """Whether the builds at ``positions`` of ``piece``, rendered anew as ``fresh_piece``,
+    read exactly as before."""
+    fresh_start = 0
+    for position, fresh_length in zip(positions, fresh_lengths, strict=True):
+        if lengths[position] != fresh_length:
+            return False
+        start = sum(lengths[:position])
+        fresh_end = fresh_start + fresh_length
+        if piece[start : start + fresh_length] != fresh_piece[fresh_start:fresh_end]:
+            return False
+        fresh_start = fresh_end
+    return True
+
+
+def _replaced(
+    piece: bytes,
+    lengths: array[int],
+    positions: list[int],
+    fresh_piece: bytes,
+    fresh_lengths: array[int],
+) -> tuple[bytes, array[int]]:
+    """``piece`` with the lines of the builds at ``positions`` (ascending) replaced by theirs
+    in ``fresh_piece``, and its per-build lengths."""
+    parts = []
+    new_lengths = array("I", lengths)
+    cursor = 0
+    fresh_start = 0
+    for position, fresh_length in zip(positions, fresh_lengths, strict=True):
+        start = sum(lengths[:position])
+        parts.append(piece[cursor:start])
+        parts.append(fresh_piece[fresh_start : fresh_start + fresh_length])
+        cursor = start + lengths[position]
+        fresh_start += fresh_length
+        new_lengths[position] = fresh_length
+    parts.append(piece[cursor:])
+    return b"".join(parts), new_lengths
 
 
 def _same_objects(old: Sequence[object], new: Sequence[object]) -> bool:
