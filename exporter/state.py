@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.api import Outcome
-from exporter.models import Build, InvalidBuildError, parse_build
+from exporter.models import BUILD, Build, InvalidBuildError, parse_build
 from exporter.store import BuildRecord, Snapshot
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def _check_schema(connection: sqlite3.Connection) -> None:
 
 def encode_build(build: Build) -> str:
     """A build as the JSON of an API answer, which ``parse_build`` reads back unchanged."""
-    document: dict[str, Any] = build.model_dump(mode="json", by_alias=True)
+    document: dict[str, Any] = BUILD.dump_python(build, mode="json", by_alias=True)
     _timestamps_as_text(document)
     for artifact in document.get("artifacts", ()):
         _timestamps_as_text(artifact)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import enum
 import threading
+from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -73,11 +74,19 @@ class FinishedBuilds:
 
 @dataclass(frozen=True)
 class ChangeLog:
-    """Which builds changed at which version, from ``since`` on: ``(version, build_id)`` in
-    version order. Only ever appended to; the store starts a new one when it grows too long."""
+    """Which builds changed at which version, from ``since`` on, in version order. Only ever
+    appended to; the store starts a new one when it grows too long."""
 
     since: int
-    entries: list[tuple[int, str]] = field(default_factory=list)
+    versions: array[int] = field(default_factory=lambda: array("q"))
+    build_ids: list[str] = field(default_factory=list)
+
+    def append(self, version: int, build_id: str) -> None:
+        self.build_ids.append(build_id)
+        self.versions.append(version)
+
+    def __len__(self) -> int:
+        return len(self.versions)
 
 
 @dataclass(frozen=True)
@@ -102,14 +111,11 @@ class Snapshot:
         changes = self.changes
         if version < changes.since or version > self.version:
             return None
-        entries = changes.entries
-        first = bisect.bisect_right(entries, version, key=_version_of)
-        last = bisect.bisect_right(entries, self.version, key=_version_of)
-        return {build_id for _, build_id in entries[first:last]}
-
-
-def _version_of(entry: tuple[int, str]) -> int:
-    return entry[0]
+        # Read up to the length seen now: the store may append meanwhile, IDs before versions.
+        versions = changes.versions
+        first = bisect.bisect_right(versions, version)
+        last = bisect.bisect_right(versions, self.version)
+        return set(changes.build_ids[first:last])
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,9 +293,9 @@ class BuildStore:
     def _log_change(self, build_id: str) -> None:
         # Past a few entries per build, a reader this far behind re-renders everything anyway;
         # a new log keeps memory bounded, and snapshots holding the old one keep it intact.
-        if len(self._changes.entries) >= max(_MIN_CHANGE_LOG, 2 * len(self._records)):
+        if len(self._changes) >= max(_MIN_CHANGE_LOG, 2 * len(self._records)):
             self._changes = ChangeLog(self._version)
-        self._changes.entries.append((self._version, build_id))
+        self._changes.append(self._version, build_id)
 
     def _count_finished(self, build: Build) -> None:
         key = (build.image_name, build.status_label)

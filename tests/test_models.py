@@ -246,7 +246,8 @@ def test_extra_fields_are_ignored_at_every_level() -> None:
     )
 
     assert parse(drifted) == parse(plain)
-    assert parse(drifted).model_extra is None
+    assert not hasattr(parse(drifted), "region")
+    assert not hasattr(parse(drifted).artifacts[0], "sizeBytes")
 
 
 @pytest.mark.parametrize(
