@@ -19,7 +19,7 @@ import struct
 import threading
 import zlib
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -38,7 +38,7 @@ from exporter.metrics import (
     summary_families,
 )
 from exporter.models import BUILD_STATUSES, UNKNOWN, Build
-from exporter.store import BuildRecord, Snapshot
+from exporter.store import BuildRecord, FinishedBuilds, Snapshot
 
 OPENMETRICS_EOF = b"# EOF\n"
 # Builds per chunk: small enough that one change re-renders little, large enough that the
@@ -509,7 +509,10 @@ class ExpositionCache:
         self._headers = {format: self._render_headers(format) for format in ExpositionFormat}
         self._header_segments: dict[ExpositionFormat, list[bytes]] = {}
         self._family_runs: dict[ExpositionFormat, list[_FamilyRun | None]] = {}
-        self._summary: tuple[int, dict[ExpositionFormat, bytes]] = (-1, {})
+        self._summary: tuple[
+            tuple[Mapping[tuple[str, str], FinishedBuilds], tuple[int, ...]] | None,
+            dict[ExpositionFormat, bytes],
+        ] = (None, {})
         self._per_scrape_renders = _PerScrapeRenders()
 
     def set_max_artifacts_per_build(self, limit: int) -> None:
@@ -731,10 +734,13 @@ class ExpositionCache:
         return _Chunk(chunk.start, records, tuple(pieces), tuple(lengths))
 
     def _summary_of(self, snapshot: Snapshot, format: ExpositionFormat) -> bytes:
-        version, by_format = self._summary
-        if version != snapshot.version:
+        # Rendered again only when a build finished or a count by state moved: with many
+        # images, the finished-duration histograms are most of the families' samples.
+        key, by_format = self._summary
+        current = (snapshot.finished, tuple(snapshot.states.values()))
+        if key is None or key[0] is not current[0] or key[1] != current[1]:
             by_format = {}
-            self._summary = (snapshot.version, by_format)
+            self._summary = (current, by_format)
         if format not in by_format:
             by_format[format] = render(summary_families(snapshot), format).removesuffix(
                 OPENMETRICS_EOF
@@ -810,13 +816,18 @@ def _reads_as_before(
 ) -> bool:
     """Whether the builds at ``positions`` of ``piece``, rendered anew as ``fresh_piece``,
     read exactly as before."""
+    if len(positions) == 1:
+        # The usual case: one build of the chunk, so the fresh piece is all its lines.
+        position = positions[0]
+        return lengths[position] == len(fresh_piece) and piece.startswith(
+            fresh_piece, sum(lengths[:position])
+        )
     fresh_start = 0
     for position, fresh_length in zip(positions, fresh_lengths, strict=True):
         if lengths[position] != fresh_length:
             return False
-        start = sum(lengths[:position])
         fresh_end = fresh_start + fresh_length
-        if piece[start : start + fresh_length] != fresh_piece[fresh_start:fresh_end]:
+        if not piece.startswith(fresh_piece[fresh_start:fresh_end], sum(lengths[:position])):
             return False
         fresh_start = fresh_end
     return True

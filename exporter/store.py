@@ -147,6 +147,8 @@ class BuildStore:
         self._records: dict[str, BuildRecord] = {}
         self._restored = dict(restored or {})
         self._finished: dict[tuple[str, str], FinishedBuilds] = {}
+        # The same object until a build finishes, so readers can tell it did not change.
+        self._finished_view: Mapping[tuple[str, str], FinishedBuilds] = MappingProxyType({})
         self._states = dict.fromkeys(BuildState, 0)
         self._version = 0
         self._changes = ChangeLog(0)
@@ -274,7 +276,7 @@ class BuildStore:
                 self._snapshot = Snapshot(
                     self._version,
                     MappingProxyType(dict(self._records)),
-                    MappingProxyType(dict(self._finished)),
+                    self._finished_view,
                     MappingProxyType(dict(self._states)),
                     self._changes,
                 )
@@ -301,7 +303,7 @@ class BuildStore:
         key = (build.image_name, build.status_label)
         previous = self._finished.get(key, FinishedBuilds())
         duration = build.duration_seconds
-        self._finished[key] = FinishedBuilds(
+        counted = FinishedBuilds(
             count=previous.count + 1,
             durations=(
                 previous.durations.observe(duration)
@@ -309,6 +311,9 @@ class BuildStore:
                 else previous.durations
             ),
         )
+        # A new mapping: snapshots already taken keep theirs unchanged.
+        self._finished = {**self._finished, key: counted}
+        self._finished_view = MappingProxyType(self._finished)
 
 
 def _failed(record: BuildRecord, outcome: Outcome, now: float | None = None) -> BuildRecord:
