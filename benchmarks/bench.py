@@ -42,7 +42,8 @@ from pydantic import SecretStr
 from exporter.api import BuildStatusClient
 from exporter.app import PerScrapeFamilies
 from exporter.config import ApiKeySource, Config
-from exporter.exposition import Body, ExpositionCache, ExpositionFormat
+from exporter.exposition import ExpositionFormat
+from exporter.exposition_cache import Body, ExpositionCache
 from exporter.metrics import build_families, exporter_families
 from exporter.models import parse_build
 from exporter.poller import Poller, PollSettings

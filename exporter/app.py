@@ -19,7 +19,8 @@ from exporter import __version__
 from exporter.api import BuildStatusClient
 from exporter.config import Config
 from exporter.connections import ServerLimits
-from exporter.exposition import ExpositionCache, ExpositionFormat
+from exporter.exposition import ExpositionFormat
+from exporter.exposition_cache import ExpositionCache
 from exporter.metrics import exporter_families
 from exporter.poller import Clock, Poller, PollSettings
 from exporter.reload import Reloader

@@ -27,7 +27,8 @@ from exporter import __version__
 from exporter.auth import AUTH_REALM
 from exporter.config import parse_listen_address
 from exporter.connections import Listener, ServerLimits
-from exporter.exposition import Body, ExpositionFormat, accepts_gzip, negotiate_format
+from exporter.exposition import ExpositionFormat, accepts_gzip, negotiate_format
+from exporter.exposition_cache import Body
 from exporter.status_page import render_status_page
 from exporter.store import Snapshot
 from exporter.webconfig import WebConfig, WebConfigWatcher

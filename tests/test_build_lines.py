@@ -83,7 +83,16 @@ def test_build_lines_are_what_prometheus_client_writes_in_both_formats(
 ) -> None:
     written = render_build_lines(builds, max_artifacts)
     for format in ExpositionFormat:
-        assert written == reference_lines(builds, format, max_artifacts), format
+        assert written.pieces == reference_lines(builds, format, max_artifacts), format
+    # Each build's share of each piece is exactly its own lines: what a change splices.
+    for family, (piece, lengths) in enumerate(zip(*written, strict=True)):
+        assert len(lengths) == len(builds)
+        start = 0
+        for build, length in zip(builds, lengths, strict=True):
+            alone = render_build_lines([build], max_artifacts).pieces[family]
+            assert piece[start : start + length] == alone
+            start += length
+        assert start == len(piece)
 
 
 def test_the_property_sees_hostile_labels_and_every_family() -> None:
@@ -128,7 +137,7 @@ def test_the_property_sees_hostile_labels_and_every_family() -> None:
         )
         for status in ("FAILED", "SOMETHING_NEW")
     ]
-    written = render_build_lines(records, max_artifacts_per_build=2)
+    written = render_build_lines(records, max_artifacts_per_build=2).pieces
     assert all(written), "every build family has a line"
     assert b'build_id="b\\"1\\\\"' in written[0]
     assert b'image_name="app\\\\name"' in written[0]

@@ -10,14 +10,8 @@ import pytest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.api import Outcome
-from exporter.exposition import (
-    CHUNK_SIZE,
-    OPENMETRICS_EOF,
-    Body,
-    ExpositionCache,
-    ExpositionFormat,
-    render,
-)
+from exporter.exposition import OPENMETRICS_EOF, ExpositionFormat, render
+from exporter.exposition_cache import CHUNK_SIZE, Body, ExpositionCache
 from exporter.metrics import build_families
 from exporter.models import parse_build
 from exporter.simulator import random_plans

@@ -25,7 +25,8 @@ import httpx
 import pytest
 
 from exporter.connections import ServerLimits
-from exporter.exposition import Body, ExpositionFormat
+from exporter.exposition import ExpositionFormat
+from exporter.exposition_cache import Body
 from exporter.server import Endpoints, MetricsServer
 from exporter.store import BuildStore
 from tests.pki import Pki, client_context, tls_section

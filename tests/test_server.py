@@ -7,7 +7,8 @@ import socket
 import httpx
 import pytest
 
-from exporter.exposition import ExpositionCache, ExpositionFormat, accepts_gzip, negotiate_format
+from exporter.exposition import ExpositionFormat, accepts_gzip, negotiate_format
+from exporter.exposition_cache import ExpositionCache
 from exporter.server import Endpoints, MetricsServer
 from exporter.simulator import Fault, Simulator
 from exporter.store import BuildStore, Snapshot
