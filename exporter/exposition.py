@@ -135,8 +135,8 @@ def _sample_names() -> tuple[str, ...]:
     _LAST_POLL_ERROR,
 ) = (name + "{" for name in _sample_names())
 BUILD_FAMILY_COUNT = 15
-# The families before these three are about a build's answer; these are about its polls.
-_LAST_POLL_FAMILIES = 12
+# The families before this index are about a build's answer; the rest about its polls.
+POLL_FAMILIES_START = 12
 _ONE = " 1.0\n"
 _ZERO = " 0.0\n"
 # Counts are small whole numbers; their formatted values are made once.
@@ -202,15 +202,16 @@ class _BuildLines:
         self._max_artifacts_per_build = max_artifacts_per_build
         self.lines: list[list[str]] = [[] for _ in range(BUILD_FAMILY_COUNT)]
 
-    def add(self, record: BuildRecord) -> None:
+    def add(self, record: BuildRecord, *, polls_only: bool = False) -> None:
+        """Add one build's lines; with ``polls_only``, those of its answer are left empty."""
         lines = self.lines
         # As in exporter.metrics: a retired build has no series of its own.
         if record.retired:
             for family in lines:
                 family.append("")
             return
-        if record.build is None:
-            for family in lines[:_LAST_POLL_FAMILIES]:
+        if record.build is None or polls_only:
+            for family in lines[:POLL_FAMILIES_START]:
                 family.append("")
         else:
             self._add_build(record.build)
@@ -310,14 +311,15 @@ class BuildLines(NamedTuple):
 
 
 def render_build_lines(
-    records: Iterable[BuildRecord], max_artifacts_per_build: int = 64
+    records: Iterable[BuildRecord], max_artifacts_per_build: int = 64, *, polls_only: bool = False
 ) -> BuildLines:
-    """Each build family's sample lines for these builds, without HELP and TYPE lines.
+    """Each build family's sample lines for these builds, without HELP and TYPE lines; with
+    ``polls_only``, the families before POLL_FAMILIES_START are left empty.
 
     Byte for byte what prometheus_client writes for the same families, in either format:
     ``primeintellect_image_build_info{build_id="b1",image_name="app",image_tag="v1"} 1.0``
     """
     lines = _BuildLines(max_artifacts_per_build)
     for record in records:
-        lines.add(record)
+        lines.add(record, polls_only=polls_only)
     return BuildLines(*lines.pieces())

@@ -20,6 +20,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 
 from isal import isal_zlib
 from isal.isal_zlib import crc32_combine
@@ -28,6 +29,7 @@ from prometheus_client.core import Metric
 from exporter.exposition import (
     BUILD_FAMILY_COUNT,
     OPENMETRICS_EOF,
+    POLL_FAMILIES_START,
     ExpositionFormat,
     render,
     render_build_lines,
@@ -114,6 +116,10 @@ class _Builds:
     version: int
     chunks: list[_Chunk]
     starts: list[str]
+    # Per family, the chunks' non-empty pieces in order, and their length in bytes: the same
+    # objects as in the snapshot before for every family no change touched.
+    families: tuple[tuple[bytes, ...], ...]
+    family_lengths: tuple[int, ...]
 
 
 @dataclass
@@ -179,8 +185,6 @@ class _Rendered:
     builds: _Builds
     plain_pieces: tuple[bytes, ...]
     plain_length: int
-    # Each family's pieces, header first.
-    family_pieces: tuple[tuple[bytes, ...], ...] = ()
     # The gzip member up to the per-scrape families: its header and the deflated build part,
     # and the CRC-32 of the text they hold.
     compressed_pieces: tuple[bytes, ...] | None = None
@@ -208,6 +212,10 @@ class ExpositionCache:
         self._builds: _Builds | None = None
         self._rendered: dict[ExpositionFormat, _Rendered] = {}
         self._headers = {format: self._render_headers(format) for format in ExpositionFormat}
+        self._header_length = {
+            format: sum(len(header) for header, _ in headers)
+            for format, headers in self._headers.items()
+        }
         self._header_segments: dict[ExpositionFormat, list[bytes]] = {}
         self._family_runs: dict[ExpositionFormat, list[_FamilyRun | None]] = {}
         self._summary: tuple[
@@ -286,18 +294,18 @@ class ExpositionCache:
         if previous is not None and previous.version == snapshot.version:
             return previous
         builds = self._refresh_builds(snapshot)
-        family_pieces = tuple(
-            (header, *(chunk.pieces[family] for chunk in builds.chunks if chunk.pieces[family]))
-            for family, (header, _) in enumerate(self._headers[format])
+        headers = self._headers[format]
+        summary = self._summary_of(snapshot, format)
+        in_order = chain.from_iterable(
+            ((header,), family)
+            for (header, _), family in zip(headers, builds.families, strict=True)
         )
-        pieces = [piece for family in family_pieces for piece in family]
-        pieces.append(self._summary_of(snapshot, format))
+        pieces = (*chain.from_iterable(in_order), summary)
         rendered = _Rendered(
             version=snapshot.version,
             builds=builds,
-            plain_pieces=tuple(pieces),
-            plain_length=sum(len(piece) for piece in pieces),
-            family_pieces=family_pieces,
+            plain_pieces=pieces,
+            plain_length=self._header_length[format] + sum(builds.family_lengths) + len(summary),
         )
         self._rendered[format] = rendered
         return rendered
@@ -307,8 +315,11 @@ class ExpositionCache:
         if previous is not None and previous.version == snapshot.version:
             return previous
         changed = None if previous is None else snapshot.changed_since(previous.version)
+        # Families whose pieces some change replaced; None when chunks came or went.
+        touched: set[int] | None = set()
         if previous is None or changed is None:
             chunks = self._chunks_of(list(snapshot.records.values()), "")
+            touched = None
         else:
             chunks = list(previous.chunks)
             dirty: dict[int, list[str]] = {}
@@ -339,8 +350,34 @@ class ExpositionCache:
                     replacement = [self._rebuilt(chunk, records)]
                 else:
                     replacement = [self._answered_anew(chunk, records, sorted(dirty[index]))]
+                if len(replacement) != 1 or chunk is None:
+                    touched = None
+                elif touched is not None:
+                    touched.update(
+                        family
+                        for family, (new, old) in enumerate(
+                            zip(replacement[0].pieces, chunk.pieces, strict=True)
+                        )
+                        if new is not old
+                    )
                 chunks[index : index + 1] = replacement
-        builds = _Builds(snapshot.version, chunks, [chunk.start for chunk in chunks])
+        families = []
+        family_lengths = []
+        for family in range(BUILD_FAMILY_COUNT):
+            if previous is not None and touched is not None and family not in touched:
+                families.append(previous.families[family])
+                family_lengths.append(previous.family_lengths[family])
+            else:
+                pieces = tuple(chunk.pieces[family] for chunk in chunks if chunk.pieces[family])
+                families.append(pieces)
+                family_lengths.append(sum(map(len, pieces)))
+        builds = _Builds(
+            snapshot.version,
+            chunks,
+            [chunk.start for chunk in chunks],
+            tuple(families),
+            tuple(family_lengths),
+        )
         self._builds = builds
         return builds
 
@@ -370,8 +407,17 @@ class ExpositionCache:
         order): only those are rendered, and only pieces whose bytes changed are replaced."""
         old = chunk.records
         fresh_ids = [build_id for build_id in changed if old[build_id] is not records[build_id]]
+        # Most polls bring the same answer (the same object, as the store keeps it): then
+        # only the poll families can read differently.
+        polls_only = all(
+            old[build_id].build is records[build_id].build
+            and old[build_id].retired == records[build_id].retired
+            for build_id in fresh_ids
+        )
         fresh_pieces, fresh_lengths = render_build_lines(
-            [records[build_id] for build_id in fresh_ids], self._max_artifacts_per_build
+            [records[build_id] for build_id in fresh_ids],
+            self._max_artifacts_per_build,
+            polls_only=polls_only,
         )
         order = list(old)
         positions = [order.index(build_id) for build_id in fresh_ids]
@@ -381,7 +427,9 @@ class ExpositionCache:
         for family in range(BUILD_FAMILY_COUNT):
             piece, piece_lengths = chunk.pieces[family], chunk.lengths[family]
             fresh_piece, fresh_family_lengths = fresh_pieces[family], fresh_lengths[family]
-            if _reads_as_before(piece, piece_lengths, positions, fresh_piece, fresh_family_lengths):
+            if (polls_only and family < POLL_FAMILIES_START) or _reads_as_before(
+                piece, piece_lengths, positions, fresh_piece, fresh_family_lengths
+            ):
                 # The same object, so its CRC and gzip segment are reused too.
                 pieces.append(piece)
                 lengths.append(piece_lengths)
@@ -459,9 +507,11 @@ class ExpositionCache:
     def _compressed(self, format: ExpositionFormat, rendered: _Rendered) -> tuple[bytes, ...]:
         if rendered.compressed_pieces is None:
             runs = self._family_runs.setdefault(format, [None] * BUILD_FAMILY_COUNT)
-            for family, pieces in enumerate(rendered.family_pieces):
+            for family, pieces in enumerate(rendered.builds.families):
                 run = runs[family]
-                if run is None or not _same_objects(run.pieces, pieces):
+                if run is None or (
+                    run.pieces is not pieces and not _same_objects(run.pieces, pieces)
+                ):
                     runs[family] = self._family_run(format, family, rendered.builds, pieces)
             summary = rendered.plain_pieces[-1]
             crc = 0
@@ -505,7 +555,7 @@ class ExpositionCache:
             crc = crc32_combine(crc, chunk.crc(family), len(piece))
             parts.append(kept.data)
             previous = piece
-        return _FamilyRun(pieces, b"".join(parts), crc, sum(len(piece) for piece in pieces))
+        return _FamilyRun(pieces, b"".join(parts), crc, len(header) + sum(map(len, pieces)))
 
 
 def _reads_as_before(

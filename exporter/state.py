@@ -328,13 +328,22 @@ class StateSync:
         if snapshot.version == self._version:
             return 0
         written = self._written
+        candidates = None if self._version is None else snapshot.changed_since(self._version)
+        if candidates is None:
+            # The first write, or too far behind the store's change log: compare everything.
+            candidates = set(snapshot.records) | set(written)
         # Records are replaced, never changed in place: identity tells what changed.
         changed = [
             record
-            for build_id, record in snapshot.records.items()
-            if written.get(build_id) is not record
+            for build_id in candidates
+            if (record := snapshot.records.get(build_id)) is not None
+            and written.get(build_id) is not record
         ]
-        removed = [build_id for build_id in written if build_id not in snapshot.records]
+        removed = [
+            build_id
+            for build_id in candidates
+            if build_id in written and build_id not in snapshot.records
+        ]
         self._state.save(changed, removed)
         self._written = snapshot.records
         self._version = snapshot.version

@@ -187,6 +187,9 @@ class BuildStore:
                 return None
             finished = build.finished
             changed = before.build != build
+            if not changed and before.build is not None:
+                # The answer as before: keep the object, so readers see it is the same.
+                build = before.build
             after = replace(
                 before,
                 build=build,
