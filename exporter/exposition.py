@@ -290,7 +290,12 @@ class _BuildLines:
         """Each family's bytes, and the length in bytes of each build's lines in it."""
         pieces = []
         lengths = []
+        builds = len(self.lines[0])
         for strings in self.lines:
+            if not any(strings):
+                pieces.append(b"")
+                lengths.append(array("I", [0]) * builds)
+                continue
             text = "".join(strings)
             data = text.encode()
             pieces.append(data)

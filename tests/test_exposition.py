@@ -11,7 +11,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.api import Outcome
 from exporter.exposition import OPENMETRICS_EOF, ExpositionFormat, render
-from exporter.exposition_cache import CHUNK_SIZE, Body, ExpositionCache
+from exporter.exposition_cache import CHUNK_SIZE, FEW_CHANGED_BUILDS, Body, ExpositionCache
 from exporter.metrics import build_families
 from exporter.models import parse_build
 from exporter.simulator import random_plans
@@ -108,21 +108,39 @@ def test_changing_the_artifact_limit_renders_again() -> None:
 
 @pytest.mark.parametrize("format", FORMATS)
 @pytest.mark.parametrize("gzip", [False, True])
-def test_a_kept_body_is_offered_only_while_it_matches_the_snapshot(
+def test_a_kept_body_is_brought_up_to_date_for_a_few_changed_builds_only(
     format: ExpositionFormat, gzip: bool
 ) -> None:
     scenario = Scenario(150, seed=7)
     cache = ExpositionCache(scenario.store.snapshot, tail_families)
+
+    def plain(body: Body) -> bytes:
+        return zlib.decompress(body.join(), wbits=31) if gzip else body.join()
+
     assert cache.kept_body(format, gzip=gzip) is None  # nothing rendered yet
     rendered = cache.body(format, gzip=gzip).join()
     kept = cache.kept_body(format, gzip=gzip)
     assert kept is not None
     assert kept.join() == rendered
-    scenario.change_something()
+    # A few changes: the kept body is brought up to date in place.
+    for _ in range(3):
+        scenario.change_something()
+    kept = cache.kept_body(format, gzip=gzip)
+    assert kept is not None
+    assert plain(kept) == expected(scenario.store, format)
+    # Many: left to a full body() call, off the event loop.
+    for build_id in list(scenario.store.snapshot().records)[: FEW_CHANGED_BUILDS + 1]:
+        scenario.store.record_failure(build_id, Outcome.TIMEOUT)
     assert cache.kept_body(format, gzip=gzip) is None
-    fresh = cache.body(format, gzip=gzip).join()
-    plain = zlib.decompress(fresh, wbits=31) if gzip else fresh
-    assert plain == expected(scenario.store, format)
+    assert plain(cache.body(format, gzip=gzip)) == expected(scenario.store, format)
+
+
+def test_a_variant_never_asked_for_is_not_made_by_kept_body() -> None:
+    scenario = Scenario(20, seed=8)
+    cache = ExpositionCache(scenario.store.snapshot, tail_families)
+    cache.body(ExpositionFormat.TEXT, gzip=False)
+    assert cache.kept_body(ExpositionFormat.TEXT, gzip=True) is None
+    assert cache.kept_body(ExpositionFormat.OPENMETRICS, gzip=False) is None
 
 
 class ChangingTail:
