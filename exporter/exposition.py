@@ -241,13 +241,13 @@ class _BuildLines:
         # All of a build's status lines at once: the prefix joins precomputed endings.
         lines[1].append(status_prefix + status_prefix.join(_STATUS_ENDINGS[build.status_label]))
         lines[2].append(f"{_CREATED}{labels}}}{_value(build.created_at)}")
-        for index, prefix, value in (
-            (3, _STARTED, build.started_at),
-            (4, _COMPLETED, build.completed_at),
-            (5, _QUEUED, build.queued_seconds),
-            (6, _DURATION, build.duration_seconds),
-        ):
-            lines[index].append("" if value is None else f"{prefix}{labels}}}{_value(value)}")
+        started, completed = build.started_at, build.completed_at
+        queued, duration = build.queued_seconds, build.duration_seconds
+        closed = f"{labels}}}"
+        lines[3].append("" if started is None else f"{_STARTED}{closed}{_value(started)}")
+        lines[4].append("" if completed is None else f"{_COMPLETED}{closed}{_value(completed)}")
+        lines[5].append("" if queued is None else f"{_QUEUED}{closed}{_value(queued)}")
+        lines[6].append("" if duration is None else f"{_DURATION}{closed}{_value(duration)}")
         counts = []
         for artifact_type, by_status in artifact_counts(build.artifacts).items():
             # Type and status labels are documented names or UNKNOWN: nothing to escape.

@@ -239,7 +239,7 @@ class ExpositionCache:
     def body(self, format: ExpositionFormat, *, gzip: bool) -> Body:
         """The full exposition; with ``gzip`` a single gzip member."""
         with self._lock:
-            rendered = self._refresh(format)
+            rendered = self._refresh(format, self._snapshot())
             compressed = self._compressed(format, rendered) if gzip else None
         return self._with_tail(format, rendered, compressed)
 
@@ -263,7 +263,7 @@ class ExpositionCache:
                 if changed is None or len(changed) > FEW_CHANGED_BUILDS:
                     return None
                 # Brought up to date here: faster than the hop to a render thread.
-                rendered = self._refresh(format)
+                rendered = self._refresh(format, snapshot)
             compressed = None
             if gzip:
                 if rendered.compressed_pieces is None and not had_gzip:
@@ -303,8 +303,7 @@ class ExpositionCache:
         pieces = (*compressed, last)
         return Body(pieces, sum(len(piece) for piece in pieces))
 
-    def _refresh(self, format: ExpositionFormat) -> _Rendered:
-        snapshot = self._snapshot()
+    def _refresh(self, format: ExpositionFormat, snapshot: Snapshot) -> _Rendered:
         previous = self._rendered.get(format)
         if previous is not None and previous.version == snapshot.version:
             return previous
