@@ -536,7 +536,9 @@ class ExpositionCache:
                 parts.append(run.data)
             parts.append(_deflate_segment(summary))
             rendered.plain_crc = zlib.crc32(summary, crc)
-            rendered.compressed_pieces = tuple(parts)
+            # Joined once per snapshot, not on every scrape: a scrape then writes one large
+            # piece, sliced, instead of joining family runs into parts each time.
+            rendered.compressed_pieces = (b"".join(parts),)
         return rendered.compressed_pieces
 
     def _family_run(
