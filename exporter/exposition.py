@@ -110,13 +110,11 @@ class _StaticCollector(Collector):
 # serves both; only the HELP and TYPE lines differ, and those come from prometheus_client.
 
 
-def _sample_names() -> tuple[str, ...]:
-    return tuple(
-        family.name + "_info" if family.type == "info" else family.name
-        for family in per_build_families(())
-    )
-
-
+# What each build family's sample lines begin with, in family order.
+_PREFIXES = tuple(
+    (family.name + "_info" if family.type == "info" else family.name) + "{"
+    for family in per_build_families(())
+)
 (
     _INFO,
     _STATUS,
@@ -133,8 +131,8 @@ def _sample_names() -> tuple[str, ...]:
     _LAST_POLL_SUCCESS,
     _LAST_POLL_SUCCESS_TIMESTAMP,
     _LAST_POLL_ERROR,
-) = (name + "{" for name in _sample_names())
-BUILD_FAMILY_COUNT = 15
+) = _PREFIXES
+BUILD_FAMILY_COUNT = len(_PREFIXES)
 # The families before this index are about a build's answer; the rest about its polls.
 POLL_FAMILIES_START = 12
 _ONE = " 1.0\n"
@@ -191,6 +189,15 @@ def _value(value: float) -> str:
 
 def _count(count: int) -> str:
     return _COUNTS[count] if 0 <= count < len(_COUNTS) else _value(count)
+
+
+class BuildLines(NamedTuple):
+    """Each build family's lines for a run of builds, and each build's share of them."""
+
+    # One piece per build family, in family order, without HELP and TYPE lines.
+    pieces: tuple[bytes, ...]
+    # Per family, the length in bytes of each build's lines, in the builds' order.
+    lengths: tuple[array[int], ...]
 
 
 class _BuildLines:
@@ -286,7 +293,7 @@ class _BuildLines:
         lines[10].append("".join(errors))
         lines[11].append(f"{_ARTIFACTS_OMITTED}{labels}}}{_count(omitted)}" if omitted else "")
 
-    def pieces(self) -> tuple[tuple[bytes, ...], tuple[array[int], ...]]:
+    def pieces(self) -> BuildLines:
         """Each family's bytes, and the length in bytes of each build's lines in it."""
         pieces = []
         lengths = []
@@ -303,16 +310,7 @@ class _BuildLines:
                 lengths.append(array("I", map(len, strings)))
             else:
                 lengths.append(array("I", [len(string.encode()) for string in strings]))
-        return tuple(pieces), tuple(lengths)
-
-
-class BuildLines(NamedTuple):
-    """Each build family's lines for a run of builds, and each build's share of them."""
-
-    # One piece per build family, in family order, without HELP and TYPE lines.
-    pieces: tuple[bytes, ...]
-    # Per family, the length in bytes of each build's lines, in the builds' order.
-    lengths: tuple[array[int], ...]
+        return BuildLines(tuple(pieces), tuple(lengths))
 
 
 def render_build_lines(
@@ -327,4 +325,4 @@ def render_build_lines(
     lines = _BuildLines(max_artifacts_per_build)
     for record in records:
         lines.add(record, polls_only=polls_only)
-    return BuildLines(*lines.pieces())
+    return lines.pieces()

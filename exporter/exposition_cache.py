@@ -173,8 +173,9 @@ class _PerScrapeRenders:
 
 @dataclass(frozen=True)
 class _FamilyRun:
-    """One build family deflated: its header and every chunk's piece, in order."""
+    """One build family deflated: its header, then every chunk's piece in order."""
 
+    # The chunks' pieces it holds (the header aside): the run is valid for exactly these.
     pieces: tuple[bytes, ...]
     data: bytes
     crc: int
@@ -344,27 +345,8 @@ class ExpositionCache:
             # indices still to visit where they were.
             for index in sorted(dirty, reverse=True):
                 chunk = chunks[index] if chunks else None
-                records = dict(chunk.records) if chunk else {}
-                members_changed = False
-                for build_id in dirty[index]:
-                    record = snapshot.records.get(build_id)
-                    if record is None:
-                        members_changed |= records.pop(build_id, None) is not None
-                    else:
-                        members_changed |= build_id not in records
-                        records[build_id] = record
-                if members_changed:
-                    records = dict(sorted(records.items()))
-                if chunk is None or len(records) > 2 * CHUNK_SIZE:
-                    start = chunk.start if chunk else ""
-                    replacement = self._chunks_of(list(records.values()), start)
-                elif not records:
-                    replacement = []
-                elif members_changed:
-                    replacement = [self._rebuilt(chunk, records)]
-                else:
-                    replacement = [self._answered_anew(chunk, records, sorted(dirty[index]))]
-                if len(replacement) != 1 or chunk is None:
+                replacement = self._changed(chunk, dirty[index], snapshot)
+                if chunk is None or len(replacement) != 1:
                     touched = None
                 elif touched is not None:
                     touched.update(
@@ -394,6 +376,30 @@ class ExpositionCache:
         )
         self._builds = builds
         return builds
+
+    def _changed(
+        self, chunk: _Chunk | None, build_ids: list[str], snapshot: Snapshot
+    ) -> list[_Chunk]:
+        """What replaces ``chunk`` once these of its builds changed: itself updated, split in
+        two past two chunks' worth, or nothing once empty."""
+        records = dict(chunk.records) if chunk else {}
+        members_changed = False
+        for build_id in build_ids:
+            record = snapshot.records.get(build_id)
+            if record is None:
+                members_changed |= records.pop(build_id, None) is not None
+            else:
+                members_changed |= build_id not in records
+                records[build_id] = record
+        if members_changed:
+            records = dict(sorted(records.items()))
+        if chunk is None or len(records) > 2 * CHUNK_SIZE:
+            return self._chunks_of(list(records.values()), chunk.start if chunk else "")
+        if not records:
+            return []
+        if members_changed:
+            return [self._rebuilt(chunk, records)]
+        return [self._answered_anew(chunk, records, sorted(build_ids))]
 
     def _chunks_of(self, records: Sequence[BuildRecord], start: str) -> list[_Chunk]:
         """Builds in ID order as chunks; one chunk unless there are more than two chunks' worth."""
@@ -558,23 +564,19 @@ class ExpositionCache:
             if not piece:
                 continue
             kept = chunk.compressed[family]
-            # Most segments are kept as they were: that case first, without a call.
-            if kept is None or kept.piece is not piece or kept.primed_with is not previous:
-                if (
-                    kept is None
-                    or kept.piece is not piece
-                    or not _primed_alike(kept.primed_with, previous)
-                ):
-                    data = _deflate_segment(piece, previous[-DICTIONARY_BYTES:])
-                    kept = chunk.compressed[family] = _Segment(data, piece, previous)
-                else:
+            if kept is None or kept.piece is not piece:
+                data = _deflate_segment(piece, previous[-DICTIONARY_BYTES:])
+                kept = chunk.compressed[family] = _Segment(data, piece, previous)
+            elif kept.primed_with is not previous:
+                if _primed_alike(kept.primed_with, previous):
                     # The piece before changed, but not where this segment refers back to.
-                    kept = chunk.compressed[family] = _Segment(kept.data, piece, previous)
-            crcs = chunk.crcs
-            piece_crc = crcs[family] if crcs is not None else None
-            if piece_crc is None:
-                piece_crc = chunk.crc(family)
-            crc = crc32_combine(crc, piece_crc, len(piece))
+                    kept = _Segment(kept.data, piece, previous)
+                else:
+                    kept = _Segment(
+                        _deflate_segment(piece, previous[-DICTIONARY_BYTES:]), piece, previous
+                    )
+                chunk.compressed[family] = kept
+            crc = crc32_combine(crc, chunk.crc(family), len(piece))
             parts.append(kept.data)
             previous = piece
         return _FamilyRun(pieces, b"".join(parts), crc, len(header) + sum(map(len, pieces)))
@@ -636,7 +638,7 @@ def _same_objects(old: Sequence[object], new: Sequence[object]) -> bool:
 
 
 def _primed_alike(old: bytes, new: bytes) -> bool:
-    return old is new or old[-DICTIONARY_BYTES:] == new[-DICTIONARY_BYTES:]
+    return old[-DICTIONARY_BYTES:] == new[-DICTIONARY_BYTES:]
 
 
 def _same_family(old: Metric, new: Metric) -> bool:
