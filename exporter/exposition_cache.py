@@ -323,6 +323,11 @@ class ExpositionCache:
             plain_length=self._header_length[format] + sum(builds.family_lengths) + len(summary),
         )
         self._rendered[format] = rendered
+        # A variant of the other format made from older chunks would hold their bytes until
+        # asked for again: it is dropped, and made from the current chunks when it is.
+        for stale in [other for other, kept in self._rendered.items() if kept.builds is not builds]:
+            del self._rendered[stale]
+            self._family_runs.pop(stale, None)
         return rendered
 
     def _refresh_builds(self, snapshot: Snapshot) -> _Builds:

@@ -143,6 +143,19 @@ def test_a_variant_never_asked_for_is_not_made_by_kept_body() -> None:
     assert cache.kept_body(ExpositionFormat.OPENMETRICS, gzip=False) is None
 
 
+def test_a_variant_of_the_other_format_is_dropped_once_the_chunks_move_on() -> None:
+    # Kept, it would hold the old chunks' bytes for as long as nobody asked for it again.
+    scenario = Scenario(40, seed=9)
+    cache = ExpositionCache(scenario.store.snapshot, tail_families)
+    for format in FORMATS:
+        cache.body(format, gzip=True)
+    scenario.poll(sorted(scenario.plans)[0])
+    assert cache.kept_body(ExpositionFormat.OPENMETRICS, gzip=True) is not None
+    assert cache.kept_body(ExpositionFormat.TEXT, gzip=True) is None
+    body = cache.body(ExpositionFormat.TEXT, gzip=True).join()
+    assert zlib.decompress(body, wbits=31) == expected(scenario.store, ExpositionFormat.TEXT)
+
+
 class ChangingTail:
     """Per-scrape families whose values, labels and membership change between scrapes."""
 
