@@ -222,21 +222,8 @@ class _BuildLines:
                 family.append("")
         else:
             self._add_build(record.build)
-        build_id = _escape(record.build_id)
-        ok = _ONE if record.last_poll_ok else _ZERO
-        lines[12].append(f'{_LAST_POLL_SUCCESS}build_id="{build_id}"}}{ok}')
-        success = record.last_success_time
-        lines[13].append(
-            ""
-            if success is None
-            else f'{_LAST_POLL_SUCCESS_TIMESTAMP}build_id="{build_id}"}}{_value(success)}'
-        )
-        error = record.last_error
-        lines[14].append(
-            ""
-            if error is None
-            else f'{_LAST_POLL_ERROR}build_id="{build_id}",reason="{_escape(error.value)}"}}{_ONE}'
-        )
+        for family, line in zip(lines[POLL_FAMILIES_START:], _poll_lines(record), strict=True):
+            family.append(line)
 
     def _add_build(self, build: Build) -> None:
         lines = self.lines
@@ -311,6 +298,31 @@ class _BuildLines:
             else:
                 lengths.append(array("I", [len(string.encode()) for string in strings]))
         return BuildLines(tuple(pieces), tuple(lengths))
+
+
+def _poll_lines(record: BuildRecord) -> tuple[str, str, str]:
+    # The poll families' lines of a build that is not retired, in family order.
+    build_id = _escape(record.build_id)
+    ok = _ONE if record.last_poll_ok else _ZERO
+    success = record.last_success_time
+    error = record.last_error
+    return (
+        f'{_LAST_POLL_SUCCESS}build_id="{build_id}"}}{ok}',
+        ""
+        if success is None
+        else f'{_LAST_POLL_SUCCESS_TIMESTAMP}build_id="{build_id}"}}{_value(success)}',
+        ""
+        if error is None
+        else f'{_LAST_POLL_ERROR}build_id="{build_id}",reason="{_escape(error.value)}"}}{_ONE}',
+    )
+
+
+def render_poll_lines(record: BuildRecord) -> tuple[bytes, ...]:
+    """One build's lines in each poll family (from POLL_FAMILIES_START on), as
+    ``render_build_lines`` writes them."""
+    if record.retired:
+        return (b"",) * (BUILD_FAMILY_COUNT - POLL_FAMILIES_START)
+    return tuple(line.encode() for line in _poll_lines(record))
 
 
 def render_build_lines(

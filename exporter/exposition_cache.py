@@ -5,10 +5,11 @@ scrapes, in chunks of builds placed by ID range: adding, removing or answering a
 touches only its chunk, and within it only the build's own lines (spliced in by each build's
 length) and only the families whose bytes changed. Gzip is kept per family, as deflate
 segments joined into one gzip member, each primed with the end of the piece before it (as
-pigz does); a change recompresses only its own segments and the next ones. The CRC comes
-from the pieces' CRCs. Each variant (format, plain or gzip) is built on the first request
-after a change. The exporter's own small families are collected on every scrape, and each is
-rendered again only when its samples differ from the last scrape's.
+pigz does); a change recompresses only its own segments and the next ones. Each family's
+CRC is ISA-L's over its pieces, the body's combined from the families'. Each variant
+(format, plain or gzip) is built on the first request after a change. The exporter's own
+small families are collected on every scrape, and each is rendered again only when its
+samples differ from the last scrape's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from dataclasses import dataclass, field
 from itertools import chain
 
 from isal import isal_zlib
-from isal.isal_zlib import crc32_combine
+
+# ISA-L's CRC-32: the same values as zlib's, many times faster.
+from isal.isal_zlib import crc32, crc32_combine
 from prometheus_client.core import Metric
 
 from exporter.exposition import (
@@ -33,6 +36,7 @@ from exporter.exposition import (
     ExpositionFormat,
     render,
     render_build_lines,
+    render_poll_lines,
 )
 from exporter.metrics import per_build_families, summary_families
 from exporter.store import BuildRecord, FinishedBuilds, Snapshot
@@ -98,19 +102,13 @@ class _Chunk:
     # The gzip segment of each piece, shared by both formats (a family's first segment is
     # primed with its header, so it holds only for the format it was made for).
     compressed: list[_Segment | None] = field(default_factory=lambda: [None] * BUILD_FAMILY_COUNT)
-    # The CRC-32 of each piece, for gzip trailers; computed when first needed.
-    crcs: list[int | None] | None = None
+    # Each build's position in the chunk, once asked for; the same while its builds are.
+    known_positions: dict[str, int] | None = None
 
-    def crc(self, family: int) -> int:
-        if self.crcs is None:
-            self.crcs = [None] * len(self.pieces)
-        crc = self.crcs[family]
-        if crc is None:
-            crc = self.crcs[family] = zlib.crc32(self.pieces[family])
-        return crc
-
-    def known_crc(self, family: int) -> int | None:
-        return None if self.crcs is None else self.crcs[family]
+    def positions(self) -> dict[str, int]:
+        if self.known_positions is None:
+            self.known_positions = {build_id: index for index, build_id in enumerate(self.records)}
+        return self.known_positions
 
 
 @dataclass(frozen=True)
@@ -177,7 +175,8 @@ class _FamilyRun:
 
     # The chunks' pieces it holds (the header aside): the run is valid for exactly these.
     pieces: tuple[bytes, ...]
-    data: bytes
+    # The header's deflate segment, then each piece's.
+    parts: tuple[bytes, ...]
     crc: int
     length: int
 
@@ -188,12 +187,24 @@ class _Rendered:
 
     version: int
     builds: _Builds
-    plain_pieces: tuple[bytes, ...]
+    headers: tuple[bytes, ...]
+    summary: bytes
     plain_length: int
     # The gzip member up to the per-scrape families: its header and the deflated build part,
     # and the CRC-32 of the text they hold.
     compressed_pieces: tuple[bytes, ...] | None = None
     plain_crc: int = 0
+    # The plain body's pieces, once a plain answer needed them.
+    known_plain_pieces: tuple[bytes, ...] | None = None
+
+    def plain_pieces(self) -> tuple[bytes, ...]:
+        if self.known_plain_pieces is None:
+            in_order = chain.from_iterable(
+                ((header,), family)
+                for header, family in zip(self.headers, self.builds.families, strict=True)
+            )
+            self.known_plain_pieces = (*chain.from_iterable(in_order), self.summary)
+        return self.known_plain_pieces
 
 
 class ExpositionCache:
@@ -223,6 +234,8 @@ class ExpositionCache:
         }
         self._header_segments: dict[ExpositionFormat, list[bytes]] = {}
         self._family_runs: dict[ExpositionFormat, list[_FamilyRun | None]] = {}
+        self._answer_blocks: dict[ExpositionFormat, tuple[tuple[_FamilyRun, ...], bytes]] = {}
+        self._summary_segment: tuple[bytes | None, bytes] = (None, b"")
         self._summary: tuple[
             tuple[Mapping[tuple[str, str], FinishedBuilds], tuple[int, ...]] | None,
             dict[ExpositionFormat, bytes],
@@ -236,6 +249,7 @@ class ExpositionCache:
                 self._builds = None
                 self._rendered.clear()
                 self._family_runs.clear()
+                self._answer_blocks.clear()
 
     def body(self, format: ExpositionFormat, *, gzip: bool) -> Body:
         """The full exposition; with ``gzip`` a single gzip member."""
@@ -287,10 +301,10 @@ class ExpositionCache:
         end = OPENMETRICS_EOF if format is ExpositionFormat.OPENMETRICS else b""
         tail = b"".join([*(family.plain for family in families), end])
         if compressed is None:
-            return Body((*rendered.plain_pieces, tail), rendered.plain_length + len(tail))
+            return Body((*rendered.plain_pieces(), tail), rendered.plain_length + len(tail))
         trailer = struct.pack(
             "<II",
-            zlib.crc32(tail, rendered.plain_crc),
+            crc32(tail, rendered.plain_crc),
             (rendered.plain_length + len(tail)) & 0xFFFFFFFF,
         )
         last = b"".join(
@@ -309,17 +323,12 @@ class ExpositionCache:
         if previous is not None and previous.version == snapshot.version:
             return previous
         builds = self._refresh_builds(snapshot)
-        headers = self._headers[format]
         summary = self._summary_of(snapshot, format)
-        in_order = chain.from_iterable(
-            ((header,), family)
-            for (header, _), family in zip(headers, builds.families, strict=True)
-        )
-        pieces = (*chain.from_iterable(in_order), summary)
         rendered = _Rendered(
             version=snapshot.version,
             builds=builds,
-            plain_pieces=pieces,
+            headers=tuple(header for header, _ in self._headers[format]),
+            summary=summary,
             plain_length=self._header_length[format] + sum(builds.family_lengths) + len(summary),
         )
         self._rendered[format] = rendered
@@ -328,6 +337,7 @@ class ExpositionCache:
         for stale in [other for other, kept in self._rendered.items() if kept.builds is not builds]:
             del self._rendered[stale]
             self._family_runs.pop(stale, None)
+            self._answer_blocks.pop(stale, None)
         return rendered
 
     def _refresh_builds(self, snapshot: Snapshot) -> _Builds:
@@ -387,6 +397,10 @@ class ExpositionCache:
     ) -> list[_Chunk]:
         """What replaces ``chunk`` once these of its builds changed: itself updated, split in
         two past two chunks' worth, or nothing once empty."""
+        if chunk is not None:
+            polled = self._polled_anew(chunk, build_ids, snapshot.records)
+            if polled is not None:
+                return [polled]
         records = dict(chunk.records) if chunk else {}
         members_changed = False
         for build_id in build_ids:
@@ -425,6 +439,43 @@ class ExpositionCache:
             )
         return chunks
 
+    def _polled_anew(
+        self, chunk: _Chunk, build_ids: list[str], current: Mapping[str, BuildRecord]
+    ) -> _Chunk | None:
+        """The chunk with these of its builds polled again, if each brought the same answer
+        (the same object, as the store keeps it); else None.
+
+        The usual change, so kept lean: only the poll families can read differently, and the
+        answer families are kept whole, without a look.
+        """
+        old = chunk.records
+        fresh = []
+        for build_id in sorted(build_ids):
+            record = current.get(build_id)
+            before = old.get(build_id)
+            if (
+                record is None
+                or before is None
+                or record.build is not before.build
+                or record.retired != before.retired
+            ):
+                return None
+            if record is not before:
+                fresh.append(record)
+        if not fresh:
+            return chunk
+        records = dict(old)
+        for record in fresh:
+            records[record.build_id] = record
+        positions = chunk.positions()
+        return self._with_lines(
+            chunk,
+            records,
+            [positions[record.build_id] for record in fresh],
+            list(zip(*map(render_poll_lines, fresh), strict=True)),
+            POLL_FAMILIES_START,
+        )
+
     def _answered_anew(
         self, chunk: _Chunk, records: dict[str, BuildRecord], changed: list[str]
     ) -> _Chunk:
@@ -432,41 +483,49 @@ class ExpositionCache:
         order): only those are rendered, and only pieces whose bytes changed are replaced."""
         old = chunk.records
         fresh_ids = [build_id for build_id in changed if old[build_id] is not records[build_id]]
-        # Most polls bring the same answer (the same object, as the store keeps it): then
-        # only the poll families can read differently.
-        polls_only = all(
-            old[build_id].build is records[build_id].build
-            and old[build_id].retired == records[build_id].retired
-            for build_id in fresh_ids
+        lines = render_build_lines(
+            [records[build_id] for build_id in fresh_ids], self._max_artifacts_per_build
         )
-        fresh_pieces, fresh_lengths = render_build_lines(
-            [records[build_id] for build_id in fresh_ids],
-            self._max_artifacts_per_build,
-            polls_only=polls_only,
+        positions = chunk.positions()
+        return self._with_lines(
+            chunk,
+            records,
+            [positions[build_id] for build_id in fresh_ids],
+            [_split(piece, lengths) for piece, lengths in zip(*lines, strict=True)],
+            0,
         )
-        order = list(old)
-        positions = [order.index(build_id) for build_id in fresh_ids]
-        # With the same answers, the answer families are kept whole, without a look.
-        first = POLL_FAMILIES_START if polls_only else 0
+
+    @staticmethod
+    def _with_lines(
+        chunk: _Chunk,
+        records: dict[str, BuildRecord],
+        positions: list[int],
+        fresh: Sequence[Sequence[bytes]],
+        first: int,
+    ) -> _Chunk:
+        """The chunk with the same builds, those at ``positions`` (ascending) rendered anew as
+        ``fresh`` (per family from ``first`` on, each build's lines): a piece whose bytes did
+        not change stays the same object, with its gzip segment."""
         pieces = list(chunk.pieces[:first])
         lengths = list(chunk.lengths[:first])
-        crcs: list[int | None] = chunk.crcs[:first] if chunk.crcs else [None] * first
         for family in range(first, BUILD_FAMILY_COUNT):
             piece, piece_lengths = chunk.pieces[family], chunk.lengths[family]
-            fresh_piece, fresh_family_lengths = fresh_pieces[family], fresh_lengths[family]
-            if _reads_as_before(piece, piece_lengths, positions, fresh_piece, fresh_family_lengths):
-                # The same object, so its CRC and gzip segment are reused too.
+            fresh_lines = fresh[family - first]
+            if _reads_as_before(piece, piece_lengths, positions, fresh_lines):
                 pieces.append(piece)
                 lengths.append(piece_lengths)
-                crcs.append(chunk.known_crc(family))
             else:
-                new_piece, new_lengths = _replaced(
-                    piece, piece_lengths, positions, fresh_piece, fresh_family_lengths
-                )
+                new_piece, new_lengths = _replaced(piece, piece_lengths, positions, fresh_lines)
                 pieces.append(new_piece)
                 lengths.append(new_lengths)
-                crcs.append(None)
-        return _Chunk(chunk.start, records, tuple(pieces), tuple(lengths), chunk.compressed, crcs)
+        return _Chunk(
+            chunk.start,
+            records,
+            tuple(pieces),
+            tuple(lengths),
+            chunk.compressed,
+            chunk.known_positions,
+        )
 
     def _rebuilt(self, chunk: _Chunk, records: dict[str, BuildRecord]) -> _Chunk:
         """The chunk holding ``records`` after builds came or went: new and changed builds
@@ -526,7 +585,7 @@ class ExpositionCache:
         headers = []
         for family in per_build_families(()):
             header = render([family], format).removesuffix(OPENMETRICS_EOF)
-            headers.append((header, zlib.crc32(header)))
+            headers.append((header, crc32(header)))
         return tuple(headers)
 
     def _compressed(self, format: ExpositionFormat, rendered: _Rendered) -> tuple[bytes, ...]:
@@ -537,23 +596,40 @@ class ExpositionCache:
                 if run is None or (
                     run.pieces is not pieces and not _same_objects(run.pieces, pieces)
                 ):
-                    runs[family] = self._family_run(format, family, rendered.builds, pieces)
-            summary = rendered.plain_pieces[-1]
+                    runs[family] = self._family_run(format, family, rendered.builds, pieces, run)
+            made = [run for run in runs if run is not None]
             crc = 0
-            parts = [_GZIP_HEADER]
-            for run in runs:
-                assert run is not None  # made just above
+            for run in made:
                 crc = crc32_combine(crc, run.crc, run.length)
-                parts.append(run.data)
-            parts.append(_deflate_segment(summary))
-            rendered.plain_crc = zlib.crc32(summary, crc)
-            # Joined once per snapshot, not on every scrape: a scrape then writes one large
-            # piece, sliced, instead of joining family runs into parts each time.
-            rendered.compressed_pieces = (b"".join(parts),)
+            summary = rendered.summary
+            rendered.plain_crc = crc32(summary, crc)
+            # Two blocks, each joined once per snapshot that changed it, so a scrape writes
+            # large pieces, sliced: the answer families, which change only with answers, and
+            # the poll families, which change with nearly every poll.
+            answers = tuple(made[:POLL_FAMILIES_START])
+            kept = self._answer_blocks.get(format)
+            if kept is None or not _same_objects(kept[0], answers):
+                block = b"".join([_GZIP_HEADER, *chain.from_iterable(run.parts for run in answers)])
+                kept = self._answer_blocks[format] = (answers, block)
+            polls = chain.from_iterable(run.parts for run in made[POLL_FAMILIES_START:])
+            rendered.compressed_pieces = (kept[1], b"".join([*polls, self._deflated(summary)]))
         return rendered.compressed_pieces
 
+    def _deflated(self, summary: bytes) -> bytes:
+        # The summary families' bytes are the same object until they change.
+        kept_summary, deflated = self._summary_segment
+        if kept_summary is not summary:
+            deflated = _deflate_segment(summary)
+            self._summary_segment = (summary, deflated)
+        return deflated
+
     def _family_run(
-        self, format: ExpositionFormat, family: int, builds: _Builds, pieces: tuple[bytes, ...]
+        self,
+        format: ExpositionFormat,
+        family: int,
+        builds: _Builds,
+        pieces: tuple[bytes, ...],
+        before: _FamilyRun | None,
     ) -> _FamilyRun:
         header, header_crc = self._headers[format][family]
         if format not in self._header_segments:
@@ -561,78 +637,111 @@ class ExpositionCache:
             self._header_segments[format] = [
                 _deflate_segment(header) for header, _ in self._headers[format]
             ]
-        parts = [self._header_segments[format][family]]
+        chunks = [chunk for chunk in builds.chunks if chunk.pieces[family]]
+        if before is not None and len(before.pieces) == len(pieces):
+            segments = self._updated_segments(family, header, chunks, before, pieces)
+        else:
+            segments = self._chunk_segments(family, header, chunks)
         crc = header_crc
-        previous = header
-        for chunk in builds.chunks:
-            piece = chunk.pieces[family]
-            if not piece:
+        for piece in pieces:
+            crc = crc32(piece, crc)
+        return _FamilyRun(
+            pieces,
+            (self._header_segments[format][family], *segments),
+            crc,
+            len(header) + sum(map(len, pieces)),
+        )
+
+    @staticmethod
+    def _updated_segments(
+        family: int,
+        header: bytes,
+        chunks: list[_Chunk],
+        before: _FamilyRun,
+        pieces: tuple[bytes, ...],
+    ) -> tuple[bytes, ...]:
+        """The segments of ``before`` with those of changed pieces made anew, when no chunk
+        came or went: a change then costs its own segments, not a pass over every chunk."""
+        segments = list(before.parts[1:])
+        last = len(pieces) - 1
+        for index, (old, piece) in enumerate(zip(before.pieces, pieces, strict=True)):
+            if old is piece:
                 continue
+            previous = pieces[index - 1] if index else header
+            segments[index] = _segment_of(chunks[index], family, piece, previous).data
+            following = index + 1
+            if (
+                following <= last
+                and pieces[following] is before.pieces[following]
+                and not _primed_alike(old, piece)
+            ):
+                segment = _segment_of(chunks[following], family, pieces[following], piece)
+                segments[following] = segment.data
+        return tuple(segments)
+
+    @staticmethod
+    def _chunk_segments(family: int, header: bytes, chunks: list[_Chunk]) -> tuple[bytes, ...]:
+        """Every chunk's segment, taken from the chunk where it still holds."""
+        segments = []
+        previous = header
+        for chunk in chunks:
+            piece = chunk.pieces[family]
             kept = chunk.compressed[family]
             if kept is None or kept.piece is not piece:
-                data = _deflate_segment(piece, previous[-DICTIONARY_BYTES:])
-                kept = chunk.compressed[family] = _Segment(data, piece, previous)
+                kept = _segment_of(chunk, family, piece, previous)
             elif kept.primed_with is not previous:
                 if _primed_alike(kept.primed_with, previous):
                     # The piece before changed, but not where this segment refers back to.
-                    kept = _Segment(kept.data, piece, previous)
+                    kept = chunk.compressed[family] = _Segment(kept.data, piece, previous)
                 else:
-                    kept = _Segment(
-                        _deflate_segment(piece, previous[-DICTIONARY_BYTES:]), piece, previous
-                    )
-                chunk.compressed[family] = kept
-            crc = crc32_combine(crc, chunk.crc(family), len(piece))
-            parts.append(kept.data)
+                    kept = _segment_of(chunk, family, piece, previous)
+            segments.append(kept.data)
             previous = piece
-        return _FamilyRun(pieces, b"".join(parts), crc, len(header) + sum(map(len, pieces)))
+        return tuple(segments)
+
+
+def _segment_of(chunk: _Chunk, family: int, piece: bytes, previous: bytes) -> _Segment:
+    """``piece`` of ``chunk`` deflated after ``previous``, and kept in the chunk."""
+    segment = _Segment(_deflate_segment(piece, previous[-DICTIONARY_BYTES:]), piece, previous)
+    chunk.compressed[family] = segment
+    return segment
+
+
+def _split(piece: bytes, lengths: array[int]) -> list[bytes]:
+    """Each build's lines of ``piece``."""
+    parts = []
+    start = 0
+    for length in lengths:
+        parts.append(piece[start : start + length])
+        start += length
+    return parts
 
 
 def _reads_as_before(
-    piece: bytes,
-    lengths: array[int],
-    positions: list[int],
-    fresh_piece: bytes,
-    fresh_lengths: array[int],
+    piece: bytes, lengths: array[int], positions: list[int], fresh: Sequence[bytes]
 ) -> bool:
-    """Whether the builds at ``positions`` of ``piece``, rendered anew as ``fresh_piece``,
-    read exactly as before."""
-    if len(positions) == 1:
-        # The usual case: one build of the chunk, so the fresh piece is all its lines.
-        position = positions[0]
-        return lengths[position] == len(fresh_piece) and piece.startswith(
-            fresh_piece, sum(lengths[:position])
-        )
-    fresh_start = 0
-    for position, fresh_length in zip(positions, fresh_lengths, strict=True):
-        if lengths[position] != fresh_length:
+    """Whether the builds at ``positions`` of ``piece`` read exactly as ``fresh``, their lines
+    rendered anew."""
+    for position, lines in zip(positions, fresh, strict=True):
+        if lengths[position] != len(lines) or not piece.startswith(lines, sum(lengths[:position])):
             return False
-        fresh_end = fresh_start + fresh_length
-        if not piece.startswith(fresh_piece[fresh_start:fresh_end], sum(lengths[:position])):
-            return False
-        fresh_start = fresh_end
     return True
 
 
 def _replaced(
-    piece: bytes,
-    lengths: array[int],
-    positions: list[int],
-    fresh_piece: bytes,
-    fresh_lengths: array[int],
+    piece: bytes, lengths: array[int], positions: list[int], fresh: Sequence[bytes]
 ) -> tuple[bytes, array[int]]:
-    """``piece`` with the lines of the builds at ``positions`` (ascending) replaced by theirs
-    in ``fresh_piece``, and its per-build lengths."""
+    """``piece`` with the lines of the builds at ``positions`` (ascending) replaced by
+    ``fresh``, and its per-build lengths."""
     parts = []
     new_lengths = array("I", lengths)
     cursor = 0
-    fresh_start = 0
-    for position, fresh_length in zip(positions, fresh_lengths, strict=True):
+    for position, lines in zip(positions, fresh, strict=True):
         start = sum(lengths[:position])
         parts.append(piece[cursor:start])
-        parts.append(fresh_piece[fresh_start : fresh_start + fresh_length])
+        parts.append(lines)
         cursor = start + lengths[position]
-        fresh_start += fresh_length
-        new_lengths[position] = fresh_length
+        new_lengths[position] = len(lines)
     parts.append(piece[cursor:])
     return b"".join(parts), new_lengths
 

@@ -145,6 +145,9 @@ class BuildStore:
     def __init__(self, restored: Mapping[str, BuildRecord] | None = None) -> None:
         self._lock = threading.Lock()
         self._records: dict[str, BuildRecord] = {}
+        # Whether the latest snapshot holds ``_records`` itself: it is copied before the next
+        # write, so a scrape never pays for the copy and a snapshot never changes.
+        self._records_shared = False
         self._restored = dict(restored or {})
         self._finished: dict[tuple[str, str], FinishedBuilds] = {}
         # The same object until a build finishes, so readers can tell it did not change.
@@ -166,7 +169,7 @@ class BuildStore:
             if added or removed:
                 self._version += 1
             for build_id in removed:
-                self._count_state(self._records.pop(build_id), -1)
+                self._count_state(self._writable_records().pop(build_id), -1)
                 self._log_change(build_id)
             if added:
                 new = {b: self._restored.get(b) or BuildRecord(b) for b in added}
@@ -175,6 +178,7 @@ class BuildStore:
                     self._log_change(build_id)
                 # Kept in build ID order, so a snapshot is a copy and never a sort.
                 self._records = dict(sorted({**self._records, **new}.items()))
+                self._records_shared = False
             # Only what the first tracked set holds comes back; later additions are new builds.
             self._restored.clear()
         return added, removed
@@ -278,19 +282,27 @@ class BuildStore:
             if self._snapshot.version != self._version:
                 self._snapshot = Snapshot(
                     self._version,
-                    MappingProxyType(dict(self._records)),
+                    MappingProxyType(self._records),
                     self._finished_view,
                     MappingProxyType(dict(self._states)),
                     self._changes,
                 )
+                self._records_shared = True
             return self._snapshot
 
     def _put(self, record: BuildRecord) -> None:
-        before = self._records[record.build_id]
-        self._records[record.build_id] = record
+        records = self._writable_records()
+        before = records[record.build_id]
+        records[record.build_id] = record
         self._count_state(before, -1)
         self._count_state(record, 1)
         self._log_change(record.build_id)
+
+    def _writable_records(self) -> dict[str, BuildRecord]:
+        if self._records_shared:
+            self._records = dict(self._records)
+            self._records_shared = False
+        return self._records
 
     def _count_state(self, record: BuildRecord, step: int) -> None:
         self._states[record.state] += step

@@ -75,9 +75,10 @@ def test_kept_body_matches_prometheus_client_through_many_changes(
 
 @pytest.mark.parametrize("format", FORMATS, ids=["text", "openmetrics"])
 def test_gzip_body_is_one_member_holding_the_same_bytes(format: ExpositionFormat) -> None:
-    scenario = Scenario(count=CHUNK_SIZE + 5, seed=2)
+    # Several chunks, so segments are made anew after a changed one, and kept.
+    scenario = Scenario(count=CHUNK_SIZE * 4 + 5, seed=2)
     cache = ExpositionCache(scenario.store.snapshot, tail_families)
-    for _ in range(10):
+    for _ in range(40):
         body = cache.body(format, gzip=True)
         raw = body.join()
         assert len(raw) == body.length

@@ -117,6 +117,20 @@ def test_snapshot_is_reused_until_something_changes() -> None:
     assert store.snapshot() is second
 
 
+def test_a_snapshot_never_changes_after_it_is_taken() -> None:
+    store = BuildStore()
+    store.track(["b1", "b2"])
+    store.record_success("b1", build(id="b1"), EPOCH)
+    taken = store.snapshot()
+    before = dict(taken.records)
+    store.record_failure("b1", Outcome.TIMEOUT)
+    store.record_success("b2", build(id="b2"), EPOCH)
+    store.track(["b2", "b3"])
+    assert dict(taken.records) == before
+    assert list(store.snapshot().records) == ["b2", "b3"]
+    assert store.snapshot().records["b2"].last_poll_ok
+
+
 def test_snapshots_are_ordered_by_build_id() -> None:
     store = BuildStore()
     store.track(["zeta", "alpha", "mid"])
