@@ -509,7 +509,7 @@ def _restarted_exporter(count: int, work: Path) -> tuple[float, float, float]:
     # state, not polls.
     config.write_text(
         "api:\n  base_url: http://127.0.0.1:9\n  requests_per_second: 0.01\n"
-        "polling:\n  interval: 1h\nbuild_files: [builds.txt]\n"
+        "polling:\n  interval: 1h\n  stale_after: 2h\nbuild_files: [builds.txt]\n"
         f"state:\n  path: {work}/state.db\nweb:\n  listen_address: 127.0.0.1:19895\n"
     )
     url = "http://127.0.0.1:19895"

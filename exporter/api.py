@@ -30,6 +30,7 @@ class Outcome(enum.StrEnum):
     OK = "ok"
     NOT_FOUND = "not_found"
     UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
     RATE_LIMITED = "rate_limited"
     CLIENT_ERROR = "client_error"
     SERVER_ERROR = "server_error"
@@ -151,8 +152,11 @@ class BuildStatusClient:
         detail = f"HTTP {status}"
         if status == 404:
             return FetchResult(Outcome.NOT_FOUND, detail=detail)
-        if status in {401, 403}:
+        if status == 401:
             return FetchResult(Outcome.UNAUTHORIZED, detail=detail)
+        if status == 403:
+            # About this build (another team's, a deleted one), not the key as a whole.
+            return FetchResult(Outcome.FORBIDDEN, detail=detail)
         if status == 429:
             return FetchResult(
                 Outcome.RATE_LIMITED,

@@ -8,6 +8,7 @@ import hashlib
 import ipaddress
 import logging
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,6 +242,17 @@ class PollingSettings(_Strict):
                 )
             # Left out: the default never shortens a long interval.
             return self.model_copy(update={"max_interval": self.interval})
+        return self
+
+    @model_validator(mode="after")
+    def _stale_after_longer_than_interval(self) -> PollingSettings:
+        # Otherwise a healthy unfinished build's values would be dropped between two polls.
+        if self.stale_after <= self.interval:
+            raise ValueError(
+                f"stale_after ({format_duration(self.stale_after)}) must be longer than "
+                f"interval ({format_duration(self.interval)}), or healthy builds blink out "
+                "of /metrics between polls"
+            )
         return self
 
 
@@ -561,12 +573,19 @@ def load_config(path: Path, environ: Mapping[str, str], *, require_api_key: bool
 def collect_build_ids(file: ConfigFile, base_directory: Path) -> tuple[str, ...]:
     """``builds`` then the build files' IDs, in order, each once (repeats logged)."""
     listed = [*file.builds, *read_build_files(file.build_files, base_directory)]
-    unique = tuple(dict.fromkeys(listed))
+    counts = Counter(listed)
+    unique = tuple(counts)
     if len(unique) < len(listed):
-        repeated = sorted({build_id for build_id in listed if listed.count(build_id) > 1})
+        repeated = sorted(build_id for build_id, count in counts.items() if count > 1)
         log.warning(
             "duplicate build IDs ignored",
             extra={"count": len(listed) - len(unique), "build_ids": ",".join(repeated[:10])},
+        )
+    if not unique:
+        # Healthy and ready, yet watching nothing: worth a word at every load.
+        log.warning(
+            "no builds to watch: list build IDs under builds or in the files build_files names",
+            extra={"build_files": ",".join(file.build_files)},
         )
     return unique
 

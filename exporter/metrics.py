@@ -260,7 +260,7 @@ def exporter_families(
     )
     api_up = GaugeMetricFamily(
         "primeintellect_exporter_api_up",
-        "1 if the last API answer was usable (not 401/403, 5xx or a transport failure).",
+        "1 if the last API answer was usable (not 401, 5xx or a transport failure).",
     )
     # Before the first answer there is nothing to say, and 0 would read as an outage.
     if telemetry.api_up is not None:
@@ -304,11 +304,7 @@ def exporter_families(
             "Builds whose last answer came from the state file at start.",
             value=telemetry.state_restored_builds,
         ),
-        GaugeMetricFamily(
-            "primeintellect_exporter_config_last_reload_successful",
-            "1 if the last configuration load succeeded.",
-            value=1.0 if telemetry.config_reload_successful else 0.0,
-        ),
+        _reload_successful(telemetry),
         InfoMetricFamily(
             "primeintellect_exporter_build",
             "The exporter's version; always 1.",
@@ -334,3 +330,14 @@ def _cumulative_buckets(histogram: Histogram) -> list[tuple[str, float]]:
         running += count
         buckets.append((floatToGoString(bound), float(running)))  # type: ignore[no-untyped-call]
     return buckets
+
+
+def _reload_successful(telemetry: TelemetrySnapshot) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        "primeintellect_exporter_config_last_reload_successful",
+        "1 if the last load of this source (the config file, or the build files) succeeded.",
+        labels=["source"],
+    )
+    for source, successful in telemetry.config_reload_successful.items():
+        family.add_metric([source], 1.0 if successful else 0.0)
+    return family

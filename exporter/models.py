@@ -120,7 +120,7 @@ class Artifact:
     def duration_seconds(self) -> float | None:
         if self.started_at is None or self.completed_at is None:
             return None
-        return self.completed_at - self.started_at
+        return _elapsed(self.started_at, self.completed_at)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=_ANSWER)
@@ -155,16 +155,22 @@ class Build:
     def queued_seconds(self) -> float | None:
         if self.started_at is None:
             return None
-        return self.started_at - self.created_at
+        return _elapsed(self.created_at, self.started_at)
 
     @property
     def duration_seconds(self) -> float | None:
         if not self.finished or self.started_at is None or self.completed_at is None:
             return None
-        return self.completed_at - self.started_at
+        return _elapsed(self.started_at, self.completed_at)
 
 
 BUILD = TypeAdapter(Build)
+
+
+def _elapsed(start: float, end: float) -> float | None:
+    # A start after the end is clock skew on the API's side: no duration, rather than a
+    # negative one.
+    return end - start if end >= start else None
 
 
 def known_or_unknown(value: str, known: tuple[str, ...]) -> str:

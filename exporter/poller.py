@@ -161,6 +161,9 @@ class Poller:
         self._clock = self._time.monotonic
         self._jitter = jitter
         self._tracked: set[str] = set()
+        # Tracked builds whose last answer was 403: when that is all of them, the key is
+        # taken as rejected, as for a 401.
+        self._forbidden: set[str] = set()
         # Two heaps of (due, sequence, build_id): builds never polled or just changed, then
         # the rest. An entry whose sequence differs from _entries is outdated.
         self._urgent: list[tuple[float, int, str]] = []
@@ -205,6 +208,7 @@ class Poller:
         wanted = list(build_ids)
         added, removed = self._store.track(wanted)
         self._tracked = set(wanted)
+        self._forbidden &= self._tracked
         for build_id in removed:
             self._due.pop(build_id, None)
             self._entries.pop(build_id, None)
@@ -417,7 +421,15 @@ class Poller:
                 )
         else:
             self._consecutive_rate_limits = 0
-        if result.outcome is Outcome.UNAUTHORIZED:
+        if result.outcome is Outcome.FORBIDDEN:
+            self._forbidden.add(build_id)
+        else:
+            self._forbidden.discard(build_id)
+        # One build's 403 is that build's problem; a 401, or a 403 for every build, the key's.
+        rejected = result.outcome is Outcome.UNAUTHORIZED or (
+            result.outcome is Outcome.FORBIDDEN and len(self._forbidden) >= len(self._tracked)
+        )
+        if rejected:
             self._key_rejected(now, result)
         elif result.outcome in KEY_ACCEPTED_OUTCOMES:
             if self._key_accepted is False:
@@ -438,9 +450,9 @@ class Poller:
             return now + gap, transition.answer_changed
 
         transition = self._store.record_failure(build_id, result.outcome, wall)
-        if transition is not None and result.outcome is not Outcome.UNAUTHORIZED:
+        if transition is not None and not rejected:
             _log_failure(transition, result)
-        if result.outcome in {Outcome.RATE_LIMITED, Outcome.UNAUTHORIZED}:
+        if result.outcome is Outcome.RATE_LIMITED or rejected:
             # Not this build's fault: it waits for the pause, without backing off; and builds
             # never polled wait with it, reported with the pause's reason.
             self._parked.add(build_id)

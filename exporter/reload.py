@@ -75,17 +75,17 @@ class Reloader:
                 config = await asyncio.to_thread(load)
                 added, removed = self._apply(config)
             except ConfigError as error:
-                self._telemetry.set_config_reload_successful(False)
+                self._telemetry.set_config_reload_successful(source, False)
                 log.error(
                     "reload failed; the running configuration stays",
                     extra={"source": source, "error": str(error)},
                 )
                 return str(error)
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
-                self._telemetry.set_config_reload_successful(False)
+                self._telemetry.set_config_reload_successful(source, False)
                 self._internal_error("reload", error)
                 return "unexpected error; see the exporter's log"
-            self._telemetry.set_config_reload_successful(True)
+            self._telemetry.set_config_reload_successful(source, True)
             log.info(
                 "configuration reloaded",
                 extra={

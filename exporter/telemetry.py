@@ -10,6 +10,8 @@ from types import MappingProxyType
 
 from exporter.api import API_DOWN_OUTCOMES, Outcome
 
+# What a reload reads: each has its own config_last_reload_successful series.
+RELOAD_SOURCES = ("config", "build_files")
 REQUEST_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Parts of the exporter whose unexpected exceptions are counted rather than fatal.
 INTERNAL_ERROR_COMPONENTS = ("poller", "renderer", "reload", "state")
@@ -46,7 +48,8 @@ class TelemetrySnapshot:
     request_durations: Histogram
     api_up: bool | None
     rate_limited_until: float
-    config_reload_successful: bool
+    # By source: "config" (the file, on SIGHUP or /-/reload) and "build_files".
+    config_reload_successful: Mapping[str, bool]
     internal_errors: Mapping[str, int]
     poll_lag_seconds: float = 0.0
     poll_demand_ratio: float = 0.0
@@ -65,7 +68,7 @@ class Telemetry:
         self._durations = Histogram.empty(REQUEST_DURATION_BUCKETS)
         self._api_up: bool | None = None
         self._rate_limited_until = 0.0
-        self._config_reload_successful = True
+        self._config_reload_successful = dict.fromkeys(RELOAD_SOURCES, True)
         self._internal_errors = dict.fromkeys(INTERNAL_ERROR_COMPONENTS, 0)
         self._error_classes_seen: set[tuple[str, str]] = set()
         self._poll_lag_seconds = 0.0
@@ -101,9 +104,9 @@ class Telemetry:
             self._state_restored_builds = count
             self._snapshot = None
 
-    def set_config_reload_successful(self, successful: bool) -> None:
+    def set_config_reload_successful(self, source: str, successful: bool) -> None:
         with self._lock:
-            self._config_reload_successful = successful
+            self._config_reload_successful[source] = successful
             self._snapshot = None
 
     def record_internal_error(self, component: str, error: BaseException) -> bool:
@@ -124,7 +127,7 @@ class Telemetry:
                     request_durations=self._durations,
                     api_up=self._api_up,
                     rate_limited_until=self._rate_limited_until,
-                    config_reload_successful=self._config_reload_successful,
+                    config_reload_successful=MappingProxyType(dict(self._config_reload_successful)),
                     internal_errors=MappingProxyType(dict(self._internal_errors)),
                     poll_lag_seconds=self._poll_lag_seconds,
                     poll_demand_ratio=self._poll_demand_ratio,

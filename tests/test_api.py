@@ -214,7 +214,7 @@ CASES = {
     "204": Case(answer(204), Outcome.INVALID_RESPONSE, "unexpected HTTP 204"),
     "404": Case(answer(404, b'{"detail": "Not Found"}'), Outcome.NOT_FOUND, "HTTP 404"),
     "401": Case(answer(401), Outcome.UNAUTHORIZED, "HTTP 401"),
-    "403": Case(answer(403), Outcome.UNAUTHORIZED, "HTTP 403"),
+    "403": Case(answer(403), Outcome.FORBIDDEN, "HTTP 403"),
     "429 Retry-After 7": Case(rate_limited("7"), Outcome.RATE_LIMITED, "HTTP 429", 7.0),
     "429 Retry-After date": Case(
         rate_limited(THIRTY_SECONDS_AFTER_EPOCH), Outcome.RATE_LIMITED, "HTTP 429", 30.0

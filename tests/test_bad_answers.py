@@ -58,7 +58,8 @@ WALL_OFFSET = time.time() - time.monotonic()
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 Serve = Callable[[Simulator, str, Simulator], None]
 """Make the simulator ``api`` answer ``victim`` badly; ``elsewhere`` is another host."""
-Series = tuple[str, dict[str, str], float]
+Series = tuple[str, dict[str, str], float | None]
+"""A sample's name, labels and value; a value of None: the series must be absent."""
 
 
 def building(build_id: str) -> BuildPlan:
@@ -288,6 +289,14 @@ SHARED_ROWS = [
         payload(lambda document: document.update(artifacts=[{"artifactType": "VM_SANDBOX"}])),
         "invalid_response",
         "artifacts.0",
+    ),
+    tolerated(
+        "clock-skew-started-before-created",
+        payload(lambda document: document.update(createdAt="2027-01-01T00:00:00Z")),
+        lambda victim: [
+            ("primeintellect_image_build_info", build_labels(victim), 1),
+            ("primeintellect_image_build_queued_seconds", build_labels(victim), None),
+        ],
     ),
     tolerated(
         "unknown-artifact-type",
@@ -711,13 +720,64 @@ def test_rate_limit_pauses_every_request_for_a_bounded_time(
     assert_no_key_in_logs(caplog)
 
 
-@pytest.mark.parametrize("status", [401, 403])
+def test_a_403_for_one_build_is_that_build_forbidden_not_the_key_rejected(
+    simulator: Simulator, start_exporter: StartExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="exporter")
+    running = start_with_a_victim(
+        simulator,
+        start_exporter,
+        Fault(status=403, body=b'{"detail": "Not allowed for this team"}'),
+        requests_per_second=5,
+    )
+    forbidden_at = first_request_after(simulator, "victim", -math.inf, status=403)
+    expected: list[Series] = [
+        (
+            "primeintellect_image_build_last_poll_error",
+            {"build_id": "victim", "reason": "forbidden"},
+            1,
+        ),
+        ("primeintellect_image_build_last_poll_success", {"build_id": "victim"}, 0),
+        ("primeintellect_exporter_api_requests_total", {"outcome": "forbidden"}, 1),
+    ]
+    wait_until(lambda: shows(running, expected), message="the victim's forbidden reason")
+    # The healthy builds are polled on, with no pause, and the API counts as up.
+    wait_until_fresh(running, HEALTHY, since=wall_time(forbidden_at))
+    assert running.value("primeintellect_exporter_api_up") == 1
+    assert_healthy(running)
+    assert_series(assert_valid_exposition(running), expected)
+    line = wait_until(lambda: records(caplog, "poll failed", "victim"), message="the log line")[0]
+    assert getattr(line, "reason", None) == "forbidden"
+    assert getattr(line, "detail", None) == "HTTP 403"
+    assert not records(caplog, "API key rejected: ")
+    assert not records(caplog, "API key accepted again")
+    assert_no_key_in_logs(caplog)
+
+
+def test_a_403_for_every_build_is_the_key_rejected(
+    simulator: Simulator, start_exporter: StartExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="exporter")
+    for build_id in ("one", "two"):
+        simulator.add(building(build_id))
+        simulator.set_fault(build_id, Fault(status=403, body=b'{"detail": "Forbidden"}'))
+    running = start_exporter(make_config(simulator.base_url, ["one", "two"]))
+    line = wait_until(
+        lambda: records(caplog, "API key rejected: "), message="the key rejection log line"
+    )[0]
+    assert getattr(line, "detail", None) == "HTTP 403"
+    # The first build's 403 alone was that build's problem, logged as such.
+    assert len(records(caplog, "poll failed")) == 1
+    assert_healthy(running)
+    assert_no_key_in_logs(caplog)
+
+
 def test_rejected_key_is_reported_and_logged_once(
     simulator: Simulator,
     start_exporter: StartExporter,
-    status: int,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    status = 401
     caplog.set_level(logging.INFO, logger="exporter")
     # Requests 200 ms apart: the healthy answers arrive before the rejection, so the last
     # answer, which api_up describes, is the rejection.

@@ -89,6 +89,14 @@ INVALID_CASES: list[tuple[str, Mapping[str, str], tuple[str, ...]]] = [
         ("{file}: polling.interval: must be at least 1s",),
     ),
     (
+        "stale_after_not_above_interval.yaml",
+        WITH_KEY,
+        (
+            "{file}: polling: stale_after (30s) must be longer than interval (1m), or healthy "
+            "builds blink out of /metrics between polls",
+        ),
+    ),
+    (
         "timeout_above_limit.yaml",
         WITH_KEY,
         ("{file}: api.timeout: must be at most 5m",),
@@ -854,6 +862,19 @@ def test_repeated_build_ids_are_tracked_once_with_a_warning(
     (record,) = caplog.records
     assert record.getMessage() == "duplicate build IDs ignored"
     assert (record.__dict__["count"], record.__dict__["build_ids"]) == (3, "b1,b2")
+
+
+@pytest.mark.parametrize("text", ["", "builds: []\n", "build_files: [none-*.txt]\n"])
+def test_a_config_that_watches_nothing_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, text: str
+) -> None:
+    path = write(tmp_path / "config.yaml", text)
+    with caplog.at_level("WARNING", logger="exporter.config"):
+        assert load_config(path, WITH_KEY).build_ids == ()
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "no builds to watch: list build IDs under builds or in the files build_files names"
+    )
 
 
 # --- a secret in the wrong field is never repeated -----------------------------------------------

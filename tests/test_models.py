@@ -420,6 +420,29 @@ def test_duration_is_none_unless_finished_with_both_times(document: dict[str, An
     assert parse(document).duration_seconds is None
 
 
+def test_times_out_of_order_give_no_duration_rather_than_a_negative_one() -> None:
+    # Clock skew on the API's side: started before created, completed before started.
+    build = parse(
+        build_document(
+            status="COMPLETED",
+            createdAt="2026-01-01T00:05:00Z",
+            startedAt="2026-01-01T00:01:00Z",
+            completedAt="2026-01-01T00:00:30Z",
+            artifacts=[
+                artifact_document(
+                    status="COMPLETED",
+                    startedAt="2026-01-01T00:01:00Z",
+                    completedAt="2026-01-01T00:00:59Z",
+                )
+            ],
+        )
+    )
+
+    assert build.queued_seconds is None
+    assert build.duration_seconds is None
+    assert build.artifacts[0].duration_seconds is None
+
+
 def test_artifact_duration_needs_both_start_and_completion() -> None:
     started_and_completed = artifact_document(
         startedAt="2026-01-01T00:00:10Z", completedAt="2026-01-01T00:00:25.5Z"

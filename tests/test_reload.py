@@ -17,6 +17,8 @@ from tests.test_poller import forever_building, polls
 
 FINISHED = BuildPlan("finished", "app", "v0", EPOCH, 1, 1, 1)
 
+RELOADED = "primeintellect_exporter_config_last_reload_successful"
+
 
 def write_config(
     path: Path, base_url: str, builds: list[str], extra: str = "", api_extra: str = ""
@@ -69,7 +71,7 @@ def test_reload_over_http_adds_and_removes_builds_and_keeps_unchanged_state(
     # The finished build kept its state: it is still exposed and was not requested again.
     assert running.exporter.store.snapshot().records["finished"].finished
     assert polls(simulator, "finished") == 1
-    assert running.value("primeintellect_exporter_config_last_reload_successful") == 1
+    assert running.value(RELOADED, source="config") == 1
 
 
 def test_an_invalid_reload_keeps_the_running_config_and_reports_it(
@@ -85,14 +87,14 @@ def test_an_invalid_reload_keeps_the_running_config_and_reports_it(
 
     assert response.status_code == 500
     assert "polling_interval: unknown key" in response.text
-    assert running.value("primeintellect_exporter_config_last_reload_successful") == 0
+    assert running.value(RELOADED, source="config") == 0
     assert tracked(running) == ["a"]
     before = polls(simulator, "a")
     wait_until(lambda: polls(simulator, "a") > before, message="polling to go on")
 
     write_config(path, simulator.base_url, ["a", "b"])
     assert reload_over_http(running).status_code == 200
-    assert running.value("primeintellect_exporter_config_last_reload_successful") == 1
+    assert running.value(RELOADED, source="config") == 1
     assert tracked(running) == ["a", "b"]
 
 
@@ -128,10 +130,31 @@ def test_build_file_changes_apply_without_a_reload(
     # An invalid file keeps the builds tracked so far.
     builds_file.write_text("a\nnot/valid\n")
     wait_until(
-        lambda: running.value("primeintellect_exporter_config_last_reload_successful") == 0,
+        lambda: running.value(RELOADED, source="build_files") == 0,
         message="the failed build file reload",
     )
+    assert running.value(RELOADED, source="config") == 1
     assert tracked(running) == ["a", "c"]
+
+
+def test_a_good_build_file_read_never_hides_a_broken_config_file(
+    tmp_path: Path, simulator_with_builds: Simulator, start_exporter: StartExporter
+) -> None:
+    simulator = simulator_with_builds
+    builds_file = tmp_path / "builds.txt"
+    builds_file.write_text("a\n")
+    extra = "build_files: [builds.txt]\n"
+    path = write_config(tmp_path / "config.yaml", simulator.base_url, [], extra=extra)
+    running = start_exporter(loader(path)(), load_config=loader(path), enable_lifecycle=True)
+    running.wait_until_all_polled()
+
+    write_config(path, simulator.base_url, [], extra=extra + "polling_interval: 5s\n")
+    assert reload_over_http(running).status_code == 500
+    builds_file.write_text("a\nb\n")
+    wait_until(lambda: tracked(running) == ["a", "b"], message="the build file change")
+
+    assert running.value(RELOADED, source="build_files") == 1
+    assert running.value(RELOADED, source="config") == 0
 
 
 def test_sighup_reloads_the_config_file(
