@@ -27,37 +27,70 @@ MAX_LABEL_LENGTH = 256
 
 _datetime_adapter = TypeAdapter(datetime)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_LEAP_SECOND = re.compile(r"(?P<before>.*T23:59:)60(?P<after>(?:\.\d+)?(?:Z|z|[+-]\d\d:?\d\d)?)")
 # A run of whitespace holding a control character or line separator becomes one space.
 _CONTROL = "\x00-\x1f\x7f-\x9f\u2028\u2029"
 _LINE_BREAKS = re.compile(f"[\\s{_CONTROL}]*[{_CONTROL}][\\s{_CONTROL}]*")
+# ECMA-48 escape sequences: CSI (colours, cursor moves, with ESC [ or the C1 byte), OSC (titles,
+# links, ended by BEL or ESC \\), and the two-character ones.
+_ESCAPE_SEQUENCE = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
+    r"|\x1b[@-Z\\-_]"
+)
+_ELISION = " … "
 
 
 class InvalidBuildError(ValueError):
     """The body of a 200 answer is not a usable build status."""
 
 
-def clean_label_text(value: str) -> str:
-    """Make an API string safe as a label value: valid UTF-8, one line, at most 256 characters."""
+def clean_label_text(value: str, *, keep_end: bool = False) -> str:
+    """Make an API string safe as a label value: valid UTF-8, no terminal escape sequences,
+    one line, at most 256 characters (with ``keep_end``, its start and its end)."""
     if len(value) <= MAX_LABEL_LENGTH and value.isascii() and value.isprintable():
         return value
     # json.loads keeps lone surrogates, which cannot be encoded as UTF-8 later.
-    text = _LINE_BREAKS.sub(" ", _LONE_SURROGATE.sub("\ufffd", value))
+    text = _LONE_SURROGATE.sub("\ufffd", value)
+    if "\x1b" in text or "\x9b" in text:
+        # Colour codes from a build log would leave "[31m" behind once ESC became a space.
+        text = _ESCAPE_SEQUENCE.sub("", text)
+    text = _LINE_BREAKS.sub(" ", text)
     if len(text) > MAX_LABEL_LENGTH:
-        text = text[: MAX_LABEL_LENGTH - 1] + "…"
+        if keep_end:
+            # A build log's cause is usually in its last lines.
+            head = (MAX_LABEL_LENGTH - len(_ELISION)) // 2
+            tail = MAX_LABEL_LENGTH - len(_ELISION) - head
+            text = text[:head] + _ELISION + text[-tail:]
+        else:
+            text = text[: MAX_LABEL_LENGTH - 1] + "…"
     return text
 
 
 def _clean_message(value: str | None) -> str | None:
-    return (clean_label_text(value).strip() or None) if value else None
+    return (clean_label_text(value, keep_end=True).strip() or None) if value else None
 
 
 def _parse_timestamp(value: object) -> float:
     if not isinstance(value, str):
         raise ValueError("timestamps must be ISO 8601 strings")
+    # A leap second (23:59:60) is a valid UTC time that datetime cannot hold: it is read as
+    # the second after 23:59:59.
+    leap = _LEAP_SECOND.fullmatch(value)
+    if leap is not None:
+        return _parse_timestamp(f"{leap['before']}59{leap['after']}") + 1.0
     moment = _datetime_adapter.validate_python(value)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
+
+
+def _none_as_empty_text(value: object) -> object:
+    return "" if value is None else value
+
+
+def _none_as_unknown(value: object) -> object:
+    return UNKNOWN if value is None else value
 
 
 def _none_as_empty(value: object) -> object:
@@ -83,6 +116,10 @@ def _shared_label_text(value: str) -> str:
 
 LabelText = Annotated[str, AfterValidator(clean_label_text)]
 SharedLabelText = Annotated[str, AfterValidator(_shared_label_text)]
+# Null, or left out, is an empty label: the rest of the answer is still worth showing.
+OptionalText = Annotated[SharedLabelText, BeforeValidator(_none_as_empty_text)]
+# Null, or left out, is a status nobody documented.
+Status = Annotated[SharedLabelText, BeforeValidator(_none_as_unknown)]
 Timestamp = Annotated[float, BeforeValidator(_parse_timestamp)]
 ErrorMessage = Annotated[str | None, AfterValidator(_clean_message)]
 
@@ -101,7 +138,7 @@ class Artifact:
     artifact_type: Annotated[SharedLabelText, BeforeValidator(_none_as_default_type)] = Field(
         default=DEFAULT_ARTIFACT_TYPE, alias="artifactType"
     )
-    status: SharedLabelText = Field(alias="status")
+    status: Status = Field(default=UNKNOWN, alias="status")
     full_image_path: LabelText | None = Field(default=None, alias="fullImagePath")
     error_message: ErrorMessage = Field(default=None, alias="errorMessage")
     created_at: Timestamp = Field(alias="createdAt")
@@ -128,9 +165,9 @@ class Build:
     """A build group: its image, aggregated status, timestamps and artifacts."""
 
     id: str = Field(alias="id")
-    image_name: SharedLabelText = Field(alias="imageName")
-    image_tag: SharedLabelText = Field(alias="imageTag")
-    status: SharedLabelText = Field(alias="status")
+    image_name: OptionalText = Field(default="", alias="imageName")
+    image_tag: OptionalText = Field(default="", alias="imageTag")
+    status: Status = Field(default=UNKNOWN, alias="status")
     created_at: Timestamp = Field(alias="createdAt")
     started_at: Timestamp | None = Field(default=None, alias="startedAt")
     completed_at: Timestamp | None = Field(default=None, alias="completedAt")
@@ -180,12 +217,12 @@ def known_or_unknown(value: str, known: tuple[str, ...]) -> str:
 
 def parse_build(body: bytes) -> Build:
     """Parse a 200 answer's body; raise InvalidBuild with a short, secret-free reason."""
+    # A stray byte (Latin-1 in a build log) becomes U+FFFD, not a lost answer.
+    text = body.decode("utf-8", errors="replace").removeprefix("\ufeff")
     try:
         # The standard library keeps lone surrogates (cleaned later); pydantic's parser refuses
         # the whole document for one bad character.
-        document: Any = json.loads(body)
-    except UnicodeDecodeError:
-        raise InvalidBuildError("body is not UTF-8") from None
+        document: Any = json.loads(text)
     except (ValueError, RecursionError):
         raise InvalidBuildError("body is not JSON") from None
     if not isinstance(document, dict):

@@ -173,8 +173,9 @@ def retagged(tag: str) -> Callable[[str], list[Series]]:
     return series
 
 
-def cleaned_to(value: str) -> Callable[[str], list[Series]]:
-    """The hostile string, cleaned to ``value``, in all four places it was sent."""
+def cleaned_to(value: str, error_message: str | None = None) -> Callable[[str], list[Series]]:
+    """The hostile string, cleaned to ``value``, in all four places it was sent (the error
+    message to ``error_message`` where that differs)."""
 
     def series(victim: str) -> list[Series]:
         labels = build_labels(victim, value, value)
@@ -189,7 +190,7 @@ def cleaned_to(value: str) -> Callable[[str], list[Series]]:
             ("primeintellect_image_build_artifact_info", {**artifact, "full_image_path": value}, 1),
             (
                 "primeintellect_image_build_artifact_error_info",
-                {**artifact, "error_message": value},
+                {**artifact, "error_message": value if error_message is None else error_message},
                 1,
             ),
         ]
@@ -235,6 +236,31 @@ def tolerated(
 
 def missing_fields(api: Simulator, victim: str, elsewhere: Simulator) -> None:
     api.set_payload(victim, {"id": victim, "status": "BUILDING", "artifacts": []})
+
+
+def latin_1_error_message(api: Simulator, victim: str, elsewhere: Simulator) -> None:
+    document = good_payload(victim)
+    document["artifacts"][0]["errorMessage"] = "failed in cafe"
+    # "café" as a Latin-1 build log writes it, in a body that is otherwise UTF-8.
+    body = json.dumps(document).encode().replace(b"cafe", b"caf\xe9")
+    api.set_fault(victim, Fault(status=200, body=body))
+
+
+def latin_1_cleaned(victim: str) -> list[Series]:
+    labels = build_labels(victim)
+    artifact = {
+        **labels,
+        "artifact_id": f"{victim}-container-image-0",
+        "artifact_type": "CONTAINER_IMAGE",
+    }
+    return [
+        ("primeintellect_image_build_last_poll_success", {"build_id": victim}, 1),
+        (
+            "primeintellect_image_build_artifact_error_info",
+            {**artifact, "error_message": "failed in caf\ufffd"},
+            1,
+        ),
+    ]
 
 
 UNPROCESSABLE = b'{"errors": [{"param": "build_id", "details": "must be a cuid, not \\"x\\""}]}'
@@ -289,6 +315,42 @@ SHARED_ROWS = [
         payload(lambda document: document.update(artifacts=[{"artifactType": "VM_SANDBOX"}])),
         "invalid_response",
         "artifacts.0",
+    ),
+    tolerated(
+        "null-image-name-tag-and-status",
+        payload(lambda document: document.update(imageName=None, imageTag=None, status=None)),
+        lambda victim: [
+            ("primeintellect_image_build_info", build_labels(victim, "", ""), 1),
+            (
+                "primeintellect_image_build_status",
+                {**build_labels(victim, "", ""), "status": "UNKNOWN"},
+                1,
+            ),
+        ],
+    ),
+    tolerated(
+        "null-artifacts",
+        payload(lambda document: document.update(artifacts=None)),
+        lambda victim: [
+            ("primeintellect_image_build_info", build_labels(victim), 1),
+            (
+                "primeintellect_image_build_artifacts",
+                {**build_labels(victim), "artifact_type": "CONTAINER_IMAGE", "status": "BUILDING"},
+                None,
+            ),
+        ],
+    ),
+    tolerated("latin-1-byte-in-an-error-message", latin_1_error_message, latin_1_cleaned),
+    tolerated(
+        "leap-second",
+        payload(lambda document: document.update(createdAt="2016-12-31T23:59:60Z")),
+        lambda victim: [
+            (
+                "primeintellect_image_build_created_timestamp_seconds",
+                build_labels(victim),
+                1483228800.0,
+            ),
+        ],
     ),
     tolerated(
         "clock-skew-started-before-created",
@@ -395,7 +457,32 @@ SHARED_ROWS = [
     tolerated(
         "hostile-10-kb",
         hostile_strings(TEN_KB),
-        cleaned_to("x" * (MAX_LABEL_LENGTH - 1) + "…"),
+        # An error message keeps its start and its end, where a build log's cause usually is.
+        cleaned_to("x" * (MAX_LABEL_LENGTH - 1) + "…", "x" * 126 + " … " + "x" * 127),
+    ),
+    tolerated(
+        "error-message-with-colour-codes-and-its-cause-at-the-end",
+        payload(
+            lambda document: document["artifacts"][0].update(
+                errorMessage="\x1b[31mERROR\x1b[0m " + "x" * 1000 + " no space left on device"
+            )
+        ),
+        lambda victim: [
+            (
+                "primeintellect_image_build_artifact_error_info",
+                {
+                    **build_labels(victim),
+                    "artifact_id": f"{victim}-container-image-0",
+                    "artifact_type": "CONTAINER_IMAGE",
+                    "error_message": "ERROR "
+                    + "x" * 120
+                    + " … "
+                    + "x" * 103
+                    + " no space left on device",
+                },
+                1,
+            )
+        ],
     ),
     tolerated(
         "hostile-lone-surrogates",

@@ -251,6 +251,52 @@ def test_extra_fields_are_ignored_at_every_level() -> None:
 
 
 @pytest.mark.parametrize(
+    "changes",
+    [
+        {"imageName": None, "imageTag": None, "status": None},
+        {"imageName": ..., "imageTag": ..., "status": ...},
+    ],
+    ids=["null", "left out"],
+)
+def test_null_or_missing_names_and_status_keep_the_build(changes: dict[str, Any]) -> None:
+    document = build_document(artifacts=[artifact_document(status=None)])
+    for key, value in changes.items():
+        if value is ...:
+            del document[key]
+        else:
+            document[key] = value
+
+    build = parse(document)
+
+    assert (build.image_name, build.image_tag) == ("", "")
+    assert (build.status, build.status_label) == ("UNKNOWN", "UNKNOWN")
+    assert build.artifacts[0].status_label == "UNKNOWN"
+    assert not build.finished
+
+
+def test_a_stray_byte_becomes_a_replacement_character_not_a_lost_answer() -> None:
+    document = json.dumps(build_document(imageTag="cafe")).encode()
+    # "café" as Latin-1 writes it, in a body that is otherwise UTF-8.
+    build = parse_build(document.replace(b"cafe", b"caf\xe9"))
+
+    assert build.image_tag == "caf\ufffd"
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "epoch_seconds"),
+    [
+        ("2016-12-31T23:59:60Z", 1483228800.0),
+        ("2016-12-31T23:59:60.25Z", 1483228800.25),
+        ("2016-12-31T23:59:60+00:00", 1483228800.0),
+    ],
+)
+def test_a_leap_second_is_read_as_the_second_after_23_59_59(
+    timestamp: str, epoch_seconds: float
+) -> None:
+    assert parse(build_document(createdAt=timestamp)).created_at == epoch_seconds
+
+
+@pytest.mark.parametrize(
     ("body", "reason"),
     [
         (b"", "body is not JSON"),
@@ -261,8 +307,7 @@ def test_extra_fields_are_ignored_at_every_level() -> None:
         (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "body is not JSON"),
         (b"{}", "id: Field required"),
         (b'{"createdAt": ' + b"9" * 5000 + b"}", "body is not JSON"),
-        (b'{"id": "build-\xff"}', "body is not UTF-8"),
-        (b"\xc3\x28", "body is not UTF-8"),
+        (b"\xc3\x28", "body is not JSON"),
         (b"[]", "body is not a JSON object"),
         (b"null", "body is not a JSON object"),
         (b"42", "body is not a JSON object"),
@@ -277,8 +322,7 @@ def test_extra_fields_are_ignored_at_every_level() -> None:
         "100000 nested objects",
         "empty object",
         "5000-digit number",
-        "invalid UTF-8 in a string",
-        "invalid UTF-8 sequence",
+        "invalid UTF-8 alone",
         "array",
         "null",
         "number",
@@ -296,12 +340,8 @@ def test_unusable_body_raises_invalid_build_error_only(body: bytes, reason: str)
     ("document", "location"),
     [
         (without(build_document(), "id"), "id"),
-        (without(build_document(), "imageName"), "imageName"),
-        (without(build_document(), "imageTag"), "imageTag"),
-        (without(build_document(), "status"), "status"),
         (without(build_document(), "createdAt"), "createdAt"),
         (build_document(id=17), "id"),
-        (build_document(imageName=None), "imageName"),
         (build_document(status=["BUILDING"]), "status"),
         (build_document(createdAt=EPOCH), "createdAt"),
         (build_document(createdAt=None), "createdAt"),
@@ -314,7 +354,6 @@ def test_unusable_body_raises_invalid_build_error_only(body: bytes, reason: str)
         (build_document(artifacts="artifact-1"), "artifacts"),
         (build_document(artifacts=["artifact-1"]), "artifacts.0"),
         (build_document(artifacts=[without(artifact_document(), "id")]), "artifacts.0.id"),
-        (build_document(artifacts=[without(artifact_document(), "status")]), "artifacts.0.status"),
         (
             build_document(artifacts=[artifact_document(), artifact_document(createdAt=0)]),
             "artifacts.1.createdAt",
@@ -545,6 +584,33 @@ def test_error_message_is_cleaned_and_trimmed() -> None:
     build = parse(build_document(artifacts=[artifact_document(errorMessage=message)]))
 
     assert build.artifacts[0].error_message == 'step 3/9: "pip install" failed exit code 1'
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\x1b[1;31mfailed\x1b[0m",
+        "\x9b31mfailed\x9b0m",
+        "\x1b]0;window title\x07failed",
+        "\x1b]8;;https://example.com\x1b\\failed\x1b]8;;\x1b\\",
+        "\x1bMfailed",
+    ],
+    ids=["CSI colours", "C1 CSI", "OSC title", "OSC hyperlink", "reverse line feed"],
+)
+def test_terminal_escape_sequences_are_removed_not_left_as_text(text: str) -> None:
+    assert clean_label_text(text) == "failed"
+
+
+def test_a_long_error_message_keeps_its_start_and_its_end() -> None:
+    message = "step 3/9 " + "." * 1000 + " error: no space left on device"
+    build = parse(build_document(artifacts=[artifact_document(errorMessage=message)]))
+
+    cleaned = build.artifacts[0].error_message
+    assert cleaned is not None
+    assert len(cleaned) == MAX_LABEL_LENGTH
+    assert cleaned.startswith("step 3/9 ...")
+    assert cleaned.endswith("... error: no space left on device")
+    assert " … " in cleaned
 
 
 def test_artifacts_repeating_an_id_are_kept_once_so_series_stay_unique() -> None:
