@@ -128,13 +128,14 @@ _PREFIXES = tuple(
     _ARTIFACT_DURATION,
     _ARTIFACT_ERROR,
     _ARTIFACTS_OMITTED,
+    _BUILD_ERROR,
     _LAST_POLL_SUCCESS,
     _LAST_POLL_SUCCESS_TIMESTAMP,
     _LAST_POLL_ERROR,
 ) = _PREFIXES
 BUILD_FAMILY_COUNT = len(_PREFIXES)
 # The families before this index are about a build's answer; the rest about its polls.
-POLL_FAMILIES_START = 12
+POLL_FAMILIES_START = _PREFIXES.index(_LAST_POLL_SUCCESS)
 _ONE = " 1.0\n"
 _ZERO = " 0.0\n"
 # Counts are small whole numbers; their formatted values are made once.
@@ -279,6 +280,12 @@ class _BuildLines:
         lines[9].append("".join(durations))
         lines[10].append("".join(errors))
         lines[11].append(f"{_ARTIFACTS_OMITTED}{labels}}}{_count(omitted)}" if omitted else "")
+        build_error = build.error_message
+        lines[12].append(
+            f'{_BUILD_ERROR}{build_id},error_message="{_escape(build_error)}",{image}}}{_ONE}'
+            if build_error
+            else ""
+        )
 
     def pieces(self) -> BuildLines:
         """Each family's bytes, and the length in bytes of each build's lines in it."""

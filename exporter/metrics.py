@@ -81,6 +81,11 @@ class _BuildFamilies:
             "primeintellect_image_build_artifacts_omitted",
             "Artifacts without per-artifact series, beyond metrics.max_artifacts_per_build.",
         )
+        self.build_error = InfoMetricFamily(
+            "primeintellect_image_build_error",
+            "The error message of the build itself, while it has one; always 1.",
+            labels=(*BUILD_LABELS, "error_message"),
+        )
         self.last_poll_success = GaugeMetricFamily(
             "primeintellect_image_build_last_poll_success",
             "1 if the last poll of this build succeeded.",
@@ -132,6 +137,8 @@ class _BuildFamilies:
             _add_if_known(self.artifact_duration, artifact_labels, artifact.duration_seconds)
             if artifact.error_message:
                 self.artifact_error.add_metric((*artifact_labels, artifact.error_message), {})
+        if build.error_message:
+            self.build_error.add_metric((*labels, build.error_message), {})
 
     def families(self) -> list[Metric]:
         return [
@@ -147,6 +154,7 @@ class _BuildFamilies:
             self.artifact_duration,
             self.artifact_error,
             self.artifacts_omitted,
+            self.build_error,
             self.last_poll_success,
             self.last_poll_success_timestamp,
             self.last_poll_error,

@@ -171,6 +171,9 @@ class Build:
     created_at: Timestamp = Field(alias="createdAt")
     started_at: Timestamp | None = Field(default=None, alias="startedAt")
     completed_at: Timestamp | None = Field(default=None, alias="completedAt")
+    # Not in the spec, but the official client reads it from this answer (``errorMessage``,
+    # else ``error_message``, which populate_by_name accepts as the field's own name).
+    error_message: ErrorMessage = Field(default=None, alias="errorMessage")
     artifacts: Annotated[
         tuple[Artifact, ...],
         BeforeValidator(_none_as_empty),
@@ -227,6 +230,9 @@ def parse_build(body: bytes) -> Build:
         raise InvalidBuildError("body is not JSON") from None
     if not isinstance(document, dict):
         raise InvalidBuildError("body is not a JSON object")
+    if not document.get("errorMessage") and document.get("error_message"):
+        # As the official client reads it: errorMessage, else error_message.
+        document = {**document, "errorMessage": document["error_message"]}
     try:
         return BUILD.validate_python(document)
     except ValidationError as error:

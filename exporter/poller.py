@@ -527,6 +527,7 @@ def _log_success(transition: Transition) -> None:
                 "status": after.build.status,
                 "previous_status": previous_status or "",
                 "finished": after.finished,
+                "error_message": after.build.error_message or "",
             },
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 
 from exporter import __version__
+from exporter.models import Build
 from exporter.store import BuildRecord, BuildState, Snapshot
 
 STATUS_PAGE_MAX_ROWS = 1000
@@ -55,7 +56,7 @@ th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
 </ul>
 <table>
 <thead><tr><th>Build ID</th><th>Image</th><th>Tag</th><th>Status</th><th>Age</th>
-<th>Last poll</th></tr></thead>
+<th>Last poll</th><th>Error</th></tr></thead>
 <tbody>
 {rows}
 </tbody>
@@ -81,9 +82,21 @@ def _status_row(record: BuildRecord, now: float) -> str:
         build.status if build else "",
         _age(now - build.created_at) if build else "",
         poll,
+        _error_of(build) if build else "",
     ]
     css = ' class="failing"' if record.state is BuildState.FAILING else ""
     return f"<tr{css}>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>"
+
+
+def _error_of(build: Build) -> str:
+    # The build's own message, else each artifact's: what a FAILED build failed with.
+    if build.error_message:
+        return build.error_message
+    return "; ".join(
+        f"{artifact.id}: {artifact.error_message}"
+        for artifact in build.artifacts
+        if artifact.error_message
+    )
 
 
 def _age(seconds: float) -> str:

@@ -342,6 +342,17 @@ SHARED_ROWS = [
     ),
     tolerated("latin-1-byte-in-an-error-message", latin_1_error_message, latin_1_cleaned),
     tolerated(
+        "top-level-error-message-in-snake-case",
+        payload(lambda document: document.update(error_message="quota exceeded for team")),
+        lambda victim: [
+            (
+                "primeintellect_image_build_error_info",
+                {**build_labels(victim), "error_message": "quota exceeded for team"},
+                1,
+            ),
+        ],
+    ),
+    tolerated(
         "leap-second",
         payload(lambda document: document.update(createdAt="2016-12-31T23:59:60Z")),
         lambda victim: [

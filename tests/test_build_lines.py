@@ -109,6 +109,7 @@ def test_the_property_sees_hostile_labels_and_every_family() -> None:
                     "createdAt": "2026-01-01T00:00:00Z",
                     "startedAt": "2026-01-01T00:01:00Z",
                     "completedAt": "2026-01-01T00:02:00Z",
+                    "errorMessage": 'build "failed" \\ at step 3',
                     "artifacts": [
                         {
                             "id": f"a{index}",

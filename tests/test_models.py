@@ -613,6 +613,24 @@ def test_a_long_error_message_keeps_its_start_and_its_end() -> None:
     assert " … " in cleaned
 
 
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"errorMessage": "out of memory"}, "out of memory"),
+        ({"error_message": "out of memory"}, "out of memory"),
+        ({"errorMessage": None, "error_message": "out of memory"}, "out of memory"),
+        ({"errorMessage": "first", "error_message": "second"}, "first"),
+        ({"errorMessage": "  \n"}, None),
+        ({}, None),
+    ],
+    ids=["camel case", "snake case", "camel null", "both", "blank", "absent"],
+)
+def test_a_build_level_error_message_is_read_as_the_official_client_reads_it(
+    changes: dict[str, Any], expected: str | None
+) -> None:
+    assert parse(build_document(status="FAILED", **changes)).error_message == expected
+
+
 def test_artifacts_repeating_an_id_are_kept_once_so_series_stay_unique() -> None:
     artifact = {"id": "a1", "status": "BUILDING", "createdAt": "2026-01-01T00:00:00Z"}
     payload = {

@@ -203,6 +203,8 @@ def documents(build_id: str) -> st.SearchStrategy[dict[str, Any]]:
         {
             "startedAt": st.none() | timestamps,
             "completedAt": st.none() | timestamps,
+            "errorMessage": mostly(optional_texts),
+            "error_message": mostly(optional_texts),
             "artifacts": mostly(st.none() | st.lists(mostly(artifacts), max_size=4)),
         },
     )

@@ -125,6 +125,8 @@ def test_status_page_lists_builds_and_escapes_api_strings(
     payload = forever_building("hostile").payload(EPOCH + 100)
     payload["imageName"] = "<script>alert('x')</script>"
     payload["imageTag"] = 'v1" onmouseover="steal()'
+    payload["status"] = "FAILED"
+    payload["errorMessage"] = "<b>2 of 2</b> artifacts failed"
     simulator.set_payload("hostile", payload)
     running = start_exporter(make_config(simulator.base_url, ["hostile", "absent"]))
     running.wait_until_all_polled()
@@ -133,6 +135,8 @@ def test_status_page_lists_builds_and_escapes_api_strings(
     assert "<script>" not in page.text
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page.text
     assert "v1&quot; onmouseover=&quot;steal()" in page.text
+    # The build's own error message, escaped too.
+    assert "&lt;b&gt;2 of 2&lt;/b&gt; artifacts failed" in page.text
     assert "not_found" in page.text
     for link in ('href="/metrics"', 'href="/-/healthy"', 'href="/-/ready"'):
         assert link in page.text
