@@ -225,7 +225,16 @@ def demo_config(simulator: Simulator) -> Config:
 
 
 def _poll_once(exporter: Exporter) -> int:
-    succeeded, exposition = asyncio.run(exporter.poll_once())
+    def interrupt(signal_number: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM ends a one-shot run as Ctrl-C does: one line, no traceback.
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        succeeded, exposition = asyncio.run(exporter.poll_once())
+    except KeyboardInterrupt:
+        print("interrupted: --once stopped before every build was polled", file=sys.stderr)
+        return 130
     sys.stdout.buffer.write(exposition)
     sys.stdout.flush()
     return 0 if succeeded else 1

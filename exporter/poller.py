@@ -29,6 +29,9 @@ DEFAULT_RATE_LIMIT_PAUSES = (10.0, 30.0, 60.0)
 MAX_BACKOFF = 300.0
 FIRST_KEY_REJECTED_PAUSE = 30.0
 TICK = 1.0
+# The longest --once runs: a one-shot check must not sit out a long 429 pause or a tiny
+# request budget.
+ONCE_DEADLINE = 60.0
 # The adaptive cadence: an unfinished build is polled again after a tenth of the time its
 # answer has stayed the same (within polling.interval and polling.max_interval), so a change
 # is seen at most that fraction late, and stale BUILDING rows cost little.
@@ -245,18 +248,26 @@ class Poller:
         await self._dispatch(once=False)
 
     async def poll_once(self) -> bool:
-        """Poll every tracked build once; True if every poll succeeded."""
+        """Poll every tracked build once, for at most ONCE_DEADLINE seconds; True if every
+        poll succeeded. Builds it could not poll in time are reported as rate limited."""
         await self._dispatch(once=True)
+        self._store.mark_unpolled(Outcome.RATE_LIMITED)
         snapshot = self._store.snapshot()
         return all(record.last_poll_ok for record in snapshot.records.values())
 
     async def _dispatch(self, *, once: bool) -> None:
+        deadline = self._clock() + ONCE_DEADLINE
         try:
             while True:
                 self._wakeup.clear()
                 now = self._clock()
                 self._beat(now)
-                if once and not self._due and not self._in_flight:
+                if once and (
+                    not (self._due or self._in_flight)
+                    or now >= deadline
+                    # A pause that outlasts the deadline is not sat out.
+                    or self._paused_until >= deadline
+                ):
                     return
                 wait = self._next_dispatch_wait(now)
                 if wait <= 0:

@@ -9,15 +9,23 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from exporter import __version__
-from exporter.simulator import Simulator
+from exporter.simulator import Fault, Simulator
 from tests.pki import Pki, tls_section
-from tests.support import CANARY_API_KEY, Daemon, environment, run_script, wait_until
+from tests.support import (
+    CANARY_API_KEY,
+    SCRIPT,
+    Daemon,
+    environment,
+    run_script,
+    wait_until,
+)
 from tests.test_poller import forever_building
 
 
@@ -141,6 +149,55 @@ def test_once_exits_one_when_a_poll_fails_but_still_prints_everything(
         in result.stdout
     )
     assert 'primeintellect_image_build_last_poll_success{build_id="b1"} 1.0' in result.stdout
+
+
+def test_once_does_not_sit_out_a_long_rate_limit_pause(
+    tmp_path: Path, simulator: Simulator
+) -> None:
+    simulator.add(forever_building("b1"))
+    simulator.set_fault("b1", Fault.rate_limited(retry_after="600"))
+    config = write_config(tmp_path, simulator.base_url, ["b1"])
+    started = time.monotonic()
+    result = run_script(
+        "--config.file", str(config), "--once", env=environment(PRIME_API_KEY=CANARY_API_KEY)
+    )
+    # Well inside the 60 s bound: a pause past it ends the run at once.
+    assert time.monotonic() - started < 30
+    assert result.returncode == 1
+    assert (
+        'primeintellect_image_build_last_poll_error{build_id="b1",reason="rate_limited"} 1.0'
+        in result.stdout
+    )
+
+
+@pytest.mark.parametrize(
+    "signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"]
+)
+def test_a_signal_during_once_ends_it_with_one_line_and_no_traceback(
+    tmp_path: Path, simulator: Simulator, signal_number: int
+) -> None:
+    simulator.add(forever_building("b1"))
+    simulator.set_fault("b1", Fault.slow(delay=30))
+    config = write_config(tmp_path, simulator.base_url, ["b1"])
+    process = subprocess.Popen(
+        [SCRIPT, "--config.file", str(config), "--once"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(PRIME_API_KEY=CANARY_API_KEY),
+    )
+    try:
+        wait_until(lambda: simulator.requests("b1"), message="the slow request")
+        process.send_signal(signal_number)
+        _, stderr = process.communicate(timeout=10)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "interrupted: --once stopped before every build was polled"
+    )
 
 
 @pytest.mark.parametrize(
