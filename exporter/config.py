@@ -360,6 +360,8 @@ class ApiKeySource:
         self.file = file
         self._value = value
         self._file_identity: tuple[int, int, int] | None = None
+        # The file version and error last warned about.
+        self._unusable: tuple[object, str] | None = None
         self.generation = 0
         if file is not None:
             self._value = self._read_file(file)
@@ -367,6 +369,7 @@ class ApiKeySource:
     def current(self) -> SecretStr:
         """The key to send now; a changed file is read again, a broken one keeps the last key."""
         if self.file is not None:
+            identity = None
             try:
                 stat = self.file.stat()
                 identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
@@ -375,9 +378,16 @@ class ApiKeySource:
                     if key != self._value:
                         self._value = key
                         self.generation += 1
-            except (OSError, ValueError, ConfigError):
-                # Keep the last good key; the API answers 401 if it is really gone.
-                pass
+            except (OSError, ValueError, ConfigError) as error:
+                # Keep the last good key; the API answers 401 if it is really gone. Said once
+                # per version of the file, not at every request.
+                unusable = (identity, _key_error_text(error))
+                if unusable != self._unusable:
+                    self._unusable = unusable
+                    log.warning(
+                        "the API key file is unusable; the last good key stays in use",
+                        extra={"error": unusable[1]},
+                    )
         assert self._value is not None
         return self._value
 
@@ -391,15 +401,14 @@ class ApiKeySource:
 
     def _read_file(self, file: Path) -> SecretStr:
         stat = file.stat()
+        identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         try:
-            key = file.read_text(encoding="utf-8").strip()
+            # utf-8-sig: editors on Windows start the file with a byte-order mark.
+            text = file.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError:
             raise ConfigError(f"api.api_key_file: cannot read {file}: not UTF-8 text") from None
-        if not key:
-            raise ConfigError(f"api.api_key_file: {file} is empty")
-        if any(char in key for char in "\r\n") or not key.isprintable():
-            raise ConfigError(f"api.api_key_file: {file} must hold the key on one line")
-        self._file_identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        key = _usable_key(text, f"api.api_key_file: {file}")
+        self._file_identity = identity
         return SecretStr(key)
 
 
@@ -626,13 +635,35 @@ def _api_key_source(
         except ConfigError as error:
             raise ConfigError(f"{path}: {error}") from None
     if env_key:
-        return ApiKeySource(value=SecretStr(env_key))
+        return ApiKeySource(value=SecretStr(_usable_key(env_key, API_KEY_ENV)))
     if require_api_key:
         raise ConfigError(
             f"{path}: no API key: set api.api_key_file in the file "
             f"or {API_KEY_ENV} in the environment"
         )
     return None
+
+
+def _usable_key(text: str, where: str) -> str:
+    """The key in ``text``, or a ConfigError that says what is wrong and never shows it."""
+    key = text.strip()
+    if key[:7].lower() == "bearer ":
+        # A whole Authorization header value pasted in: the exporter adds "Bearer " itself.
+        key = key[7:].strip()
+    if not key:
+        raise ConfigError(f"{where} is empty")
+    if any(char in key for char in "\r\n"):
+        raise ConfigError(f"{where} must hold the key on one line")
+    if not key.isascii() or not key.isprintable() or " " in key:
+        # An HTTP header cannot carry it: no request would ever be sent.
+        raise ConfigError(f"{where}: the key holds spaces or characters an API key cannot have")
+    return key
+
+
+def _key_error_text(error: Exception) -> str:
+    if isinstance(error, OSError):
+        return error.strerror or type(error).__name__
+    return str(error)
 
 
 def read_build_files(patterns: list[str], base_directory: Path) -> list[str]:

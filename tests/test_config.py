@@ -664,6 +664,55 @@ def test_api_key_source_keeps_the_last_key_when_the_file_is_not_utf8(tmp_path: P
     assert source.current().get_secret_value() == "pk-first"
 
 
+@pytest.mark.parametrize(
+    ("content", "key"),
+    [
+        ("\ufeffpk-rotated\n", "pk-rotated"),
+        ("Bearer pk-rotated\n", "pk-rotated"),
+        ("bearer   pk-rotated", "pk-rotated"),
+    ],
+    ids=["byte-order mark", "Bearer prefix", "lower-case bearer"],
+)
+def test_api_key_source_reads_a_rotated_key_as_editors_and_headers_write_it(
+    tmp_path: Path, content: str, key: str
+) -> None:
+    key_file = write(tmp_path / "prime.key", "pk-first\n")
+    source = ApiKeySource(file=key_file)
+    write(key_file, content)
+    assert source.current().get_secret_value() == key
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        ("pk-one\npk-two\n", "must hold the key on one line"),
+        ("", "is empty"),
+        ("pk-clé\n", "the key holds spaces or characters an API key cannot have"),
+    ],
+    ids=["two lines", "empty", "not ASCII"],
+)
+def test_a_key_file_rotated_to_unusable_content_is_warned_about_once_and_the_last_key_stays(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: str, error: str
+) -> None:
+    key_file = write(tmp_path / "prime.key", "pk-first\n")
+    source = ApiKeySource(file=key_file)
+    write(key_file, content)
+    with caplog.at_level("WARNING", logger="exporter.config"):
+        for _ in range(3):
+            assert source.current().get_secret_value() == "pk-first"
+    (record,) = caplog.records
+    assert record.getMessage() == "the API key file is unusable; the last good key stays in use"
+    assert record.__dict__["error"].endswith(error)
+    assert "pk-one" not in record.__dict__["error"]
+
+
+def test_a_non_ascii_key_in_the_environment_is_a_config_error(tmp_path: Path) -> None:
+    path = write(tmp_path / "config.yaml", "builds: [b1]\n")
+    assert config_error(path, {"PRIME_API_KEY": "pk-clé"}) == (
+        "PRIME_API_KEY: the key holds spaces or characters an API key cannot have"
+    )
+
+
 def test_api_key_source_from_a_value_returns_that_value() -> None:
     assert ApiKeySource(value=SecretStr(KEY)).current().get_secret_value() == KEY
 
