@@ -77,6 +77,9 @@ class BuildStatusClient:
         if parts.scheme != "https" and not is_loopback_host(parts.hostname or ""):
             raise ValueError("the API key is only sent over https or to a loopback address")
         self._base_url = base_url.rstrip("/")
+        # Where a failure happened, for log lines; the config refuses secrets in base_url.
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._host_and_port = f"{parts.hostname}:{port}"
         self._api_key = api_key
         self._timeout = timeout
         self._max_response_bytes = max_response_bytes
@@ -135,7 +138,10 @@ class BuildStatusClient:
         except _UnreadableBodyError as error:
             return FetchResult(Outcome.INVALID_RESPONSE, detail=str(error))
         except httpx.HTTPError as error:
-            return FetchResult(Outcome.CONNECTION_ERROR, detail=_describe_transport_error(error))
+            return FetchResult(
+                Outcome.CONNECTION_ERROR,
+                detail=f"{_describe_transport_error(error)} ({self._host_and_port})",
+            )
 
     async def _interpret(self, build_id: str, response: httpx.Response) -> FetchResult:
         status = response.status_code
@@ -151,7 +157,8 @@ class BuildStatusClient:
             return FetchResult(Outcome.OK, build=build)
         detail = f"HTTP {status}"
         if status == 404:
-            return FetchResult(Outcome.NOT_FOUND, detail=detail)
+            # A wrong base path answers 404 for every build: the path shows which was asked.
+            return FetchResult(Outcome.NOT_FOUND, detail=f"{detail} for {response.url.path}")
         if status == 401:
             return FetchResult(Outcome.UNAUTHORIZED, detail=detail)
         if status == 403:
@@ -170,7 +177,11 @@ class BuildStatusClient:
         if 400 <= status <= 499:
             return FetchResult(Outcome.CLIENT_ERROR, detail=detail)
         if 300 <= status <= 399:
-            return FetchResult(Outcome.INVALID_RESPONSE, detail=f"{detail} redirect, not followed")
+            location = _without_secrets(response.headers.get("Location", ""))
+            return FetchResult(
+                Outcome.INVALID_RESPONSE,
+                detail=f"{detail} redirect to {location or '(no Location)'}, not followed",
+            )
         return FetchResult(Outcome.INVALID_RESPONSE, detail=f"unexpected {detail}")
 
     async def _read_capped(self, response: httpx.Response) -> bytes:
@@ -233,6 +244,19 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if moment.tzinfo is None:
         return None
     return max(0.0, moment.timestamp() - now)
+
+
+def _without_secrets(url: str) -> str:
+    """``url`` without user information, query or fragment, which may carry credentials."""
+    try:
+        parts = urlsplit(url.strip()[:1000])
+        port = parts.port
+    except ValueError:
+        return "(unreadable Location)"
+    if not parts.scheme and not parts.netloc:
+        return parts.path
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{port}' if port else ''}{parts.path}"
 
 
 def _describe_transport_error(error: httpx.HTTPError) -> str:

@@ -222,6 +222,8 @@ class Exporter:
             "listening",
             extra={
                 "url": server.url,
+                "api_base_url": self.config.api.base_url,
+                "api_key_source": self.config.api_key.origin if self.config.api_key else "none",
                 "builds": len(self.config.owned_build_ids),
                 "restored_builds": self.telemetry.snapshot().state_restored_builds,
                 "requests_per_second": round(settings.requests_per_second, 6),

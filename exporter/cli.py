@@ -219,7 +219,7 @@ def demo_config(simulator: Simulator) -> Config:
     return Config(
         source=Path("(demo)"),
         file=file,
-        api_key=ApiKeySource(value=SecretStr(simulator.api_key)),
+        api_key=ApiKeySource(value=SecretStr(simulator.api_key), origin="the demo simulator"),
         build_ids=tuple(file.builds),
     )
 

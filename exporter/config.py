@@ -354,10 +354,18 @@ class ConfigFile(_Strict):
 class ApiKeySource:
     """The API key, from ``PRIME_API_KEY`` or from a file re-read whenever it changes."""
 
-    def __init__(self, *, file: Path | None = None, value: SecretStr | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        file: Path | None = None,
+        value: SecretStr | None = None,
+        origin: str = API_KEY_ENV,
+    ) -> None:
         if (file is None) == (value is None):
             raise ValueError("exactly one of file and value is required")
         self.file = file
+        # Where a value came from, for the start-up log line (never the key itself).
+        self.origin = f"api.api_key_file {file}" if file is not None else origin
         self._value = value
         self._file_identity: tuple[int, int, int] | None = None
         # The file version and error last warned about.

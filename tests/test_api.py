@@ -190,10 +190,10 @@ CASES = {
         Outcome.INVALID_RESPONSE,
         "body is not a JSON object",
     ),
-    "200 missing imageName": Case(
-        answer(200, json_body({k: v for k, v in build_document().items() if k != "imageName"})),
+    "200 missing createdAt": Case(
+        answer(200, json_body({k: v for k, v in build_document().items() if k != "createdAt"})),
         Outcome.INVALID_RESPONSE,
-        "imageName: Field required",
+        "createdAt: Field required",
     ),
     "200 status is a number": Case(
         answer(200, json_body(build_document(status=3))),
@@ -212,7 +212,11 @@ CASES = {
     ),
     "200 empty body": Case(answer(200), Outcome.INVALID_RESPONSE, "body is not JSON"),
     "204": Case(answer(204), Outcome.INVALID_RESPONSE, "unexpected HTTP 204"),
-    "404": Case(answer(404, b'{"detail": "Not Found"}'), Outcome.NOT_FOUND, "HTTP 404"),
+    "404": Case(
+        answer(404, b'{"detail": "Not Found"}'),
+        Outcome.NOT_FOUND,
+        "HTTP 404 for /api/v1/images/build/build-1",
+    ),
     "401": Case(answer(401), Outcome.UNAUTHORIZED, "HTTP 401"),
     "403": Case(answer(403), Outcome.FORBIDDEN, "HTTP 403"),
     "429 Retry-After 7": Case(rate_limited("7"), Outcome.RATE_LIMITED, "HTTP 429", 7.0),
@@ -238,22 +242,31 @@ CASES = {
     "301 elsewhere": Case(
         answer(301, headers={"Location": "https://evil.example/api/v1/images/build/build-1"}),
         Outcome.INVALID_RESPONSE,
-        "HTTP 301 redirect, not followed",
+        "HTTP 301 redirect to https://evil.example/api/v1/images/build/build-1, not followed",
     ),
     "302 elsewhere": Case(
         answer(302, headers={"Location": "https://evil.example/steal"}),
         Outcome.INVALID_RESPONSE,
-        "HTTP 302 redirect, not followed",
+        "HTTP 302 redirect to https://evil.example/steal, not followed",
+    ),
+    "302 with credentials in the Location": Case(
+        answer(302, headers={"Location": "https://user:pw@evil.example:8443/x?token=s3cret#k"}),
+        Outcome.INVALID_RESPONSE,
+        "HTTP 302 redirect to https://evil.example:8443/x, not followed",
+    ),
+    "302 without a Location": Case(
+        answer(302), Outcome.INVALID_RESPONSE, "HTTP 302 redirect to (no Location), not followed"
     ),
     "connection refused": Case(
         failing(httpx.ConnectError("[Errno 111] Connection refused")),
         Outcome.CONNECTION_ERROR,
-        "ConnectError: [Errno 111] Connection refused",
+        "ConnectError: [Errno 111] Connection refused (api.example.test:443)",
     ),
     "connection dropped": Case(
         failing(httpx.RemoteProtocolError("Server disconnected without sending a response.")),
         Outcome.CONNECTION_ERROR,
-        "RemoteProtocolError: Server disconnected without sending a response.",
+        "RemoteProtocolError: Server disconnected without sending a response. "
+        "(api.example.test:443)",
     ),
     "read timeout": Case(
         failing(httpx.ReadTimeout("timed out")), Outcome.TIMEOUT, "no complete answer within 5s"
@@ -359,7 +372,7 @@ def test_redirect_is_not_followed_and_counts_as_invalid_response(status: int) ->
     result, requests = fetch_once(redirect)
 
     assert result.outcome is Outcome.INVALID_RESPONSE
-    assert result.detail == f"HTTP {status} redirect, not followed"
+    assert result.detail == f"HTTP {status} redirect to https://evil.example/build-1, not followed"
     assert [request.url.host for request in requests] == ["api.example.test"]
 
 
@@ -553,9 +566,12 @@ def test_stalled_server_gives_timeout_within_the_deadline(handler: Handler) -> N
 @pytest.mark.parametrize(
     ("error", "detail"),
     [
-        (httpx.ConnectError("refused\nTraceback: more lines"), "ConnectError: refused"),
-        (httpx.ConnectError(""), "ConnectError"),
-        (httpx.ReadError("x" * 500), "ReadError: " + "x" * 200),
+        (
+            httpx.ConnectError("refused\nTraceback: more lines"),
+            "ConnectError: refused (api.example.test:443)",
+        ),
+        (httpx.ConnectError(""), "ConnectError (api.example.test:443)"),
+        (httpx.ReadError("x" * 500), "ReadError: " + "x" * 200 + " (api.example.test:443)"),
     ],
     ids=["first line only", "no message", "long message cut"],
 )

@@ -422,7 +422,10 @@ SHARED_ROWS = [
         "invalid_response",
         "unexpected HTTP 204",
     ),
-    failing("http-404", fault(Fault.not_found), "not_found", "HTTP 404"),
+    # The path shows where the answer came from: a wrong base path answers 404 for all.
+    failing(
+        "http-404", fault(Fault.not_found), "not_found", f"HTTP 404 for {BUILD_PATH_PREFIX}victim"
+    ),
     failing(
         "http-422-with-errors-body",
         fault(lambda: Fault(status=422, body=UNPROCESSABLE)),
@@ -447,7 +450,10 @@ SHARED_ROWS = [
     failing("http-503", fault(lambda: Fault.server_error(503)), "server_error", "HTTP 503"),
     failing("http-504", fault(lambda: Fault.server_error(504)), "server_error", "HTTP 504"),
     failing(
-        "redirect-to-another-host", redirect_elsewhere, "invalid_response", "redirect, not followed"
+        "redirect-to-another-host",
+        redirect_elsewhere,
+        "invalid_response",
+        "redirect to http://127.0.0.1:",
     ),
     tolerated(
         "hostile-quotes",
@@ -928,6 +934,8 @@ def test_unreachable_api_fails_every_build_and_the_daemon_lives(
     for build_id in build_ids:
         lines = records(caplog, "poll failed", build_id)
         assert [getattr(line, "reason", None) for line in lines] == ["connection_error"]
+        # The log line says where the connection failed.
+        assert str(getattr(lines[0], "detail", "")).endswith(f"(127.0.0.1:{port})")
     assert_no_key_in_logs(caplog)
 
 

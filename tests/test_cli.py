@@ -253,6 +253,10 @@ def test_json_logs_are_one_object_per_line_without_the_key(
     assert failures[0]["reason"] == "not_found"
     assert failures[0]["build_id"] == "gone"
     assert {"ts", "level", "msg"} <= set(records[0])
+    # The start-up line says which API and where the key came from, never the key.
+    (started,) = [r for r in records if r["msg"] == "listening"]
+    assert started["api_base_url"] == simulator.base_url
+    assert started["api_key_source"] == "PRIME_API_KEY"
     assert CANARY_API_KEY not in stderr
 
 
