@@ -74,6 +74,14 @@ def golden_exporter() -> Iterator[RunningExporter]:
     with Simulator(CANARY_API_KEY, fixed_plans()) as simulator:
         simulator.set_payload(FINISHING.build_id, FINISHING.payload(EPOCH + 100))
         simulator.set_payload("golden-undocumented", UNDOCUMENTED)
+        # The build's own error message, which the official client reads though the spec
+        # leaves it out.
+        failed = simulator.payload("golden-failed")
+        assert failed is not None
+        assert failed["status"] == "FAILED"
+        simulator.set_payload(
+            "golden-failed", {**failed, "errorMessage": "1 of 1 artifacts failed"}
+        )
         build_ids = [*simulator.build_ids, FINISHING.build_id, "golden-undocumented", MISSING]
         running = RunningExporter(
             make_config(simulator.base_url, build_ids), wall_clock=lambda: POLL_TIME
