@@ -110,15 +110,21 @@ def test_reload_can_point_the_exporter_at_another_api(
         wait_until(lambda: polls(other, "a") >= 2, message="polls at the new API")
 
 
+BUILD_FILES = "build_files: [builds.txt]\n"
+
+
+def config_with_a_build_file(tmp_path: Path, base_url: str, content: str) -> tuple[Path, Path]:
+    """A build file holding ``content``, and a config that reads it; both paths."""
+    builds_file = tmp_path / "builds.txt"
+    builds_file.write_text(content)
+    return builds_file, write_config(tmp_path / "config.yaml", base_url, [], extra=BUILD_FILES)
+
+
 def test_build_file_changes_apply_without_a_reload(
     tmp_path: Path, simulator_with_builds: Simulator, start_exporter: StartExporter
 ) -> None:
     simulator = simulator_with_builds
-    builds_file = tmp_path / "builds.txt"
-    builds_file.write_text("a\nb\n")
-    path = write_config(
-        tmp_path / "config.yaml", simulator.base_url, [], extra="build_files: [builds.txt]\n"
-    )
+    builds_file, path = config_with_a_build_file(tmp_path, simulator.base_url, "a\nb\n")
     running = start_exporter(loader(path)())
     running.wait_until_all_polled()
     assert tracked(running) == ["a", "b"]
@@ -141,14 +147,11 @@ def test_a_good_build_file_read_never_hides_a_broken_config_file(
     tmp_path: Path, simulator_with_builds: Simulator, start_exporter: StartExporter
 ) -> None:
     simulator = simulator_with_builds
-    builds_file = tmp_path / "builds.txt"
-    builds_file.write_text("a\n")
-    extra = "build_files: [builds.txt]\n"
-    path = write_config(tmp_path / "config.yaml", simulator.base_url, [], extra=extra)
+    builds_file, path = config_with_a_build_file(tmp_path, simulator.base_url, "a\n")
     running = start_exporter(loader(path)(), load_config=loader(path), enable_lifecycle=True)
     running.wait_until_all_polled()
 
-    write_config(path, simulator.base_url, [], extra=extra + "polling_interval: 5s\n")
+    write_config(path, simulator.base_url, [], extra=BUILD_FILES + "polling_interval: 5s\n")
     assert reload_over_http(running).status_code == 500
     builds_file.write_text("a\nb\n")
     wait_until(lambda: tracked(running) == ["a", "b"], message="the build file change")
