@@ -432,7 +432,7 @@ class Poller:
                 )
         else:
             self._consecutive_rate_limits = 0
-        if result.outcome is Outcome.FORBIDDEN:
+        if result.outcome is Outcome.FORBIDDEN and build_id in self._tracked:
             self._forbidden.add(build_id)
         else:
             self._forbidden.discard(build_id)
