@@ -10,6 +10,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -22,6 +23,8 @@ USER_AGENT = f"primeintellect-build-exporter/{__version__} python-httpx/{httpx._
 DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
 BUILD_PATH = "/api/v1/images/build/"
 _DELAY_SECONDS = re.compile(r"[0-9]+")
+# "Sun Nov  6 08:49:37 1994": the third HTTP-date form, after RFC 1123 and RFC 850.
+_ASCTIME_DATE = re.compile(r"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}")
 
 
 class Outcome(enum.StrEnum):
@@ -242,7 +245,11 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     except (TypeError, ValueError, IndexError):
         return None
     if moment.tzinfo is None:
-        return None
+        # HTTP's obsolete asctime form carries no zone and is GMT by definition; any other
+        # date without one ("-0000") says its zone is unknown.
+        if not _ASCTIME_DATE.fullmatch(text):
+            return None
+        moment = moment.replace(tzinfo=UTC)
     return max(0.0, moment.timestamp() - now)
 
 

@@ -35,6 +35,7 @@ DEFAULT_LISTEN_ADDRESS = ":9862"
 DEFAULT_MAX_INTERVAL = 600.0
 API_KEY_ENV = "PRIME_API_KEY"
 BASE_URL_ENV = "PRIME_API_BASE_URL"
+BASE_URL_ENV_ALIASES = ("PRIME_BASE_URL",)
 
 _BUILD_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _DURATION = re.compile(
@@ -567,12 +568,17 @@ def load_config(path: Path, environ: Mapping[str, str], *, require_api_key: bool
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config file must be a YAML mapping of sections")
-    base_url_override = environ.get(BASE_URL_ENV, "").strip()
+    # As the official client reads them: PRIME_API_BASE_URL, else PRIME_BASE_URL.
+    base_url_env = next(
+        (name for name in (BASE_URL_ENV, *BASE_URL_ENV_ALIASES) if environ.get(name, "").strip()),
+        BASE_URL_ENV,
+    )
+    base_url_override = environ.get(base_url_env, "").strip()
     if base_url_override:
         try:
             normalize_base_url(base_url_override)
         except ValueError as error:
-            raise ConfigError(f"{path}: {BASE_URL_ENV}: {error}") from None
+            raise ConfigError(f"{path}: {base_url_env}: {error}") from None
         api_section = data.get("api") or {}
         if isinstance(api_section, dict):
             data["api"] = {**api_section, "base_url": base_url_override}

@@ -605,6 +605,10 @@ def test_every_httpx_timeout_counts_as_timeout(error: httpx.TimeoutException) ->
         ("Wed, 31 Dec 2025 23:59:00 GMT", 0.0),
         ("Thu, 01 Jan 2026 01:00:00 +0100", 0.0),
         ("Thu, 01 Jan 2026 00:00:30 -0000", None),
+        # The other two HTTP-date forms: RFC 850, and asctime (always GMT).
+        ("Thursday, 01-Jan-26 00:00:30 GMT", 30.0),
+        ("Thu Jan  1 00:00:30 2026", 30.0),
+        ("Thu Jan 01 00:00:30 2026", 30.0),
         ("garbage", None),
         ("", None),
         ("-", None),

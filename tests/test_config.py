@@ -450,6 +450,24 @@ def test_prime_api_base_url_overrides_the_file_and_loses_a_trailing_api_v1(overr
     assert config.api.base_url == "https://override.example.com"
 
 
+def test_prime_base_url_is_read_as_the_official_client_reads_it() -> None:
+    environ = {**WITH_KEY, "PRIME_BASE_URL": "https://other.example.com/api/v1"}
+    assert load_config(VALID / "minimal.yaml", environ).api.base_url == (
+        "https://other.example.com"
+    )
+    # PRIME_API_BASE_URL comes first when both are set.
+    environ["PRIME_API_BASE_URL"] = "https://first.example.com"
+    assert load_config(VALID / "minimal.yaml", environ).api.base_url == (
+        "https://first.example.com"
+    )
+
+
+def test_a_plain_http_prime_base_url_is_refused_under_its_own_name(tmp_path: Path) -> None:
+    path = write(tmp_path / "config.yaml", "builds: [b1]\n")
+    message = config_error(path, {**WITH_KEY, "PRIME_BASE_URL": "http://api.example.com"})
+    assert message.startswith(f"{path}: PRIME_BASE_URL: 'http://api.example.com' uses plain http")
+
+
 def test_prime_api_base_url_applies_when_the_file_has_no_api_section() -> None:
     environ = {**WITH_KEY, "PRIME_API_BASE_URL": "http://127.0.0.1:8080/"}
     config = load_config(VALID / "minimal.yaml", environ)
