@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import enum
 import re
 import time
 import zlib
@@ -17,7 +16,7 @@ import httpx
 
 from exporter import __version__
 from exporter.config import ApiKeySource, is_loopback_host
-from exporter.models import Build, InvalidBuildError, parse_build
+from exporter.models import Build, InvalidBuildError, Outcome, parse_build
 
 USER_AGENT = f"primeintellect-build-exporter/{__version__} python-httpx/{httpx.__version__}"
 DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
@@ -25,27 +24,6 @@ BUILD_PATH = "/api/v1/images/build/"
 _DELAY_SECONDS = re.compile(r"[0-9]+")
 # "Sun Nov  6 08:49:37 1994": the third HTTP-date form, after RFC 1123 and RFC 850.
 _ASCTIME_DATE = re.compile(r"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}")
-
-
-class Outcome(enum.StrEnum):
-    """How one request ended; the values are the ``outcome`` and ``reason`` label values."""
-
-    OK = "ok"
-    NOT_FOUND = "not_found"
-    UNAUTHORIZED = "unauthorized"
-    FORBIDDEN = "forbidden"
-    RATE_LIMITED = "rate_limited"
-    CLIENT_ERROR = "client_error"
-    SERVER_ERROR = "server_error"
-    TIMEOUT = "timeout"
-    CONNECTION_ERROR = "connection_error"
-    INVALID_RESPONSE = "invalid_response"
-
-
-# Answers that say the API itself is not usable right now, as opposed to one build's problem.
-API_DOWN_OUTCOMES = frozenset(
-    {Outcome.UNAUTHORIZED, Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION_ERROR}
-)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,7 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
-from exporter.api import Outcome
-from exporter.models import BUILD_STATUSES, UNKNOWN, Artifact, Build
+from exporter.models import BUILD_STATUSES, UNKNOWN, Artifact, Build, Outcome
 from exporter.store import BuildRecord, Snapshot
 from exporter.telemetry import Histogram, TelemetrySnapshot
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 import sys
@@ -24,6 +25,33 @@ ARTIFACT_TYPES = ("CONTAINER_IMAGE", "VM_SANDBOX")
 DEFAULT_ARTIFACT_TYPE = "CONTAINER_IMAGE"
 UNKNOWN = "UNKNOWN"
 MAX_LABEL_LENGTH = 256
+
+
+class Outcome(enum.StrEnum):
+    """How one request ended; the values are the ``outcome`` and ``reason`` label values."""
+
+    OK = "ok"
+    NOT_FOUND = "not_found"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    RATE_LIMITED = "rate_limited"
+    CLIENT_ERROR = "client_error"
+    SERVER_ERROR = "server_error"
+    TIMEOUT = "timeout"
+    CONNECTION_ERROR = "connection_error"
+    INVALID_RESPONSE = "invalid_response"
+
+
+# Answers that say the API itself is not usable right now, as opposed to one build's problem:
+# everything else is a usable answer, for primeintellect_exporter_api_up.
+API_DOWN_OUTCOMES = frozenset(
+    {Outcome.UNAUTHORIZED, Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION_ERROR}
+)
+
+# Answers that prove the API accepted our key.
+KEY_ACCEPTED_OUTCOMES = frozenset(
+    {Outcome.OK, Outcome.NOT_FOUND, Outcome.CLIENT_ERROR, Outcome.INVALID_RESPONSE}
+)
 
 _datetime_adapter = TypeAdapter(datetime)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")

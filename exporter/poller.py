@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from exporter.api import FetchResult, Outcome
+from exporter.api import FetchResult
+from exporter.models import KEY_ACCEPTED_OUTCOMES, Outcome
 from exporter.store import BuildStore, Transition
 from exporter.telemetry import Telemetry
 
@@ -36,10 +37,6 @@ ONCE_DEADLINE = 60.0
 # answer has stayed the same (within polling.interval and polling.max_interval), so a change
 # is seen at most that fraction late, and stale BUILDING rows cost little.
 CADENCE_FRACTION = 0.1
-# Answers that prove the API accepted our key.
-KEY_ACCEPTED_OUTCOMES = frozenset(
-    {Outcome.OK, Outcome.NOT_FOUND, Outcome.CLIENT_ERROR, Outcome.INVALID_RESPONSE}
-)
 
 
 class Clock(Protocol):

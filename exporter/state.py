@@ -22,8 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from exporter.api import Outcome
-from exporter.models import BUILD, Build, InvalidBuildError, parse_build
+from exporter.models import BUILD, Build, InvalidBuildError, Outcome, parse_build
 from exporter.store import BuildRecord, Snapshot
 
 log = logging.getLogger(__name__)

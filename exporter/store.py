@@ -14,8 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from exporter.api import Outcome
-from exporter.models import Build
+from exporter.models import Build, Outcome
 from exporter.telemetry import Histogram
 
 # A change log this short is never restarted, however few builds are tracked.

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from exporter.api import API_DOWN_OUTCOMES, Outcome
+from exporter.models import API_DOWN_OUTCOMES, Outcome
 
 # What a reload reads: each has its own config_last_reload_successful series.
 RELOAD_SOURCES = ("config", "build_files")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import bcrypt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -177,3 +178,44 @@ def client_context(
     if maximum_version is not None:
         context.maximum_version = maximum_version
     return context
+
+
+PASSWORD = "correct horse battery staple"
+# The lowest cost bcrypt allows keeps the suite fast; it is still a valid hash.
+BCRYPT_ROUNDS = 4
+
+
+@dataclass(frozen=True)
+class CertificateFiles:
+    """A CA, a server certificate for localhost it signed, and keys that do not fit it."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    other_key: Path
+    encrypted_key: Path
+
+
+def write_certificate_files(directory: Path) -> CertificateFiles:
+    """Write a CA, a server certificate for localhost, and keys that do not fit it."""
+    pki = make_pki(directory)
+    key = serialization.load_pem_private_key(pki.server.key.read_bytes(), password=None)
+    encrypted_key = directory / "encrypted.key"
+    encrypted_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    return CertificateFiles(
+        ca=pki.ca,
+        cert=pki.server.cert,
+        key=pki.server.key,
+        other_key=pki.client.key,
+        encrypted_key=encrypted_key,
+    )
+
+
+def bcrypt_hash(password: str = PASSWORD) -> str:
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=BCRYPT_ROUNDS)).decode()

@@ -61,6 +61,7 @@ def exporter_metric_names() -> set[str]:
     return names
 
 
+@pytest.mark.tooling
 def test_rules_file_passes_promtool_check_rules() -> None:
     promtool = find_binary("promtool")
     result = subprocess.run(
@@ -74,6 +75,7 @@ def test_rules_file_passes_promtool_check_rules() -> None:
     assert f"SUCCESS: {len(load_rules())} rules found" in result.stdout
 
 
+@pytest.mark.tooling
 def test_every_rule_passes_its_promtool_unit_tests() -> None:
     promtool = find_binary("promtool")
     assert RULE_TESTS, "no promtool test files in monitoring/tests"

@@ -19,10 +19,10 @@ from exporter.api import (
     DEFAULT_MAX_RESPONSE_BYTES,
     BuildStatusClient,
     FetchResult,
-    Outcome,
     parse_retry_after,
 )
 from exporter.config import ApiKeySource
+from exporter.models import Outcome
 from tests.support import CANARY_API_KEY, EPOCH
 
 BASE_URL = "https://api.example.test"

@@ -20,7 +20,6 @@ import math
 import socket
 import subprocess
 import time
-import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,11 +38,15 @@ from tests.support import (
     CANARY_API_KEY,
     EPOCH,
     RunningExporter,
+    assert_label_value_is_clean,
     find_binary,
     make_config,
     parse_samples,
     wait_until,
 )
+
+# Each test here starts an outside tool (see the `tooling` marker in pyproject.toml).
+pytestmark = pytest.mark.tooling
 
 HEALTHY = ("healthy-1", "healthy-2")
 OPENMETRICS = "application/openmetrics-text;version=1.0.0"
@@ -510,15 +513,6 @@ SHARED_ROWS = [
 
 
 # -- shared checks ------------------------------------------------------------------------------
-
-
-def assert_label_value_is_clean(name: str, label: str, value: str) -> None:
-    where = f"{name}{{{label}=...}}"
-    assert len(value) <= MAX_LABEL_LENGTH, f"{where} is {len(value)} characters long"
-    assert not {"\n", "\r"} & set(value), f"{where} spans lines: {value!r}"
-    bad = [c for c in value if unicodedata.category(c) in {"Cc", "Cs", "Zl", "Zp"}]
-    assert not bad, f"{where} holds control characters or surrogates: {bad!r}"
-    value.encode("utf-8")
 
 
 def assert_valid_exposition(running: RunningExporter) -> Samples:

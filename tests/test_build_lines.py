@@ -13,12 +13,11 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exporter.api import Outcome
 from exporter.exposition import ExpositionFormat, render, render_build_lines
 from exporter.metrics import per_build_families
-from exporter.models import Build, InvalidBuildError, parse_build
+from exporter.models import Build, InvalidBuildError, Outcome, parse_build
 from exporter.store import BuildRecord
-from tests.test_properties import DETERMINISTIC, documents, texts
+from tests.support import DETERMINISTIC, documents, texts
 
 
 def parsed_or_none(document: object, ascii_only: bool) -> Build | None:

@@ -23,10 +23,10 @@ from tests.support import (
     SCRIPT,
     Daemon,
     environment,
+    forever_building,
     run_script,
     wait_until,
 )
-from tests.test_poller import forever_building
 
 
 def write_config(directory: Path, base_url: str, build_ids: list[str], extra: str = "") -> Path:

@@ -28,6 +28,9 @@ from exporter import __version__
 from exporter.config import DEFAULT_LISTEN_ADDRESS
 from tests.support import REPOSITORY, wait_until
 
+# Each test here starts an outside tool (see the `tooling` marker in pyproject.toml).
+pytestmark = pytest.mark.tooling
+
 DOCKERFILE = REPOSITORY / "Dockerfile"
 DOCKERIGNORE = REPOSITORY / ".dockerignore"
 # The base image's PATH, which the final stage's ENV PATH=...:$PATH extends.

@@ -38,6 +38,9 @@ from tests.support import (
     wait_until,
 )
 
+# Each test here starts an outside tool (see the `tooling` marker in pyproject.toml).
+pytestmark = pytest.mark.tooling
+
 RULES_FILE = REPOSITORY / "monitoring" / "alerts.yaml"
 DASHBOARD_FILE = REPOSITORY / "monitoring" / "dashboard.json"
 # The job name the README's scrape config uses, which the rules' job selector matches.

@@ -28,6 +28,9 @@ from exporter import __version__
 from exporter.config import ConfigFile
 from tests.support import REPOSITORY, SCRIPT, environment
 
+# Each test here starts an outside tool (see the `tooling` marker in pyproject.toml).
+pytestmark = pytest.mark.tooling
+
 CHART = REPOSITORY / "helm" / "primeintellect-build-exporter"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 CASES = ["defaults", *(path.name.removesuffix("-values.yaml") for path in CI_VALUES)]

@@ -192,6 +192,7 @@ def test_a_build_seen_finishing_is_counted_once_with_its_duration(
     )
 
 
+@pytest.mark.tooling
 def test_exposition_passes_promtool_check_metrics(golden_exporter: RunningExporter) -> None:
     promtool = find_binary("promtool")
     result = subprocess.run(

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from exporter.api import FetchResult, Outcome
-from exporter.models import parse_build
+from exporter.api import FetchResult
+from exporter.models import Outcome, parse_build
 from exporter.poller import (
     MAX_BACKOFF,
     MAX_RATE_LIMIT_PAUSE,
@@ -25,21 +25,20 @@ from exporter.simulator import BuildPlan, Fault, Simulator
 from exporter.store import BuildStore
 from exporter.telemetry import Telemetry
 from tests.conftest import StartExporter
-from tests.support import EPOCH, RunningExporter, make_config, wait_until
+from tests.support import (
+    EPOCH,
+    RunningExporter,
+    forever_building,
+    make_config,
+    polls,
+    wait_until,
+)
 
 
 def lifecycle(build_id: str, *, seconds: float) -> BuildPlan:
     """A build that starts now and completes after about ``seconds``."""
     third = seconds / 3
     return BuildPlan(build_id, "app", "v1", time.time(), third, third, third)
-
-
-def forever_building(build_id: str) -> BuildPlan:
-    return BuildPlan(build_id, "app", "v1", EPOCH, 10, 10, float("inf"))
-
-
-def polls(simulator: Simulator, build_id: str) -> int:
-    return len(simulator.requests(build_id))
 
 
 def wait_for_polls(simulator: Simulator, build_id: str, count: int, timeout: float = 15) -> None:

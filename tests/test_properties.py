@@ -11,203 +11,30 @@ exposition formats and parsed back with prometheus_client's parsers.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
 
 import httpx
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.api import BuildStatusClient, Outcome
+from exporter.api import BuildStatusClient
 from exporter.exposition import ExpositionFormat, render
 from exporter.metrics import build_families, exporter_families
-from exporter.models import ARTIFACT_TYPES, BUILD_STATUSES, InvalidBuildError, parse_build
+from exporter.models import InvalidBuildError, Outcome, parse_build
 from exporter.poller import Poller, PollSettings
 from exporter.store import BuildStore
 from exporter.telemetry import Telemetry
-from tests.test_bad_answers import assert_label_value_is_clean
+from tests.support import DETERMINISTIC, assert_label_value_is_clean, documents, json_values
 
 BUILD_IDS = ("build-a", "build-b")
 BASE_URL = "https://api.example.test"
 POLL_TIME = 1767225600.0
-
-# Deterministic in CI: the same examples on every run, nothing saved between runs.
-DETERMINISTIC = settings(
-    max_examples=300,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    print_blob=False,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-
-# -- strings -------------------------------------------------------------------------------------
-
-NASTY_CHARACTERS = [
-    *"\x00\x01\t\n\r\x0b\x0c\x1b\x7f\x85\u2028\u2029",  # control characters and line breaks
-    *"\ud800\udbff\udc00\udfff",  # lone surrogates: JSON can carry them, UTF-8 cannot
-    *'"\\{}=,# ',  # what the exposition format escapes or splits on
-    *"…\ufffd\ufeff\u200b\uffffé😀",
-]
-characters = st.one_of(st.characters(), st.sampled_from(NASTY_CHARACTERS))
-short_texts = st.text(characters, max_size=12)
-texts = st.one_of(
-    short_texts,
-    short_texts,
-    # Long ones, cheaply: past the 256-character limit, with nasty characters at the cut.
-    st.builds(lambda unit, count: unit * count, short_texts, st.integers(20, 400)),
-    st.builds(
-        lambda unit, count: unit * count,
-        st.sampled_from(["x", "é", "\n", "\ud800", "😀", '"\\']),
-        st.integers(250, 3000),
-    ),
-)
-
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | texts,
-    lambda children: (
-        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
-    ),
-    max_leaves=5,
-)
-
-
-def mostly(right: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    """The right kind of value most of the time, any JSON value otherwise."""
-    return st.one_of(right, right, right, json_values)
-
-
-# -- timestamps ----------------------------------------------------------------------------------
-
-offsets = st.integers(-(24 * 60 - 1), 24 * 60 - 1).map(lambda m: timezone(timedelta(minutes=m)))
-# From year 1 to 9999, naive or with a UTC offset of up to a day either way.
-moments = st.one_of(
-    st.datetimes(datetime(1, 1, 1), datetime(9999, 12, 31)),  # noqa: DTZ001 (naive on purpose)
-    st.datetimes(
-        datetime(1, 1, 2),  # noqa: DTZ001 (the zone comes from the strategy)
-        datetime(9999, 12, 30),  # noqa: DTZ001
-        timezones=st.one_of(st.just(UTC), offsets),
-    ),
-)
-TIMESTAMP_STYLES = (
-    "iso",
-    "iso-milliseconds",
-    "iso-z",
-    "space",
-    "date",
-    "rfc2822",
-    "unix",
-    "compact",
-    "nanoseconds",
-)
-
-
-def format_moment(moment: datetime, style: str) -> str:
-    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-    match style:
-        case "iso":
-            return moment.isoformat()
-        case "iso-milliseconds":
-            return moment.isoformat(timespec="milliseconds")
-        case "iso-z":
-            return aware.astimezone(UTC).isoformat().replace("+00:00", "Z")
-        case "space":
-            return moment.isoformat(sep=" ")
-        case "date":
-            return moment.date().isoformat()
-        case "rfc2822":
-            return email.utils.format_datetime(moment)
-        case "unix":
-            return str(int(aware.timestamp()))
-        case "compact":
-            return moment.strftime("%Y%m%dT%H%M%S")
-        case _:
-            return moment.strftime("%Y-%m-%dT%H:%M:%S") + ".123456789Z"
-
-
-timestamps = st.one_of(
-    st.builds(format_moment, moments, st.sampled_from(TIMESTAMP_STYLES)),
-    st.sampled_from(
-        [
-            "",
-            "now",
-            "2026-13-45T25:61:61Z",
-            "2026-06-30T23:59:60Z",
-            "0000-00-00T00:00:00Z",
-            "-0001-01-01T00:00:00Z",
-            "1e308",
-            "-1",
-            "9" * 30,
-            "\uff12\uff10\uff12\uff16-01-01T00:00:00Z",  # full-width digits
-            "2026-01-01T00:00:00+24:00",
-        ]
-    ),
-    texts,
-    json_values,
-)
-
-# -- documents -----------------------------------------------------------------------------------
-
-
-def shaped(
-    required: dict[str, st.SearchStrategy[Any]], optional: dict[str, st.SearchStrategy[Any]]
-) -> st.SearchStrategy[dict[str, Any]]:
-    """Objects with all required fields (most often) or a random subset, plus unknown ones."""
-    complete = st.fixed_dictionaries(required, optional=optional)
-    partial = st.fixed_dictionaries({}, optional={**required, **optional})
-    extras = st.dictionaries(st.text(max_size=8), json_values, max_size=2)
-    return st.builds(lambda extra, known: {**extra, **known}, extras, complete | complete | partial)
-
-
-statuses = mostly(st.sampled_from([*BUILD_STATUSES, "UNKNOWN", "", "building"]) | texts)
-optional_texts = st.none() | texts
-
-artifacts = shaped(
-    {
-        "id": mostly(st.sampled_from(["a1", "a2", "a1\n"]) | texts),
-        "status": statuses,
-        "createdAt": timestamps,
-    },
-    {
-        "artifactType": mostly(st.sampled_from([*ARTIFACT_TYPES, "WASM_MODULE", None]) | texts),
-        "fullImagePath": mostly(optional_texts),
-        "errorMessage": mostly(optional_texts),
-        "startedAt": st.none() | timestamps,
-        "completedAt": st.none() | timestamps,
-    },
-)
-
-
-def documents(build_id: str) -> st.SearchStrategy[dict[str, Any]]:
-    other_ids = st.sampled_from([build_id, build_id, "someone-else", build_id.upper()])
-    return shaped(
-        {
-            "id": mostly(other_ids),
-            "imageName": mostly(texts),
-            "imageTag": mostly(texts),
-            "status": statuses,
-            "createdAt": timestamps,
-        },
-        {
-            "startedAt": st.none() | timestamps,
-            "completedAt": st.none() | timestamps,
-            "errorMessage": mostly(optional_texts),
-            "error_message": mostly(optional_texts),
-            "artifacts": mostly(st.none() | st.lists(mostly(artifacts), max_size=4)),
-        },
-    )
 
 
 def encoded(document: object, ascii_only: bool) -> bytes:

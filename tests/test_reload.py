@@ -12,8 +12,16 @@ import pytest
 from exporter.config import Config, load_config
 from exporter.simulator import BuildPlan, Simulator
 from tests.conftest import StartExporter
-from tests.support import CANARY_API_KEY, EPOCH, Daemon, RunningExporter, environment, wait_until
-from tests.test_poller import forever_building, polls
+from tests.support import (
+    CANARY_API_KEY,
+    EPOCH,
+    Daemon,
+    RunningExporter,
+    environment,
+    forever_building,
+    polls,
+    wait_until,
+)
 
 FINISHED = BuildPlan("finished", "app", "v0", EPOCH, 1, 1, 1)
 

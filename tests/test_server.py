@@ -13,8 +13,7 @@ from exporter.server import Endpoints, MetricsServer
 from exporter.simulator import Fault, Simulator
 from exporter.store import BuildStore, Snapshot
 from tests.conftest import StartExporter
-from tests.support import EPOCH, ServerThread, make_config, wait_until
-from tests.test_poller import forever_building
+from tests.support import EPOCH, ServerThread, forever_building, make_config, wait_until
 
 PROMETHEUS_2_ACCEPT = (
     "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"

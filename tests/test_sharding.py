@@ -11,8 +11,7 @@ import pytest
 from exporter.config import ConfigError, ShardSettings, load_config, parse_shard_index
 from exporter.simulator import Simulator
 from tests.conftest import StartExporter
-from tests.support import CANARY_API_KEY, environment, make_config, run_script
-from tests.test_poller import forever_building
+from tests.support import CANARY_API_KEY, environment, forever_building, make_config, run_script
 
 BUILD_IDS = [f"shard-build-{index:03d}" for index in range(40)]
 

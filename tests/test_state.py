@@ -14,8 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exporter.api import Outcome
-from exporter.models import parse_build
+from exporter.models import Outcome, parse_build
 from exporter.simulator import BuildPlan, Simulator, random_plans
 from exporter.state import StateFile, encode_build, open_state
 from exporter.store import BuildRecord

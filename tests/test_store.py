@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from exporter.api import Outcome
-from exporter.models import Build, parse_build
+from exporter.models import Build, Outcome, parse_build
 from exporter.store import BuildState, BuildStore
 from exporter.telemetry import Histogram
 from tests.support import EPOCH

@@ -20,8 +20,11 @@ from exporter.webconfig import (
     WebConfigError,
     load_web_config,
 )
+from tests.pki import bcrypt_hash, write_certificate_files
 from tests.support import find_binary
-from tests.test_web_config_file import bcrypt_hash, write_certificate_files
+
+# Each test here starts an outside tool (see the `tooling` marker in pyproject.toml).
+pytestmark = pytest.mark.tooling
 
 
 @dataclass(frozen=True)

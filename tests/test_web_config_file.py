@@ -7,12 +7,9 @@ import base64
 import logging
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import bcrypt
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from exporter.webconfig import (
     GO_CIPHER_SUITES,
@@ -20,47 +17,7 @@ from exporter.webconfig import (
     WebConfigWatcher,
     load_web_config,
 )
-from tests.pki import make_pki
-
-PASSWORD = "correct horse battery staple"
-# The lowest cost bcrypt allows keeps the suite fast; it is still a valid hash.
-BCRYPT_ROUNDS = 4
-
-
-@dataclass(frozen=True)
-class CertificateFiles:
-    """A CA, a server certificate for localhost it signed, and keys that do not fit it."""
-
-    ca: Path
-    cert: Path
-    key: Path
-    other_key: Path
-    encrypted_key: Path
-
-
-def write_certificate_files(directory: Path) -> CertificateFiles:
-    """Write a CA, a server certificate for localhost, and keys that do not fit it."""
-    pki = make_pki(directory)
-    key = serialization.load_pem_private_key(pki.server.key.read_bytes(), password=None)
-    encrypted_key = directory / "encrypted.key"
-    encrypted_key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"passphrase"),
-        )
-    )
-    return CertificateFiles(
-        ca=pki.ca,
-        cert=pki.server.cert,
-        key=pki.server.key,
-        other_key=pki.client.key,
-        encrypted_key=encrypted_key,
-    )
-
-
-def bcrypt_hash(password: str = PASSWORD) -> str:
-    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=BCRYPT_ROUNDS)).decode()
+from tests.pki import PASSWORD, CertificateFiles, bcrypt_hash, write_certificate_files
 
 
 def basic(user: str, password: str = PASSWORD) -> str:
