@@ -120,7 +120,7 @@ class Exporter:
             if state is not None:
                 self._state_sync = StateSync(state, restored)
         self.store = BuildStore(restored.records)
-        self.telemetry = Telemetry()
+        self.telemetry = Telemetry(clock.monotonic if clock is not None else time.monotonic)
         self._per_scrape = PerScrapeFamilies(self.telemetry)
         self.client = create_client(config)
         self.poller = Poller(

@@ -267,9 +267,11 @@ def exporter_families(
     )
     api_up = GaugeMetricFamily(
         "primeintellect_exporter_api_up",
-        "1 if the last API answer was usable (not 401, 5xx or a transport failure).",
+        "0 once no usable API answer (anything but 401, 5xx or a transport failure) has come"
+        " for 60s while requests were made; 1 again at the next usable one.",
     )
-    # Before the first answer there is nothing to say, and 0 would read as an outage.
+    # Before the first usable answer, or the first minute of unusable ones, there is nothing to
+    # say, and 0 would read as an outage.
     if telemetry.api_up is not None:
         api_up.add_metric((), 1.0 if telemetry.api_up else 0.0)
     internal_errors = CounterMetricFamily(

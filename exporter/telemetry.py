@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -15,6 +16,9 @@ RELOAD_SOURCES = ("config", "build_files")
 REQUEST_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Parts of the exporter whose unexpected exceptions are counted rather than fatal.
 INTERNAL_ERROR_COMPONENTS = ("poller", "renderer", "reload", "state")
+# How long unusable answers (401, 5xx, transport failures) must keep coming, with no usable
+# one among them, before api_up reads 0: one failing build among good ones never flips it.
+API_DOWN_AFTER_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,14 +63,18 @@ class TelemetrySnapshot:
 class Telemetry:
     """Counters about the exporter itself, updated on every request.
 
-    ``snapshot()`` returns the same object until something changes.
+    ``snapshot()`` returns the same object until something changes. ``clock`` is monotonic.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
+        self._clock = clock
         self._requests = dict.fromkeys(Outcome, 0)
         self._durations = Histogram.empty(REQUEST_DURATION_BUCKETS)
+        # None until the API has been usable, or unusable for API_DOWN_AFTER_SECONDS.
         self._api_up: bool | None = None
+        # When the current run of unusable answers began; None after a usable answer.
+        self._unusable_since: float | None = None
         self._rate_limited_until = 0.0
         self._config_reload_successful = dict.fromkeys(RELOAD_SOURCES, True)
         self._internal_errors = dict.fromkeys(INTERNAL_ERROR_COMPONENTS, 0)
@@ -80,8 +88,16 @@ class Telemetry:
         with self._lock:
             self._requests[outcome] += 1
             self._durations = self._durations.observe(duration)
-            self._api_up = outcome not in API_DOWN_OUTCOMES
             self._snapshot = None
+            if outcome not in API_DOWN_OUTCOMES:
+                self._unusable_since = None
+                self._api_up = True
+                return
+            now = self._clock()
+            if self._unusable_since is None:
+                self._unusable_since = now
+            if now - self._unusable_since >= API_DOWN_AFTER_SECONDS:
+                self._api_up = False
 
     def set_rate_limited_until(self, timestamp: float) -> None:
         with self._lock:

@@ -33,10 +33,12 @@ from prometheus_client.openmetrics.parser import (
 
 from exporter.models import BUILD_STATUSES, MAX_LABEL_LENGTH
 from exporter.simulator import BUILD_PATH_PREFIX, BuildPlan, Fault, Simulator
+from exporter.telemetry import API_DOWN_AFTER_SECONDS
 from tests.conftest import StartExporter
 from tests.support import (
     CANARY_API_KEY,
     EPOCH,
+    FastClock,
     RunningExporter,
     assert_label_value_is_clean,
     find_binary,
@@ -880,8 +882,9 @@ def test_rejected_key_is_reported_and_logged_once(
 ) -> None:
     status = 401
     caplog.set_level(logging.INFO, logger="exporter")
-    # Requests 200 ms apart: the healthy answers arrive before the rejection, so the last
-    # answer, which api_up describes, is the rejection.
+    # Requests 200 ms apart: the healthy answers arrive before the rejection. One rejection
+    # after usable answers is not a minute of them, so api_up stays 1; the key-rejected alert
+    # reads last_poll_error{reason="unauthorized"}.
     running = start_with_a_victim(
         simulator,
         start_exporter,
@@ -896,7 +899,7 @@ def test_rejected_key_is_reported_and_logged_once(
             1,
         ),
         ("primeintellect_image_build_last_poll_success", {"build_id": "victim"}, 0),
-        ("primeintellect_exporter_api_up", {}, 0),
+        ("primeintellect_exporter_api_up", {}, 1),
         ("primeintellect_exporter_api_requests_total", {"outcome": "unauthorized"}, 1),
     ]
     wait_until(lambda: shows(running, expected), message="the key rejection")
@@ -912,6 +915,31 @@ def test_rejected_key_is_reported_and_logged_once(
     assert_no_key_in_logs(caplog)
 
 
+def test_one_failing_build_among_good_ones_leaves_api_up_at_one(
+    simulator: Simulator, start_exporter: StartExporter
+) -> None:
+    for build_id in (*HEALTHY, "victim"):
+        simulator.add(building(build_id))
+    simulator.set_fault("victim", Fault.server_error(503))
+    # Twenty times real time: a simulated minute and a half of polling in about 4.5 s.
+    clock = FastClock(speed=20)
+    config = make_config(simulator.base_url, [*HEALTHY, "victim"], max_interval="1s")
+    running = start_exporter(config, clock=clock)
+    readings: list[float | None] = []
+    while clock.elapsed() < API_DOWN_AFTER_SECONDS * 1.5:
+        readings.append(running.value("primeintellect_exporter_api_up"))
+    # The victim's answers were the last ones many times over; api_up never said so.
+    victim_failures = len(simulator.requests("victim"))
+    assert victim_failures >= 5
+    assert set(readings[len(readings) // 10 :]) == {1.0}
+    assert (
+        running.value(
+            "primeintellect_image_build_last_poll_error", build_id="victim", reason="server_error"
+        )
+        == 1
+    )
+
+
 def test_unreachable_api_fails_every_build_and_the_daemon_lives(
     start_exporter: StartExporter, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -921,11 +949,16 @@ def test_unreachable_api_fails_every_build_and_the_daemon_lives(
         port = probe.getsockname()[1]
     # Closed again: nothing listens on the port, so every connection is refused.
     build_ids = ["victim", *HEALTHY]
-    running = start_exporter(make_config(f"http://127.0.0.1:{port}", build_ids))
-    expected: list[Series] = [("primeintellect_exporter_api_up", {}, 0)]
+    # Twenty times real time, so the minute of refusals that turns api_up off passes in 3 s.
+    clock = FastClock(speed=20)
+    running = start_exporter(make_config(f"http://127.0.0.1:{port}", build_ids), clock=clock)
+    expected: list[Series] = []
     for build_id in build_ids:
         expected += failed_with("connection_error")(build_id)
     wait_until(lambda: shows(running, expected), message="every build to fail")
+    expected.append(("primeintellect_exporter_api_up", {}, 0))
+    wait_until(lambda: shows(running, expected), message="api_up to read 0 after a minute")
+    assert clock.elapsed() >= API_DOWN_AFTER_SECONDS
     assert_healthy(running)
     assert_series(assert_valid_exposition(running), expected)
     for build_id in build_ids:

@@ -23,10 +23,11 @@ from exporter.poller import (
 )
 from exporter.simulator import BuildPlan, Fault, Simulator
 from exporter.store import BuildStore
-from exporter.telemetry import Telemetry
+from exporter.telemetry import API_DOWN_AFTER_SECONDS, Telemetry
 from tests.conftest import StartExporter
 from tests.support import (
     EPOCH,
+    FastClock,
     RunningExporter,
     forever_building,
     make_config,
@@ -296,19 +297,32 @@ def test_values_of_a_build_without_a_good_poll_go_stale_and_are_dropped(
     )
 
 
-def test_rejected_api_key_sets_api_up_to_zero(
+def test_rejected_api_key_turns_api_up_off_after_a_minute_of_rejections(
     simulator: Simulator, start_exporter: StartExporter
 ) -> None:
     simulator.add(forever_building("secret"))
-    running = start_exporter(make_config(simulator.base_url, ["secret"], api_key="wrong-key"))
+    # Thirty times real time: the minute of rejections, and the pauses between them, pass in
+    # about two seconds.
+    clock = FastClock(speed=30)
+    running = start_exporter(
+        make_config(simulator.base_url, ["secret"], api_key="wrong-key"), clock=clock
+    )
     running.wait_until_all_polled()
-    assert running.value("primeintellect_exporter_api_up") == 0
     assert (
         running.value(
             "primeintellect_image_build_last_poll_error", build_id="secret", reason="unauthorized"
         )
         == 1
     )
+    if clock.elapsed() < API_DOWN_AFTER_SECONDS - 5:
+        # Not yet a minute without a usable answer: unknown, not down.
+        assert running.value("primeintellect_exporter_api_up") is None
+    wait_until(
+        lambda: running.value("primeintellect_exporter_api_up") == 0,
+        message="api_up to read 0 after a minute of rejections",
+    )
+    assert clock.elapsed() >= API_DOWN_AFTER_SECONDS
+    assert len(simulator.requests("secret")) >= 2
 
 
 def test_running_exporter_shows_a_build_moving_through_its_lifecycle(

@@ -207,7 +207,14 @@ def test_a_rejected_key_pauses_polling_and_a_fixed_key_file_recovers_without_res
     )
     running = start_exporter(load_config(path, {}))
     running.wait_until_all_polled()
-    assert running.value("primeintellect_exporter_api_up") == 0
+    # Rejected, but not yet for a minute: api_up is unknown, the key-rejected reason is shown.
+    assert running.value("primeintellect_exporter_api_up") is None
+    assert (
+        running.value(
+            "primeintellect_image_build_last_poll_error", build_id="a", reason="unauthorized"
+        )
+        == 1
+    )
     requests_while_rejected = len(simulator.requests())
     # The whole API is paused, not hammered: far fewer requests than builds times seconds.
     assert requests_while_rejected <= 3
