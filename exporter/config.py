@@ -6,6 +6,7 @@ import difflib
 import glob
 import hashlib
 import ipaddress
+import json
 import logging
 import re
 from collections import Counter
@@ -36,6 +37,8 @@ DEFAULT_MAX_INTERVAL = 600.0
 API_KEY_ENV = "PRIME_API_KEY"
 BASE_URL_ENV = "PRIME_API_BASE_URL"
 BASE_URL_ENV_ALIASES = ("PRIME_BASE_URL",)
+# Where `prime login` (the official CLI) keeps the key, under the user's home directory.
+PRIME_LOGIN_FILE = Path(".prime") / "config.json"
 
 _BUILD_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _DURATION = re.compile(
@@ -650,12 +653,47 @@ def _api_key_source(
             raise ConfigError(f"{path}: {error}") from None
     if env_key:
         return ApiKeySource(value=SecretStr(_usable_key(env_key, API_KEY_ENV)))
-    if require_api_key:
-        raise ConfigError(
-            f"{path}: no API key: set api.api_key_file in the file "
-            f"or {API_KEY_ENV} in the environment"
-        )
-    return None
+    if not require_api_key:
+        return None
+    login_file = _prime_login_file(environ)
+    login_key = _prime_login_key(path, login_file) if login_file is not None else None
+    if login_key is not None:
+        return ApiKeySource(value=login_key, origin=f"{login_file} (prime login)")
+    raise ConfigError(
+        f"{path}: no API key: set api.api_key_file in the file "
+        f"or {API_KEY_ENV} in the environment"
+        + (f", or run prime login, which saves it in {login_file}" if login_file else "")
+    )
+
+
+def _prime_login_file(environ: Mapping[str, str]) -> Path | None:
+    """``~/.prime/config.json`` of the user in ``environ``; None without a home directory."""
+    home = environ.get("HOME", "").strip()
+    return Path(home) / PRIME_LOGIN_FILE if home else None
+
+
+def _prime_login_key(path: Path, login_file: Path) -> SecretStr | None:
+    """The ``api_key`` that ``prime login`` saved, None if there is no such file or key."""
+    try:
+        text = login_file.read_text(encoding="utf-8-sig")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{path}: no API key set; cannot read {login_file}: {reason}") from None
+    try:
+        saved = json.loads(text)
+    except ValueError:
+        raise ConfigError(f"{path}: no API key set; {login_file} is not JSON") from None
+    value = saved.get("api_key") if isinstance(saved, dict) else None
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: {login_file}: api_key must be a string")
+    try:
+        return SecretStr(_usable_key(value, f"{login_file}: api_key"))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
 
 
 def _usable_key(text: str, where: str) -> str:

@@ -335,8 +335,12 @@ def fixed_plans() -> list[BuildPlan]:
 
 
 def environment(**extra: str) -> dict[str, str]:
-    """The test process's environment without Prime Intellect settings, plus ``extra``."""
+    """The test process's environment without Prime Intellect settings, plus ``extra``.
+
+    HOME names no directory, so a key saved by ``prime login`` on this machine is never read.
+    """
     base = {k: v for k, v in os.environ.items() if not k.startswith("PRIME_")}
+    base["HOME"] = "/nonexistent"
     return {**base, **extra}
 
 

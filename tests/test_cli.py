@@ -260,6 +260,31 @@ def test_json_logs_are_one_object_per_line_without_the_key(
     assert CANARY_API_KEY not in stderr
 
 
+def test_a_person_who_ran_prime_login_needs_no_other_key(
+    tmp_path: Path, simulator: Simulator, daemons: list[Daemon]
+) -> None:
+    simulator.add(forever_building("mine"))
+    login_file = tmp_path / "home" / ".prime" / "config.json"
+    login_file.parent.mkdir(parents=True)
+    login_file.write_text(json.dumps({"api_key": CANARY_API_KEY, "team_id": None}))
+    config = write_config(
+        tmp_path, simulator.base_url, ["mine"], "web:\n  listen_address: 127.0.0.1:0\n"
+    )
+    env = {**environment(), "HOME": str(tmp_path / "home")}
+    daemon = Daemon("--config.file", str(config), "--log.format", "json", env=env)
+    daemons.append(daemon)
+    url = daemon.wait_for_url()
+    wait_until(
+        lambda: 'last_poll_success{build_id="mine"} 1.0' in httpx.get(url + "/metrics").text,
+        message="a poll with the prime login key",
+    )
+    _, _, stderr = daemon.stop()
+    records = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    (started,) = [r for r in records if r["msg"] == "listening"]
+    assert started["api_key_source"] == f"{login_file} (prime login)"
+    assert CANARY_API_KEY not in stderr
+
+
 def test_the_open_file_soft_limit_is_raised_to_the_hard_limit(daemons: list[Daemon]) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= 256:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -744,6 +745,85 @@ def test_api_key_source_refuses_both_a_file_and_a_value(tmp_path: Path) -> None:
 def test_api_key_source_refuses_neither_a_file_nor_a_value() -> None:
     with pytest.raises(ValueError, match="exactly one of file and value"):
         ApiKeySource()
+
+
+# --- the key `prime login` saved ----------------------------------------------------------------
+
+
+def home_with_login(tmp_path: Path, saved: str) -> dict[str, str]:
+    """An environment whose home holds ``.prime/config.json`` with the text ``saved``."""
+    write(tmp_path / "home" / ".prime" / "config.json", saved)
+    return {"HOME": str(tmp_path / "home")}
+
+
+def test_without_a_file_or_environment_key_the_prime_login_key_is_used(tmp_path: Path) -> None:
+    environ = home_with_login(tmp_path, json.dumps({"api_key": KEY, "team_id": None}))
+    config = load_config(VALID / "minimal.yaml", environ)
+    assert config.api_key is not None
+    assert config.api_key.current().get_secret_value() == KEY
+    login_file = tmp_path / "home" / ".prime" / "config.json"
+    assert config.api_key.origin == f"{login_file} (prime login)"
+
+
+def test_the_environment_key_wins_over_the_prime_login_key(tmp_path: Path) -> None:
+    environ = home_with_login(tmp_path, json.dumps({"api_key": "pk-from-login"}))
+    config = load_config(VALID / "minimal.yaml", {**environ, **WITH_KEY})
+    assert config.api_key is not None
+    assert config.api_key.current().get_secret_value() == KEY
+    assert config.api_key.origin == "PRIME_API_KEY"
+
+
+def test_the_demo_reads_no_prime_login_file(tmp_path: Path) -> None:
+    environ = home_with_login(tmp_path, "not json")
+    assert load_config(VALID / "minimal.yaml", environ, require_api_key=False).api_key is None
+
+
+@pytest.mark.parametrize(
+    ("saved", "expected"),
+    [
+        # No file, or a file without a key: the usual error, which now names the file too.
+        (
+            None,
+            "{config}: no API key: set api.api_key_file in the file or PRIME_API_KEY in the "
+            "environment, or run prime login, which saves it in {login}",
+        ),
+        (
+            json.dumps({"team_id": "t1"}),
+            "{config}: no API key: set api.api_key_file in the file or PRIME_API_KEY in the "
+            "environment, or run prime login, which saves it in {login}",
+        ),
+        (
+            json.dumps({"api_key": "  "}),
+            "{config}: no API key: set api.api_key_file in the file or PRIME_API_KEY in the "
+            "environment, or run prime login, which saves it in {login}",
+        ),
+        ("{not json", "{config}: no API key set; {login} is not JSON"),
+        (json.dumps({"api_key": 12345}), "{config}: {login}: api_key must be a string"),
+        (
+            json.dumps({"api_key": "pk-ünïcode"}),
+            "{config}: {login}: api_key: the key holds spaces or characters an API key cannot have",
+        ),
+    ],
+    ids=["no_file", "no_api_key", "blank_api_key", "not_json", "not_a_string", "non_ascii"],
+)
+def test_an_unusable_prime_login_file_is_a_config_error_naming_it(
+    tmp_path: Path, saved: str | None, expected: str
+) -> None:
+    login = tmp_path / "home" / ".prime" / "config.json"
+    environ = (
+        {"HOME": str(tmp_path / "home")} if saved is None else home_with_login(tmp_path, saved)
+    )
+    config = VALID / "minimal.yaml"
+    message = config_error(config, environ)
+    assert message == expected.format(config=config, login=login)
+    assert "pk-ünïcode" not in message
+
+
+def test_a_prime_login_key_pasted_as_a_header_is_trimmed_like_the_others(tmp_path: Path) -> None:
+    environ = home_with_login(tmp_path, "\ufeff" + json.dumps({"api_key": f"Bearer {KEY}"}))
+    config = load_config(VALID / "minimal.yaml", environ)
+    assert config.api_key is not None
+    assert config.api_key.current().get_secret_value() == KEY
 
 
 # --- pure helpers --------------------------------------------------------------------------------
