@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -17,6 +18,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
 from exporter.api import BuildStatusClient
+from exporter.blocking import in_daemon_thread
 from exporter.config import Config
 from exporter.connections import ServerLimits
 from exporter.exposition import ExpositionFormat
@@ -38,6 +40,9 @@ POLLER_RESTART_DELAY = 1.0
 
 # How often what changed in the store is written to the state file.
 STATE_SYNC_INTERVAL = 1.0
+# The last write of the state file at shutdown gets this long; the chart gives the whole
+# shutdown 30 s, and a state file on a hung volume must not take all of it.
+STATE_CLOSE_DEADLINE = 3.0
 
 
 def poll_settings(config: Config) -> PollSettings:
@@ -246,7 +251,7 @@ class Exporter:
             for client in (self.client, *self._retired_clients):
                 await client.aclose()
             await server.stop()
-            await asyncio.to_thread(self._close_state)
+            await self._close_state_within_deadline()
             log.info("stopped")
 
     async def poll_once(self) -> tuple[bool, bytes]:
@@ -309,9 +314,25 @@ class Exporter:
         while True:
             await asyncio.sleep(STATE_SYNC_INTERVAL)
             try:
-                await asyncio.to_thread(self._state_sync.sync, self.store.snapshot())
+                await in_daemon_thread(
+                    functools.partial(self._state_sync.sync, self.store.snapshot()), "state-sync"
+                )
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
                 self.internal_error("state", error)
+
+    async def _close_state_within_deadline(self) -> None:
+        if self._state_sync is None:
+            return
+        path = self.config.state_path
+        try:
+            async with asyncio.timeout(STATE_CLOSE_DEADLINE):
+                await in_daemon_thread(self._close_state, "state-close")
+        except TimeoutError:
+            # SQLite's journal keeps the file whole; the next start resumes from the last write.
+            log.warning(
+                "the state file took too long to write at shutdown; stopping without it",
+                extra={"path": str(path or ""), "deadline_seconds": STATE_CLOSE_DEADLINE},
+            )
 
     def _close_state(self) -> None:
         """Write the last changes and let the file go, for the next process to take."""

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 
+from exporter.blocking import in_daemon_thread
 from exporter.config import Config, ConfigError, build_files_fingerprint, collect_build_ids
 from exporter.telemetry import Telemetry
 
@@ -59,8 +61,11 @@ class Reloader:
         while True:
             try:
                 config = self._current()
-                current = await asyncio.to_thread(
-                    build_files_fingerprint, config.file.build_files, config.source.parent
+                current = await in_daemon_thread(
+                    functools.partial(
+                        build_files_fingerprint, config.file.build_files, config.source.parent
+                    ),
+                    "build-files-check",
                 )
                 if seen is not None and current != seen:
                     await self.reload_build_files()
@@ -72,7 +77,8 @@ class Reloader:
     async def _reload(self, source: str, load: Callable[[], Config]) -> str | None:
         async with self._lock:
             try:
-                config = await asyncio.to_thread(load)
+                # A hung read must not hold up shutdown: the thread is left behind if need be.
+                config = await in_daemon_thread(load, f"reload-{source}")
                 added, removed = self._apply(config)
             except ConfigError as error:
                 self._telemetry.set_config_reload_successful(source, False)

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from exporter import __version__
 from exporter.auth import AUTH_REALM
+from exporter.blocking import in_daemon_thread
 from exporter.config import parse_listen_address
 from exporter.connections import Listener, ServerLimits
 from exporter.exposition import ExpositionFormat, accepts_gzip, negotiate_format
@@ -201,8 +202,9 @@ class MetricsServer:
         while True:
             await asyncio.sleep(WEB_CONFIG_CHECK_INTERVAL)
             try:
-                # Reading certificates and hashing the dummy password take time: not on the loop.
-                await asyncio.to_thread(watcher.check)
+                # Reading certificates and hashing the dummy password take time: not on the loop,
+                # and in a thread that a hung read cannot use to hold up shutdown.
+                await in_daemon_thread(watcher.check, "web-config-check")
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
                 self._endpoints.internal_error("server", error)
 

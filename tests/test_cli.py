@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import signal
@@ -219,6 +220,80 @@ def test_signals_stop_the_daemon_cleanly_within_five_seconds(
     assert seconds < 5
     assert "msg=stopped" in stderr
     assert CANARY_API_KEY not in stderr
+
+
+def open_for_writing_once_read(fifo: Path) -> int:
+    """A writer's descriptor on ``fifo`` once the exporter has opened it to read; the
+    exporter's read then waits, as on a hung file system, until the writer closes."""
+
+    def writer() -> int | None:
+        try:
+            # Without a reader, a non-blocking open for writing fails with ENXIO.
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return None
+
+    descriptor: int = wait_until(writer, message=f"the exporter to open {fifo.name}")
+    return descriptor
+
+
+def test_sigterm_during_a_hung_build_file_read_exits_within_five_seconds(
+    tmp_path: Path, simulator: Simulator, daemons: list[Daemon]
+) -> None:
+    simulator.add(forever_building("b1"))
+    builds = tmp_path / "builds.d"
+    builds.mkdir()
+    (builds / "team.txt").write_text("b1\n")
+    config = write_config(
+        tmp_path,
+        simulator.base_url,
+        [],
+        f"build_files:\n  - {builds}/*.txt\nweb:\n  listen_address: 127.0.0.1:0\n",
+    )
+    config.write_text(
+        config.read_text().replace(
+            "polling:\n", "polling:\n  build_files_refresh_interval: 100ms\n"
+        )
+    )
+    daemon = Daemon("--config.file", str(config), env=environment(PRIME_API_KEY=CANARY_API_KEY))
+    daemons.append(daemon)
+    url = daemon.wait_for_url()
+    wait_until(lambda: httpx.get(url + "/-/ready").status_code == 200, message="readiness")
+    os.mkfifo(builds / "stuck.txt")
+    writer = open_for_writing_once_read(builds / "stuck.txt")
+    try:
+        returncode, seconds, stderr = daemon.stop(signal.SIGTERM)
+    finally:
+        os.close(writer)
+    assert returncode == 0, stderr
+    assert seconds < 5
+    assert "msg=stopped" in stderr
+
+
+def test_sigterm_during_a_hung_config_read_exits_within_five_seconds(
+    tmp_path: Path, simulator: Simulator, daemons: list[Daemon]
+) -> None:
+    simulator.add(forever_building("b1"))
+    config = write_config(
+        tmp_path, simulator.base_url, ["b1"], "web:\n  listen_address: 127.0.0.1:0\n"
+    )
+    daemon = Daemon("--config.file", str(config), env=environment(PRIME_API_KEY=CANARY_API_KEY))
+    daemons.append(daemon)
+    url = daemon.wait_for_url()
+    wait_until(lambda: httpx.get(url + "/-/ready").status_code == 200, message="readiness")
+    # The config file becomes one whose read never ends, then SIGHUP asks for it.
+    fifo = tmp_path / "hung.yaml"
+    os.mkfifo(fifo)
+    fifo.replace(config)
+    daemon.process.send_signal(signal.SIGHUP)
+    writer = open_for_writing_once_read(config)
+    try:
+        returncode, seconds, stderr = daemon.stop(signal.SIGTERM)
+    finally:
+        os.close(writer)
+    assert returncode == 0, stderr
+    assert seconds < 5
+    assert "msg=stopped" in stderr
 
 
 def test_json_logs_are_one_object_per_line_without_the_key(
