@@ -18,6 +18,10 @@ from exporter.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
+# How long build files must look the same before a change is read: a shell's `>` truncates
+# a file before the new text is written, and a generating script may take a moment.
+BUILD_FILES_SETTLE_SECONDS = 1.0
+
 
 class Reloader:
     """Reads a new configuration when asked, or when the build files change, and applies it.
@@ -45,31 +49,36 @@ class Reloader:
         """Read the config file (and its build files) again; the error, or None."""
         return await self._reload("config", self._load_config)
 
-    async def reload_build_files(self) -> str | None:
-        """Read only the build files again; the error, or None."""
-
-        def with_new_build_files() -> Config:
-            config = self._current()
-            build_ids = collect_build_ids(config.file, config.source.parent)
-            return dataclasses.replace(config, build_ids=build_ids)
-
-        return await self._reload("build_files", with_new_build_files)
-
     async def watch_build_files(self) -> None:
-        """Reload the build files whenever they change; runs until cancelled."""
-        seen: tuple[object, ...] | None = None
+        """Reload the build files whenever they change; runs until cancelled.
+
+        A change is read once the files have looked the same for BUILD_FILES_SETTLE_SECONDS,
+        and a read during which they changed again is not used: a file truncated and
+        rewritten in place never drops its builds for a moment.
+        """
+        loop = asyncio.get_running_loop()
+        applied: tuple[object, ...] | None = None
+        changing: tuple[object, ...] | None = None
+        changed_at = 0.0
         while True:
             try:
                 config = self._current()
                 current = await in_daemon_thread(
-                    functools.partial(
-                        build_files_fingerprint, config.file.build_files, config.source.parent
-                    ),
-                    "build-files-check",
+                    functools.partial(_fingerprint, config), "build-files-check"
                 )
-                if seen is not None and current != seen:
-                    await self.reload_build_files()
-                seen = current
+                if applied is None:
+                    applied = current
+                elif current == applied:
+                    changing = None
+                elif current != changing:
+                    changing, changed_at = current, loop.time()
+                elif loop.time() - changed_at >= BUILD_FILES_SETTLE_SECONDS:
+                    read = functools.partial(_read_build_files, config, current)
+                    changing = None
+                    await self._reload("build_files", read)
+                    applied = current
+            except _ChangedWhileReadError:
+                pass  # read again once they settle
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
                 self._internal_error("reload", error)
             await asyncio.sleep(self._current().polling.build_files_refresh_interval)
@@ -80,6 +89,8 @@ class Reloader:
                 # A hung read must not hold up shutdown: the thread is left behind if need be.
                 config = await in_daemon_thread(load, f"reload-{source}")
                 added, removed = self._apply(config)
+            except _ChangedWhileReadError:
+                raise
             except ConfigError as error:
                 self._telemetry.set_config_reload_successful(source, False)
                 log.error(
@@ -102,3 +113,19 @@ class Reloader:
                 },
             )
             return None
+
+
+def _fingerprint(config: Config) -> tuple[object, ...]:
+    return build_files_fingerprint(config.file.build_files, config.source.parent)
+
+
+class _ChangedWhileReadError(Exception):
+    """The build files changed while they were read: what was read may be half a file."""
+
+
+def _read_build_files(config: Config, expected: tuple[object, ...]) -> Config:
+    """``config`` with its build files read again, as they looked when ``expected`` was taken."""
+    build_ids = collect_build_ids(config.file, config.source.parent)
+    if _fingerprint(config) != expected:
+        raise _ChangedWhileReadError
+    return dataclasses.replace(config, build_ids=build_ids)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -149,6 +151,48 @@ def test_build_file_changes_apply_without_a_reload(
     )
     assert running.value(RELOADED, source="config") == 1
     assert tracked(running) == ["a", "c"]
+
+
+def test_a_build_file_truncated_and_rewritten_in_place_keeps_every_build(
+    tmp_path: Path,
+    simulator_with_builds: Simulator,
+    start_exporter: StartExporter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    simulator = simulator_with_builds
+    content = "a\nb\nfinished\n"
+    builds_file, path = config_with_a_build_file(tmp_path, simulator.base_url, content)
+    running = start_exporter(loader(path)())
+    running.wait_until_all_polled()
+    assert polls(simulator, "finished") == 1
+
+    observed: set[tuple[str, ...]] = set()
+    with builds_file.open("r+") as rewritten:  # the same file, as `>` in a shell opens it
+        rewritten.truncate(0)
+        rewritten.flush()
+        # A writer that takes a moment, as a script regenerating the file does: three refresh
+        # intervals pass with the file empty.
+        slow_writer_done = time.monotonic() + 0.3
+        while time.monotonic() < slow_writer_done:
+            observed.add(tuple(tracked(running)))
+        rewritten.write(content)
+    wait_until(
+        lambda: reloads(caplog, "build_files"), message="the rewritten build file to be read"
+    )
+    observed.add(tuple(tracked(running)))
+    assert observed == {("a", "b", "finished")}
+    assert [(r.added, r.removed) for r in reloads(caplog, "build_files")] == [(0, 0)]  # type: ignore[attr-defined]
+    # The finished build was never forgotten, so never requested again.
+    assert polls(simulator, "finished") == 1
+
+
+def reloads(caplog: pytest.LogCaptureFixture, source: str) -> list[logging.LogRecord]:
+    return [
+        record
+        for record in caplog.records
+        if record.getMessage() == "configuration reloaded"
+        and getattr(record, "source", "") == source
+    ]
 
 
 def test_a_good_build_file_read_never_hides_a_broken_config_file(
