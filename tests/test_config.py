@@ -1057,6 +1057,26 @@ def test_a_secret_in_the_wrong_field_is_not_repeated_in_the_error(
     assert ": " in message.removeprefix(f"{path}: ")
 
 
+@pytest.mark.parametrize("variable", ["PRIME_API_BASE_URL", "PRIME_BASE_URL"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"https://api.example/?key={SECRET}",
+        f"https://me:{SECRET}@api.example/",
+        f"https://api.example/#{SECRET}",
+        SECRET,
+    ],
+    ids=["query", "userinfo", "fragment", "bare"],
+)
+def test_a_secret_in_the_base_url_variable_is_not_repeated_in_the_error(
+    tmp_path: Path, variable: str, url: str
+) -> None:
+    path = write(tmp_path / "config.yaml", "builds: [a]\n")
+    message = config_error(path, {"PRIME_API_KEY": "pk-another-key", variable: url})
+    assert SECRET[:24] not in message
+    assert message.startswith(f"{path}: {variable}: ")
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
