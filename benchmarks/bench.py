@@ -41,7 +41,7 @@ from exporter.app import PerScrapeFamilies
 from exporter.config import ApiKeySource, Config
 from exporter.exposition import ExpositionFormat, render
 from exporter.exposition_cache import Body, ExpositionCache
-from exporter.metrics import build_families, exporter_families
+from exporter.metrics import exporter_families
 from exporter.models import parse_build
 from exporter.poller import Poller, PollSettings
 from exporter.server import Endpoints, ExpositionSource, MetricsServer
@@ -49,7 +49,7 @@ from exporter.simulator import BuildPlan, Simulator, random_plans
 from exporter.state import StateFile, StateSync, open_state
 from exporter.store import BuildStore
 from exporter.telemetry import Telemetry
-from tests.support import FastClock, RunningExporter, make_config
+from tests.support import FastClock, RunningExporter, build_families, make_config
 
 API_KEY = "pk-bench"
 SCRIPT = Path(sys.executable).parent / "primeintellect-build-exporter"

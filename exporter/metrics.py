@@ -192,17 +192,6 @@ def shown_artifacts(
     return shown, len(artifacts) - len(shown)
 
 
-def build_families(snapshot: Snapshot, max_artifacts_per_build: int = 64) -> list[Metric]:
-    """Families that change only with the store, in exposition order.
-
-    Sample: ``primeintellect_image_build_status{build_id="b1",...,status="FAILED"} 1.0``
-    """
-    return [
-        *per_build_families(snapshot.records.values(), max_artifacts_per_build),
-        *summary_families(snapshot),
-    ]
-
-
 def per_build_families(
     records: Iterable[BuildRecord], max_artifacts_per_build: int = 64
 ) -> list[Metric]:

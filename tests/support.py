@@ -23,16 +23,19 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from exporter.app import Exporter
 from exporter.config import ApiKeySource, Config, ConfigFile
 from exporter.connections import ServerLimits
+from exporter.metrics import per_build_families, summary_families
 from exporter.models import ARTIFACT_TYPES, BUILD_STATUSES, MAX_LABEL_LENGTH
 from exporter.poller import Clock
 from exporter.server import MetricsServer
 from exporter.simulator import ArtifactPlan, BuildPlan, Simulator
+from exporter.store import Snapshot
 
 SCRIPT = str(Path(sys.executable).parent / "primeintellect-build-exporter")
 CANARY_API_KEY = "pk-canary-0b7f5e2d9c4a41e8b3f6a1d2c9e8f7a6"
@@ -403,6 +406,15 @@ def run_script(
         env=env if env is not None else environment(),
         check=False,
     )
+
+
+def build_families(snapshot: Snapshot, max_artifacts_per_build: int = 64) -> list[Metric]:
+    """Every store-derived family as prometheus_client objects: the reference that the
+    exporter's own line writer is checked against, and benchmarked against."""
+    return [
+        *per_build_families(snapshot.records.values(), max_artifacts_per_build),
+        *summary_families(snapshot),
+    ]
 
 
 # -- builds and answers ------------------------------------------------------------------------

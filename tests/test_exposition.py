@@ -11,11 +11,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.exposition import BUILD_FAMILY_COUNT, OPENMETRICS_EOF, ExpositionFormat, render
 from exporter.exposition_cache import CHUNK_SIZE, FEW_CHANGED_BUILDS, Body, ExpositionCache
-from exporter.metrics import build_families
 from exporter.models import Outcome, parse_build
 from exporter.simulator import random_plans
 from exporter.store import BuildStore
-from tests.support import EPOCH
+from tests.support import EPOCH, build_families
 
 FORMATS = [ExpositionFormat.TEXT, ExpositionFormat.OPENMETRICS]
 

@@ -25,12 +25,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.api import BuildStatusClient
 from exporter.exposition import ExpositionFormat, render
-from exporter.metrics import build_families, exporter_families
+from exporter.metrics import exporter_families
 from exporter.models import InvalidBuildError, Outcome, parse_build
 from exporter.poller import Poller, PollSettings
 from exporter.store import BuildStore
 from exporter.telemetry import Telemetry
-from tests.support import DETERMINISTIC, assert_label_value_is_clean, documents, json_values
+from tests.support import (
+    DETERMINISTIC,
+    assert_label_value_is_clean,
+    build_families,
+    documents,
+    json_values,
+)
 
 BUILD_IDS = ("build-a", "build-b")
 BASE_URL = "https://api.example.test"
