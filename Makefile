@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lint format bench attacks soak clean
+.PHONY: demo test unit lint format bench attacks soak clean
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -22,6 +22,10 @@ demo: $(INSTALLED)
 
 test: lint
 	$(BIN)/pytest
+
+# The tests that start no outside tool (Prometheus, promtool, Alertmanager, hadolint, Helm).
+unit: $(INSTALLED)
+	$(BIN)/pytest -m 'not tooling'
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
