@@ -105,6 +105,79 @@ def test_config_check_exits_one_and_names_the_field(
     assert "Traceback" not in result.stderr
 
 
+SECRET_IN_URL = "pk-live-4f1e9c2b7a6d5e8f0a1b"
+# The odd configs a new user writes, as the console script answers them: exit code, a line it
+# must print, and what it must never print.
+ODD_CONFIGS = {
+    "stale_after_not_above_interval": (
+        "polling:\n  interval: 1m\n  stale_after: 30s\nbuilds: [a]\n",
+        {},
+        1,
+        "polling: stale_after (30s) must be longer than interval (1m), or healthy builds blink"
+        " out of /metrics between polls",
+    ),
+    "no_builds": (
+        "builds: []\n",
+        {},
+        0,
+        'msg="no builds to watch: list build IDs under builds or in the files build_files names"',
+    ),
+    "an_empty_file": (
+        "",
+        {},
+        0,
+        'msg="no builds to watch: list build IDs under builds or in the files build_files names"',
+    ),
+    "duplicate_ids": (
+        "builds: [a, b, a]\n",
+        {},
+        0,
+        'msg="duplicate build IDs ignored" count=1 build_ids=a',
+    ),
+    "a_key_in_the_base_url_query": (
+        f"api:\n  base_url: https://api.example/?key={SECRET_IN_URL}\nbuilds: [a]\n",
+        {},
+        1,
+        "api.base_url: 'https://api.example/' (with a query, not repeated) must not have a query"
+        " or fragment",
+    ),
+    "a_non_ascii_key": (
+        "builds: [a]\n",
+        {"PRIME_API_KEY": "pk-ünïcode"},
+        1,
+        "error: PRIME_API_KEY: the key holds spaces or characters an API key cannot have",
+    ),
+    "a_key_pasted_with_bearer": (
+        "builds: [a]\n",
+        {"PRIME_API_KEY": "Bearer pk-abc"},
+        0,
+        "OK, 1 builds",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "returncode", "expected"), ODD_CONFIGS.values(), ids=ODD_CONFIGS.keys()
+)
+def test_config_check_tells_the_truth_about_odd_configs(
+    tmp_path: Path, text: str, env: dict[str, str], returncode: int, expected: str
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    result = run_script(
+        "--config.file",
+        str(config),
+        "--config.check",
+        env=environment(**{"PRIME_API_KEY": "k", **env}),
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == returncode, output
+    assert expected in output
+    assert "Traceback" not in output
+    for secret in (SECRET_IN_URL, "pk-ünïcode", "pk-abc"):
+        assert secret not in output
+
+
 def test_config_check_fails_without_an_api_key(tmp_path: Path) -> None:
     config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"])
     result = run_script("--config.file", str(config), "--config.check")
