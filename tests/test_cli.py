@@ -310,6 +310,25 @@ def open_for_writing_once_read(fifo: Path) -> int:
     return descriptor
 
 
+def ready_daemon(config: Path, daemons: list[Daemon]) -> Daemon:
+    daemon = Daemon("--config.file", str(config), env=environment(PRIME_API_KEY=CANARY_API_KEY))
+    daemons.append(daemon)
+    url = daemon.wait_for_url()
+    wait_until(lambda: httpx.get(url + "/-/ready").status_code == 200, message="readiness")
+    return daemon
+
+
+def assert_sigterm_stops_it_within_five_seconds_while_reading(daemon: Daemon, fifo: Path) -> None:
+    writer = open_for_writing_once_read(fifo)
+    try:
+        returncode, seconds, stderr = daemon.stop(signal.SIGTERM)
+    finally:
+        os.close(writer)
+    assert returncode == 0, stderr
+    assert seconds < 5
+    assert "msg=stopped" in stderr
+
+
 def test_sigterm_during_a_hung_build_file_read_exits_within_five_seconds(
     tmp_path: Path, simulator: Simulator, daemons: list[Daemon]
 ) -> None:
@@ -328,19 +347,9 @@ def test_sigterm_during_a_hung_build_file_read_exits_within_five_seconds(
             "polling:\n", "polling:\n  build_files_refresh_interval: 100ms\n"
         )
     )
-    daemon = Daemon("--config.file", str(config), env=environment(PRIME_API_KEY=CANARY_API_KEY))
-    daemons.append(daemon)
-    url = daemon.wait_for_url()
-    wait_until(lambda: httpx.get(url + "/-/ready").status_code == 200, message="readiness")
+    daemon = ready_daemon(config, daemons)
     os.mkfifo(builds / "stuck.txt")
-    writer = open_for_writing_once_read(builds / "stuck.txt")
-    try:
-        returncode, seconds, stderr = daemon.stop(signal.SIGTERM)
-    finally:
-        os.close(writer)
-    assert returncode == 0, stderr
-    assert seconds < 5
-    assert "msg=stopped" in stderr
+    assert_sigterm_stops_it_within_five_seconds_while_reading(daemon, builds / "stuck.txt")
 
 
 def test_sigterm_during_a_hung_config_read_exits_within_five_seconds(
@@ -350,23 +359,13 @@ def test_sigterm_during_a_hung_config_read_exits_within_five_seconds(
     config = write_config(
         tmp_path, simulator.base_url, ["b1"], "web:\n  listen_address: 127.0.0.1:0\n"
     )
-    daemon = Daemon("--config.file", str(config), env=environment(PRIME_API_KEY=CANARY_API_KEY))
-    daemons.append(daemon)
-    url = daemon.wait_for_url()
-    wait_until(lambda: httpx.get(url + "/-/ready").status_code == 200, message="readiness")
+    daemon = ready_daemon(config, daemons)
     # The config file becomes one whose read never ends, then SIGHUP asks for it.
     fifo = tmp_path / "hung.yaml"
     os.mkfifo(fifo)
     fifo.replace(config)
     daemon.process.send_signal(signal.SIGHUP)
-    writer = open_for_writing_once_read(config)
-    try:
-        returncode, seconds, stderr = daemon.stop(signal.SIGTERM)
-    finally:
-        os.close(writer)
-    assert returncode == 0, stderr
-    assert seconds < 5
-    assert "msg=stopped" in stderr
+    assert_sigterm_stops_it_within_five_seconds_while_reading(daemon, config)
 
 
 def test_json_logs_are_one_object_per_line_without_the_key(
