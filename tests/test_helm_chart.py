@@ -375,6 +375,60 @@ def test_service_monitor_scrapes_the_services_named_port() -> None:
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics, as the Operator applies a ServiceMonitor's."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values")
+        present = key in labels
+        matched = {
+            "In": present and labels.get(key) in (values or []),
+            "NotIn": not present or labels.get(key) not in (values or []),
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[operator]
+        if not matched:
+            return False
+    return True
+
+
+def scraped_services(rendered: Rendered) -> list[str]:
+    """The Services whose endpoints the Operator turns into targets: every one in the
+    monitor's namespaces whose labels match its selector and that has the endpoint's port."""
+    monitor = rendered.one("ServiceMonitor")
+    port_names = {endpoint["port"] for endpoint in monitor["spec"]["endpoints"]}
+    namespaces = monitor["spec"]["namespaceSelector"]["matchNames"]
+    return sorted(
+        service["metadata"]["name"]
+        for service in rendered.all("Service")
+        if service["metadata"].get("namespace", NAMESPACE) in namespaces
+        and selects(monitor["spec"]["selector"], service["metadata"]["labels"])
+        and port_names & {port.get("name") for port in service["spec"]["ports"]}
+    )
+
+
+@pytest.mark.parametrize("case", ["all-features", "shards"])
+def test_the_service_monitor_scrapes_each_pod_through_one_service_only(case: str) -> None:
+    rendered = render_case(case)
+    # With shards, the headless Service has the same labels and port: it must not be picked
+    # too, or every pod is scraped twice and the copies differ only in `service`.
+    assert scraped_services(rendered) == [FULLNAME]
+
+
+def test_the_selector_check_follows_kubernetes_semantics() -> None:
+    labels = {"app": "x", "tier": "web"}
+    assert selects({"matchLabels": {"app": "x"}}, labels)
+    assert not selects({"matchLabels": {"app": "y"}}, labels)
+    assert selects({"matchExpressions": [{"key": "role", "operator": "DoesNotExist"}]}, labels)
+    assert not selects(
+        {"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["web"]}]}, labels
+    )
+    assert selects(
+        {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["web"]}]}, labels
+    )
+
+
 STATE_DIRECTORY = "/var/lib/primeintellect-build-exporter"
 
 
