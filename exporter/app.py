@@ -321,9 +321,6 @@ class Exporter:
                 self.internal_error("state", error)
 
     async def _close_state_within_deadline(self) -> None:
-        if self._state_sync is None:
-            return
-        path = self.config.state_path
         try:
             async with asyncio.timeout(STATE_CLOSE_DEADLINE):
                 await in_daemon_thread(self._close_state, "state-close")
@@ -331,7 +328,10 @@ class Exporter:
             # SQLite's journal keeps the file whole; the next start resumes from the last write.
             log.warning(
                 "the state file took too long to write at shutdown; stopping without it",
-                extra={"path": str(path or ""), "deadline_seconds": STATE_CLOSE_DEADLINE},
+                extra={
+                    "path": str(self.config.state_path or ""),
+                    "deadline_seconds": STATE_CLOSE_DEADLINE,
+                },
             )
 
     def _close_state(self) -> None:
