@@ -7,14 +7,12 @@ these tests need neither a ``helm`` binary nor a cluster nor the network.
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import re
 import subprocess
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +24,24 @@ from pydantic import BaseModel
 
 from exporter import __version__
 from exporter.config import ConfigFile
+from tests.chart import (
+    CASES,
+    CHART,
+    FULLNAME,
+    NAMESPACE,
+    RELEASE,
+    Rendered,
+    render_case,
+    render_chart,
+    scraped_services,
+    selects,
+    values_of,
+)
 from tests.support import REPOSITORY, SCRIPT, environment
 
 # Each test here starts an outside tool (see the `tooling` marker in pyproject.toml).
 pytestmark = pytest.mark.tooling
 
-CHART = REPOSITORY / "helm" / "primeintellect-build-exporter"
-CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
-CASES = ["defaults", *(path.name.removesuffix("-values.yaml") for path in CI_VALUES)]
-RELEASE = "builds"
-NAMESPACE = "monitoring"
-FULLNAME = "builds-primeintellect-build-exporter"
 API_KEY_FILE = "/etc/primeintellect-build-exporter/secrets/api-key"
 ALERTS = REPOSITORY / "monitoring" / "alerts.yaml"
 DASHBOARD = REPOSITORY / "monitoring" / "dashboard.json"
@@ -50,69 +55,6 @@ CORE_KINDS = {
     "NetworkPolicy",
     "PersistentVolumeClaim",
 }
-
-
-@dataclass(frozen=True)
-class Rendered:
-    """Every object a release would create, and the NOTES text."""
-
-    objects: list[dict[str, Any]]
-    notes: str
-
-    def kinds(self) -> Counter[str]:
-        return Counter(obj["kind"] for obj in self.objects)
-
-    def all(self, kind: str) -> list[dict[str, Any]]:
-        return [obj for obj in self.objects if obj["kind"] == kind]
-
-    def one(self, kind: str, name: str = FULLNAME) -> dict[str, Any]:
-        matches = [obj for obj in self.all(kind) if obj["metadata"]["name"] == name]
-        assert len(matches) == 1, f"expected one {kind} {name}, found {len(matches)}"
-        return matches[0]
-
-    def workload(self) -> dict[str, Any]:
-        """The Deployment or StatefulSet: exactly one of them."""
-        workloads = self.all("Deployment") + self.all("StatefulSet")
-        assert len(workloads) == 1, [obj["kind"] for obj in workloads]
-        return workloads[0]
-
-    def pod_spec(self) -> dict[str, Any]:
-        spec: dict[str, Any] = self.workload()["spec"]["template"]["spec"]
-        return spec
-
-    def container(self) -> dict[str, Any]:
-        containers: list[dict[str, Any]] = self.pod_spec()["containers"]
-        assert len(containers) == 1
-        return containers[0]
-
-    def config_text(self) -> str:
-        text: str = self.one("ConfigMap")["data"]["config.yaml"]
-        return text
-
-
-def values_of(case: str) -> dict[str, Any]:
-    if case == "defaults":
-        return {}
-    loaded: dict[str, Any] = yaml.safe_load((CHART / "ci" / f"{case}-values.yaml").read_text())
-    return loaded
-
-
-def render(values: dict[str, Any]) -> Rendered:
-    with helm.Chart.load(CHART) as chart:
-        manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE)
-    objects: list[dict[str, Any]] = []
-    notes = ""
-    for template, text in sorted(manifests.items()):
-        if template.endswith("NOTES.txt"):
-            notes = text
-            continue
-        objects.extend(doc for doc in yaml.safe_load_all(text) if doc is not None)
-    return Rendered(objects, notes)
-
-
-@functools.cache
-def render_case(case: str) -> Rendered:
-    return render(values_of(case))
 
 
 def checksums(rendered: Rendered) -> dict[str, str]:
@@ -375,39 +317,6 @@ def test_service_monitor_scrapes_the_services_named_port() -> None:
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
-def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    """Kubernetes label-selector semantics, as the Operator applies a ServiceMonitor's."""
-    if not selector.get("matchLabels", {}).items() <= labels.items():
-        return False
-    for expression in selector.get("matchExpressions", []):
-        key, operator, values = expression["key"], expression["operator"], expression.get("values")
-        present = key in labels
-        matched = {
-            "In": present and labels.get(key) in (values or []),
-            "NotIn": not present or labels.get(key) not in (values or []),
-            "Exists": present,
-            "DoesNotExist": not present,
-        }[operator]
-        if not matched:
-            return False
-    return True
-
-
-def scraped_services(rendered: Rendered) -> list[str]:
-    """The Services whose endpoints the Operator turns into targets: every one in the
-    monitor's namespaces whose labels match its selector and that has the endpoint's port."""
-    monitor = rendered.one("ServiceMonitor")
-    port_names = {endpoint["port"] for endpoint in monitor["spec"]["endpoints"]}
-    namespaces = monitor["spec"]["namespaceSelector"]["matchNames"]
-    return sorted(
-        service["metadata"]["name"]
-        for service in rendered.all("Service")
-        if service["metadata"].get("namespace", NAMESPACE) in namespaces
-        and selects(monitor["spec"]["selector"], service["metadata"]["labels"])
-        and port_names & {port.get("name") for port in service["spec"]["ports"]}
-    )
-
-
 @pytest.mark.parametrize("case", ["all-features", "shards"])
 def test_the_service_monitor_scrapes_each_pod_through_one_service_only(case: str) -> None:
     rendered = render_case(case)
@@ -523,17 +432,19 @@ def test_packaged_chart_holds_the_linked_files_as_regular_files(tmp_path: Path) 
 
 def test_checksum_annotations_change_with_the_config_and_the_key_only() -> None:
     base_values: dict[str, Any] = {"apiKey": {"value": "pk-one"}, "config": {"builds": ["b1"]}}
-    base = checksums(render(base_values))
+    base = checksums(render_chart(base_values))
     assert base.keys() == {"checksum/config", "checksum/secret"}
-    new_config = checksums(render({**base_values, "config": {"builds": ["b1", "b2"]}}))
+    new_config = checksums(render_chart({**base_values, "config": {"builds": ["b1", "b2"]}}))
     assert new_config["checksum/config"] != base["checksum/config"]
     assert new_config["checksum/secret"] == base["checksum/secret"]
-    new_interval = checksums(render({**base_values, "config": {"polling": {"interval": "1m"}}}))
+    new_interval = checksums(
+        render_chart({**base_values, "config": {"polling": {"interval": "1m"}}})
+    )
     assert new_interval["checksum/config"] != base["checksum/config"]
-    new_key = checksums(render({**base_values, "apiKey": {"value": "pk-two"}}))
+    new_key = checksums(render_chart({**base_values, "apiKey": {"value": "pk-two"}}))
     assert new_key["checksum/secret"] != base["checksum/secret"]
     assert new_key["checksum/config"] == base["checksum/config"]
-    unrelated = checksums(render({**base_values, "podAnnotations": {"a": "b"}}))
+    unrelated = checksums(render_chart({**base_values, "podAnnotations": {"a": "b"}}))
     assert unrelated == base
 
 

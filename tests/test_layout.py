@@ -12,7 +12,9 @@ from tests.support import REPOSITORY
 
 TESTS = REPOSITORY / "tests"
 # What starts an outside tool: Prometheus, promtool, Alertmanager, hadolint, Helm's engine.
-TOOLING_ENTRY_POINTS = frozenset({"find_binary", "find_alertmanager", "hadolint_binary", "helm"})
+TOOLING_ENTRY_POINTS = frozenset(
+    {"find_binary", "find_alertmanager", "hadolint_binary", "helm", "render_chart", "render_case"}
+)
 
 
 def every_test_module() -> Iterator[Path]:
