@@ -7,6 +7,7 @@ these tests need neither a ``helm`` binary nor a cluster nor the network.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import re
 import subprocess
@@ -20,7 +21,7 @@ import helm_python as helm
 import kubernetes_validate  # type: ignore[import-untyped]  # ships no type information
 import pytest
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from exporter import __version__
 from exporter.config import ConfigFile
@@ -557,3 +558,233 @@ def test_notes_warn_when_no_api_key_is_configured() -> None:
     assert "WARNING: no API key is configured" in render_case("defaults").notes
     for case in ("all-features", "existing-secret", "shards"):
         assert "WARNING" not in render_case(case).notes, case
+
+
+# The Prometheus Operator's objects: checked against the Operator's own schemas, its CRDs as
+# pydantic models (cloudcoil-models-prometheus-operator, pinned in pyproject.toml to the
+# Operator v0.80.1 release).
+OPERATOR_API_VERSION = "monitoring.coreos.com/v1"
+OPERATOR_KINDS = ("ServiceMonitor", "PrometheusRule")
+OPERATOR_OBJECTS_ON: dict[str, Any] = {
+    "serviceMonitor": {"enabled": True},
+    "prometheusRule": {"enabled": True},
+}
+# The values that change what the Operator reads, applied over each case with both objects on.
+OPERATOR_VARIANTS: dict[str, dict[str, Any]] = {
+    "as-given": {},
+    "two-shards": {"shards": 2},
+    "name-override": {"nameOverride": "build-exporter"},
+    "fullname-override": {"fullnameOverride": "team-builds"},
+    "every-monitoring-value": {
+        "serviceMonitor": {
+            "namespace": "prometheus",
+            "labels": {"release": "kube-prometheus-stack"},
+            "annotations": {"example.com/owner": "platform"},
+            "interval": "15s",
+            "scrapeTimeout": "5s",
+            "honorLabels": True,
+            "relabelings": [
+                {
+                    "sourceLabels": ["__meta_kubernetes_pod_node_name"],
+                    "targetLabel": "node",
+                    "action": "replace",
+                }
+            ],
+            "metricRelabelings": [
+                {"sourceLabels": ["__name__"], "regex": "python_.*", "action": "drop"}
+            ],
+        },
+        "prometheusRule": {
+            "namespace": "prometheus",
+            "labels": {"role": "alert-rules"},
+            "annotations": {"example.com/owner": "platform"},
+        },
+    },
+}
+
+
+def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Values as Helm merges a second values file over a first: maps key by key."""
+    result = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def operator_schema(kind: str) -> type[BaseModel]:
+    """The Prometheus Operator's schema of one kind: the model generated from its CRD."""
+    # 58,000 lines, so imported on first use (once), not whenever pytest collects this file.
+    from cloudcoil.models.prometheus_operator import v1
+
+    schemas: dict[str, type[BaseModel]] = {
+        "ServiceMonitor": v1.ServiceMonitor,
+        "PrometheusRule": v1.PrometheusRule,
+    }
+    return schemas[kind]
+
+
+def unknown_or_converted(given: object, kept: object, path: str = "") -> Iterator[str]:
+    """Where the model's reading of an object differs from the object: a field the schema does
+    not know (pydantic drops it silently, or takes a Python field name for the JSON one) or a
+    value it converted (such as the string "5" for an integer), both of which the API server's
+    strict field validation refuses."""
+    if isinstance(given, dict) and isinstance(kept, dict):
+        for key, value in given.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key in kept:
+                yield from unknown_or_converted(value, kept[key], where)
+            else:
+                yield f"{where}: not in the Operator's schema"
+    elif isinstance(given, list) and isinstance(kept, list) and len(given) == len(kept):
+        for index, (item, kept_item) in enumerate(zip(given, kept, strict=True)):
+            yield from unknown_or_converted(item, kept_item, f"{path}.{index}")
+    elif type(given) is not type(kept) or given != kept:
+        yield f"{path}: {given!r} read as {kept!r}"
+
+
+def operator_schema_errors(obj: dict[str, Any]) -> list[str]:
+    """What the Operator's schema of the object's kind, applied as strictly as the API server
+    applies a CRD's, finds wrong with it, each with its path: none for a valid object."""
+    try:
+        model = operator_schema(obj["kind"]).model_validate(obj)
+    except ValidationError as error:
+        return [
+            f"{'.'.join(str(part) for part in detail['loc'])}: {detail['msg']}"
+            for detail in error.errors()
+        ]
+    kept = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    return list(unknown_or_converted(obj, kept))
+
+
+@pytest.mark.parametrize("variant", OPERATOR_VARIANTS)
+@pytest.mark.parametrize("case", CASES)
+def test_operator_objects_validate_strictly_against_the_operators_own_schemas(
+    case: str, variant: str
+) -> None:
+    values = merged(merged(values_of(case), OPERATOR_OBJECTS_ON), OPERATOR_VARIANTS[variant])
+    rendered = render_chart(values)
+    operator_objects = [
+        obj for obj in rendered.objects if obj["apiVersion"].startswith("monitoring.coreos.com/")
+    ]
+    # Every object the Operator reads is of a kind checked here, and both are there.
+    assert Counter(obj["kind"] for obj in operator_objects) == Counter(OPERATOR_KINDS)
+    for obj in operator_objects:
+        assert obj["apiVersion"] == OPERATOR_API_VERSION, obj["kind"]
+        errors = operator_schema_errors(obj)
+        assert not errors, f"{obj['kind']} {obj['metadata']['name']}: {'; '.join(errors)}"
+
+
+def edited(
+    obj: dict[str, Any], where: tuple[str | int, ...], drop: str | None, add: dict[str, Any]
+) -> dict[str, Any]:
+    """A copy of the object with one key dropped from the map at `where` and others added."""
+    result = copy.deepcopy(obj)
+    node: Any = result
+    for step in where:
+        node = node[step]
+    if drop is not None:
+        del node[drop]
+    node.update(add)
+    return result
+
+
+ENDPOINT = ("spec", "endpoints", 0)
+FIRST_RULE = ("spec", "groups", 0, "rules", 0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "where", "drop", "add", "complaint"),
+    [
+        pytest.param(
+            "ServiceMonitor",
+            ENDPOINT,
+            "scrapeTimeout",
+            {"scrapeTimout": "10s"},
+            "spec.endpoints.0.scrapeTimout: not in the Operator's schema",
+            id="misspelt-endpoint-field",
+        ),
+        pytest.param(
+            "ServiceMonitor",
+            ENDPOINT,
+            "honorLabels",
+            {"honor_labels": True},  # pydantic's populate_by_name alone would take it
+            "spec.endpoints.0.honor_labels: not in the Operator's schema",
+            id="python-name-for-the-json-one",
+        ),
+        pytest.param(
+            "ServiceMonitor",
+            ("metadata",),
+            None,
+            {"label": {"team": "platform"}},
+            "metadata.label: not in the Operator's schema",
+            id="misspelt-metadata-field",
+        ),
+        pytest.param(
+            "ServiceMonitor",
+            ENDPOINT,
+            None,
+            {"interval": "1 minute"},
+            "spec.endpoints.0.interval: String should match pattern",
+            id="endpoint-interval-not-a-duration",
+        ),
+        pytest.param(
+            "ServiceMonitor",
+            ENDPOINT,
+            None,
+            {"scheme": "HTTP"},
+            "spec.endpoints.0.scheme: Input should be 'http' or 'https'",
+            id="scheme-outside-the-enum",
+        ),
+        pytest.param(
+            "ServiceMonitor",
+            ("spec",),
+            None,
+            {"sampleLimit": "5000"},
+            "spec.sampleLimit: '5000' read as 5000",
+            id="string-for-an-integer",
+        ),
+        pytest.param(
+            "PrometheusRule",
+            FIRST_RULE,
+            None,
+            {"for": "5 minutes"},
+            "spec.groups.0.rules.0.for: String should match pattern",
+            id="rule-for-not-a-duration",
+        ),
+        pytest.param(
+            "PrometheusRule",
+            FIRST_RULE,
+            None,
+            {"summary": "an annotation put beside the rule"},
+            "spec.groups.0.rules.0.summary: not in the Operator's schema",
+            id="unknown-rule-key",
+        ),
+        pytest.param(
+            "PrometheusRule",
+            ("spec", "groups", 0),
+            "name",
+            {},
+            "spec.groups.0.name: Field required",
+            id="group-without-a-name",
+        ),
+        pytest.param(
+            "PrometheusRule",
+            (),
+            None,
+            {"apiVersion": "monitoring.coreos.com/v1alpha1"},
+            "apiVersion: Input should be 'monitoring.coreos.com/v1'",
+            id="other-api-version",
+        ),
+    ],
+)
+def test_operator_schema_check_refuses_what_the_api_server_would(
+    kind: str, where: tuple[str | int, ...], drop: str | None, add: dict[str, Any], complaint: str
+) -> None:
+    [valid] = render_case("all-features").all(kind)
+    assert operator_schema_errors(valid) == []
+    errors = operator_schema_errors(edited(valid, where, drop, add))
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(complaint), errors
