@@ -8,24 +8,31 @@ fresh virtualenv, then starts the installed ENTRYPOINT with only the ENV the ima
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tomllib
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from exporter import __version__
-from exporter.config import DEFAULT_LISTEN_ADDRESS
+from exporter.config import DEFAULT_LISTEN_ADDRESS, ConfigFile
+from tests.pki import PASSWORD, Pki, bcrypt_hash, client_context, tls_section
 from tests.support import REPOSITORY, wait_until
 
 # Each test here starts an outside tool (see the `tooling` marker in pyproject.toml).
@@ -401,7 +408,7 @@ class Served:
     url: str = ""
 
     def find_url(self) -> str:
-        match = re.search(r"url=(http://\S+)", self.log.read_text(errors="replace"))
+        match = re.search(r"url=(https?://\S+)", self.log.read_text(errors="replace"))
         if match:
             self.url = match.group(1)
         elif self.process.poll() is not None:
@@ -409,14 +416,20 @@ class Served:
         return self.url
 
 
-@pytest.fixture
-def served(installed_image: InstalledImage, tmp_path: Path) -> Iterator[Served]:
-    workdir = tmp_path / "cwd"
+@contextlib.contextmanager
+def serving(installed_image: InstalledImage, directory: Path, *arguments: str) -> Iterator[Served]:
+    """The installed exporter in demo mode on a free loopback port, killed at the end."""
+    workdir = directory / "cwd"
     workdir.mkdir()
-    log = tmp_path / "stderr.log"
+    log = directory / "stderr.log"
     with log.open("wb") as stderr:
         process = subprocess.Popen(
-            [*installed_image.entrypoint, "--demo", "--web.listen-address=127.0.0.1:0"],
+            [
+                *installed_image.entrypoint,
+                "--demo",
+                "--web.listen-address=127.0.0.1:0",
+                *arguments,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             env=installed_image.environment,
@@ -428,6 +441,12 @@ def served(installed_image: InstalledImage, tmp_path: Path) -> Iterator[Served]:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+@pytest.fixture
+def served(installed_image: InstalledImage, tmp_path: Path) -> Iterator[Served]:
+    with serving(installed_image, tmp_path) as running:
+        yield running
 
 
 @pytest.mark.timeout(600)
@@ -457,3 +476,387 @@ def test_installed_exporter_serves_demo_builds_writes_nothing_and_stops_on_sigte
     assert served.process.wait(timeout=15) == 0, served.log.read_text()
     assert snapshot(installed_image.venv) == before, "the exporter wrote into /opt/venv"
     assert list((tmp_path / "cwd").iterdir()) == [], "the exporter wrote into its cwd"
+
+
+# --- the HEALTHCHECK ----------------------------------------------------------------------
+
+README = REPOSITORY / "README.md"
+# Where the image's check and the README's Compose check knock: the image's EXPOSEd port.
+CONTAINER_HEALTH_ADDRESS = "127.0.0.1:9862"
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    options: dict[str, str]
+    command: list[str]
+
+
+def parse_healthcheck(instruction: Instruction) -> HealthCheck:
+    options: dict[str, str] = {}
+    rest = instruction.arguments
+    while match := re.match(r"--([a-z-]+)=(\S+)\s+", rest):
+        options[match.group(1)] = match.group(2)
+        rest = rest[match.end() :]
+    kind, _, command = rest.partition(" ")
+    assert kind == "CMD", f"HEALTHCHECK {kind}: expected CMD"
+    try:
+        parsed = json.loads(command)
+    except json.JSONDecodeError:
+        pytest.fail(f"HEALTHCHECK CMD is not in exec form: {command}")
+    assert isinstance(parsed, list)
+    return HealthCheck(options, [str(part) for part in parsed])
+
+
+def seconds(duration: str) -> float:
+    """A Docker (Go) duration such as ``30s``, ``1m30s`` or ``500ms``, in seconds."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration)
+    assert "".join(number + unit for number, unit in parts) == duration, duration
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+@pytest.fixture(scope="module")
+def healthcheck(dockerfile: Dockerfile) -> HealthCheck:
+    return parse_healthcheck(dockerfile.final.last("HEALTHCHECK"))
+
+
+def run_check(
+    installed_image: InstalledImage,
+    command: list[str],
+    cwd: Path,
+    *,
+    port: int,
+    files: dict[str, Path] | None = None,
+    environment: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a check as the container would, aimed at a host port and host files."""
+    # Docker looks an exec-form command up on the image's PATH.
+    executable = shutil.which(command[0], path=installed_image.environment["PATH"])
+    assert executable is not None, f"{command[0]} is not on the image's PATH"
+    assert Path(executable).is_relative_to(installed_image.venv), executable
+    arguments = command[1:]
+    # Each container address and path must occur once, or the check would test something
+    # else without anyone noticing.
+    for container, host in {CONTAINER_HEALTH_ADDRESS: f"127.0.0.1:{port}", **(files or {})}.items():
+        assert sum(part.count(container) for part in arguments) == 1, container
+        arguments = [part.replace(container, str(host)) for part in arguments]
+    return subprocess.run(
+        [executable, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**installed_image.environment, **(environment or {})},
+        cwd=cwd,
+        check=False,
+    )
+
+
+def healthy_port(served: Served, **client: Any) -> int:
+    """Wait until the exporter answers /-/healthy with 200 (given ``client`` options)."""
+    url: str = wait_until(served.find_url, timeout=20, message="the 'listening' log line")
+    wait_until(
+        lambda: httpx.get(url + "/-/healthy", timeout=5, **client).status_code == 200,
+        timeout=20,
+        message="/-/healthy answering 200",
+    )
+    port = urllib.parse.urlsplit(url).port
+    assert port is not None
+    return port
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A loopback port bound but not listening: connecting to it is refused."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port: int = holder.getsockname()[1]
+        yield port
+
+
+def basic_auth_web_config(directory: Path, users: dict[str, str]) -> Path:
+    hashed = {user: bcrypt_hash(password) for user, password in users.items()}
+    path = directory / "web-config.yml"
+    path.write_text(yaml.safe_dump({"basic_auth_users": hashed}))
+    return path
+
+
+def test_healthcheck_is_exec_form_with_interval_timeout_and_retries(
+    dockerfile: Dockerfile, healthcheck: HealthCheck
+) -> None:
+    options = healthcheck.options
+    assert set(options) == {"interval", "timeout", "start-period", "retries"}
+    assert int(options["retries"]) >= 2
+    assert 0 < seconds(options["timeout"]) < seconds(options["interval"])
+    assert healthcheck.command[:2] == ["python", "-c"]
+    [code] = healthcheck.command[2:]
+    exposed = dockerfile.final.last("EXPOSE").arguments
+    assert f"'http://{CONTAINER_HEALTH_ADDRESS}/-/healthy'" in code
+    assert CONTAINER_HEALTH_ADDRESS.endswith(f":{exposed}")
+    # Python's own timeout ends the check before Docker kills it, so the log says why.
+    [inner] = re.findall(r"timeout=(\d+(?:\.\d+)?)\)", code)
+    assert float(inner) < seconds(options["timeout"])
+
+
+def test_healthcheck_comment_says_what_to_change_with_auth_tls_or_another_port() -> None:
+    lines = DOCKERFILE.read_text().splitlines()
+    at = next(n for n, line in enumerate(lines) if line.startswith("HEALTHCHECK "))
+    comment: list[str] = []
+    for line in reversed(lines[:at]):
+        if not line.startswith("#"):
+            break
+        comment.insert(0, line.removeprefix("#").strip())
+    text = " ".join(comment)
+    for said in (
+        "basic auth",
+        "(401)",
+        "TLS",
+        "https only",
+        "--health-cmd",
+        "healthcheck.test",
+        "--no-healthcheck",
+        "listen port",
+        "URL",
+    ):
+        assert said in text, f"the HEALTHCHECK comment does not say {said!r}: {text}"
+
+
+@pytest.mark.timeout(600)
+def test_healthcheck_passes_against_a_healthy_exporter_even_with_a_proxy_set(
+    installed_image: InstalledImage,
+    healthcheck: HealthCheck,
+    served: Served,
+    dead_port: int,
+    tmp_path: Path,
+) -> None:
+    port = healthy_port(served)
+    result = run_check(installed_image, healthcheck.command, tmp_path, port=port)
+    assert (result.returncode, result.stderr) == (0, "")
+    # A proxy set for the API (which nothing answers here) must not catch loopback.
+    proxy = f"http://127.0.0.1:{dead_port}"
+    proxied = {"http_proxy": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy}
+    result = run_check(
+        installed_image, healthcheck.command, tmp_path, port=port, environment=proxied
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+@pytest.mark.timeout(600)
+def test_healthcheck_fails_in_one_line_when_nothing_listens(
+    installed_image: InstalledImage, healthcheck: HealthCheck, dead_port: int, tmp_path: Path
+) -> None:
+    result = run_check(installed_image, healthcheck.command, tmp_path, port=dead_port)
+    assert result.returncode == 1
+    assert result.stderr.startswith("unhealthy: ")
+    assert "refused" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(600)
+def test_healthcheck_fails_against_an_exporter_with_basic_auth_on(
+    installed_image: InstalledImage, healthcheck: HealthCheck, tmp_path: Path
+) -> None:
+    web_config = basic_auth_web_config(tmp_path, {"prometheus": PASSWORD})
+    with serving(installed_image, tmp_path, f"--web.config.file={web_config}") as served:
+        port = healthy_port(served, auth=("prometheus", PASSWORD))
+        result = run_check(installed_image, healthcheck.command, tmp_path, port=port)
+    assert result.returncode == 1
+    assert result.stderr.startswith("unhealthy: HTTP Error 401"), result.stderr
+
+
+@pytest.mark.timeout(600)
+def test_healthcheck_fails_against_an_exporter_with_tls_on(
+    installed_image: InstalledImage, healthcheck: HealthCheck, pki: Pki, tmp_path: Path
+) -> None:
+    web_config = tmp_path / "web-config.yml"
+    web_config.write_text(tls_section(pki))
+    with serving(installed_image, tmp_path, f"--web.config.file={web_config}") as served:
+        port = healthy_port(served, verify=client_context(pki))
+        assert served.url.startswith("https://")
+        result = run_check(installed_image, healthcheck.command, tmp_path, port=port)
+    assert result.returncode == 1
+    assert result.stderr.startswith("unhealthy: "), result.stderr
+
+
+# --- the README's Docker section ------------------------------------------------------------
+
+
+def docker_section() -> str:
+    after = README.read_text().split("\n## Docker\n", 1)[1]
+    return after.split("\n## Kubernetes (Helm)\n", 1)[0]
+
+
+def fenced_blocks(language: str) -> list[str]:
+    pattern = rf"^```{language}\n(.*?)^```$"
+    return re.findall(pattern, docker_section(), flags=re.MULTILINE | re.DOTALL)
+
+
+def readme_file(name: str) -> str:
+    """The Docker section's yaml block that starts with the comment ``# name``."""
+    [block] = [b for b in fenced_blocks("yaml") if b.startswith(f"# {name}\n")]
+    return block
+
+
+def readme_config_note() -> dict[str, Any]:
+    """What the Docker section tells you to set in config.yaml (its inline ``{...}`` spans)."""
+    spans = re.findall(r"`((?:api|state): \{[^`]*\})`", docker_section())
+    note: dict[str, Any] = {}
+    for span in spans:
+        note.update(yaml.safe_load("{" + span + "}"))
+    assert set(note) == {"api", "state"}, spans
+    ConfigFile.model_validate({**note, "builds": ["cmdemo0build0001"]})
+    return note
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    read_only: bool
+
+
+def compose_service() -> dict[str, Any]:
+    compose = yaml.safe_load(readme_file("compose.yaml"))
+    [service] = compose["services"].values()
+    assert isinstance(service, dict)
+    return service
+
+
+def compose_mounts(service: dict[str, Any]) -> list[Mount]:
+    mounts: list[Mount] = []
+    for volume in service["volumes"]:
+        source, target, *mode = volume.split(":")
+        assert mode in ([], ["ro"]), volume
+        mounts.append(Mount(source, target, mode == ["ro"]))
+    return mounts
+
+
+def host_path(mounts: list[Mount], container: str) -> tuple[Mount, str]:
+    """The mount that holds a container path, and the path's host side (relative to compose)."""
+    for mount in mounts:
+        if container == mount.target or container.startswith(mount.target + "/"):
+            inside = container.removeprefix(mount.target)
+            return mount, (mount.source + inside).removeprefix("./")
+    pytest.fail(f"no volume of the Compose example holds {container}")
+
+
+def command_option(command: list[str], name: str) -> str:
+    [value] = [part.split("=", 1)[1] for part in command if part.startswith(f"{name}=")]
+    return value
+
+
+def compose_check_files(code: str) -> list[str]:
+    return re.findall(r"open\(\"([^\"]+)\"\)", code)
+
+
+def test_readme_compose_example_runs_with_basic_auth_state_and_no_privileges() -> None:
+    service = compose_service()
+    section = docker_section()
+    [build] = re.findall(r"^docker build .*-t (\S+) \.$", section, flags=re.MULTILINE)
+    assert service["image"] == build
+    mounts = compose_mounts(service)
+    [setup] = [b for b in fenced_blocks("sh") if ".env" in b]
+
+    config_file = command_option(service["command"], "--config.file")
+    mount, source = host_path(mounts, config_file)
+    assert (mount.read_only, source) == (True, "config.yaml")
+    web_config_file = command_option(service["command"], "--web.config.file")
+    mount, source = host_path(mounts, web_config_file)
+    assert mount.read_only
+    assert yaml.safe_load(readme_file(source))["basic_auth_users"], "basic auth is on"
+
+    note = readme_config_note()
+    mount, source = host_path(mounts, note["api"]["api_key_file"])
+    assert mount.read_only
+    assert f"> {source} " in setup
+    state = note["state"]["path"]
+    mount, source = host_path(mounts, state)
+    assert not mount.read_only, "the state directory must be writable"
+    assert mount.target == str(PurePosixPath(state).parent), "the directory, for the lock"
+    assert re.search(rf"^mkdir -p .*\b{re.escape(mount.source.removeprefix('./'))}\b", setup, re.M)
+
+    # The container's user owns the host files (0600 secrets, the state directory).
+    assert re.fullmatch(r"\$\{EXPORTER_USER:\?[^}]*\}", service["user"])
+    assert 'printf \'EXPORTER_USER=%s:%s\\n\' "$(id -u)" "$(id -g)" > .env' in setup
+    assert service["read_only"] is True
+    assert service["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in service["security_opt"]
+    assert "/tmp" in service["tmpfs"]
+
+    check = service["healthcheck"]
+    assert {"interval", "timeout", "start_period", "retries"} <= set(check)
+    assert check["test"][:3] == ["CMD", "python", "-c"]
+    [code] = check["test"][3:]
+    # Compose interpolates $ everywhere: only the user may use it.
+    assert readme_file("compose.yaml").count("$") == 1
+    assert f"http://{CONTAINER_HEALTH_ADDRESS}/-/healthy" in code
+    [published] = service["ports"]
+    assert published.split(":")[-1] == CONTAINER_HEALTH_ADDRESS.split(":")[-1]
+    [password_file] = compose_check_files(code)
+    mount, source = host_path(mounts, password_file)
+    assert mount.read_only
+    assert f"> {source})" in setup
+
+
+@pytest.mark.timeout(600)
+def test_readme_compose_healthcheck_logs_in_with_the_password_file(
+    installed_image: InstalledImage, tmp_path: Path
+) -> None:
+    service = compose_service()
+    [code] = service["healthcheck"]["test"][3:]
+    [password_file] = compose_check_files(code)
+    # Like `openssl rand -base64 24` output, with a newline; the last bytes make it end "+/8=".
+    password = base64.b64encode(os.urandom(18) + b"\xfb\xff").decode()
+    right = tmp_path / "prometheus-password"
+    right.write_text(password + "\n")
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text(password[:-1] + "\n")
+
+    # The hash as the README makes it with Python's bcrypt, into the README's web config.
+    [recipe] = re.findall(
+        r"^python3 -c '([^']+)' < secrets/prometheus-password$", docker_section(), re.M
+    )
+    made = subprocess.run(
+        [sys.executable, "-c", recipe],
+        input=right.read_bytes(),
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    hashed = made.stdout.decode().strip()
+    web_config = yaml.safe_load(readme_file("web-config.yml"))
+    users = web_config["basic_auth_users"]
+    assert len(users) == 1, "one user, the one the check logs in as"
+    web_config["basic_auth_users"] = dict.fromkeys(users, hashed)
+    web_config_file = tmp_path / "web-config.yml"
+    web_config_file.write_text(yaml.safe_dump(web_config))
+
+    with serving(installed_image, tmp_path, f"--web.config.file={web_config_file}") as served:
+        [user] = users
+        port = healthy_port(served, auth=(user, password))
+        passed = run_check(
+            installed_image,
+            service["healthcheck"]["test"][1:],
+            tmp_path,
+            port=port,
+            files={password_file: right},
+        )
+        refused = run_check(
+            installed_image,
+            service["healthcheck"]["test"][1:],
+            tmp_path,
+            port=port,
+            files={password_file: wrong},
+        )
+    assert (passed.returncode, passed.stderr) == (0, "")
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("unhealthy: HTTP Error 401"), refused.stderr
+
+
+def test_readme_docker_run_example_keeps_the_state_on_a_volume() -> None:
+    [commands] = [b for b in fenced_blocks("sh") if "docker run -d" in b]
+    daemon = commands[commands.index("docker run -d") :].replace("\\\n", " ")
+    mounts = re.findall(r'-v "\$PWD/([^":]+):([^":]+)(?::(ro))?"', daemon)
+    state = readme_config_note()["state"]["path"]
+    [(source, _, mode)] = [m for m in mounts if m[1] == str(PurePosixPath(state).parent)]
+    assert mode == "", "the state directory must be writable"
+    assert re.search(rf"^mkdir -p .*\b{re.escape(source)}\b", commands, re.M)
