@@ -391,10 +391,75 @@ def test_probes_use_the_exporters_health_and_readiness_endpoints() -> None:
     assert container["ports"][0]["containerPort"] == 9862
 
 
-def test_prometheus_rule_carries_exactly_the_repository_alerts() -> None:
-    rule = render_case("all-features").one("PrometheusRule")
-    assert rule["spec"] == {"groups": yaml.safe_load(ALERTS.read_text())["groups"]}
+RULES_FILE_JOB_SELECTOR = 'job=~".*primeintellect-build.*"'
+EXPORTER_JOB_RULES = {"PrimeIntellectExporterDown", "PrimeIntellectExporterAbsent"}
+
+
+def rules_by_name(rendered: Rendered) -> dict[str, dict[str, Any]]:
+    rule = rendered.one("PrometheusRule", rendered.workload()["metadata"]["name"])
+    return {entry["alert"]: entry for group in rule["spec"]["groups"] for entry in group["rules"]}
+
+
+def service_monitor_job(rendered: Rendered) -> str:
+    """The job the Operator gives the targets: the Service's label named by jobLabel."""
+    [monitor] = rendered.all("ServiceMonitor")
+    [service] = [
+        service for service in rendered.all("Service") if not service["spec"].get("clusterIP")
+    ]
+    job: str = service["metadata"]["labels"][monitor["spec"]["jobLabel"]]
+    return job
+
+
+def test_prometheus_rule_carries_the_repository_alerts_with_only_the_job_selector_replaced() -> (
+    None
+):
+    rendered = render_case("all-features")
+    selector = f'job="{service_monitor_job(rendered)}"'
+    expected = ALERTS.read_text().replace(RULES_FILE_JOB_SELECTOR, selector)
+    rule = rendered.one("PrometheusRule")
+    assert rule["spec"] == {"groups": yaml.safe_load(expected)["groups"]}
     assert rule["spec"]["groups"], "monitoring/alerts.yaml has no rule groups"
+    assert expected != ALERTS.read_text(), (
+        f"the rules file no longer holds {RULES_FILE_JOB_SELECTOR}"
+    )
+
+
+WITH_MONITORING = {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}
+
+
+@pytest.mark.parametrize(
+    ("values", "job"),
+    [
+        ({}, "primeintellect-build-exporter"),
+        ({"nameOverride": "build-exporter"}, "build-exporter"),
+        # fullnameOverride renames the objects, not the app.kubernetes.io/name label.
+        ({"fullnameOverride": "team-builds"}, "primeintellect-build-exporter"),
+        ({"nameOverride": "build-exporter", "shards": 2}, "build-exporter"),
+    ],
+)
+def test_exporter_health_alerts_select_the_job_the_service_monitor_produces(
+    values: dict[str, Any], job: str
+) -> None:
+    rendered = render_chart({**WITH_MONITORING, **values})
+    assert service_monitor_job(rendered) == job
+    rules = rules_by_name(rendered)
+    for name in EXPORTER_JOB_RULES:
+        assert f'up{{job="{job}"}}' in rules[name]["expr"], name
+        assert RULES_FILE_JOB_SELECTOR not in str(rules[name]), name
+    description = rules["PrimeIntellectExporterAbsent"]["annotations"]["description"]
+    assert f'up{{job="{job}"}}' in description
+
+
+def test_exporter_job_selector_value_wins_and_without_a_monitor_the_rules_file_selector_stays() -> (
+    None
+):
+    chosen = 'job=~"builds-.*", namespace="ci"'
+    values = {**WITH_MONITORING, "prometheusRule": {"enabled": True, "exporterJobSelector": chosen}}
+    rules = rules_by_name(render_chart(values))
+    assert all(f"up{{{chosen}}}" in rules[name]["expr"] for name in EXPORTER_JOB_RULES)
+    unmonitored = rules_by_name(render_case("no-servicemonitor"))
+    kept = f"up{{{RULES_FILE_JOB_SELECTOR}}}"
+    assert all(kept in unmonitored[name]["expr"] for name in EXPORTER_JOB_RULES)
 
 
 def test_dashboard_configmap_carries_exactly_the_repository_dashboard() -> None:
@@ -462,6 +527,9 @@ def test_checksum_annotations_change_with_the_config_and_the_key_only() -> None:
         ({"shards": 0}, "minimum"),
         ({"log": {"level": "verbose"}}, "/log/level"),
         ({"image": {"tag": 1}}, "/image/tag"),
+        ({"prometheusRule": {"exporterJobSelector": "builds"}}, "does not match pattern"),
+        # A selector that would smuggle PromQL into the rule.
+        ({"prometheusRule": {"exporterJobSelector": 'job="a"}) or vector(1'}}, "does not match"),
     ],
 )
 def test_values_schema_rejects_typos_and_bad_values(values: dict[str, Any], complaint: str) -> None:

@@ -270,3 +270,26 @@ spec:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 {{- end }}
+
+{{/*
+The job selector of the exporter-health alerts in files/alerts.yaml, which the PrometheusRule
+replaces with exporterJobSelector.
+*/}}
+{{- define "primeintellect-build-exporter.rulesFileJobSelector" -}}
+job=~".*primeintellect-build.*"
+{{- end }}
+
+{{/*
+The label matchers by which the exporter-health alerts find the exporter's scrape job: the
+value, else the job the ServiceMonitor's jobLabel (app.kubernetes.io/name on the Service)
+gives every target, else the rules file's own.
+*/}}
+{{- define "primeintellect-build-exporter.exporterJobSelector" -}}
+{{- if .Values.prometheusRule.exporterJobSelector }}
+{{- .Values.prometheusRule.exporterJobSelector }}
+{{- else if .Values.serviceMonitor.enabled }}
+{{- printf "job=%q" (include "primeintellect-build-exporter.name" .) }}
+{{- else }}
+{{- include "primeintellect-build-exporter.rulesFileJobSelector" . }}
+{{- end }}
+{{- end }}
