@@ -59,7 +59,8 @@ class Rendered:
         return containers[0]
 
     def config_text(self) -> str:
-        text: str = self.one("ConfigMap")["data"]["config.yaml"]
+        configmap = self.one("ConfigMap", self.workload()["metadata"]["name"])
+        text: str = configmap["data"]["config.yaml"]
         return text
 
 
