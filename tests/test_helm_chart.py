@@ -666,6 +666,7 @@ OPERATOR_VARIANTS: dict[str, dict[str, Any]] = {
             "namespace": "prometheus",
             "labels": {"role": "alert-rules"},
             "annotations": {"example.com/owner": "platform"},
+            "exporterJobSelector": 'job=~"builds-.*", namespace="ci"',
         },
     },
 }
@@ -856,3 +857,83 @@ def test_operator_schema_check_refuses_what_the_api_server_would(
     errors = operator_schema_errors(edited(valid, where, drop, add))
     assert len(errors) == 1, errors
     assert errors[0].startswith(complaint), errors
+
+
+README = REPOSITORY / "README.md"
+
+
+def readme_kubernetes_section() -> str:
+    text = README.read_text()
+    return text.split("\n## Kubernetes (Helm)\n", 1)[1].split("\n## ", 1)[0]
+
+
+def set_value(values: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        values = values.setdefault(key, {})
+    values[leaf] = value
+
+
+def helm_set_value(text: str) -> Any:
+    """``--set``'s typing of a value: booleans and integers, else a string."""
+    if text in {"true", "false"}:
+        return text == "true"
+    return int(text) if text.isdigit() else text
+
+
+def readme_helm_commands() -> list[tuple[str, dict[str, Any]]]:
+    """Each `helm install`/`helm upgrade` of the README's Kubernetes section, with the values
+    it gives the chart: my-values.yaml, then its --set flags."""
+    section = readme_kubernetes_section()
+    heredoc = re.search(r"cat > my-values.yaml <<'YAML'\n(.*?)\nYAML\n", section, re.DOTALL)
+    assert heredoc, "the README's my-values.yaml was not found"
+    commands = []
+    for command in re.findall(r"^helm (?:install|upgrade) .*?(?<!\\)$", section, re.M | re.S):
+        words = command.replace("\\\n", " ").split()
+        assert words[2:8] == [
+            RELEASE,
+            "./helm/primeintellect-build-exporter",
+            "-n",
+            NAMESPACE,
+            "-f",
+            "my-values.yaml",
+        ]
+        values: dict[str, Any] = yaml.safe_load(heredoc.group(1))
+        for flag, assignment in zip(words[8::2], words[9::2], strict=True):
+            key, _, text = assignment.partition("=")
+            assert flag in {"--set", "--set-string"}, flag
+            set_value(values, key, text if flag == "--set-string" else helm_set_value(text))
+        commands.append((" ".join(words), values))
+    return commands
+
+
+def test_readme_kubernetes_section_says_what_the_chart_renders() -> None:
+    commands = readme_helm_commands()
+    assert [command.split()[1] for command, _ in commands] == ["install", "upgrade", "upgrade"]
+    installed, monitored, sharded = (render_chart(values) for _, values in commands)
+    assert installed.kinds()["Deployment"] == 1
+    assert not installed.all("ServiceMonitor")
+
+    assert {obj["kind"] for obj in monitored.objects} >= {"ServiceMonitor", "PrometheusRule"}
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        assert monitored.one(kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitored.one("ConfigMap", f"{FULLNAME}-dashboard")
+    section = readme_kubernetes_section()
+    job = service_monitor_job(monitored)
+    assert f'`job="{job}"`' in section
+    rules = rules_by_name(monitored)
+    assert all(f'up{{job="{job}"}}' in rules[name]["expr"] for name in EXPORTER_JOB_RULES)
+
+    statefulset = sharded.one("StatefulSet")
+    assert statefulset["spec"]["replicas"] == 3
+    assert {"--shard.count=3", "--shard.index=$(POD_NAME)"} <= set(sharded.container()["args"])
+    assert scraped_services(render_chart({**commands[2][1], **WITH_MONITORING})) == [FULLNAME]
+
+    state_path = yaml.safe_load(installed.config_text())["state"]["path"]
+    assert f"`{state_path}`" in section
+    assert "emptyDir" in section
+    volumes = {volume["name"]: volume for volume in installed.pod_spec()["volumes"]}
+    assert "emptyDir" in volumes["state"]
+    assert "--set persistence.enabled=true" in section
+    persistent = render_chart({**commands[0][1], "persistence": {"enabled": True}})
+    assert persistent.kinds()["PersistentVolumeClaim"] == 1
