@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test unit lint format bench attacks soak clean
+.PHONY: demo test unit lint format bench attacks soak screenshot clean
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -40,6 +40,10 @@ attacks: $(INSTALLED)
 
 soak: $(INSTALLED)
 	$(BIN)/python benchmarks/soak.py --builds 300 --duration 180
+
+# The README's picture of the status page, made by its browser test's tooling.
+screenshot: $(INSTALLED)
+	UPDATE_SCREENSHOT=1 $(BIN)/pytest tests/test_status_page_browser.py -k screenshot
 
 format: $(INSTALLED)
 	$(BIN)/ruff format .

@@ -209,6 +209,7 @@ class Exporter:
                 reload=self.reload if self._enable_lifecycle else None,
                 internal_error=self.internal_error,
                 request_budget=lambda: poll_settings(self.config).requests_per_second,
+                telemetry=self.telemetry.snapshot,
             ),
             web_config_file=web_config_file,
             limits=limits,

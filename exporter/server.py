@@ -1,4 +1,5 @@
-"""The HTTP endpoints: ``/metrics``, ``/-/healthy``, ``/-/ready``, ``/-/reload`` and ``/``.
+"""The HTTP endpoints: ``/metrics``, ``/-/healthy``, ``/-/ready``, ``/-/reload``, the status
+page ``/`` and a page per build, ``/build/{id}``.
 
 aiohttp's low-level server parses requests and writes answers on the exporter's event loop;
 ``exporter.connections`` puts deadlines and caps around every connection. With a web config
@@ -30,8 +31,15 @@ from exporter.config import parse_listen_address
 from exporter.connections import Listener, ServerLimits
 from exporter.exposition import ExpositionFormat, accepts_gzip, negotiate_format
 from exporter.exposition_cache import Body
-from exporter.status_page import render_status_page
+from exporter.status_page import (
+    CONTENT_SECURITY_POLICY,
+    PageContext,
+    PageQuery,
+    render_build_page,
+    render_status_page,
+)
 from exporter.store import Snapshot
+from exporter.telemetry import TelemetrySnapshot
 from exporter.webconfig import WebConfig, WebConfigWatcher
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,16 @@ WEB_CONFIG_CHECK_INTERVAL = 1.0
 _RESERVED_FILE_DESCRIPTORS = 128
 _RELOAD_PATH = "/-/reload"
 _ROUTES = ("/metrics", "/-/healthy", "/-/ready", "/")
+_BUILD_PAGE_PREFIX = "/build/"
+# Rendered pages kept, per snapshot, query and second: a page open in many tabs, or
+# refreshing, costs one render.
+_KEPT_PAGES = 32
+_PAGE_HEADERS = {
+    "Content-Type": "text/html; charset=utf-8",
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
 
 
 class ExpositionSource(Protocol):
@@ -74,8 +92,10 @@ class Endpoints:
     reload: Callable[[], Awaitable[str | None]] | None
     # Counts and logs an unexpected exception of a component, such as the renderer.
     internal_error: Callable[[str, BaseException], None]
-    # The requests per second this replica may spend, for the status page.
+    # The requests per second this replica may spend, and the exporter's own state (API up,
+    # rate-limit pause), for the status page.
     request_budget: Callable[[], float | None] = lambda: None
+    telemetry: Callable[[], TelemetrySnapshot | None] = lambda: None
 
 
 class _ClientMistakeLogger(logging.Logger):
@@ -111,6 +131,11 @@ class MetricsServer:
         host, port = parse_listen_address(listen_address)
         self._socket = _bind(host, port)
         self._render = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="render")
+        # Pages render in a thread of their own, so a flood of them never delays /metrics.
+        self._page_render = ThreadPoolExecutor(1, thread_name_prefix="page")
+        self._pages: dict[
+            tuple[str, PageQuery | None, int, int], tuple[TelemetrySnapshot | None, str | None]
+        ] = {}
         self._http: web.Server | None = None
         self._listener: Listener | None = None
         self._watching: asyncio.Task[None] | None = None
@@ -178,6 +203,7 @@ class MetricsServer:
             for _ in range(3):
                 await asyncio.sleep(0)
         self._render.shutdown(wait=False, cancel_futures=True)
+        self._page_render.shutdown(wait=False, cancel_futures=True)
 
     # -- TLS -------------------------------------------------------------------------------
 
@@ -253,24 +279,18 @@ class MetricsServer:
             if method in {"POST", "PUT"}:
                 return await self._reload(web_config)
             return self._respond(web_config, 405, "Method not allowed\n", {"Allow": "POST, PUT"})
-        if path not in _ROUTES:
+        is_page = path == "/" or path.startswith(_BUILD_PAGE_PREFIX)
+        if path not in _ROUTES and not is_page:
             return self._respond(web_config, 404, "Not found\n")
         if method not in {"GET", "HEAD"}:
             return self._respond(web_config, 405, "Method not allowed\n", {"Allow": "GET, HEAD"})
         if path == "/metrics":
             return await self._metrics(request, web_config)
-        if path == "/":
-            loop = asyncio.get_running_loop()
-            page = await loop.run_in_executor(
-                self._render,
-                render_status_page,
-                self._endpoints.snapshot(),
-                time.time(),
-                self._endpoints.request_budget(),
-            )
-            return self._respond(
-                web_config, 200, page, {"Content-Type": "text/html; charset=utf-8"}
-            )
+        if is_page:
+            page = await self._page(path, request.query)
+            if page is None:
+                return self._respond(web_config, 404, "No such build is tracked\n")
+            return self._respond(web_config, 200, page, _PAGE_HEADERS)
         problem = (
             self._endpoints.unhealthy_reason()
             if path == "/-/healthy"
@@ -281,6 +301,28 @@ class MetricsServer:
                 web_config, 200, "Healthy\n" if path == "/-/healthy" else "Ready\n"
             )
         return self._respond(web_config, 503, f"{problem}\n")
+
+    async def _page(self, path: str, params: Mapping[str, str]) -> str | None:
+        """The status page or a build's page, rendered off the loop, once per snapshot, query
+        and second; None for a build that is not tracked."""
+        snapshot, telemetry = self._endpoints.snapshot(), self._endpoints.telemetry()
+        now = time.time()
+        query = PageQuery.from_params(params) if path == "/" else None
+        key = (path, query, snapshot.version, int(now))
+        kept = self._pages.get(key)
+        if kept is not None and kept[0] is telemetry:
+            return kept[1]
+        context = PageContext(snapshot, telemetry, now, self._endpoints.request_budget())
+        render = (
+            partial(render_status_page, context, query)
+            if query is not None
+            else partial(render_build_page, context, path.removeprefix(_BUILD_PAGE_PREFIX))
+        )
+        page = await asyncio.get_running_loop().run_in_executor(self._page_render, render)
+        self._pages[key] = (telemetry, page)
+        while len(self._pages) > _KEPT_PAGES:
+            del self._pages[next(iter(self._pages))]
+        return page
 
     async def _discard_body(
         self, request: web.BaseRequest, web_config: WebConfig | None

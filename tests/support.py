@@ -455,6 +455,7 @@ NASTY_CHARACTERS = [
     *"\x00\x01\t\n\r\x0b\x0c\x1b\x7f\x85\u2028\u2029",  # control characters and line breaks
     *"\ud800\udbff\udc00\udfff",  # lone surrogates: JSON can carry them, UTF-8 cannot
     *'"\\{}=,# ',  # what the exposition format escapes or splits on
+    *"<>&'",  # what HTML would read as markup
     *"…\ufffd\ufeff\u200b\uffffé😀",
 ]
 characters = st.one_of(st.characters(), st.sampled_from(NASTY_CHARACTERS))
@@ -462,6 +463,7 @@ short_texts = st.text(characters, max_size=12)
 texts = st.one_of(
     short_texts,
     short_texts,
+    st.sampled_from(["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", '"><b x="']),
     # Long ones, cheaply: past the 256-character limit, with nasty characters at the cut.
     st.builds(lambda unit, count: unit * count, short_texts, st.integers(20, 400)),
     st.builds(

@@ -14,6 +14,7 @@ import asyncio
 import json
 import time
 from collections.abc import Sequence
+from html.parser import HTMLParser
 
 import httpx
 from hypothesis import given
@@ -28,6 +29,7 @@ from exporter.exposition import ExpositionFormat, render
 from exporter.metrics import exporter_families
 from exporter.models import InvalidBuildError, Outcome, parse_build
 from exporter.poller import Poller, PollSettings
+from exporter.status_page import PageContext, PageQuery, render_build_page, render_status_page
 from exporter.store import BuildStore
 from exporter.telemetry import Telemetry
 from tests.support import (
@@ -183,6 +185,72 @@ def assert_parses(body: bytes, format: ExpositionFormat) -> None:
                 assert_label_value_is_clean(sample.name, label, value)
 
 
+# Every element and attribute the status pages write themselves: an answer's text that
+# became markup would add another.
+PAGE_TAGS = {
+    "html",
+    "head",
+    "meta",
+    "title",
+    "style",
+    "body",
+    "h1",
+    "h2",
+    "p",
+    "a",
+    "form",
+    "label",
+    "select",
+    "option",
+    "input",
+    "button",
+    "div",
+    "table",
+    "thead",
+    "tbody",
+    "tr",
+    "th",
+    "td",
+    "span",
+    "code",
+}
+PAGE_ATTRIBUTES = {
+    "lang",
+    "charset",
+    "name",
+    "content",
+    "http-equiv",
+    "class",
+    "href",
+    "method",
+    "action",
+    "value",
+    "selected",
+    "type",
+    "id",
+    "data-build",
+}
+
+
+class _MarkupCollector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: set[str] = set()
+        self.attributes: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+        self.attributes.update(name for name, _ in attrs)
+
+
+def assert_only_the_pages_own_markup(page: str) -> None:
+    collector = _MarkupCollector()
+    collector.feed(page)
+    collector.close()
+    assert collector.tags <= PAGE_TAGS, collector.tags - PAGE_TAGS
+    assert collector.attributes <= PAGE_ATTRIBUTES, collector.attributes - PAGE_ATTRIBUTES
+
+
 @DETERMINISTIC
 @given(scenario=scenarios, max_artifacts=st.sampled_from([0, 1, 64]))
 def test_any_answer_is_polled_without_errors_and_renders_a_parseable_exposition(
@@ -208,3 +276,8 @@ def test_any_answer_is_polled_without_errors_and_renders_a_parseable_exposition(
     ]
     for format in ExpositionFormat:
         assert_parses(render(families, format), format)
+    context = PageContext(store.snapshot(), telemetry.snapshot(), time.time(), 2.0)
+    pages = [render_status_page(context, PageQuery())]
+    pages += [render_build_page(context, build_id) or "" for build_id in BUILD_IDS]
+    for page in pages:
+        assert_only_the_pages_own_markup(page)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 
 import httpx
@@ -11,6 +12,7 @@ from exporter.exposition import ExpositionFormat, accepts_gzip, negotiate_format
 from exporter.exposition_cache import ExpositionCache
 from exporter.server import Endpoints, MetricsServer
 from exporter.simulator import Fault, Simulator
+from exporter.status_page import PageQuery
 from exporter.store import BuildStore, Snapshot
 from tests.conftest import StartExporter
 from tests.support import EPOCH, ServerThread, forever_building, make_config, wait_until
@@ -152,9 +154,72 @@ def test_status_page_shows_unpolled_builds_and_this_replicas_request_budget(
     assert config.owned_build_ids == ("slow",)
     page = start_exporter(config).get("/")
     assert page.status_code == 200
-    assert "1 unpolled" in page.text
+    assert "1 not yet polled" in page.text
     # The key's 3 requests per second, shared by two shards.
     assert "Request budget of this replica: 1.5 per second." in page.text
+
+
+def test_build_page_lists_artifacts_and_an_untracked_build_is_404(
+    simulator: Simulator, start_exporter: StartExporter
+) -> None:
+    simulator.add(forever_building("known"))
+    running = start_exporter(make_config(simulator.base_url, ["known"]))
+    running.wait_until_all_polled()
+    page = running.get("/build/known")
+    assert page.status_code == 200
+    assert 'id="artifacts"' in page.text
+    assert "primeintellect_image_build_status{build_id=&quot;known&quot;} == 1" in page.text
+    for path in ("/build/unknown", "/build/", "/build/known/extra"):
+        assert running.get(path).status_code == 404, path
+
+
+def test_pages_carry_a_policy_that_allows_nothing_from_elsewhere_and_no_script(
+    simulator: Simulator, start_exporter: StartExporter
+) -> None:
+    simulator.add(forever_building("known"))
+    running = start_exporter(make_config(simulator.base_url, ["known"]))
+    for path in ("/", "/build/known"):
+        headers = running.get(path).headers
+        policy = headers["Content-Security-Policy"]
+        assert policy.startswith("default-src 'none'; ")
+        assert "script-src" not in policy
+        assert headers["Cache-Control"] == "no-store"
+        assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({}, PageQuery()),
+        ({"status": "FAILED", "sort": "image"}, PageQuery(status="FAILED", sort="image")),
+        ({"status": "<script>", "sort": "rm -rf"}, PageQuery()),
+        ({"refresh": "0"}, PageQuery(refresh=1)),
+        ({"refresh": "99999999999999999999"}, PageQuery(refresh=3600)),
+        ({"refresh": "-5"}, PageQuery()),
+        ({"refresh": "1e3"}, PageQuery()),
+        ({"image": "x" * 10_000}, PageQuery(image="x" * 256)),
+    ],
+)
+def test_status_page_query_keeps_only_values_it_knows(
+    params: dict[str, str], expected: PageQuery
+) -> None:
+    assert PageQuery.from_params(params) == expected
+
+
+def test_status_page_filters_by_image_and_status_from_the_query(
+    simulator: Simulator, start_exporter: StartExporter
+) -> None:
+    simulator.add(forever_building("one"))
+    other = forever_building("two")
+    simulator.add(dataclasses.replace(other, image_name="other"))
+    running = start_exporter(make_config(simulator.base_url, ["one", "two"]))
+    running.wait_until_all_polled()
+    assert running.get("/").text.count("data-build=") == 2
+    only_other = running.get("/?image=other").text
+    assert 'data-build="two"' in only_other
+    assert 'data-build="one"' not in only_other
+    assert "data-build=" not in running.get("/?status=FAILED").text
+    assert running.get("/?status=BUILDING").text.count("data-build=") == 2
 
 
 def require_ipv6_loopback(*, dual_stack: bool = False) -> None:
