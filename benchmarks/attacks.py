@@ -304,6 +304,42 @@ def run_plain(directory: Path) -> list[tuple[str, str, str]]:
                 f"now {rss_mib(pid):.0f} MiB",
             )
         )
+
+        def metrics_median_ms() -> float:
+            times = []
+            for _ in range(20):
+                started = time.perf_counter()
+                httpx.get(url + "/metrics", timeout=60, headers={"Accept-Encoding": "gzip"})
+                times.append((time.perf_counter() - started) * 1000)
+            return statistics.median(times)
+
+        def fetch_pages(stop: threading.Event, worker: int) -> int:
+            # A new query each time (the refresh period), so no page is one of the kept ones,
+            # and every page lists the first 1,000 builds.
+            fetched = 0
+            while not stop.is_set():
+                refresh = 1 + (worker * 211 + fetched) % 3600
+                with suppress(httpx.TransportError):
+                    httpx.get(f"{url}/?sort=created&refresh={refresh}", timeout=60)
+                fetched += 1
+            return fetched
+
+        before = rss_mib(pid)
+        alone = metrics_median_ms()
+        stop = threading.Event()
+        with ThreadPoolExecutor(16) as pool:
+            fetchers = [pool.submit(fetch_pages, stop, worker) for worker in range(16)]
+            flooded = metrics_median_ms()
+            stop.set()
+            pages = sum(fetcher.result() for fetcher in fetchers)
+        rows.append(
+            (
+                "16 clients fetching uncached status pages nonstop",
+                f"/metrics median {alone:.0f} ms alone, {flooded:.0f} ms meanwhile "
+                f"({pages} pages of {BUILDS} builds)",
+                f"{before:.0f} -> {rss_mib(pid):.0f} MiB",
+            )
+        )
     return rows
 
 

@@ -60,7 +60,7 @@ _ROUTES = ("/metrics", "/-/healthy", "/-/ready", "/")
 _BUILD_PAGE_PREFIX = "/build/"
 # Rendered pages kept, per snapshot, query and second: a page open in many tabs, or
 # refreshing, costs one render.
-_KEPT_PAGES = 32
+_KEPT_PAGES = 8
 _PAGE_HEADERS = {
     "Content-Type": "text/html; charset=utf-8",
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,

@@ -47,7 +47,10 @@ code { overflow-wrap: anywhere; }
 @media (max-width: 40em) {
   body { margin: 0.5em; }
   th, td { padding: 0.2em 0.3em; font-size: 0.9em; }
-  .wide { display: none; }
+  #builds thead, #builds .wide, #builds td:empty { display: none; }
+  #builds tr { display: block; border: 1px solid #ccc; margin-bottom: 0.5em; }
+  #builds td { display: block; border: none; }
+  #builds td::before { content: attr(data-label) ": "; font-weight: 600; }
 }
 """
 _STYLE_HASH = base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode()
@@ -185,6 +188,8 @@ def render_status_page(context: PageContext, query: PageQuery) -> str:
             ("Tag", "", False),
             ("Status", "status", False),
             ("Created (UTC)", "created", True),
+            ("Started", "", True),
+            ("Completed", "", True),
             ("Queued", "", True),
             ("Duration", "", True),
             ("Last poll", "", False),
@@ -238,8 +243,8 @@ def render_build_page(context: PageContext, build_id: str) -> str | None:
         artifacts = _artifact_table(build.artifacts)
     facts += [
         ("Last poll", _last_poll(record)),
-        ("Last successful poll", _utc(record.last_success_time)),
-        ("Last change seen", _utc(record.last_change_time)),
+        ("Last good answer", _utc(record.last_success_time) or "never"),
+        ("Answer last changed", _utc(record.last_change_time)),
         ("In /metrics", f"<code>{html.escape(selector)}</code>"),
         (
             "In Prometheus",
@@ -385,7 +390,7 @@ def _status_row(record: BuildRecord, problem: Problem, now: float) -> str:
     build = record.build
     link = f'<a href="/build/{quote(record.build_id, safe="")}">{html.escape(record.build_id)}</a>'
     if build is None:
-        cells = [link, "", "", _badge(problem, ""), "", "", "", _last_poll(record), ""]
+        cells = [link, "", "", _badge(problem, ""), "", "", "", "", "", _last_poll(record), ""]
     else:
         status = html.escape(build.status)
         # The badge says FAILED itself; any other problem is said beside the status.
@@ -398,21 +403,40 @@ def _status_row(record: BuildRecord, problem: Problem, now: float) -> str:
             html.escape(build.image_tag),
             f"{marker} {status}".strip(),
             _utc(build.created_at),
+            _utc(build.started_at),
+            _utc(build.completed_at),
             _span(build.queued_seconds),
             _duration(build, now),
             _last_poll(record),
             _error_cell_text(build),
         ]
     css = f' class="{problem.css}"' if problem.css else ""
-    classes = ["", "", "", "", "wide", "wide", "wide", "", "error"]
     return (
         f'<tr{css} data-build="{html.escape(record.build_id)}">'
         + "".join(
-            f'<td class="{kind}">{cell}</td>' if kind else f"<td>{cell}</td>"
-            for kind, cell in zip(classes, cells, strict=True)
+            f'<td class="{kind}" data-label="{label}">{cell}</td>'
+            if kind
+            else f'<td data-label="{label}">{cell}</td>'
+            for (label, kind), cell in zip(_COLUMNS, cells, strict=True)
         )
         + "</tr>"
     )
+
+
+# Each cell's column and class; the label heads it on a phone, where rows become cards.
+_COLUMNS = (
+    ("Build", ""),
+    ("Image", ""),
+    ("Tag", ""),
+    ("Status", ""),
+    ("Created", "wide"),
+    ("Started", "wide"),
+    ("Completed", "wide"),
+    ("Queued", "wide"),
+    ("Duration", ""),
+    ("Last poll", ""),
+    ("Error", "error"),
+)
 
 
 def _badge(problem: Problem, none_text: str) -> str:
@@ -424,10 +448,14 @@ def _badge(problem: Problem, none_text: str) -> str:
 def _last_poll(record: BuildRecord) -> str:
     if not record.polled or record.last_poll_time is None:
         return '<span class="quiet">not yet</span>'
-    outcome = Outcome.OK if record.last_poll_ok else (record.last_error or Outcome.INVALID_RESPONSE)
-    detail = _OUTCOME_DETAIL[outcome]
-    mark = "✔" if record.last_poll_ok else "✖"
-    return f"{_utc(record.last_poll_time)} {mark} {outcome.value}: {html.escape(detail)}"
+    if record.last_poll_ok:
+        return f"✔ ok at {_utc(record.last_poll_time)}"
+    outcome = record.last_error or Outcome.INVALID_RESPONSE
+    # A failure that repeats is not stored again, so the time is when this failure began.
+    return (
+        f"✖ {outcome.value} since {_utc(record.last_poll_time)}: "
+        f"{html.escape(_OUTCOME_DETAIL[outcome])}"
+    )
 
 
 def _error_cell_text(build: Build) -> str:

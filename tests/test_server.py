@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import calendar
 import dataclasses
+import re
 import socket
+import time
 
 import httpx
 import pytest
@@ -220,6 +223,31 @@ def test_status_page_filters_by_image_and_status_from_the_query(
     assert 'data-build="one"' not in only_other
     assert "data-build=" not in running.get("/?status=FAILED").text
     assert running.get("/?status=BUILDING").text.count("data-build=") == 2
+
+
+def test_status_page_says_the_key_is_rejected(
+    simulator: Simulator, start_exporter: StartExporter
+) -> None:
+    simulator.add(forever_building("known"))
+    running = start_exporter(make_config(simulator.base_url, ["known"], api_key="pk-revoked"))
+    running.wait_until_all_polled()
+    assert "✖ API key rejected</span> (1 builds got 401)" in running.get("/").text
+
+
+def test_status_page_says_until_when_the_api_rate_limits(
+    simulator: Simulator, start_exporter: StartExporter
+) -> None:
+    simulator.add(forever_building("limited"))
+    simulator.set_fault("limited", Fault.rate_limited("600"))
+    running = start_exporter(make_config(simulator.base_url, ["limited"]))
+    page = wait_until(
+        lambda: (text := running.get("/").text) and "rate-limited until" in text and text,
+        message="the 429 pause on the status page",
+    )
+    until = re.search(r"rate-limited until (\S+ \S+Z)", page)
+    assert until is not None
+    seconds = calendar.timegm(time.strptime(until.group(1), "%Y-%m-%d %H:%M:%SZ")) - time.time()
+    assert 590 < seconds <= 600
 
 
 def require_ipv6_loopback(*, dual_stack: bool = False) -> None:

@@ -97,7 +97,8 @@ def test_the_failed_builds_error_message_is_visible(served: Served, browser: Bro
         expect(row.locator("td.error")).to_contain_text(FAILED_ERROR)
         # A failed poll says what failed, not only its reason.
         missing = watched.page.locator(f'#builds tr[data-build="{MISSING_BUILD}"]')
-        expect(missing).to_contain_text("not_found: the API answered 404")
+        expect(missing).to_contain_text("not_found since ")
+        expect(missing).to_contain_text("the API answered 404: no such build")
 
 
 def test_the_summary_counts_builds_by_status_and_says_the_api_is_up(
@@ -185,6 +186,10 @@ def test_the_page_fits_a_phone_width_screen(served: Served, browser: Browser) ->
         overflow = watched.page.evaluate("document.documentElement.scrollWidth")
         assert overflow <= 375
         expect(watched.page.locator(".summary")).to_be_visible()
+        # Rows become cards: the failed build's status and error are on screen, unscrolled.
+        first = watched.page.locator("#builds tbody tr").first
+        expect(first.locator('td[data-label="Status"]')).to_be_in_viewport()
+        expect(first.locator("td.error")).to_be_in_viewport()
 
 
 def test_the_page_refreshes_itself_and_picks_up_a_status_change(
