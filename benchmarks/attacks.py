@@ -118,9 +118,7 @@ def exporter(directory: Path, web_config: str | None = None) -> Iterator[tuple[s
     api_key = "pk-attacks"
     simulator = Process(
         directory / "simulator.log",
-        str(BIN / "python"),
-        "-m",
-        "exporter.simulator",
+        str(BIN / "primeintellect-build-simulator"),
         "--listen-address",
         "127.0.0.1:0",
         "--builds",

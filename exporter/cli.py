@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import random
 import resource
 import secrets
 import signal
@@ -34,7 +33,7 @@ from exporter.config import (
 )
 from exporter.logs import LEVELS, configure_logging
 from exporter.server import MetricsServer
-from exporter.simulator import Simulator, demo_plans, random_plans
+from exporter.simulator import Simulator, demo_plans
 from exporter.webconfig import WebConfigError, load_web_config
 
 PROGRAM = "primeintellect-build-exporter"
@@ -282,51 +281,3 @@ async def _serve_until_signalled(
         loop.add_signal_handler(signal_number, stop.set)
     loop.add_signal_handler(signal.SIGHUP, exporter.request_reload)
     await exporter.serve(stop, server, announce)
-
-
-def simulator_main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Run the API simulator on its own (``python -m exporter.simulator``)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m exporter.simulator",
-        description="A fake Prime Intellect API for trying the exporter.",
-    )
-    parser.add_argument("--listen-address", default="127.0.0.1:8080", metavar="HOST:PORT")
-    parser.add_argument(
-        "--builds",
-        type=int,
-        default=0,
-        metavar="N",
-        help="simulate N random builds instead of the demo set",
-    )
-    parser.add_argument("--seed", type=int, default=1)
-    arguments = parser.parse_args(argv)
-    api_key = os.environ.get("PRIME_API_KEY") or secrets.token_urlsafe(24)
-    now = time.time()
-    plans = (
-        random_plans(arguments.builds, now, random.Random(arguments.seed))  # noqa: S311
-        if arguments.builds
-        else demo_plans(now)
-    )
-    host, _, port = arguments.listen_address.rpartition(":")
-    simulator = Simulator(api_key, plans)
-    simulator.start(host or "127.0.0.1", int(port))
-    print(f"Simulated API at {simulator.base_url}")
-    if "PRIME_API_KEY" not in os.environ:
-        print(f"API key (set PRIME_API_KEY to choose one): {api_key}")
-    print("Builds:")
-    for build_id in simulator.build_ids:
-        print(f"  - {build_id}")
-    sys.stdout.flush()
-
-    async def wait_for_signal() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signal_number in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signal_number, stop.set)
-        await stop.wait()
-
-    try:
-        asyncio.run(wait_for_signal())
-    finally:
-        simulator.stop()
-    sys.exit(0)

@@ -1,8 +1,10 @@
 """A fake Prime Intellect API on loopback: build lifecycles that move, and faults on demand.
 
-It serves ``GET /api/v1/images/build/{build_id}`` as the published spec describes, checks the
-bearer token, and records every request so tests can count them. ``--demo``, the tests and
-the benchmarks use it; ``python -m exporter.simulator`` runs it on its own.
+It serves ``GET /api/v1/images/build/{build_id}`` as the published spec describes and
+``GET /api/v1/images`` as the official client reads it (paged, searchable, team-scoped),
+checks the bearer token, and records every request so tests can count them. ``--demo``, the
+tests and the benchmarks use it; ``primeintellect-build-simulator`` (exporter.simulator_cli)
+runs it on its own.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 BUILD_PATH_PREFIX = "/api/v1/images/build/"
+# The listing of a scope's images, paged by logical image (name:tag), at most 250 a page.
+IMAGES_PATH = "/api/v1/images"
+MAX_IMAGE_PAGE = 250
 Outcome = Literal["COMPLETED", "FAILED", "CANCELLED"]
 
 
@@ -235,6 +240,8 @@ class RecordedRequest:
     at: float
     build_id: str
     status: int
+    path: str = ""
+    query: str = ""
 
 
 class Simulator:
@@ -246,6 +253,7 @@ class Simulator:
         plans: Iterable[BuildPlan] = (),
         *,
         clock: Callable[[], float] = time.time,
+        team_id: str | None = None,
     ) -> None:
         self.api_key = api_key
         self._clock = clock
@@ -253,6 +261,9 @@ class Simulator:
         self._plans = {plan.build_id: plan for plan in plans}
         self._overrides: dict[str, dict[str, Any]] = {}
         self._faults: dict[str, Fault] = {}
+        self.team_id = team_id
+        self._image_rows: list[dict[str, Any]] = []
+        self._listing_faults: dict[int | None, Fault] = {}
         self._requests: list[RecordedRequest] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -287,6 +298,11 @@ class Simulator:
     def requests(self, build_id: str | None = None) -> list[RecordedRequest]:
         with self._lock:
             return [r for r in self._requests if build_id is None or r.build_id == build_id]
+
+    def listing_requests(self) -> list[RecordedRequest]:
+        """The requests of the image listing received so far."""
+        with self._lock:
+            return [r for r in self._requests if r.path == IMAGES_PATH]
 
     def payload(self, build_id: str) -> dict[str, Any] | None:
         """What a correct answer for the build is right now."""
@@ -328,6 +344,104 @@ class Simulator:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    # -- image listing -------------------------------------------------------------------------
+
+    def add_image_rows(self, *rows: dict[str, Any]) -> None:
+        """Serve these artifact rows in the image listing too, beside the builds' own (such as
+        an older row of a rebuilt tag, or a stale BUILDING row the backend left behind)."""
+        with self._lock:
+            self._image_rows.extend(rows)
+
+    def set_listing_fault(self, fault: Fault | None, *, offset: int | None = None) -> None:
+        """Answer the listing's page at ``offset`` (every page: None) with ``fault``."""
+        with self._lock:
+            if fault is None:
+                self._listing_faults.pop(offset, None)
+            else:
+                self._listing_faults[offset] = fault
+
+    def image_rows(self) -> list[dict[str, Any]]:
+        """Every artifact row the listing knows, across scopes."""
+        with self._lock:
+            return self._image_rows_locked()
+
+    def _image_rows_locked(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for build_id in sorted(self._plans):
+            payload = self._payload_locked(build_id)
+            if payload is None:
+                continue
+            rows.extend(
+                self._image_row(payload, artifact) for artifact in payload.get("artifacts") or []
+            )
+        return rows + list(self._image_rows)
+
+    def _image_row(self, build: dict[str, Any], artifact: dict[str, Any]) -> dict[str, Any]:
+        name, tag = build.get("imageName"), build.get("imageTag")
+        completed = artifact.get("status") == "COMPLETED"
+        return {
+            "id": artifact["id"],
+            "artifactType": artifact.get("artifactType"),
+            "imageName": name,
+            "imageTag": tag,
+            "status": artifact.get("status"),
+            "fullImagePath": artifact.get("fullImagePath"),
+            "errorMessage": artifact.get("errorMessage"),
+            # A size from the name, so it is the same in every answer.
+            "sizeBytes": (len(f"{name}:{tag}") + 1) * 50_000_000 if completed else None,
+            "visibility": "PRIVATE",
+            "createdAt": artifact.get("createdAt"),
+            "startedAt": artifact.get("startedAt"),
+            "completedAt": artifact.get("completedAt"),
+            "pushedAt": artifact.get("completedAt") if completed else None,
+            "teamId": self.team_id,
+            "ownerType": "team" if self.team_id else "personal",
+            "displayRef": f"{name}:{tag}",
+        }
+
+    def _listing_locked(self, query: str, authorization: str | None) -> Reply:
+        json_headers = {"Content-Type": "application/json"}
+        if authorization != f"Bearer {self.api_key}":
+            return Reply(401, json_headers, b'{"detail": "Invalid API key"}')
+        params = dict(parse_qsl(query))
+        offset_text, limit_text = params.get("offset", "0"), params.get("limit", "100")
+        if not (offset_text.isdigit() and limit_text.isdigit()):
+            return Reply(422, json_headers, b'{"detail": "offset and limit must be integers"}')
+        offset, limit = int(offset_text), int(limit_text)
+        if not 1 <= limit <= MAX_IMAGE_PAGE:
+            return Reply(422, json_headers, b'{"detail": "limit must be 1 to 250"}')
+        fault_key = offset if offset in self._listing_faults else None
+        fault = self._listing_faults.get(fault_key)
+        delivery = None
+        if fault is not None:
+            if fault.times is not None:
+                fault.times -= 1
+                if fault.times <= 0:
+                    del self._listing_faults[fault_key]
+            if fault.body or fault.status != 200:
+                return Reply.delivered_as(fault, fault.status, dict(fault.headers), fault.body)
+            delivery = fault
+        team = params.get("teamId") or None
+        search = params.get("search", "").lower()
+        images: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for row in self._image_rows_locked():
+            if row.get("teamId") != team:
+                continue
+            texts = (row.get("imageName"), row.get("imageTag"), row.get("displayRef"))
+            if search and not any(search in (text or "").lower() for text in texts):
+                continue
+            key = (str(row.get("imageName")), str(row.get("imageTag")))
+            images.setdefault(key, []).append(row)
+        page = sorted(images)[offset : offset + limit]
+        body = {
+            "data": [row for key in page for row in images[key]],
+            "totalCount": len(images),
+            "offset": offset,
+            "limit": limit,
+            "status": "success",
+        }
+        return Reply.delivered_as(delivery, 200, json_headers, json.dumps(body).encode())
+
     # -- answering -----------------------------------------------------------------------------
 
     def _payload_locked(self, build_id: str) -> dict[str, Any] | None:
@@ -343,14 +457,19 @@ class Simulator:
         reply = self.respond(path, authorization)
         return reply.status, reply.headers, reply.body, reply.delay
 
-    def respond(self, path: str, authorization: str | None) -> Reply:
+    def respond(self, path: str, authorization: str | None, query: str = "") -> Reply:
         """The whole reply to one request, including how to deliver it; records the request."""
         build_id = (
             unquote(path[len(BUILD_PATH_PREFIX) :]) if path.startswith(BUILD_PATH_PREFIX) else ""
         )
         with self._lock:
-            reply = self._reply_locked(build_id, path, authorization)
-            self._requests.append(RecordedRequest(time.monotonic(), build_id, reply.status))
+            if path == IMAGES_PATH:
+                reply = self._listing_locked(query, authorization)
+            else:
+                reply = self._reply_locked(build_id, path, authorization)
+            self._requests.append(
+                RecordedRequest(time.monotonic(), build_id, reply.status, path, query)
+            )
         return reply
 
     def _reply_locked(self, build_id: str, path: str, authorization: str | None) -> Reply:
@@ -396,7 +515,8 @@ class _Handler(BaseHTTPRequestHandler):
     simulator: ClassVar[Simulator]
 
     def do_GET(self) -> None:
-        reply = self.simulator.respond(urlsplit(self.path).path, self.headers.get("Authorization"))
+        target = urlsplit(self.path)
+        reply = self.simulator.respond(target.path, self.headers.get("Authorization"), target.query)
         if reply.delay:
             time.sleep(reply.delay)
         body = reply.body
@@ -511,9 +631,3 @@ def random_plans(
             )
         )
     return plans
-
-
-if __name__ == "__main__":
-    from exporter.cli import simulator_main
-
-    simulator_main()

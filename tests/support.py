@@ -38,6 +38,7 @@ from exporter.simulator import ArtifactPlan, BuildPlan, Simulator
 from exporter.store import Snapshot
 
 SCRIPT = str(Path(sys.executable).parent / "primeintellect-build-exporter")
+SIMULATOR_SCRIPT = str(Path(sys.executable).parent / "primeintellect-build-simulator")
 CANARY_API_KEY = "pk-canary-0b7f5e2d9c4a41e8b3f6a1d2c9e8f7a6"
 REPOSITORY = Path(__file__).resolve().parent.parent
 # 2026-01-01T00:00:00Z: every fixed timestamp of the golden builds counts from here.

@@ -22,6 +22,7 @@ from tests.pki import Pki, tls_section
 from tests.support import (
     CANARY_API_KEY,
     SCRIPT,
+    SIMULATOR_SCRIPT,
     Daemon,
     environment,
     forever_building,
@@ -483,7 +484,7 @@ def test_address_in_use_is_a_clear_error(simulator: Simulator, tmp_path: Path) -
 
 def test_simulator_runs_on_its_own() -> None:
     with subprocess.Popen(
-        [sys.executable, "-m", "exporter.simulator", "--listen-address", "127.0.0.1:0"],
+        [SIMULATOR_SCRIPT, "--listen-address", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         text=True,
         env=environment(PRIME_API_KEY=CANARY_API_KEY),

@@ -106,3 +106,20 @@ def test_the_store_metrics_and_state_do_not_import_the_http_client() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPOSITORY
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_the_simulator_never_imports_a_command_line() -> None:
+    """exporter.simulator is a library of the exporter's tests and demo: only the two CLIs
+    (exporter.cli, exporter.simulator_cli) import it, never the other way round."""
+    source = (REPOSITORY / "exporter" / "simulator.py").read_text()
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.module
+    } | {
+        alias.name
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    assert imported & {"exporter.cli", "exporter.simulator_cli"} == set()
