@@ -16,11 +16,19 @@ import httpx
 
 from exporter import __version__
 from exporter.config import ApiKeySource, is_loopback_host
-from exporter.models import Build, InvalidBuildError, Outcome, parse_build
+from exporter.models import (
+    Build,
+    ImagePage,
+    InvalidBuildError,
+    Outcome,
+    parse_build,
+    parse_image_page,
+)
 
 USER_AGENT = f"primeintellect-build-exporter/{__version__} python-httpx/{httpx.__version__}"
 DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
 BUILD_PATH = "/api/v1/images/build/"
+IMAGES_PATH = "/api/v1/images"
 _DELAY_SECONDS = re.compile(r"[0-9]+")
 # "Sun Nov  6 08:49:37 1994": the third HTTP-date form, after RFC 1123 and RFC 850.
 _ASCTIME_DATE = re.compile(r"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}")
@@ -32,6 +40,16 @@ class FetchResult:
 
     outcome: Outcome
     build: Build | None = None
+    detail: str = ""
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListResult:
+    """The result of one request of the image listing: a page on success, else a reason."""
+
+    outcome: Outcome
+    page: ImagePage | None = None
     detail: str = ""
     retry_after: float | None = None
 
@@ -99,43 +117,65 @@ class BuildStatusClient:
 
     async def fetch(self, build_id: str) -> FetchResult:
         """GET one build's status; never raises for anything the network or the API does."""
+        result, body = await self._get(self.build_url(build_id))
+        if body is None:
+            return result
+        try:
+            build = parse_build(body)
+        except InvalidBuildError as error:
+            return FetchResult(Outcome.INVALID_RESPONSE, detail=str(error))
+        if build.id != build_id:
+            return FetchResult(
+                Outcome.INVALID_RESPONSE, detail="answer is about a different build id"
+            )
+        return FetchResult(Outcome.OK, build=build)
+
+    async def list_images(
+        self, *, offset: int, limit: int, search: str = "", team_id: str = ""
+    ) -> ListResult:
+        """GET one page of the scope's image listing; never raises, as ``fetch``."""
+        params = {"offset": str(offset), "limit": str(limit)}
+        if search:
+            params["search"] = search
+        if team_id:
+            # As the official client: never an empty teamId.
+            params["teamId"] = team_id
+        result, body = await self._get(self._base_url + IMAGES_PATH, params)
+        if body is None:
+            return ListResult(result.outcome, detail=result.detail, retry_after=result.retry_after)
+        try:
+            return ListResult(Outcome.OK, page=parse_image_page(body))
+        except InvalidBuildError as error:
+            return ListResult(Outcome.INVALID_RESPONSE, detail=str(error))
+
+    async def _get(
+        self, url: str, params: dict[str, str] | None = None
+    ) -> tuple[FetchResult, bytes | None]:
+        """One GET: the body of a 200 answer, read within the size cap, or else the outcome."""
         headers = {}
         if self._api_key is not None:
             headers["Authorization"] = f"Bearer {self._api_key.current().get_secret_value()}"
         try:
             async with asyncio.timeout(self._timeout):
-                response = await self._client.send(
-                    self._client.build_request("GET", self.build_url(build_id), headers=headers),
-                    stream=True,
-                )
+                request = self._client.build_request("GET", url, headers=headers, params=params)
+                response = await self._client.send(request, stream=True)
                 try:
-                    return await self._interpret(build_id, response)
+                    if response.status_code == 200:
+                        return FetchResult(Outcome.OK), await self._read_capped(response)
+                    return self._failure(response), None
                 finally:
                     await response.aclose()
         except (TimeoutError, httpx.TimeoutException):
-            return FetchResult(
-                Outcome.TIMEOUT, detail=f"no complete answer within {self._timeout:g}s"
-            )
+            detail = f"no complete answer within {self._timeout:g}s"
+            return FetchResult(Outcome.TIMEOUT, detail=detail), None
         except _UnreadableBodyError as error:
-            return FetchResult(Outcome.INVALID_RESPONSE, detail=str(error))
+            return FetchResult(Outcome.INVALID_RESPONSE, detail=str(error)), None
         except httpx.HTTPError as error:
-            return FetchResult(
-                Outcome.CONNECTION_ERROR,
-                detail=f"{_describe_transport_error(error)} ({self._host_and_port})",
-            )
+            detail = f"{_describe_transport_error(error)} ({self._host_and_port})"
+            return FetchResult(Outcome.CONNECTION_ERROR, detail=detail), None
 
-    async def _interpret(self, build_id: str, response: httpx.Response) -> FetchResult:
+    def _failure(self, response: httpx.Response) -> FetchResult:
         status = response.status_code
-        if status == 200:
-            try:
-                build = parse_build(await self._read_capped(response))
-            except InvalidBuildError as error:
-                return FetchResult(Outcome.INVALID_RESPONSE, detail=str(error))
-            if build.id != build_id:
-                return FetchResult(
-                    Outcome.INVALID_RESPONSE, detail="answer is about a different build id"
-                )
-            return FetchResult(Outcome.OK, build=build)
         detail = f"HTTP {status}"
         if status == 404:
             # A wrong base path answers 404 for every build: the path shows which was asked.

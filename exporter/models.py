@@ -1,4 +1,5 @@
-"""The API's build status answer, parsed tolerantly and cleaned for use as label values."""
+"""The API's answers (a build's status, a page of the image listing), parsed tolerantly and
+cleaned for use as label values."""
 
 from __future__ import annotations
 
@@ -267,3 +268,95 @@ def parse_build(body: bytes) -> Build:
         first = error.errors(include_url=False, include_input=False)[0]
         location = ".".join(str(part) for part in first["loc"]) or "body"
         raise InvalidBuildError(f"{location}: {first['msg']}") from None
+
+
+# -- the image listing (GET /api/v1/images) ------------------------------------------------------
+
+
+def _size_or_none(value: object) -> object:
+    # A size is a count of bytes; anything else (negative, fractional, text) is no size.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, config=_ANSWER)
+class ImageRow:
+    """One artifact row of the image listing: an image name and tag, one artifact type."""
+
+    id: LabelText = Field(alias="id")
+    artifact_type: Annotated[SharedLabelText, BeforeValidator(_none_as_default_type)] = Field(
+        default=DEFAULT_ARTIFACT_TYPE, alias="artifactType"
+    )
+    image_name: OptionalText = Field(default="", alias="imageName")
+    image_tag: OptionalText = Field(default="", alias="imageTag")
+    status: Status = Field(default=UNKNOWN, alias="status")
+    full_image_path: LabelText | None = Field(default=None, alias="fullImagePath")
+    error_message: ErrorMessage = Field(default=None, alias="errorMessage")
+    size_bytes: Annotated[int | None, BeforeValidator(_size_or_none)] = Field(
+        default=None, alias="sizeBytes"
+    )
+    visibility: OptionalText = Field(default="", alias="visibility")
+    owner_type: OptionalText = Field(default="", alias="ownerType")
+    created_at: Timestamp = Field(alias="createdAt")
+    started_at: Timestamp | None = Field(default=None, alias="startedAt")
+    completed_at: Timestamp | None = Field(default=None, alias="completedAt")
+    pushed_at: Timestamp | None = Field(default=None, alias="pushedAt")
+
+    @property
+    def status_label(self) -> str:
+        return known_or_unknown(self.status, BUILD_STATUSES)
+
+    @property
+    def type_label(self) -> str:
+        return known_or_unknown(self.artifact_type, ARTIFACT_TYPES)
+
+    @property
+    def updated_at(self) -> float:
+        """When the row last changed, as the official CLI reads it: pushed, else completed,
+        else started, else created."""
+        for moment in (self.pushed_at, self.completed_at, self.started_at):
+            if moment is not None:
+                return moment
+        return self.created_at
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePage:
+    """One page of the listing: its usable rows, how many rows were not, and the count of
+    logical images (name:tag) the API says the listing holds, if it says."""
+
+    rows: tuple[ImageRow, ...]
+    unusable_rows: int
+    total_count: int | None
+
+
+IMAGE_ROW = TypeAdapter(ImageRow)
+
+
+def parse_image_page(body: bytes) -> ImagePage:
+    """Parse a 200 answer of the listing; raise InvalidBuildError if it is no listing at all.
+
+    A row that is not an artifact row (no id, no createdAt) is counted and left out: one bad
+    row must not hide a team's other images.
+    """
+    text = body.decode("utf-8", errors="replace").removeprefix("\ufeff")
+    try:
+        document: Any = json.loads(text)
+    except (ValueError, RecursionError):
+        raise InvalidBuildError("body is not JSON") from None
+    if not isinstance(document, dict):
+        raise InvalidBuildError("body is not a JSON object")
+    data = document.get("data")
+    if not isinstance(data, list):
+        raise InvalidBuildError("data: not a list of images")
+    rows = []
+    for item in data:
+        try:
+            rows.append(IMAGE_ROW.validate_python(item))
+        except ValidationError:
+            continue
+    total = document.get("totalCount")
+    counted = isinstance(total, int) and not isinstance(total, bool) and total >= 0
+    total_count = total if counted else None
+    return ImagePage(tuple(rows), len(data) - len(rows), total_count)
