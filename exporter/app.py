@@ -21,14 +21,15 @@ from exporter.api import BuildStatusClient
 from exporter.blocking import in_daemon_thread
 from exporter.config import Config
 from exporter.connections import ServerLimits
+from exporter.discovery import ImageDiscovery
 from exporter.exposition import ExpositionFormat
 from exporter.exposition_cache import ExpositionCache
-from exporter.metrics import exporter_families
+from exporter.metrics import exporter_families, inventory_families
 from exporter.poller import Clock, Poller, PollSettings
 from exporter.reload import Reloader
 from exporter.server import Endpoints, MetricsServer
 from exporter.state import Restored, StateSync, open_state
-from exporter.store import BuildStore
+from exporter.store import BuildStore, ImageInventory, Inventory
 from exporter.telemetry import Telemetry, TelemetrySnapshot
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,20 @@ def poll_settings(config: Config) -> PollSettings:
 
 
 class PerScrapeFamilies:
-    """The families collected on every scrape: the exporter's own, and the process's."""
+    """The families collected on every scrape: the exporter's own, the image inventory's
+    (with discovery on) and the process's."""
 
-    def __init__(self, telemetry: Telemetry) -> None:
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        inventory: ImageInventory | None = None,
+        discovery_enabled: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._telemetry = telemetry
+        self._inventory = inventory or ImageInventory()
+        self._discovery_enabled = discovery_enabled
+        self._inventory_from: Inventory | None = None
+        self._inventory_families: list[Metric] = []
         # A private registry: the process, platform and garbage-collector metrics.
         self._runtime = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self._runtime)
@@ -83,7 +94,14 @@ class PerScrapeFamilies:
         if telemetry is not self._made_from or shard != self._made_for_shard:
             self._own = exporter_families(telemetry, shard_index, shard_count)
             self._made_from, self._made_for_shard = telemetry, shard
-        return [*self._own, *self._runtime.collect()]
+        if not self._discovery_enabled():
+            return [*self._own, *self._runtime.collect()]
+        inventory = self._inventory.snapshot()
+        if inventory is not self._inventory_from:
+            # Once per listing, not per scrape: the same objects until the next one.
+            self._inventory_families = inventory_families(inventory)
+            self._inventory_from = inventory
+        return [*self._own, *self._inventory_families, *self._runtime.collect()]
 
 
 def create_client(config: Config) -> BuildStatusClient:
@@ -126,7 +144,10 @@ class Exporter:
                 self._state_sync = StateSync(state, restored)
         self.store = BuildStore(restored.records)
         self.telemetry = Telemetry(clock.monotonic if clock is not None else time.monotonic)
-        self._per_scrape = PerScrapeFamilies(self.telemetry)
+        self.inventory = ImageInventory()
+        self._per_scrape = PerScrapeFamilies(
+            self.telemetry, self.inventory, lambda: self.discovers_images
+        )
         self.client = create_client(config)
         self.poller = Poller(
             self.client,
@@ -150,6 +171,16 @@ class Exporter:
             max_artifacts_per_build=config.metrics.max_artifacts_per_build,
         )
         self._poller_task: asyncio.Task[None] | None = None
+        self.discovery = ImageDiscovery(
+            lambda: self.client,
+            self.poller,
+            self.inventory,
+            self.telemetry,
+            config.file.discovery.images,
+            wall_clock=wall_clock,
+            clock=clock,
+        )
+        self._discovery_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._retired_clients: list[BuildStatusClient] = []
         self.reloader = Reloader(
@@ -241,13 +272,20 @@ class Exporter:
         self._poller_task = asyncio.create_task(self._supervise_poller(), name="poller")
         watcher = asyncio.create_task(self.reloader.watch_build_files(), name="build-files")
         saver = asyncio.create_task(self._save_state(), name="state")
+        self._start_or_stop_discovery()
         try:
             await stop.wait()
         finally:
-            for task in (self._poller_task, watcher, saver, *self._background):
+            discovery = [] if self._discovery_task is None else [self._discovery_task]
+            for task in (self._poller_task, watcher, saver, *discovery, *self._background):
                 task.cancel()
             await asyncio.gather(
-                self._poller_task, watcher, saver, *self._background, return_exceptions=True
+                self._poller_task,
+                watcher,
+                saver,
+                *discovery,
+                *self._background,
+                return_exceptions=True,
             )
             for client in (self.client, *self._retired_clients):
                 await client.aclose()
@@ -282,6 +320,7 @@ class Exporter:
             self._retired_clients.append(old_client)
             self._in_background(self._close_later(old_client, old.api.timeout + 1))
         self.poller.update(poll_settings(config), self.client)
+        self.discovery.update(config.file.discovery.images)
         self.cache.set_max_artifacts_per_build(config.metrics.max_artifacts_per_build)
         added, removed = self.poller.set_builds(config.owned_build_ids)
         if config.web != old.web:
@@ -295,7 +334,26 @@ class Exporter:
                 extra={"path": str(old.state_path or "")},
             )
         self.config = config
+        if self._poller_task is not None:
+            self._start_or_stop_discovery()
         return len(added), len(removed)
+
+    @property
+    def discovers_images(self) -> bool:
+        """Whether this replica lists the scope's images: with shards, the first one only, so
+        each image is exposed once."""
+        return self.config.file.discovery.images.enabled and self.config.shard.index == 0
+
+    def _start_or_stop_discovery(self) -> None:
+        enabled = self.discovers_images
+        running = self._discovery_task is not None and not self._discovery_task.done()
+        if enabled and not running:
+            self._discovery_task = asyncio.create_task(
+                self._supervise_discovery(), name="discovery"
+            )
+        elif not enabled and running and self._discovery_task is not None:
+            self._discovery_task.cancel()
+            self._discovery_task = None
 
     # -- background work ------------------------------------------------------------------------
 
@@ -345,6 +403,14 @@ class Exporter:
             self.internal_error("state", error)
         self._state_sync.close()
         self._state_sync = None
+
+    async def _supervise_discovery(self) -> None:
+        while True:
+            try:
+                await self.discovery.run()
+            except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
+                self.internal_error("discovery", error)
+                await asyncio.sleep(POLLER_RESTART_DELAY)
 
     async def _supervise_poller(self) -> None:
         while True:

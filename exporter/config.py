@@ -37,10 +37,13 @@ DEFAULT_MAX_INTERVAL = 600.0
 API_KEY_ENV = "PRIME_API_KEY"
 BASE_URL_ENV = "PRIME_API_BASE_URL"
 BASE_URL_ENV_ALIASES = ("PRIME_BASE_URL",)
+# The team whose images discovery lists when the file names none, as for the official CLI.
+TEAM_ID_ENV = "PRIME_TEAM_ID"
 # Where `prime login` (the official CLI) keeps the key, under the user's home directory.
 PRIME_LOGIN_FILE = Path(".prime") / "config.json"
 
 _BUILD_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_TEAM_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _DURATION = re.compile(
     r"(?:([0-9]+)y)?(?:([0-9]+)w)?(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m(?!s))?"
     r"(?:([0-9]+)s)?(?:([0-9]+)ms)?"
@@ -322,6 +325,37 @@ class WebSettings(_Strict):
         return value
 
 
+class ImageDiscoverySettings(_Strict):
+    """``discovery.images``: every image of the key's scope (a team's), no build IDs needed."""
+
+    enabled: bool = Field(default=False, strict=True)
+    # One full listing, every page, per interval.
+    interval: Annotated[Duration, _duration_within(30, 86400)] = 300.0
+    # The API's own filter: a case-insensitive substring of the name, tag or reference.
+    search: str = Field(default="", max_length=256)
+    team_id: str = ""
+
+    @field_validator("team_id")
+    @classmethod
+    def _check_team_id(cls, value: str) -> str:
+        if value and not _TEAM_ID.fullmatch(value):
+            raise ValueError(f"{quoted(value)} is not a team ID (letters, digits, '.', '_' or '-')")
+        return value
+
+
+class DiscoverySettings(_Strict):
+    """The ``discovery`` section."""
+
+    images: ImageDiscoverySettings = ImageDiscoverySettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_images_means_defaults(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("images", {}) is None:
+            return {**data, "images": {}}
+        return data
+
+
 class ConfigFile(_Strict):
     """The whole YAML file, exactly as the contract in the README describes it."""
 
@@ -333,6 +367,7 @@ class ConfigFile(_Strict):
     shard: ShardSettings = ShardSettings()
     web: WebSettings = WebSettings()
     state: StateSettings = StateSettings()
+    discovery: DiscoverySettings = DiscoverySettings()
 
     @model_validator(mode="before")
     @classmethod
@@ -346,6 +381,7 @@ class ConfigFile(_Strict):
                 "shard": {},
                 "web": {},
                 "state": {},
+                "discovery": {},
                 "builds": [],
                 "build_files": [],
             }
@@ -589,11 +625,31 @@ def load_config(path: Path, environ: Mapping[str, str], *, require_api_key: bool
         file = ConfigFile.model_validate(data)
     except ValidationError as error:
         raise ConfigError(f"{path}: {describe_validation_error(error, text)}") from None
+    file = _with_team_from_environment(path, file, environ)
 
     api_key = _api_key_source(path, file.api, environ, require_api_key=require_api_key)
     return Config(
         source=path, file=file, api_key=api_key, build_ids=collect_build_ids(file, path.parent)
     )
+
+
+def _with_team_from_environment(
+    path: Path, file: ConfigFile, environ: Mapping[str, str]
+) -> ConfigFile:
+    """The file's discovery.images.team_id, else PRIME_TEAM_ID's, checked as the file's is."""
+    images = file.discovery.images
+    team_id = environ.get(TEAM_ID_ENV, "").strip()
+    if images.team_id or not team_id:
+        return file
+    if not _TEAM_ID.fullmatch(team_id):
+        raise ConfigError(
+            f"{path}: {TEAM_ID_ENV}: {quoted(team_id)} is not a team ID "
+            "(letters, digits, '.', '_' or '-')"
+        )
+    discovery = file.discovery.model_copy(
+        update={"images": images.model_copy(update={"team_id": team_id})}
+    )
+    return file.model_copy(update={"discovery": discovery})
 
 
 def collect_build_ids(file: ConfigFile, base_directory: Path) -> tuple[str, ...]:
@@ -607,7 +663,7 @@ def collect_build_ids(file: ConfigFile, base_directory: Path) -> tuple[str, ...]
             "duplicate build IDs ignored",
             extra={"count": len(listed) - len(unique), "build_ids": ",".join(repeated[:10])},
         )
-    if not unique:
+    if not unique and not file.discovery.images.enabled:
         # Healthy and ready, yet watching nothing: worth a word at every load.
         log.warning(
             "no builds to watch: list build IDs under builds or in the files build_files names",

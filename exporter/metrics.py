@@ -18,7 +18,7 @@ from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
 from exporter.models import BUILD_STATUSES, UNKNOWN, Artifact, Build, Outcome
-from exporter.store import BuildRecord, Snapshot
+from exporter.store import BuildRecord, Inventory, Snapshot
 from exporter.telemetry import Histogram, TelemetrySnapshot
 
 BUILD_LABELS = ("build_id", "image_name", "image_tag")
@@ -339,3 +339,71 @@ def _reload_successful(telemetry: TelemetrySnapshot) -> GaugeMetricFamily:
     for source, successful in telemetry.config_reload_successful.items():
         family.add_metric([source], 1.0 if successful else 0.0)
     return family
+
+
+IMAGE_LABELS = ("image_name", "image_tag", "artifact_type")
+
+
+def inventory_families(inventory: Inventory) -> list[Metric]:
+    """The image inventory's families: the latest row of each image, tag and artifact type.
+
+    Sample: ``primeintellect_image_status{artifact_type="VM_SANDBOX",image_name="trainer",``
+    ``image_tag="v1",status="FAILED"} 1.0``
+    """
+    status = GaugeMetricFamily(
+        "primeintellect_image_status",
+        "1 for the status of the image's latest artifact row, 0 for the others; UNKNOWN for an"
+        " undocumented one.",
+        labels=(*IMAGE_LABELS, "status"),
+    )
+    info = GaugeMetricFamily(
+        "primeintellect_image_info",
+        "The latest artifact row of an image, tag and artifact type in the listing; always 1.",
+        labels=(*IMAGE_LABELS, "artifact_id", "full_image_path", "visibility", "owner_type"),
+    )
+    created = _image_gauge("primeintellect_image_created_timestamp_seconds", "createdAt.")
+    completed = _image_gauge("primeintellect_image_completed_timestamp_seconds", "completedAt.")
+    pushed = _image_gauge("primeintellect_image_pushed_timestamp_seconds", "pushedAt.")
+    size = _image_gauge("primeintellect_image_size_bytes", "sizeBytes of the latest row.")
+    error = GaugeMetricFamily(
+        "primeintellect_image_error_info",
+        "The error message of the image's latest artifact row; 1 while it has one.",
+        labels=(*IMAGE_LABELS, "error_message"),
+    )
+    for key in sorted(inventory.images):
+        row = inventory.images[key]
+        labels = list(key)
+        current = row.status_label
+        for documented in BUILD_STATUSES:
+            status.add_metric([*labels, documented], 1.0 if documented == current else 0.0)
+        if current == UNKNOWN:
+            status.add_metric([*labels, UNKNOWN], 1.0)
+        info.add_metric(
+            [*labels, row.id, row.full_image_path or "", row.visibility, row.owner_type], 1.0
+        )
+        created.add_metric(labels, row.created_at)
+        _add_if_known(completed, labels, row.completed_at)
+        _add_if_known(pushed, labels, row.pushed_at)
+        _add_if_known(size, labels, None if row.size_bytes is None else float(row.size_bytes))
+        if row.error_message:
+            error.add_metric([*labels, row.error_message], 1.0)
+    last_success = GaugeMetricFamily(
+        "primeintellect_exporter_image_list_last_success_timestamp_seconds",
+        "End of the last complete image listing; absent before the first.",
+    )
+    if inventory.listed_at is not None:
+        last_success.add_metric((), inventory.listed_at)
+    last_error = GaugeMetricFamily(
+        "primeintellect_exporter_image_list_last_error",
+        "1 while the latest image listing failed, by reason; the last complete one stays.",
+        labels=("reason",),
+    )
+    if inventory.last_error is not None:
+        last_error.add_metric((inventory.last_error.value,), 1.0)
+    return [status, info, created, completed, pushed, size, error, last_success, last_error]
+
+
+def _image_gauge(name: str, documentation: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        name, f"The latest artifact row's {documentation}", labels=IMAGE_LABELS
+    )

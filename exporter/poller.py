@@ -13,11 +13,12 @@ import heapq
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from exporter.api import FetchResult
+from exporter.api import FetchResult, ListResult
 from exporter.models import KEY_ACCEPTED_OUTCOMES, Outcome
 from exporter.store import BuildStore, Transition
 from exporter.telemetry import Telemetry
@@ -173,6 +174,9 @@ class Poller:
         self._failures: dict[str, int] = {}
         self._sequence = 0
         self._in_flight: dict[asyncio.Task[None], str] = {}
+        # Requests of the image listing waiting for a slot, and those under way.
+        self._listing_waiters: deque[asyncio.Future[None]] = deque()
+        self._listings_in_flight = 0
         self._wakeup = asyncio.Event()
         self._bucket = TokenBucket(settings.requests_per_second, now=self._clock())
         # Every request waits for both pauses: after a 429, and after the key was rejected.
@@ -270,7 +274,11 @@ class Poller:
                 if wait <= 0:
                     self._start_next_poll(now, once=once)
                     continue
-                await self._time.wait(self._wakeup, min(wait, TICK))
+                listing_wait = self._next_listing_wait(now)
+                if listing_wait <= 0:
+                    self._grant_listing(now)
+                    continue
+                await self._time.wait(self._wakeup, min(wait, listing_wait, TICK))
         finally:
             interrupted = list(self._in_flight.values())
             for task in list(self._in_flight):
@@ -364,13 +372,62 @@ class Poller:
         queue = self._next_queue(now)
         if queue is None:
             return TICK
-        if len(self._in_flight) >= self._settings.max_concurrency:
+        if self._requests_in_flight >= self._settings.max_concurrency:
             return TICK
         return max(
             queue[0][0] - now,
             self._paused_until - now,
             self._bucket.delay(now),
         )
+
+    @property
+    def _requests_in_flight(self) -> int:
+        return len(self._in_flight) + self._listings_in_flight
+
+    # -- the image listing's requests -------------------------------------------------------------
+
+    async def listing_slot(self) -> None:
+        """Wait until one request of the image listing may start: within the key's budget,
+        its pauses and the concurrency bound, when no build poll is due (builds go first).
+        ``listing_done`` must follow."""
+        slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._listing_waiters.append(slot)
+        self._wakeup.set()
+        try:
+            await slot
+        except asyncio.CancelledError:
+            if slot.done() and not slot.cancelled():
+                self._listings_in_flight -= 1
+            raise
+
+    def listing_done(self, result: ListResult | None) -> None:
+        """A listing request ended: its 429 pauses every request, its 401 rejects the key,
+        as a build poll's would. None: it was never made."""
+        self._listings_in_flight -= 1
+        self._wakeup.set()
+        if result is None:
+            return
+        now = self._clock()
+        if result.outcome is Outcome.RATE_LIMITED:
+            self._rate_limited(now, result.retry_after, {"request": "image listing"})
+        else:
+            self._consecutive_rate_limits = 0
+        if result.outcome is Outcome.UNAUTHORIZED:
+            self._key_rejected(now, result.detail)
+        elif result.outcome in KEY_ACCEPTED_OUTCOMES:
+            self._key_answered()
+
+    def _next_listing_wait(self, now: float) -> float:
+        while self._listing_waiters and self._listing_waiters[0].done():
+            self._listing_waiters.popleft()
+        if not self._listing_waiters or self._requests_in_flight >= self._settings.max_concurrency:
+            return TICK
+        return max(self._paused_until - now, self._bucket.delay(now))
+
+    def _grant_listing(self, now: float) -> None:
+        self._bucket.take(now)
+        self._listings_in_flight += 1
+        self._listing_waiters.popleft().set_result(None)
 
     def _drop_outdated_queue_entries(self) -> None:
         for queue in (self._urgent, self._queue):
@@ -418,15 +475,7 @@ class Poller:
         """Record a result; returns when to poll this build next and whether ahead of others
         (it just changed), or None for never."""
         if result.outcome is Outcome.RATE_LIMITED:
-            self._consecutive_rate_limits += 1
-            pause = rate_limit_pause(result.retry_after, self._consecutive_rate_limits)
-            if now + pause > self._rate_limit_pause_until:
-                self._rate_limit_pause_until = now + pause
-                self._telemetry.set_rate_limited_until(self._wall_clock() + pause)
-                log.warning(
-                    "API rate limit hit: pausing all requests",
-                    extra={"build_id": build_id, "pause_seconds": round(pause, 3)},
-                )
+            self._rate_limited(now, result.retry_after, {"build_id": build_id})
         else:
             self._consecutive_rate_limits = 0
         if result.outcome is Outcome.FORBIDDEN and build_id in self._tracked:
@@ -438,12 +487,9 @@ class Poller:
             result.outcome is Outcome.FORBIDDEN and len(self._forbidden) >= len(self._tracked)
         )
         if rejected:
-            self._key_rejected(now, result)
+            self._key_rejected(now, result.detail)
         elif result.outcome in KEY_ACCEPTED_OUTCOMES:
-            if self._key_accepted is False:
-                log.info("API key accepted again, polling resumes")
-            self._key_accepted = True
-            self._key_rejections = 0
+            self._key_answered()
 
         wall = self._wall_clock()
         if result.build is not None:
@@ -480,7 +526,24 @@ class Poller:
         settings = self._settings
         return backoff_delay(failures, settings.interval, self._jitter(), settings.stale_after)
 
-    def _key_rejected(self, now: float, result: FetchResult) -> None:
+    def _rate_limited(self, now: float, retry_after: float | None, subject: dict[str, str]) -> None:
+        self._consecutive_rate_limits += 1
+        pause = rate_limit_pause(retry_after, self._consecutive_rate_limits)
+        if now + pause > self._rate_limit_pause_until:
+            self._rate_limit_pause_until = now + pause
+            self._telemetry.set_rate_limited_until(self._wall_clock() + pause)
+            log.warning(
+                "API rate limit hit: pausing all requests",
+                extra={**subject, "pause_seconds": round(pause, 3)},
+            )
+
+    def _key_answered(self) -> None:
+        if self._key_accepted is False:
+            log.info("API key accepted again, polling resumes")
+        self._key_accepted = True
+        self._key_rejections = 0
+
+    def _key_rejected(self, now: float, detail: str) -> None:
         self._key_rejections += 1
         pause = min(
             FIRST_KEY_REJECTED_PAUSE * 2.0 ** min(self._key_rejections - 1, 32),
@@ -492,7 +555,7 @@ class Poller:
             self._key_accepted = False
             log.error(
                 "API key rejected: pausing all polls until the key changes or the pause ends",
-                extra={"detail": result.detail, "pause_seconds": round(pause, 3)},
+                extra={"detail": detail, "pause_seconds": round(pause, 3)},
             )
 
     def _lift_key_pause(self, reason: str) -> None:

@@ -1,4 +1,5 @@
-"""What the exporter knows of each build: its latest answer and poll health.
+"""What the exporter knows of each build (its latest answer and poll health) and of the
+scope's images (the last complete listing).
 
 The poller writes from the event loop; renderers and the state writer read immutable
 snapshots from other threads.
@@ -14,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from exporter.models import Build, Outcome
+from exporter.models import Build, ImageRow, Outcome
 from exporter.telemetry import Histogram
 
 # A change log this short is never restarted, however few builds are tracked.
@@ -338,3 +339,60 @@ def _failed(record: BuildRecord, outcome: Outcome, now: float | None = None) -> 
         last_error=outcome,
         last_poll_time=record.last_poll_time if now is None else now,
     )
+
+
+# -- the image inventory (discovery.images) ------------------------------------------------------
+
+# (image_name, image_tag, artifact_type label): one series set each.
+ImageKey = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The last complete listing and how the latest attempt went; immutable."""
+
+    version: int = 0
+    images: Mapping[ImageKey, ImageRow] = field(default_factory=lambda: MappingProxyType({}))
+    # End of the last complete listing (wall clock), None before the first.
+    listed_at: float | None = None
+    # Why the latest listing failed; None once one succeeds.
+    last_error: Outcome | None = None
+
+
+class ImageInventory:
+    """Holds the current Inventory; replaced whole by each listing, read by any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current = Inventory()
+
+    def snapshot(self) -> Inventory:
+        return self._current
+
+    def replace(self, images: Mapping[ImageKey, ImageRow], now: float) -> Inventory:
+        with self._lock:
+            self._current = Inventory(
+                self._current.version + 1, MappingProxyType(dict(images)), now, None
+            )
+            return self._current
+
+    def failed(self, outcome: Outcome) -> Inventory:
+        with self._lock:
+            current = self._current
+            if current.last_error is not outcome:
+                self._current = Inventory(
+                    current.version + 1, current.images, current.listed_at, outcome
+                )
+            return self._current
+
+
+def latest_rows(rows: Iterable[ImageRow]) -> dict[ImageKey, ImageRow]:
+    """The most recently updated row of each image name, tag and artifact type."""
+    latest: dict[ImageKey, ImageRow] = {}
+    for row in rows:
+        key = (row.image_name, row.image_tag, row.type_label)
+        kept = latest.get(key)
+        # Ties go to the row listed first, as the API orders them.
+        if kept is None or row.updated_at > kept.updated_at:
+            latest[key] = row
+    return latest

@@ -75,8 +75,10 @@ def make_config(
     state_path: Path | None = None,
     shard: tuple[int, int] | None = None,
     finished_build_retention: str | None = None,
+    discovery: dict[str, object] | None = None,
 ) -> Config:
-    """A valid config pointing at a loopback API, with the key given directly."""
+    """A valid config pointing at a loopback API, with the key given directly; ``discovery``
+    is the ``discovery.images`` section."""
     polling = {"interval": interval, "stale_after": stale_after}
     if max_interval is not None:
         polling["max_interval"] = max_interval
@@ -87,6 +89,8 @@ def make_config(
         extra["shard"] = {"index": shard[0], "count": shard[1]}
     if finished_build_retention is not None:
         extra["metrics"] = {"finished_build_retention": finished_build_retention}
+    if discovery is not None:
+        extra["discovery"] = {"images": discovery}
     file = ConfigFile.model_validate(
         {
             **extra,

@@ -54,7 +54,7 @@ INVALID_CASES: list[tuple[str, Mapping[str, str], tuple[str, ...]]] = [
         WITH_KEY,
         (
             "{file}: polling_interval: unknown key",
-            "(allowed: api, polling, builds, build_files, metrics, shard, web, state)",
+            "(allowed: api, polling, builds, build_files, metrics, shard, web, state, discovery)",
         ),
     ),
     (
@@ -279,6 +279,26 @@ INVALID_CASES: list[tuple[str, Mapping[str, str], tuple[str, ...]]] = [
         "build_file_invalid_id.yaml",
         WITH_KEY,
         ("{dir}/builds/bad-id.txt:3: build ID 'a/b' is invalid",),
+    ),
+    (
+        "discovery_enabled_not_boolean.yaml",
+        WITH_KEY,
+        ("{file}: discovery.images.enabled: must be true or false",),
+    ),
+    (
+        "discovery_interval_too_short.yaml",
+        WITH_KEY,
+        ("{file}: discovery.images.interval:", "30"),
+    ),
+    (
+        "discovery_team_id_invalid.yaml",
+        WITH_KEY,
+        ("{file}: discovery.images.team_id: 'team 1; drop' is not a team ID",),
+    ),
+    (
+        "discovery_unknown_key.yaml",
+        WITH_KEY,
+        ("{file}: discovery.image: unknown key", "(allowed: images)"),
     ),
 ]
 
@@ -1093,3 +1113,41 @@ def test_a_secret_in_the_base_url_variable_is_not_repeated_in_the_error(
 )
 def test_short_values_are_quoted_and_key_like_ones_described(value: object, expected: str) -> None:
     assert quoted(value) == expected
+
+
+def test_discovery_is_off_by_default_and_lists_every_five_minutes(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path / "c.yaml", "builds: [b1]\n"), WITH_KEY)
+    images = config.file.discovery.images
+    assert (images.enabled, images.interval, images.search, images.team_id) == (
+        False,
+        300.0,
+        "",
+        "",
+    )
+
+
+def test_the_team_comes_from_the_file_else_from_prime_team_id(tmp_path: Path) -> None:
+    plain = write(tmp_path / "plain.yaml", "discovery:\n  images:\n    enabled: true\n")
+    from_env = load_config(plain, {**WITH_KEY, "PRIME_TEAM_ID": " team-env "})
+    assert from_env.file.discovery.images.team_id == "team-env"
+    named = write(
+        tmp_path / "named.yaml",
+        "discovery:\n  images:\n    enabled: true\n    team_id: team-file\n",
+    )
+    from_file = load_config(named, {**WITH_KEY, "PRIME_TEAM_ID": "team-env"})
+    assert from_file.file.discovery.images.team_id == "team-file"
+    assert load_config(plain, WITH_KEY).file.discovery.images.team_id == ""
+
+
+def test_a_bad_prime_team_id_is_a_config_error_naming_the_variable(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", "discovery:\n  images:\n    enabled: true\n")
+    message = config_error(path, {**WITH_KEY, "PRIME_TEAM_ID": "a/b"})
+    assert message == (
+        f"{path}: PRIME_TEAM_ID: 'a/b' is not a team ID (letters, digits, '.', '_' or '-')"
+    )
+
+
+def test_empty_discovery_sections_mean_the_defaults(tmp_path: Path) -> None:
+    for text in ("discovery:\n", "discovery:\n  images:\n"):
+        config = load_config(write(tmp_path / "c.yaml", "builds: [b1]\n" + text), WITH_KEY)
+        assert config.file.discovery.images.enabled is False

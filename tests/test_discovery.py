@@ -1,0 +1,302 @@
+"""Image discovery over real HTTP against the simulator: every page within the key's budget,
+the latest row of each image, a failed listing that keeps the last complete one, and the
+listing's 429 pausing build polls too."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+
+from exporter.models import Outcome, parse_image_page
+from exporter.simulator import ArtifactPlan, BuildPlan, Fault, Simulator
+from exporter.store import latest_rows
+from tests.support import (
+    CANARY_API_KEY,
+    EPOCH,
+    FastClock,
+    RunningExporter,
+    find_binary,
+    forever_building,
+    make_config,
+    parse_samples,
+    wait_until,
+)
+
+TEAM = "team-1"
+TWO_TYPES = (ArtifactPlan("CONTAINER_IMAGE"), ArtifactPlan("VM_SANDBOX"))
+
+
+def team_images(count: int) -> list[BuildPlan]:
+    return [
+        BuildPlan(f"img-{n:04}", f"image-{n:04}", "v1", EPOCH, 5, 5, 5, artifacts=TWO_TYPES)
+        for n in range(count)
+    ]
+
+
+def discovering(
+    simulator: Simulator,
+    builds: list[str] | None = None,
+    clock: FastClock | None = None,
+    **options: Any,
+) -> RunningExporter:
+    config = make_config(
+        simulator.base_url,
+        builds or [],
+        discovery={"enabled": True, "interval": "30s", "team_id": TEAM},
+        **options,
+    )
+    if clock is None:
+        return RunningExporter(config).start()
+    return RunningExporter(config, clock=clock, wall_clock=clock.wall).start()
+
+
+@pytest.fixture
+def stopping() -> Iterator[list[RunningExporter]]:
+    started: list[RunningExporter] = []
+    yield started
+    for running in started:
+        running.stop()
+
+
+def samples(running: RunningExporter) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return parse_samples(running.get("/metrics").text)
+
+
+def value(running: RunningExporter, name: str, **labels: str) -> float | None:
+    return samples(running).get((name, frozenset(labels.items())))
+
+
+def listed(running: RunningExporter) -> float:
+    at = running.exporter.inventory.snapshot().listed_at
+    return 0.0 if at is None else at
+
+
+def test_three_pages_of_images_are_listed_within_the_request_budget(
+    stopping: list[RunningExporter],
+) -> None:
+    with Simulator(CANARY_API_KEY, team_images(600), team_id=TEAM) as simulator:
+        running = discovering(simulator, requests_per_second=5)
+        stopping.append(running)
+        wait_until(lambda: listed(running), timeout=20, message="a complete listing")
+        requests = simulator.listing_requests()
+        assert [request.query.split("&")[0] for request in requests] == [
+            "offset=0",
+            "offset=250",
+            "offset=500",
+        ]
+        assert all(
+            "limit=250" in request.query and "teamId=team-1" in request.query
+            for request in requests
+        )
+        gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(requests)]
+        # Five requests a second: a slot every 0.2 s, never two at once.
+        assert min(gaps) >= 0.19
+        found = samples(running)
+        completed = [
+            key
+            for key, sample in found.items()
+            if key[0] == "primeintellect_image_status" and ("status", "COMPLETED") in key[1]
+        ]
+        assert len(completed) == 1200
+        assert all(found[key] == 1.0 for key in completed)
+
+
+def test_the_latest_row_of_an_image_wins_over_older_and_stale_building_rows(
+    stopping: list[RunningExporter],
+) -> None:
+    plans = [BuildPlan("b1", "trainer", "v1", EPOCH, 5, 5, 5, artifacts=TWO_TYPES)]
+    with Simulator(CANARY_API_KEY, plans, team_id=TEAM) as simulator:
+        stale = {
+            "id": "stale-building",
+            "artifactType": "CONTAINER_IMAGE",
+            "imageName": "trainer",
+            "imageTag": "v1",
+            "status": "BUILDING",
+            "createdAt": "2025-12-31T23:00:00Z",
+            "startedAt": "2025-12-31T23:01:00Z",
+            "teamId": TEAM,
+        }
+        rebuilt = {
+            **stale,
+            "id": "rebuilt",
+            "artifactType": "VM_SANDBOX",
+            "status": "FAILED",
+            "errorMessage": "disk image: <out of space>",
+            "createdAt": "2026-01-02T00:00:00Z",
+            "startedAt": "2026-01-02T00:00:05Z",
+            "completedAt": "2026-01-02T00:03:00Z",
+        }
+        simulator.add_image_rows(stale, rebuilt)
+        running = discovering(simulator)
+        stopping.append(running)
+        wait_until(lambda: listed(running), message="a complete listing")
+        container = {"image_name": "trainer", "image_tag": "v1", "artifact_type": "CONTAINER_IMAGE"}
+        assert value(running, "primeintellect_image_status", **container, status="COMPLETED") == 1
+        assert value(running, "primeintellect_image_status", **container, status="BUILDING") == 0
+        sandbox = {**container, "artifact_type": "VM_SANDBOX"}
+        assert value(running, "primeintellect_image_status", **sandbox, status="FAILED") == 1
+        assert (
+            value(
+                running,
+                "primeintellect_image_error_info",
+                **sandbox,
+                error_message="disk image: <out of space>",
+            )
+            == 1
+        )
+
+
+def test_a_listing_that_fails_on_page_two_keeps_the_last_complete_one_and_says_why(
+    stopping: list[RunningExporter],
+) -> None:
+    clock = FastClock(speed=60)
+    with Simulator(CANARY_API_KEY, team_images(300), team_id=TEAM) as simulator:
+        running = discovering(simulator, clock=clock)
+        stopping.append(running)
+        first = wait_until(lambda: listed(running), message="a complete listing")
+        simulator.set_listing_fault(Fault.server_error(503), offset=250)
+        wait_until(
+            lambda: (
+                value(
+                    running, "primeintellect_exporter_image_list_last_error", reason="server_error"
+                )
+                == 1
+            ),
+            message="the failed listing reported",
+        )
+        inventory = running.exporter.inventory.snapshot()
+        assert inventory.listed_at == first
+        assert inventory.last_error is Outcome.SERVER_ERROR
+        assert len(inventory.images) == 600
+        assert (
+            value(running, "primeintellect_exporter_image_list_last_success_timestamp_seconds")
+            == first
+        )
+        simulator.set_listing_fault(None, offset=250)
+        wait_until(lambda: listed(running) > first, message="a complete listing again")
+        assert (
+            value(running, "primeintellect_exporter_image_list_last_error", reason="server_error")
+            is None
+        )
+
+
+def test_a_429_on_the_listing_pauses_build_polls_too(stopping: list[RunningExporter]) -> None:
+    clock = FastClock(speed=20)
+    with Simulator(CANARY_API_KEY, team_id=TEAM) as simulator:
+        simulator.add(forever_building("busy"))
+        simulator.set_listing_fault(Fault.rate_limited("40", times=1))
+        running = discovering(simulator, ["busy"], clock=clock)
+        stopping.append(running)
+        limited = wait_until(
+            lambda: [r for r in simulator.listing_requests() if r.status == 429],
+            message="the listing's 429",
+        )[0]
+        # 40 s of the fast clock: 2 s of real time, during which no build poll starts (one
+        # already on its way as the 429 came back may still arrive).
+        pause = 40 / clock.speed
+        wait_until(
+            lambda: [r for r in simulator.requests("busy") if r.at > limited.at + pause],
+            timeout=10,
+            message="build polls after the pause",
+        )
+        during = [
+            r.at - limited.at
+            for r in simulator.requests("busy")
+            if limited.at + 0.05 < r.at < limited.at + pause * 0.95
+        ]
+        assert during == []
+        assert running.exporter.telemetry.snapshot().requests[Outcome.RATE_LIMITED] == 1
+
+
+def test_discovery_off_exposes_no_image_series(stopping: list[RunningExporter]) -> None:
+    with Simulator(CANARY_API_KEY, team_images(3), team_id=TEAM) as simulator:
+        running = RunningExporter(make_config(simulator.base_url, ["img-0000"])).start()
+        stopping.append(running)
+        running.wait_until_all_polled()
+        names = {name for name, _ in samples(running)}
+        assert not {name for name in names if name.startswith("primeintellect_image_status")}
+        assert simulator.listing_requests() == []
+
+
+def test_with_shards_only_the_first_replica_lists_the_images(
+    stopping: list[RunningExporter],
+) -> None:
+    with Simulator(CANARY_API_KEY, team_images(3), team_id=TEAM) as simulator:
+        second = discovering(simulator, shard=(1, 2))
+        first = discovering(simulator, shard=(0, 2))
+        stopping.extend([second, first])
+        wait_until(lambda: listed(first), message="the first replica's listing")
+        assert len(simulator.listing_requests()) == 1
+        assert (
+            value(
+                first,
+                "primeintellect_image_status",
+                image_name="image-0000",
+                image_tag="v1",
+                artifact_type="VM_SANDBOX",
+                status="COMPLETED",
+            )
+            == 1
+        )
+        names = {name for name, _ in samples(second)}
+        assert "primeintellect_image_status" not in names
+
+
+@pytest.mark.tooling
+def test_image_and_build_families_make_one_valid_exposition(
+    stopping: list[RunningExporter],
+) -> None:
+    promtool = find_binary("promtool")
+    plans = [*team_images(5), BuildPlan("held", "held", "v1", EPOCH, 1, 1, math.inf)]
+    with Simulator(CANARY_API_KEY, plans, team_id=TEAM) as simulator:
+        running = discovering(simulator, ["img-0000", "held"])
+        stopping.append(running)
+        running.wait_until_all_polled()
+        wait_until(lambda: listed(running), message="a complete listing")
+        text = running.get("/metrics").content
+        result = subprocess.run(
+            [promtool, "check", "metrics"], input=text, capture_output=True, timeout=30, check=False
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        openmetrics = running.get(
+            "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        ).text
+        parsed = {family.name for family in openmetrics_families(openmetrics)}  # type: ignore[no-untyped-call]
+        assert {"primeintellect_image_status", "primeintellect_image_build_status"} <= parsed
+        names = {name for name, _ in samples(running)}
+        assert {"primeintellect_image_status", "primeintellect_image_build_status"} <= names
+
+
+def test_latest_rows_follow_pushed_then_completed_then_started_then_created() -> None:
+    base = {"artifactType": "VM_SANDBOX", "imageName": "a", "imageTag": "1", "status": "BUILDING"}
+    rows = parse_image_page(
+        json_page(
+            {
+                **base,
+                "id": "old",
+                "createdAt": "2026-01-01T00:00:00Z",
+                "pushedAt": "2026-01-01T05:00:00Z",
+            },
+            {
+                **base,
+                "id": "new",
+                "createdAt": "2026-01-01T04:00:00Z",
+                "startedAt": "2026-01-01T04:30:00Z",
+            },
+        )
+    ).rows
+    [kept] = latest_rows(rows).values()
+    assert kept.id == "old"
+
+
+def json_page(*rows: dict[str, Any]) -> bytes:
+    return json.dumps({"data": list(rows)}).encode()
