@@ -49,6 +49,9 @@ pytestmark = pytest.mark.tooling
 
 # The job name the README's scrape config uses, which the rules' job selector matches.
 JOB = "primeintellect-builds"
+# Every build's artifacts are rows of this team's image listing too.
+TEAM = "e2e-team"
+DISCOVERY: dict[str, object] = {"enabled": True, "interval": "30s", "team_id": TEAM}
 MISSING_BUILD = "e2e-missing"
 
 
@@ -121,13 +124,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     directory = tmp_path_factory.mktemp("e2e")
     build_plans = plans(time.time())
     with ExitStack() as cleanup:
-        simulator = cleanup.enter_context(Simulator(CANARY_API_KEY, build_plans))
+        simulator = cleanup.enter_context(Simulator(CANARY_API_KEY, build_plans, team_id=TEAM))
         build_ids = [plan.build_id for plan in build_plans] + [MISSING_BUILD]
-        exporter = RunningExporter(make_config(simulator.base_url, build_ids)).start()
+        config = make_config(simulator.base_url, build_ids, discovery=DISCOVERY)
+        exporter = RunningExporter(config).start()
         cleanup.callback(exporter.stop)
         # Every build is known before the first scrape, so the first rule evaluation that
         # fires any alert has seen every build.
         exporter.wait_until_all_polled()
+        wait_until(
+            lambda: exporter.exporter.inventory.snapshot().listed_at,
+            message="the team's image listing",
+        )
 
         webhook = WebhookReceiver()
         webhook.start()
@@ -241,6 +249,29 @@ def test_failed_build_alert_reaches_the_webhook_with_build_labels_and_error_mess
     assert "eval:canary" in description
     assert f'"{FAILED_ERROR}"' in description
     assert alert["annotations"]["summary"] == "Image build eval:canary FAILED"
+
+
+def test_a_failed_image_of_the_team_alerts_with_its_error_and_no_build_id_configured(
+    stack: Stack,
+) -> None:
+    def arrived() -> list[dict[str, Any]]:
+        return stack.webhook.firing("PrimeIntellectImageFailed")
+
+    [alert] = wait_for(
+        arrived,
+        "PrimeIntellectImageFailed at the webhook",
+        lambda: str(stack.prometheus.active_alerts("PrimeIntellectImageFailed")),
+    )
+    labels = alert["labels"]
+    assert (labels["image_name"], labels["image_tag"], labels["artifact_type"]) == (
+        "eval",
+        "canary",
+        "CONTAINER_IMAGE",
+    )
+    assert "build_id" not in labels
+    assert alert["annotations"]["description"] == (
+        f'The latest CONTAINER_IMAGE build of image eval:canary FAILED: "{FAILED_ERROR}".'
+    )
 
 
 def test_only_the_failed_build_raises_the_failed_alert(stack: Stack) -> None:

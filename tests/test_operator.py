@@ -6,7 +6,8 @@ file of its PrometheusRule. Each pod is the exporter's console script started wi
 own arguments (shard flags included) and the rendered config file, on loopback; Prometheus
 scrapes exactly the generated targets, with their labels, and evaluates exactly the rendered
 rules. Only what ties a pod to a cluster is replaced: the API (the simulator), the key file,
-the state file and the listen address, and the polling and scrape cadence (to seconds).
+the state file and the listen address, and the polling and scrape cadence (to seconds); and
+the team's image discovery is turned on, so the dashboard's image row has data.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ INSTALLS: dict[str, dict[str, Any]] = {
     "scraped-twice": {"apiKey": {"value": "pk-test"}, "shards": 2, **MONITORING},
 }
 SCRAPED_TWICE = {"scraped-twice"}
+TEAM = "operator-team"
 # The README's scrape job, for the install without a ServiceMonitor.
 README_JOB = "primeintellect-builds"
 BUILD_ALERTS = {
@@ -157,6 +159,8 @@ def pod_config(
     config["builds"] = [plan.build_id for plan in build_plans] + [MISSING_BUILD]
     # The build files come from a ConfigMap the chart does not make.
     config.pop("build_files", None)
+    # The team's images too (the first shard lists them), so the dashboard's image row has data.
+    config["discovery"] = {"images": {"enabled": True, "interval": "30s", "team_id": TEAM}}
     config["state"] = {"path": str(pod_directory / "state.db")}
     config["web"] = {"listen_address": f"127.0.0.1:{port}"}
     path = pod_directory / "config.yaml"
@@ -224,7 +228,7 @@ def cluster(
     rounds = finishing_builds(len(running) if rendered.all("StatefulSet") else 1)
     build_plans = plans(time.time(), finishing=[*rounds[0], *rounds[1]])
     with ExitStack() as cleanup:
-        simulator = cleanup.enter_context(Simulator(CANARY_API_KEY, build_plans))
+        simulator = cleanup.enter_context(Simulator(CANARY_API_KEY, build_plans, team_id=TEAM))
         exporters = {
             pod.name: start_pod(rendered, pod, simulator, build_plans, directory, cleanup)
             for pod in running
