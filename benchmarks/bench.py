@@ -45,13 +45,16 @@ from exporter.metrics import exporter_families
 from exporter.models import parse_build
 from exporter.poller import Poller, PollSettings
 from exporter.server import Endpoints, ExpositionSource, MetricsServer
-from exporter.simulator import BuildPlan, Simulator, random_plans
+from exporter.simulator import ArtifactPlan, BuildPlan, Simulator, random_plans
 from exporter.state import StateFile, StateSync, open_state
 from exporter.store import BuildStore
 from exporter.telemetry import Telemetry
 from tests.support import FastClock, RunningExporter, build_families, make_config
 
 API_KEY = "pk-bench"
+TEAM = "bench-team"
+# The sample line of a complete image listing (not its HELP line).
+LISTED = "\nprimeintellect_exporter_image_list_last_success_timestamp_seconds "
 SCRIPT = Path(sys.executable).parent / "primeintellect-build-exporter"
 PROMETHEUS_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
 
@@ -143,14 +146,15 @@ def _serve_canned(
 def _serve_simulator(
     plans: list[BuildPlan], ready: multiprocessing.Queue[str], stop: EventType
 ) -> None:
-    with Simulator(API_KEY, plans) as simulator:
+    with Simulator(API_KEY, plans, team_id=TEAM) as simulator:
         ready.put(simulator.base_url)
         stop.wait()
 
 
 @contextmanager
 def simulator_process(plans: list[BuildPlan], *, canned: bool = False) -> Iterator[str]:
-    """A simulator (or canned answers) in a child process; yields its base URL."""
+    """A simulator (or canned answers) in a child process; yields its base URL. Its builds'
+    artifacts are also TEAM's image listing."""
     context = multiprocessing.get_context("fork")
     ready: multiprocessing.Queue[str] = context.Queue()
     stop = context.Event()
@@ -906,6 +910,86 @@ def measure_stale_builds(count: int, speed: float) -> list[Row]:
     ]
 
 
+def measure_image_listing(images: int, requests_per_second: float) -> list[Row]:
+    """A listing of ``images`` builds' worth of rows (two artifact types each): the requests and
+    time of the first complete listing, and what the inventory adds to memory and /metrics."""
+    types = (ArtifactPlan("CONTAINER_IMAGE"), ArtifactPlan("VM_SANDBOX"))
+    now = time.time()
+    plans = [
+        BuildPlan(
+            f"cmimg{n:05}",
+            f"image-{n % 500:03}",
+            f"v{n // 500}",
+            now - 600,
+            5,
+            5,
+            5,
+            artifacts=types,
+        )
+        for n in range(images)
+    ]
+    measured: dict[bool, tuple[float, int, int, float]] = {}
+    with simulator_process(plans) as base_url, tempfile.TemporaryDirectory() as work:
+        for discovery in (False, True):
+            url = "http://127.0.0.1:19897"
+            config = Path(work, f"config-{discovery}.yaml")
+            config.write_text(
+                f"api:\n  base_url: {base_url}\n  requests_per_second: {requests_per_second}\n"
+                "web:\n  listen_address: 127.0.0.1:19897\n"
+                f"discovery:\n  images:\n    enabled: {str(discovery).lower()}\n"
+                f"    interval: 1h\n    team_id: {TEAM}\n"
+            )
+            started = time.monotonic()
+            process, _ = _start_daemon(config, url)
+            try:
+                deadline = started + 300
+                text = httpx.get(url + "/metrics", timeout=60).text
+                while discovery and LISTED not in text:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("no complete image listing in 300 s")
+                    time.sleep(0.05)
+                    text = httpx.get(url + "/metrics", timeout=60).text
+                seconds = time.monotonic() - started
+                requests = sum(
+                    int(float(line.rsplit(" ", 1)[1]))
+                    for line in text.splitlines()
+                    if line.startswith("primeintellect_exporter_api_requests_total{")
+                )
+                measured[discovery] = (
+                    seconds,
+                    requests,
+                    len(text.encode()),
+                    rss_kib(process.pid) / 1024,
+                )
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+    seconds, requests, size, rss = measured[True]
+    _, _, size_off, rss_off = measured[False]
+    pages = -(-images // 250)
+    return [
+        Row(
+            f"image listing of {images:,} images ({images * 2:,} rows) at "
+            f"{requests_per_second:g} requests/s",
+            f"{requests} requests, complete {seconds:.1f} s after start",
+            f"{pages} pages of 250",
+            "",
+            f"{pages} requests",
+        ),
+        Row(
+            "resident memory with that inventory",
+            f"{rss:.1f} MiB",
+            f"{rss_off:.1f} MiB without discovery",
+            f"+{(rss - rss_off) * 1024 / (images * 2):.1f} KiB per image row",
+        ),
+        Row(
+            "/metrics with that inventory (text)",
+            f"{size / 1e6:.1f} MB",
+            f"{size_off / 1e3:.0f} kB without",
+        ),
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Benchmark the exporter; prints one table.")
     parser.add_argument("--scrapes", type=int, default=21)
@@ -941,6 +1025,7 @@ def main() -> int:
         ),
         lambda: measure_state_writes(sizes[-1], batch=100),
         lambda: measure_stale_builds(100, speed=120 if arguments.quick else 60),
+        lambda: measure_image_listing(1_000 if arguments.quick else 5_000, requests_per_second=2),
     ]
     for step in steps:
         rows.extend(step())

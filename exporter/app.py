@@ -241,6 +241,7 @@ class Exporter:
                 internal_error=self.internal_error,
                 request_budget=lambda: poll_settings(self.config).requests_per_second,
                 telemetry=self.telemetry.snapshot,
+                inventory=lambda: self.inventory.snapshot() if self.discovers_images else None,
             ),
             web_config_file=web_config_file,
             limits=limits,

@@ -38,6 +38,8 @@ from exporter.webconfig import WebConfigError, load_web_config
 
 PROGRAM = "primeintellect-build-exporter"
 DEMO_MISSING_BUILD = "cmdemo0gone0009"
+# The simulated team whose image listing the demo reads (discovery.images).
+DEMO_TEAM = "demo-team"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +131,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     simulator: Simulator | None = None
     try:
         if arguments.demo:
-            simulator = Simulator(secrets.token_urlsafe(24), demo_plans(time.time()))
+            simulator = Simulator(
+                secrets.token_urlsafe(24), demo_plans(time.time()), team_id=DEMO_TEAM
+            )
             simulator.start()
         return _run_with(arguments, simulator)
     finally:
@@ -207,12 +211,14 @@ def with_shard(config: Config, count: int | None, index: str | None) -> Config:
 
 
 def demo_config(simulator: Simulator) -> Config:
-    """A config that watches every simulated build, plus one the API does not know."""
+    """A config that watches every simulated build, plus one the API does not know, and
+    lists the simulated team's images."""
     file = ConfigFile.model_validate(
         {
             "api": {"base_url": simulator.base_url, "requests_per_second": 5},
             "polling": {"interval": "3s", "stale_after": "1m"},
             "builds": [*simulator.build_ids, DEMO_MISSING_BUILD],
+            "discovery": {"images": {"enabled": True, "interval": "30s", "team_id": DEMO_TEAM}},
         }
     )
     return Config(

@@ -38,7 +38,7 @@ from exporter.status_page import (
     render_build_page,
     render_status_page,
 )
-from exporter.store import Snapshot
+from exporter.store import Inventory, Snapshot
 from exporter.telemetry import TelemetrySnapshot
 from exporter.webconfig import WebConfig, WebConfigWatcher
 
@@ -96,6 +96,8 @@ class Endpoints:
     # rate-limit pause), for the status page.
     request_budget: Callable[[], float | None] = lambda: None
     telemetry: Callable[[], TelemetrySnapshot | None] = lambda: None
+    # The scope's images, with discovery.images on.
+    inventory: Callable[[], Inventory | None] = lambda: None
 
 
 class _ClientMistakeLogger(logging.Logger):
@@ -134,7 +136,8 @@ class MetricsServer:
         # Pages render in a thread of their own, so a flood of them never delays /metrics.
         self._page_render = ThreadPoolExecutor(1, thread_name_prefix="page")
         self._pages: dict[
-            tuple[str, PageQuery | None, int, int], tuple[TelemetrySnapshot | None, str | None]
+            tuple[str, PageQuery | None, int, int],
+            tuple[TelemetrySnapshot | None, Inventory | None, str | None],
         ] = {}
         self._http: web.Server | None = None
         self._listener: Listener | None = None
@@ -306,20 +309,21 @@ class MetricsServer:
         """The status page or a build's page, rendered off the loop, once per snapshot, query
         and second; None for a build that is not tracked."""
         snapshot, telemetry = self._endpoints.snapshot(), self._endpoints.telemetry()
+        inventory = self._endpoints.inventory()
         now = time.time()
         query = PageQuery.from_params(params) if path == "/" else None
         key = (path, query, snapshot.version, int(now))
         kept = self._pages.get(key)
-        if kept is not None and kept[0] is telemetry:
-            return kept[1]
-        context = PageContext(snapshot, telemetry, now, self._endpoints.request_budget())
+        if kept is not None and kept[0] is telemetry and kept[1] is inventory:
+            return kept[2]
+        context = PageContext(snapshot, telemetry, now, self._endpoints.request_budget(), inventory)
         render = (
             partial(render_status_page, context, query)
             if query is not None
             else partial(render_build_page, context, path.removeprefix(_BUILD_PAGE_PREFIX))
         )
         page = await asyncio.get_running_loop().run_in_executor(self._page_render, render)
-        self._pages[key] = (telemetry, page)
+        self._pages[key] = (telemetry, inventory, page)
         while len(self._pages) > _KEPT_PAGES:
             del self._pages[next(iter(self._pages))]
         return page

@@ -16,8 +16,8 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from exporter import __version__
-from exporter.models import BUILD_STATUSES, Artifact, Build, Outcome
-from exporter.store import BuildRecord, Snapshot
+from exporter.models import BUILD_STATUSES, Artifact, Build, ImageRow, Outcome
+from exporter.store import BuildRecord, Inventory, Snapshot
 from exporter.telemetry import TelemetrySnapshot
 
 STATUS_PAGE_MAX_ROWS = 1000
@@ -47,10 +47,11 @@ code { overflow-wrap: anywhere; }
 @media (max-width: 40em) {
   body { margin: 0.5em; }
   th, td { padding: 0.2em 0.3em; font-size: 0.9em; }
-  #builds thead, #builds .wide, #builds td:empty { display: none; }
-  #builds tr { display: block; border: 1px solid #ccc; margin-bottom: 0.5em; }
-  #builds td { display: block; border: none; }
-  #builds td::before { content: attr(data-label) ": "; font-weight: 600; }
+  #builds thead, #builds .wide, #builds td:empty,
+  #images thead, #images .wide, #images td:empty { display: none; }
+  #builds tr, #images tr { display: block; border: 1px solid #ccc; margin-bottom: 0.5em; }
+  #builds td, #images td { display: block; border: none; }
+  #builds td::before, #images td::before { content: attr(data-label) ": "; font-weight: 600; }
 }
 """
 _STYLE_HASH = base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode()
@@ -162,6 +163,8 @@ class PageContext:
     telemetry: TelemetrySnapshot | None
     now: float
     requests_per_second: float | None = None
+    # The scope's images (discovery.images), when on.
+    inventory: Inventory | None = None
 
 
 def render_status_page(context: PageContext, query: PageQuery) -> str:
@@ -211,7 +214,77 @@ every {query.refresh} s. <a href="/metrics">Metrics</a> · <a href="/-/healthy">
 {rows}
 </tbody>
 </table></div>
-{more}""",
+{more}
+{_images_section(context, query)}""",
+    )
+
+
+def _images_section(context: PageContext, query: PageQuery) -> str:
+    inventory = context.inventory
+    if inventory is None:
+        return ""
+    listed = (
+        f"listed {_utc(inventory.listed_at)}"
+        if inventory.listed_at is not None
+        else "not listed yet"
+    )
+    failing = ""
+    if inventory.last_error is not None:
+        failing = (
+            f' <span class="badge bad">✖ the latest listing failed: {inventory.last_error.value}'
+            "</span> (the last complete one is shown)"
+        )
+    rows = sorted(
+        (
+            row
+            for key, row in inventory.images.items()
+            if (not query.image or key[0] == query.image)
+            and (not query.status or query.status == "problems" or row.status_label == query.status)
+            and (query.status != "problems" or row.status_label == "FAILED")
+        ),
+        key=lambda row: (row.status_label != "FAILED", -row.updated_at, row.image_name),
+    )
+    statuses = Counter(row.status_label for row in inventory.images.values())
+    counts = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items()))
+    body = "\n".join(_image_row(row) for row in rows[:STATUS_PAGE_MAX_ROWS])
+    return f"""<h2>Images of the scope</h2>
+<p>{len(inventory.images)} images (name, tag and artifact type){": " + counts if counts else ""};
+{listed}.{failing}</p>
+<div class="scroll"><table id="images">
+<thead><tr><th>Image</th><th>Tag</th><th>Type</th><th>Status</th><th class="wide">Created</th>
+<th class="wide">Completed</th><th class="wide">Pushed</th><th class="wide">Size</th>
+<th>Error</th></tr></thead>
+<tbody>
+{body}
+</tbody>
+</table></div>"""
+
+
+def _image_row(row: ImageRow) -> str:
+    failed = row.status_label == "FAILED"
+    status = _badge(Problem.FAILED, "") if failed else html.escape(row.status)
+    size = "" if row.size_bytes is None else f"{row.size_bytes / 1e6:.1f} MB"
+    cells = (
+        ("Image", "", html.escape(row.image_name)),
+        ("Tag", "", html.escape(row.image_tag)),
+        ("Type", "", html.escape(row.artifact_type)),
+        ("Status", "", status),
+        ("Created", "wide", _utc(row.created_at)),
+        ("Completed", "wide", _utc(row.completed_at)),
+        ("Pushed", "wide", _utc(row.pushed_at)),
+        ("Size", "wide", size),
+        ("Error", "error", html.escape(row.error_message or "")),
+    )
+    css = ' class="bad"' if failed else ""
+    return (
+        f'<tr{css} data-image="{html.escape(row.id)}">'
+        + "".join(
+            f'<td class="{kind}" data-label="{label}">{cell}</td>'
+            if kind
+            else f'<td data-label="{label}">{cell}</td>'
+            for label, kind, cell in cells
+        )
+        + "</tr>"
     )
 
 

@@ -229,6 +229,7 @@ PAGE_ATTRIBUTES = {
     "type",
     "id",
     "data-build",
+    "data-image",
     "data-label",
 }
 

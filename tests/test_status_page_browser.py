@@ -23,6 +23,7 @@ from tests.support import (
     RunningExporter,
     environment,
     make_config,
+    wait_until,
 )
 
 # Each test here starts an outside tool (see the `tooling` marker in pyproject.toml).
@@ -32,6 +33,7 @@ HOSTILE_NAME = "<img src=x onerror=alert(1)>"
 HOSTILE_TAG = '"><script>alert(2)</script>'
 HOSTILE_ERROR = "<script>alert(3)</script> \u202egnp.exe"
 MISSING_BUILD = "e2e-missing"
+TEAM = "browser-team"
 SCREENSHOT = REPOSITORY / "docs" / "status-page.png"
 README = REPOSITORY / "README.md"
 # Playwright's waits, in milliseconds: far above what a healthy run takes.
@@ -53,14 +55,20 @@ class Served:
 def served() -> Iterator[Served]:
     now = time.time()
     build_plans = [*plans(now), BuildPlan("e2e-hostile", HOSTILE_NAME, HOSTILE_TAG, now - 30, 5)]
-    with Simulator(CANARY_API_KEY, build_plans) as simulator:
+    with Simulator(CANARY_API_KEY, build_plans, team_id=TEAM) as simulator:
         payload = build_plans[-1].payload(now)
         payload["errorMessage"] = HOSTILE_ERROR
         simulator.set_payload("e2e-hostile", payload)
         build_ids = [plan.build_id for plan in build_plans] + [MISSING_BUILD]
-        exporter = RunningExporter(make_config(simulator.base_url, build_ids)).start()
+        discovery = {"enabled": True, "interval": "30s", "team_id": TEAM}
+        config = make_config(simulator.base_url, build_ids, discovery=discovery)
+        exporter = RunningExporter(config).start()
         try:
             exporter.wait_until_all_polled()
+            wait_until(
+                lambda: exporter.exporter.inventory.snapshot().listed_at,
+                message="the team's image listing",
+            )
             yield Served(simulator, exporter, {plan.build_id: plan for plan in build_plans})
         finally:
             exporter.stop()
@@ -130,6 +138,27 @@ def test_the_image_filter_hides_other_images(served: Served, browser: Browser) -
         assert sorted(shown) == trainer
         # The filter survives the page's own refresh: it lives in the URL.
         expect(page.locator('select[name="image"]')).to_have_value("trainer")
+
+
+def test_the_teams_images_are_listed_failed_first_with_their_error(
+    served: Served, browser: Browser
+) -> None:
+    with watched_page(browser) as watched:
+        watched.page.goto(served.url + "/")
+        images = watched.page.locator("#images tbody tr")
+        first = images.first
+        expect(first).to_contain_text("✖ FAILED")
+        expect(first).to_contain_text("eval")
+        expect(first.locator("td.error")).to_contain_text(FAILED_ERROR)
+        expect(first).to_have_class("bad")
+        expect(watched.page.locator("#images").get_by_text(HOSTILE_NAME, exact=True)).to_have_count(
+            1
+        )
+        # The image filter applies to them too.
+        watched.page.goto(served.url + "/?image=trainer")
+        shown = watched.page.locator("#images tbody tr td:first-child").all_inner_texts()
+        assert shown
+        assert set(shown) == {"trainer"}
 
 
 def test_the_build_page_lists_every_artifact(served: Served, browser: Browser) -> None:
