@@ -19,12 +19,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 BUILD_PATH_PREFIX = "/api/v1/images/build/"
 # The listing of a scope's images, paged by logical image (name:tag), at most 250 a page.
 IMAGES_PATH = "/api/v1/images"
+# What a fault is set on: a build ID, or a listing page's offset (None: every page).
+Key = TypeVar("Key", str, int | None)
 MAX_IMAGE_PAGE = 250
 Outcome = Literal["COMPLETED", "FAILED", "CANCELLED"]
 
@@ -411,16 +413,9 @@ class Simulator:
         if not 1 <= limit <= MAX_IMAGE_PAGE:
             return Reply(422, json_headers, b'{"detail": "limit must be 1 to 250"}')
         fault_key = offset if offset in self._listing_faults else None
-        fault = self._listing_faults.get(fault_key)
-        delivery = None
-        if fault is not None:
-            if fault.times is not None:
-                fault.times -= 1
-                if fault.times <= 0:
-                    del self._listing_faults[fault_key]
-            if fault.body or fault.status != 200:
-                return Reply.delivered_as(fault, fault.status, dict(fault.headers), fault.body)
-            delivery = fault
+        served, delivery = _take_fault(self._listing_faults, fault_key)
+        if served is not None:
+            return served
         team = params.get("teamId") or None
         search = params.get("search", "").lower()
         images: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -478,20 +473,28 @@ class Simulator:
             return Reply(404, json_headers, b'{"detail": "Not Found"}')
         if authorization != f"Bearer {self.api_key}":
             return Reply(401, json_headers, b'{"detail": "Invalid API key"}')
-        delivery = None
-        fault = self._faults.get(build_id)
-        if fault is not None:
-            if fault.times is not None:
-                fault.times -= 1
-                if fault.times <= 0:
-                    del self._faults[build_id]
-            if fault.body or fault.status != 200:
-                return Reply.delivered_as(fault, fault.status, dict(fault.headers), fault.body)
-            delivery = fault
+        served, delivery = _take_fault(self._faults, build_id)
+        if served is not None:
+            return served
         payload = self._payload_locked(build_id)
         if payload is None:
             return Reply.delivered_as(delivery, 404, json_headers, b'{"detail": "Build not found"}')
         return Reply.delivered_as(delivery, 200, json_headers, json.dumps(payload).encode())
+
+
+def _take_fault(faults: dict[Key, Fault], key: Key) -> tuple[Reply | None, Fault | None]:
+    """The fault at ``key``, used once (one fewer of its ``times``): the reply it sends instead
+    of the answer, or else itself, to deliver the real answer its way."""
+    fault = faults.get(key)
+    if fault is None:
+        return None, None
+    if fault.times is not None:
+        fault.times -= 1
+        if fault.times <= 0:
+            del faults[key]
+    if fault.body or fault.status != 200:
+        return Reply.delivered_as(fault, fault.status, dict(fault.headers), fault.body), None
+    return None, fault
 
 
 class _Server(ThreadingHTTPServer):

@@ -36,7 +36,7 @@ h1 { font-size: 1.4em; }
 table { border-collapse: collapse; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertical-align: top; }
 th a { color: inherit; }
-td.error { max-width: 40em; overflow-wrap: anywhere; white-space: pre-wrap; }
+td.error { min-width: 12em; max-width: 40em; overflow-wrap: anywhere; white-space: pre-wrap; }
 .badge { font-weight: 600; white-space: nowrap; }
 .bad { background: #fde2e2; }
 .warn { background: #fff4d6; }
@@ -270,8 +270,8 @@ def _image_row(row: ImageRow) -> str:
         ("Type", "", html.escape(row.artifact_type)),
         ("Status", "", status),
         ("Created", "wide", _utc(row.created_at)),
-        ("Completed", "wide", _utc(row.completed_at)),
-        ("Pushed", "wide", _utc(row.pushed_at)),
+        ("Completed", "wide", _utc_after(row.completed_at, row.created_at)),
+        ("Pushed", "wide", _utc_after(row.pushed_at, row.created_at)),
         ("Size", "wide", size),
         ("Error", "error", html.escape(row.error_message or "")),
     )
@@ -315,7 +315,7 @@ def render_build_page(context: PageContext, build_id: str) -> str | None:
         ]
         artifacts = _artifact_table(build.artifacts)
     facts += [
-        ("Last poll", _last_poll(record)),
+        ("Last poll", _last_poll(record, context.now)),
         ("Last good answer", _utc(record.last_success_time) or "never"),
         ("Answer last changed", _utc(record.last_change_time)),
         ("In /metrics", f"<code>{html.escape(selector)}</code>"),
@@ -463,7 +463,7 @@ def _status_row(record: BuildRecord, problem: Problem, now: float) -> str:
     build = record.build
     link = f'<a href="/build/{quote(record.build_id, safe="")}">{html.escape(record.build_id)}</a>'
     if build is None:
-        cells = [link, "", "", _badge(problem, ""), "", "", "", "", "", _last_poll(record), ""]
+        cells = [link, "", "", _badge(problem, ""), "", "", "", "", "", _last_poll(record, now), ""]
     else:
         status = html.escape(build.status)
         # The badge says FAILED itself; any other problem is said beside the status.
@@ -476,11 +476,11 @@ def _status_row(record: BuildRecord, problem: Problem, now: float) -> str:
             html.escape(build.image_tag),
             f"{marker} {status}".strip(),
             _utc(build.created_at),
-            _utc(build.started_at),
-            _utc(build.completed_at),
+            _utc_after(build.started_at, build.created_at),
+            _utc_after(build.completed_at, build.created_at),
             _span(build.queued_seconds),
             _duration(build, now),
-            _last_poll(record),
+            _last_poll(record, now),
             _error_cell_text(build),
         ]
     css = f' class="{problem.css}"' if problem.css else ""
@@ -518,17 +518,15 @@ def _badge(problem: Problem, none_text: str) -> str:
     return f'<span class="badge {problem.css}">{problem.marker}</span>'
 
 
-def _last_poll(record: BuildRecord) -> str:
+def _last_poll(record: BuildRecord, now: float) -> str:
     if not record.polled or record.last_poll_time is None:
         return '<span class="quiet">not yet</span>'
+    at = _utc_after(record.last_poll_time, now)
     if record.last_poll_ok:
-        return f"✔ ok at {_utc(record.last_poll_time)}"
+        return f"✔ ok at {at}"
     outcome = record.last_error or Outcome.INVALID_RESPONSE
     # A failure that repeats is not stored again, so the time is when this failure began.
-    return (
-        f"✖ {outcome.value} since {_utc(record.last_poll_time)}: "
-        f"{html.escape(_OUTCOME_DETAIL[outcome])}"
-    )
+    return f"✖ {outcome.value} since {at}: {html.escape(_OUTCOME_DETAIL[outcome])}"
 
 
 def _error_cell_text(build: Build) -> str:
@@ -582,6 +580,15 @@ def _utc(timestamp: float | None) -> str:
     if timestamp is None:
         return ""
     return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _utc_after(timestamp: float | None, reference: float) -> str:
+    # The time alone when it falls on the day of ``reference``, which the row shows in full.
+    if timestamp is None:
+        return ""
+    if time.gmtime(timestamp)[:3] == time.gmtime(reference)[:3]:
+        return time.strftime("%H:%M:%SZ", time.gmtime(timestamp))
+    return _utc(timestamp)
 
 
 def _span(seconds: float | None) -> str:

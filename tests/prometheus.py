@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from exporter.simulator import ArtifactPlan, BuildPlan, Simulator
 from tests.support import REPOSITORY, wait_until
@@ -140,6 +141,25 @@ def start_service(
         if "address already in use" not in service.log_tail():
             break
     pytest.fail(f"{name} exited at start; log:\n{service.log_tail()}")
+
+
+def start_prometheus(
+    binary: str, config: dict[str, Any], directory: Path, cleanup: ExitStack
+) -> Prometheus:
+    """Debian's Prometheus with ``config`` as prometheus.yml, its data in ``directory``."""
+    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+    service = start_service(
+        "prometheus",
+        lambda port: [
+            binary,
+            f"--config.file={directory / 'prometheus.yml'}",
+            f"--storage.tsdb.path={directory / 'prometheus-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        directory,
+        cleanup,
+    )
+    return Prometheus(service.url)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,7 @@ from tests.prometheus import (
     finish,
     plans,
     queries_without_data,
+    start_prometheus,
     start_service,
     wait_for,
     wait_for_finished_total,
@@ -119,7 +120,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Everything running, every build polled and scraped, two builds seen to finish."""
-    prometheus = find_binary("prometheus")
+    prometheus_binary = find_binary("prometheus")
     alertmanager = find_alertmanager()
     directory = tmp_path_factory.mktemp("e2e")
     build_plans = plans(time.time())
@@ -175,32 +176,22 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
         exporter_address = exporter.url.removeprefix("http://").rstrip("/")
         alertmanager_address = alertmanager_url.removeprefix("http://")
-        (directory / "prometheus.yml").write_text(
-            yaml.safe_dump(
-                {
-                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                    "rule_files": [str(RULES_FILE)],
-                    "alerting": {
-                        "alertmanagers": [{"static_configs": [{"targets": [alertmanager_address]}]}]
-                    },
-                    "scrape_configs": [
-                        {"job_name": JOB, "static_configs": [{"targets": [exporter_address]}]}
-                    ],
-                }
-            )
-        )
-        prometheus_url = start_service(
-            "prometheus",
-            lambda port: [
-                prometheus,
-                f"--config.file={directory / 'prometheus.yml'}",
-                f"--storage.tsdb.path={directory / 'prometheus-data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
+        prometheus = start_prometheus(
+            prometheus_binary,
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(RULES_FILE)],
+                "alerting": {
+                    "alertmanagers": [{"static_configs": [{"targets": [alertmanager_address]}]}]
+                },
+                "scrape_configs": [
+                    {"job_name": JOB, "static_configs": [{"targets": [exporter_address]}]}
+                ],
+            },
             directory,
             cleanup,
-        ).url
-        running = Stack(simulator, exporter, Prometheus(prometheus_url), alertmanager_url, webhook)
+        )
+        running = Stack(simulator, exporter, prometheus, alertmanager_url, webhook)
         wait_until(
             lambda: running.prometheus.query(f'up{{job="{JOB}"}} == 1'),
             timeout=DEADLINE,

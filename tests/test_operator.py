@@ -39,6 +39,7 @@ from tests.prometheus import (
     finish,
     plans,
     queries_without_data,
+    start_prometheus,
     start_service,
     wait_for,
     wait_for_finished_total,
@@ -235,27 +236,15 @@ def cluster(
         }
         jobs = scrape_configs(rendered, exporters, "1s")
         (directory / "rules.yaml").write_text(yaml.safe_dump(rules_file(rendered)))
-        (directory / "prometheus.yml").write_text(
-            yaml.safe_dump(
-                {
-                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                    "rule_files": [str(directory / "rules.yaml")],
-                    "scrape_configs": jobs,
-                }
-            )
-        )
-        prometheus = Prometheus(
-            start_service(
-                "prometheus",
-                lambda port: [
-                    prometheus_binary,
-                    f"--config.file={directory / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={directory / 'prometheus-data'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                ],
-                directory,
-                cleanup,
-            ).url
+        prometheus = start_prometheus(
+            prometheus_binary,
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(directory / "rules.yaml")],
+                "scrape_configs": jobs,
+            },
+            directory,
+            cleanup,
         )
         expected_targets = sum(
             len(static["targets"]) for job in jobs for static in job["static_configs"]
@@ -420,23 +409,20 @@ def test_renamed_chart_rules_pass_their_promtool_unit_tests(tmp_path: Path) -> N
     (tmp_path / "rendered-rules.yaml").write_text(yaml.safe_dump(rules_file(rendered)))
     case = REPOSITORY / "monitoring" / "tests" / "chart" / "renamed_chart_test.yaml"
     shutil.copy(case, tmp_path)
-    result = subprocess.run(
-        [promtool, "test", "rules", case.name],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+
+    def unit_tests() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [promtool, "test", "rules", case.name],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    result = unit_tests()
     assert result.returncode == 0, result.stdout + result.stderr
     # The same cases fail on the rules file as is: they pin the job selector's replacement.
     shutil.copy(REPOSITORY / "monitoring" / "alerts.yaml", tmp_path / "rendered-rules.yaml")
-    unreplaced = subprocess.run(
-        [promtool, "test", "rules", case.name],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    unreplaced = unit_tests()
     assert unreplaced.returncode != 0, unreplaced.stdout

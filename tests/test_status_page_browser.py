@@ -246,7 +246,7 @@ def test_readme_shows_a_screenshot_of_the_demo_page(browser: Browser, tmp_path: 
         demo = Daemon("--demo", "--web.listen-address=127.0.0.1:0", env=environment())
         try:
             url = demo.wait_for_url().rstrip("/")
-            with watched_page(browser, width=1280, height=800) as watched:
+            with watched_page(browser, width=1440, height=900) as watched:
                 watched.page.goto(url + "/-/ready")
                 expect(watched.page.locator("body")).to_have_text("Ready", timeout=WAIT_MS)
                 # The demo's inference-server build fails about a minute in; the page, at a
@@ -261,5 +261,5 @@ def test_readme_shows_a_screenshot_of_the_demo_page(browser: Browser, tmp_path: 
             demo.kill()
     assert "(docs/status-page.png)" in README.read_text()
     width, height = png_size(SCREENSHOT)
-    assert width == 1280
+    assert width == 1440
     assert height >= 400
