@@ -364,7 +364,7 @@ def inventory_families(inventory: Inventory) -> list[Metric]:
     created = _image_gauge("primeintellect_image_created_timestamp_seconds", "createdAt.")
     completed = _image_gauge("primeintellect_image_completed_timestamp_seconds", "completedAt.")
     pushed = _image_gauge("primeintellect_image_pushed_timestamp_seconds", "pushedAt.")
-    size = _image_gauge("primeintellect_image_size_bytes", "sizeBytes of the latest row.")
+    size = _image_gauge("primeintellect_image_size_bytes", "sizeBytes.")
     error = GaugeMetricFamily(
         "primeintellect_image_error_info",
         "The error message of the image's latest artifact row; 1 while it has one.",
