@@ -109,11 +109,11 @@ def internal_errors(metrics: Samples) -> float:
 
 
 def print_sample(elapsed: float, pid: int, metrics: Samples) -> None:
-    outcomes = {
-        dict(labels)["outcome"]: value
-        for (name, labels), value in metrics.items()
-        if name == "primeintellect_exporter_api_requests_total"
-    }
+    outcomes: dict[str, float] = {}
+    for (name, labels), value in metrics.items():
+        if name == "primeintellect_exporter_api_requests_total":
+            outcome = dict(labels)["outcome"]
+            outcomes[outcome] = outcomes.get(outcome, 0) + value
     total = sum(outcomes.values())
     ok = outcomes.get("ok", 0)
     finished = metrics.get(("primeintellect_exporter_builds", (("state", "finished"),)), 0)

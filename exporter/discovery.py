@@ -21,7 +21,7 @@ from exporter.config import ImageDiscoverySettings
 from exporter.models import ImageRow
 from exporter.poller import Clock, SystemClock
 from exporter.store import ImageInventory, latest_rows
-from exporter.telemetry import Telemetry
+from exporter.telemetry import IMAGE_LIST_ENDPOINT, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,8 @@ class ImageDiscovery:
         except BaseException:
             self._slots.listing_done(None)
             raise
-        self._telemetry.observe_request(result.outcome, self._time.monotonic() - started)
+        self._telemetry.observe_request(
+            result.outcome, self._time.monotonic() - started, IMAGE_LIST_ENDPOINT
+        )
         self._slots.listing_done(result)
         return result

@@ -243,17 +243,19 @@ def exporter_families(
     """
     requests = CounterMetricFamily(
         "primeintellect_exporter_api_requests",
-        "Requests to the Prime Intellect API by outcome.",
-        labels=("outcome",),
+        "Requests to the Prime Intellect API by endpoint and outcome.",
+        labels=("endpoint", "outcome"),
     )
-    for outcome in Outcome:
-        requests.add_metric((outcome.value,), telemetry.requests.get(outcome, 0))
+    for endpoint, counts in sorted(telemetry.requests_by_endpoint.items()):
+        for outcome in Outcome:
+            requests.add_metric((endpoint, outcome.value), counts.get(outcome, 0))
     durations = HistogramMetricFamily(
         "primeintellect_exporter_api_request_duration_seconds",
-        "Duration of requests to the Prime Intellect API.",
-        buckets=_cumulative_buckets(telemetry.request_durations),
-        sum_value=telemetry.request_durations.total,
+        "Duration of requests to the Prime Intellect API, by endpoint.",
+        labels=("endpoint",),
     )
+    for endpoint, histogram in sorted(telemetry.request_durations_by_endpoint.items()):
+        durations.add_metric((endpoint,), _cumulative_buckets(histogram), sum_value=histogram.total)
     api_up = GaugeMetricFamily(
         "primeintellect_exporter_api_up",
         "0 once no usable API answer (anything but 401, 5xx or a transport failure) has come"

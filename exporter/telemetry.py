@@ -6,7 +6,7 @@ import bisect
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from exporter.models import API_DOWN_OUTCOMES, Outcome
@@ -15,7 +15,11 @@ from exporter.models import API_DOWN_OUTCOMES, Outcome
 RELOAD_SOURCES = ("config", "build_files")
 REQUEST_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Parts of the exporter whose unexpected exceptions are counted rather than fatal.
-INTERNAL_ERROR_COMPONENTS = ("poller", "renderer", "reload", "state")
+INTERNAL_ERROR_COMPONENTS = ("poller", "renderer", "reload", "state", "discovery")
+# The API's endpoints, the `endpoint` label of the request metrics: a build's status, and the
+# image listing (discovery.images).
+BUILD_STATUS_ENDPOINT = "build_status"
+IMAGE_LIST_ENDPOINT = "image_list"
 # How long unusable answers (401, 5xx, transport failures) must keep coming, with no usable
 # one among them, before api_up reads 0: one failing build among good ones never flips it.
 API_DOWN_AFTER_SECONDS = 60.0
@@ -48,6 +52,7 @@ class Histogram:
 class TelemetrySnapshot:
     """The exporter's own health, read once per scrape."""
 
+    # Every endpoint's requests together, by outcome.
     requests: Mapping[Outcome, int]
     request_durations: Histogram
     api_up: bool | None
@@ -58,6 +63,13 @@ class TelemetrySnapshot:
     poll_lag_seconds: float = 0.0
     poll_demand_ratio: float = 0.0
     state_restored_builds: int = 0
+    # By endpoint (build_status always; image_list once it was asked).
+    requests_by_endpoint: Mapping[str, Mapping[Outcome, int]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    request_durations_by_endpoint: Mapping[str, Histogram] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
 
 class Telemetry:
@@ -71,6 +83,10 @@ class Telemetry:
         self._clock = clock
         self._requests = dict.fromkeys(Outcome, 0)
         self._durations = Histogram.empty(REQUEST_DURATION_BUCKETS)
+        self._requests_by_endpoint = {BUILD_STATUS_ENDPOINT: dict.fromkeys(Outcome, 0)}
+        self._durations_by_endpoint = {
+            BUILD_STATUS_ENDPOINT: Histogram.empty(REQUEST_DURATION_BUCKETS)
+        }
         # None until the API has been usable, or unusable for API_DOWN_AFTER_SECONDS.
         self._api_up: bool | None = None
         # When the current run of unusable answers began; None after a usable answer.
@@ -84,10 +100,18 @@ class Telemetry:
         self._state_restored_builds = 0
         self._snapshot: TelemetrySnapshot | None = None
 
-    def observe_request(self, outcome: Outcome, duration: float) -> None:
+    def observe_request(
+        self, outcome: Outcome, duration: float, endpoint: str = BUILD_STATUS_ENDPOINT
+    ) -> None:
         with self._lock:
             self._requests[outcome] += 1
             self._durations = self._durations.observe(duration)
+            by_outcome = self._requests_by_endpoint.setdefault(endpoint, dict.fromkeys(Outcome, 0))
+            by_outcome[outcome] += 1
+            histogram = self._durations_by_endpoint.get(endpoint) or Histogram.empty(
+                REQUEST_DURATION_BUCKETS
+            )
+            self._durations_by_endpoint[endpoint] = histogram.observe(duration)
             self._snapshot = None
             if outcome not in API_DOWN_OUTCOMES:
                 self._unusable_since = None
@@ -148,5 +172,14 @@ class Telemetry:
                     poll_lag_seconds=self._poll_lag_seconds,
                     poll_demand_ratio=self._poll_demand_ratio,
                     state_restored_builds=self._state_restored_builds,
+                    requests_by_endpoint=MappingProxyType(
+                        {
+                            endpoint: MappingProxyType(dict(counts))
+                            for endpoint, counts in self._requests_by_endpoint.items()
+                        }
+                    ),
+                    request_durations_by_endpoint=MappingProxyType(
+                        dict(self._durations_by_endpoint)
+                    ),
                 )
             return self._snapshot

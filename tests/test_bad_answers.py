@@ -683,7 +683,7 @@ def test_bad_answer_for_one_build_shows_on_that_build_only(
         0 if row.reason is None else 1
     )
     if row.reason is not None:
-        outcome = frozenset({("outcome", row.reason)})
+        outcome = frozenset({("endpoint", "build_status"), ("outcome", row.reason)})
         assert samples[("primeintellect_exporter_api_requests_total", outcome)] >= 1
         # The last good answer stays until it goes stale.
         assert samples[("primeintellect_image_build_info", frozenset(build_labels(victim).items()))]
@@ -789,7 +789,10 @@ def test_rate_limit_pauses_every_request_for_a_bounded_time(
     ]
     assert (
         during[
-            ("primeintellect_exporter_api_requests_total", frozenset({("outcome", "rate_limited")}))
+            (
+                "primeintellect_exporter_api_requests_total",
+                frozenset({("endpoint", "build_status"), ("outcome", "rate_limited")}),
+            )
         ]
         == 1
     )
@@ -841,7 +844,11 @@ def test_a_403_for_one_build_is_that_build_forbidden_not_the_key_rejected(
             1,
         ),
         ("primeintellect_image_build_last_poll_success", {"build_id": "victim"}, 0),
-        ("primeintellect_exporter_api_requests_total", {"outcome": "forbidden"}, 1),
+        (
+            "primeintellect_exporter_api_requests_total",
+            {"endpoint": "build_status", "outcome": "forbidden"},
+            1,
+        ),
     ]
     wait_until(lambda: shows(running, expected), message="the victim's forbidden reason")
     # The healthy builds are polled on, with no pause, and the API counts as up.
@@ -900,7 +907,11 @@ def test_rejected_key_is_reported_and_logged_once(
         ),
         ("primeintellect_image_build_last_poll_success", {"build_id": "victim"}, 0),
         ("primeintellect_exporter_api_up", {}, 1),
-        ("primeintellect_exporter_api_requests_total", {"outcome": "unauthorized"}, 1),
+        (
+            "primeintellect_exporter_api_requests_total",
+            {"endpoint": "build_status", "outcome": "unauthorized"},
+            1,
+        ),
     ]
     wait_until(lambda: shows(running, expected), message="the key rejection")
     line = wait_until(

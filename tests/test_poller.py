@@ -189,7 +189,8 @@ def test_rate_limit_with_retry_after_pauses_every_request_for_that_long(
         ),
         message="the pause to end",
     )
-    assert running.value("primeintellect_exporter_api_requests_total", outcome="rate_limited") == 1
+    requests = "primeintellect_exporter_api_requests_total"
+    assert running.value(requests, endpoint="build_status", outcome="rate_limited") == 1
 
 
 def test_one_build_failing_or_timing_out_leaves_the_others_fresh(
