@@ -3,14 +3,13 @@ the README's screenshot of it. Playwright's own browser downloads are never used
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, Request, sync_playwright
+
+from tests.support import find_binary
 
 # As this machine's probe starts it: no sandbox (root), and none of the background traffic
 # that a closed network refuses.
@@ -25,21 +24,10 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def find_chromium() -> str:
-    """Path of Debian's chromium: fails under CI when missing, skips elsewhere."""
-    path = shutil.which("chromium")
-    if path is None:
-        reason = "chromium is not installed (Debian package 'chromium' provides it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; .ci/run must install it")
-        pytest.skip(reason)
-    return path
-
-
 @contextmanager
 def chromium() -> Iterator[Browser]:
     """A headless chromium, closed afterwards."""
-    executable = find_chromium()
+    executable = find_binary("chromium", package="chromium")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
         try:

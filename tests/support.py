@@ -277,11 +277,11 @@ def family_blocks(text: str) -> dict[str, str]:
     return blocks
 
 
-def find_binary(name: str) -> str:
+def find_binary(name: str, package: str = "prometheus") -> str:
     """Path of a required binary: fails under CI when missing, skips elsewhere."""
     path = shutil.which(name)
     if path is None:
-        reason = f"{name} is not installed (Debian package 'prometheus' provides it)"
+        reason = f"{name} is not installed (Debian package '{package}' provides it)"
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason}; .ci/run must install it")
         pytest.skip(reason)

@@ -11,9 +11,19 @@ from pathlib import Path
 from tests.support import REPOSITORY
 
 TESTS = REPOSITORY / "tests"
-# What starts an outside tool: Prometheus, promtool, Alertmanager, hadolint, Helm's engine.
+# What starts an outside tool: Prometheus, promtool, Alertmanager, hadolint, Helm's engine,
+# chromium.
 TOOLING_ENTRY_POINTS = frozenset(
-    {"find_binary", "find_alertmanager", "hadolint_binary", "helm", "render_chart", "render_case"}
+    {
+        "find_binary",
+        "find_alertmanager",
+        "hadolint_binary",
+        "helm",
+        "render_chart",
+        "render_case",
+        "chromium",
+        "start_prometheus",
+    }
 )
 
 
