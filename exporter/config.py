@@ -43,7 +43,6 @@ TEAM_ID_ENV = "PRIME_TEAM_ID"
 PRIME_LOGIN_FILE = Path(".prime") / "config.json"
 
 _BUILD_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-_TEAM_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _DURATION = re.compile(
     r"(?:([0-9]+)y)?(?:([0-9]+)w)?(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m(?!s))?"
     r"(?:([0-9]+)s)?(?:([0-9]+)ms)?"
@@ -325,6 +324,13 @@ class WebSettings(_Strict):
         return value
 
 
+def _valid_team_id(value: str) -> str:
+    """A team ID: the characters of a build ID, 1 to 128 of them."""
+    if not _BUILD_ID.fullmatch(value):
+        raise ValueError(f"{quoted(value)} is not a team ID (letters, digits, '.', '_' or '-')")
+    return value
+
+
 class ImageDiscoverySettings(_Strict):
     """``discovery.images``: every image of the key's scope (a team's), no build IDs needed."""
 
@@ -338,9 +344,7 @@ class ImageDiscoverySettings(_Strict):
     @field_validator("team_id")
     @classmethod
     def _check_team_id(cls, value: str) -> str:
-        if value and not _TEAM_ID.fullmatch(value):
-            raise ValueError(f"{quoted(value)} is not a team ID (letters, digits, '.', '_' or '-')")
-        return value
+        return _valid_team_id(value) if value else value
 
 
 class DiscoverySettings(_Strict):
@@ -641,11 +645,10 @@ def _with_team_from_environment(
     team_id = environ.get(TEAM_ID_ENV, "").strip()
     if images.team_id or not team_id:
         return file
-    if not _TEAM_ID.fullmatch(team_id):
-        raise ConfigError(
-            f"{path}: {TEAM_ID_ENV}: {quoted(team_id)} is not a team ID "
-            "(letters, digits, '.', '_' or '-')"
-        )
+    try:
+        _valid_team_id(team_id)
+    except ValueError as error:
+        raise ConfigError(f"{path}: {TEAM_ID_ENV}: {error}") from None
     discovery = file.discovery.model_copy(
         update={"images": images.model_copy(update={"team_id": team_id})}
     )

@@ -52,9 +52,6 @@ class Histogram:
 class TelemetrySnapshot:
     """The exporter's own health, read once per scrape."""
 
-    # Every endpoint's requests together, by outcome.
-    requests: Mapping[Outcome, int]
-    request_durations: Histogram
     api_up: bool | None
     rate_limited_until: float
     # By source: "config" (the file, on SIGHUP or /-/reload) and "build_files".
@@ -71,6 +68,14 @@ class TelemetrySnapshot:
         default_factory=lambda: MappingProxyType({})
     )
 
+    @property
+    def requests(self) -> dict[Outcome, int]:
+        """Every endpoint's requests together, by outcome."""
+        return {
+            outcome: sum(counts[outcome] for counts in self.requests_by_endpoint.values())
+            for outcome in Outcome
+        }
+
 
 class Telemetry:
     """Counters about the exporter itself, updated on every request.
@@ -81,8 +86,6 @@ class Telemetry:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._clock = clock
-        self._requests = dict.fromkeys(Outcome, 0)
-        self._durations = Histogram.empty(REQUEST_DURATION_BUCKETS)
         self._requests_by_endpoint = {BUILD_STATUS_ENDPOINT: dict.fromkeys(Outcome, 0)}
         self._durations_by_endpoint = {
             BUILD_STATUS_ENDPOINT: Histogram.empty(REQUEST_DURATION_BUCKETS)
@@ -104,8 +107,6 @@ class Telemetry:
         self, outcome: Outcome, duration: float, endpoint: str = BUILD_STATUS_ENDPOINT
     ) -> None:
         with self._lock:
-            self._requests[outcome] += 1
-            self._durations = self._durations.observe(duration)
             by_outcome = self._requests_by_endpoint.setdefault(endpoint, dict.fromkeys(Outcome, 0))
             by_outcome[outcome] += 1
             histogram = self._durations_by_endpoint.get(endpoint) or Histogram.empty(
@@ -163,8 +164,6 @@ class Telemetry:
         with self._lock:
             if self._snapshot is None:
                 self._snapshot = TelemetrySnapshot(
-                    requests=MappingProxyType(dict(self._requests)),
-                    request_durations=self._durations,
                     api_up=self._api_up,
                     rate_limited_until=self._rate_limited_until,
                     config_reload_successful=MappingProxyType(dict(self._config_reload_successful)),
