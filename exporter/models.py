@@ -281,35 +281,18 @@ def _size_or_none(value: object) -> object:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=_ANSWER)
-class ImageRow:
-    """One artifact row of the image listing: an image name and tag, one artifact type."""
+class ImageRow(Artifact):
+    """One artifact row of the image listing: an artifact as a build's answer lists it, with
+    its image name and tag and what only the listing says."""
 
-    id: LabelText = Field(alias="id")
-    artifact_type: Annotated[SharedLabelText, BeforeValidator(_none_as_default_type)] = Field(
-        default=DEFAULT_ARTIFACT_TYPE, alias="artifactType"
-    )
     image_name: OptionalText = Field(default="", alias="imageName")
     image_tag: OptionalText = Field(default="", alias="imageTag")
-    status: Status = Field(default=UNKNOWN, alias="status")
-    full_image_path: LabelText | None = Field(default=None, alias="fullImagePath")
-    error_message: ErrorMessage = Field(default=None, alias="errorMessage")
     size_bytes: Annotated[int | None, BeforeValidator(_size_or_none)] = Field(
         default=None, alias="sizeBytes"
     )
     visibility: OptionalText = Field(default="", alias="visibility")
     owner_type: OptionalText = Field(default="", alias="ownerType")
-    created_at: Timestamp = Field(alias="createdAt")
-    started_at: Timestamp | None = Field(default=None, alias="startedAt")
-    completed_at: Timestamp | None = Field(default=None, alias="completedAt")
     pushed_at: Timestamp | None = Field(default=None, alias="pushedAt")
-
-    @property
-    def status_label(self) -> str:
-        return known_or_unknown(self.status, BUILD_STATUSES)
-
-    @property
-    def type_label(self) -> str:
-        return known_or_unknown(self.artifact_type, ARTIFACT_TYPES)
 
     @property
     def updated_at(self) -> float:

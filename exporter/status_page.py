@@ -275,17 +275,7 @@ def _image_row(row: ImageRow) -> str:
         ("Size", "wide", size),
         ("Error", "error", html.escape(row.error_message or "")),
     )
-    css = ' class="bad"' if failed else ""
-    return (
-        f'<tr{css} data-image="{html.escape(row.id)}">'
-        + "".join(
-            f'<td class="{kind}" data-label="{label}">{cell}</td>'
-            if kind
-            else f'<td data-label="{label}">{cell}</td>'
-            for label, kind, cell in cells
-        )
-        + "</tr>"
-    )
+    return _table_row("bad" if failed else "", f'data-image="{html.escape(row.id)}"', cells)
 
 
 def render_build_page(context: PageContext, build_id: str) -> str | None:
@@ -483,20 +473,27 @@ def _status_row(record: BuildRecord, problem: Problem, now: float) -> str:
             _last_poll(record, now),
             _error_cell_text(build),
         ]
-    css = f' class="{problem.css}"' if problem.css else ""
+    columns = [(label, kind, cell) for (label, kind), cell in zip(_COLUMNS, cells, strict=True)]
+    return _table_row(problem.css, f'data-build="{html.escape(record.build_id)}"', columns)
+
+
+def _table_row(css: str, data: str, cells: Iterable[tuple[str, str, str]]) -> str:
+    """One row of the builds or images table; each cell carries its column's label, which
+    heads it on a phone, where rows become cards."""
+    row_class = f' class="{css}"' if css else ""
     return (
-        f'<tr{css} data-build="{html.escape(record.build_id)}">'
+        f"<tr{row_class} {data}>"
         + "".join(
             f'<td class="{kind}" data-label="{label}">{cell}</td>'
             if kind
             else f'<td data-label="{label}">{cell}</td>'
-            for (label, kind), cell in zip(_COLUMNS, cells, strict=True)
+            for label, kind, cell in cells
         )
         + "</tr>"
     )
 
 
-# Each cell's column and class; the label heads it on a phone, where rows become cards.
+# Each cell's column and class in the builds table.
 _COLUMNS = (
     ("Build", ""),
     ("Image", ""),

@@ -311,6 +311,18 @@ def queries_without_data(prometheus: Prometheus, queries: list[tuple[str, str]])
     return missing
 
 
+def wait_for_every_dashboard_query_to_return_data(prometheus: Prometheus) -> None:
+    """Every dashboard query returns data: rates need a few scrapes after the last finish,
+    so this polls until they do, and fails naming the queries still without any."""
+    queries = dashboard_queries(prometheus)
+    assert len(queries) > 20
+    wait_for(
+        lambda: not queries_without_data(prometheus, queries),
+        "data for every dashboard query",
+        lambda: "no data from:\n" + "\n".join(queries_without_data(prometheus, queries)),
+    )
+
+
 def wait_for_finished_total(prometheus: Prometheus, count: int) -> None:
     """Wait until Prometheus has scraped ``count`` builds seen to finish."""
     # Counted once per pod even where a pod is scraped twice (through two Services).

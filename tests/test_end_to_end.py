@@ -27,14 +27,13 @@ from tests.prometheus import (
     FAILED_ERROR,
     RULES_FILE,
     Prometheus,
-    dashboard_queries,
     find_alertmanager,
     finish,
     plans,
-    queries_without_data,
     start_prometheus,
     start_service,
     wait_for,
+    wait_for_every_dashboard_query_to_return_data,
     wait_for_finished_total,
 )
 from tests.support import (
@@ -299,11 +298,4 @@ def test_build_held_in_building_for_hours_raises_the_stuck_alert(stack: Stack) -
 
 
 def test_every_dashboard_query_returns_data(stack: Stack) -> None:
-    queries = dashboard_queries(stack.prometheus)
-    assert len(queries) > 20
-    # Rates need a few scrapes after the last finish; poll until every panel has data.
-    wait_for(
-        lambda: not queries_without_data(stack.prometheus, queries),
-        "data for every dashboard query",
-        lambda: "no data from:\n" + "\n".join(queries_without_data(stack.prometheus, queries)),
-    )
+    wait_for_every_dashboard_query_to_return_data(stack.prometheus)

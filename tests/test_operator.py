@@ -38,10 +38,10 @@ from tests.prometheus import (
     dashboard_queries,
     finish,
     plans,
-    queries_without_data,
     start_prometheus,
     start_service,
     wait_for,
+    wait_for_every_dashboard_query_to_return_data,
     wait_for_finished_total,
 )
 from tests.support import CANARY_API_KEY, REPOSITORY, SCRIPT, environment, find_binary
@@ -340,13 +340,7 @@ def test_each_failing_build_alerts_exactly_once(cluster: Cluster) -> None:
 
 
 def test_every_dashboard_query_returns_data(cluster: Cluster) -> None:
-    queries = dashboard_queries(cluster.prometheus)
-    assert len(queries) > 20
-    wait_for(
-        lambda: not queries_without_data(cluster.prometheus, queries),
-        "data for every dashboard query",
-        lambda: "no data from:\n" + "\n".join(queries_without_data(cluster.prometheus, queries)),
-    )
+    wait_for_every_dashboard_query_to_return_data(cluster.prometheus)
 
 
 def results(prometheus: Prometheus, query: str, at: float) -> dict[frozenset[tuple[str, str]], str]:
