@@ -255,10 +255,13 @@ class Simulator:
         plans: Iterable[BuildPlan] = (),
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         team_id: str | None = None,
     ) -> None:
         self.api_key = api_key
+        # Answers are dated by ``clock``; each request is recorded at ``monotonic``.
         self._clock = clock
+        self._monotonic = monotonic
         self._lock = threading.Lock()
         self._plans = {plan.build_id: plan for plan in plans}
         self._overrides: dict[str, dict[str, Any]] = {}
@@ -463,7 +466,7 @@ class Simulator:
             else:
                 reply = self._reply_locked(build_id, path, authorization)
             self._requests.append(
-                RecordedRequest(time.monotonic(), build_id, reply.status, path, query)
+                RecordedRequest(self._monotonic(), build_id, reply.status, path, query)
             )
         return reply
 

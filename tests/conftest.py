@@ -1,6 +1,13 @@
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +17,52 @@ from exporter.logs import LogfmtFormatter
 from exporter.simulator import Simulator
 from tests.pki import Pki, make_pki
 from tests.support import CANARY_API_KEY, Daemon, RunningExporter
+
+# Real seconds a test's own threads and processes get to end after it, on a busy machine: they
+# were told to stop by the test's own teardown, so on a quiet one they are gone at once.
+LEAK_GRACE_SECONDS = 10.0
+
+
+def child_processes() -> set[int]:
+    """Process IDs of this process's living children (zombies included)."""
+    children: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            children.update(int(pid) for pid in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return children
+
+
+def _leftovers(
+    threads_before: set[threading.Thread], children_before: set[int]
+) -> tuple[list[threading.Thread], set[int]]:
+    deadline = time.monotonic() + LEAK_GRACE_SECONDS
+    while True:
+        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        children = child_processes() - children_before
+        if (not threads and not children) or time.monotonic() > deadline:
+            return threads, children
+        time.sleep(0.02)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    """Every test ends its own threads and processes, and closes its own files, sockets and
+    pipes: a leak fails the test that leaked, not a later one that happened to collect it."""
+    threads_before = set(threading.enumerate())
+    children_before = child_processes()
+    yield
+    # Cycles holding an unclosed socket or pipe are freed here, so their ResourceWarning is
+    # raised (as an error, by filterwarnings) in this test's teardown.
+    gc.collect()
+    threads, children = _leftovers(threads_before, children_before)
+    for pid in children:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert not threads, f"threads left running: {[thread.name for thread in threads]}"
+    assert not children, f"child processes left running: {sorted(children)}"
 
 
 @pytest.fixture(autouse=True)

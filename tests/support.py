@@ -46,7 +46,7 @@ EPOCH = 1767225600.0
 
 
 def wait_until(
-    condition: Callable[[], Any], *, timeout: float = 10.0, message: str = "condition"
+    condition: Callable[[], Any], *, timeout: float = 30.0, message: str = "condition"
 ) -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

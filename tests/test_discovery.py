@@ -4,7 +4,6 @@ listing's 429 pausing build polls too."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import subprocess
@@ -19,6 +18,7 @@ from prometheus_client.openmetrics.parser import (
 from exporter.models import Outcome, parse_image_page
 from exporter.simulator import ArtifactPlan, BuildPlan, Fault, Simulator
 from exporter.store import latest_rows
+from tests.clock import DrivenClock
 from tests.support import (
     CANARY_API_KEY,
     EPOCH,
@@ -45,7 +45,7 @@ def team_images(count: int) -> list[BuildPlan]:
 def discovering(
     simulator: Simulator,
     builds: list[str] | None = None,
-    clock: FastClock | None = None,
+    clock: DrivenClock | None = None,
     **options: Any,
 ) -> RunningExporter:
     config = make_config(
@@ -83,10 +83,19 @@ def listed(running: RunningExporter) -> float:
 def test_three_pages_of_images_are_listed_within_the_request_budget(
     stopping: list[RunningExporter],
 ) -> None:
-    with Simulator(CANARY_API_KEY, team_images(600), team_id=TEAM) as simulator:
-        running = discovering(simulator, requests_per_second=5)
+    clock = DrivenClock()
+    with Simulator(
+        CANARY_API_KEY, team_images(600), team_id=TEAM, monotonic=clock.monotonic
+    ) as simulator:
+        running = discovering(simulator, clock=clock, requests_per_second=5)
         stopping.append(running)
-        wait_until(lambda: listed(running), timeout=20, message="a complete listing")
+        # Five requests a second: each page, once answered, waits 0.2 s for the next slot, and
+        # no page is asked while the driven clock stands still.
+        for page in (1, 2):
+            clock.wait_for_sleep(0.2, message=f"the wait for a slot after page {page}")
+            assert len(simulator.listing_requests()) == page
+            clock.advance(0.2)
+        wait_until(lambda: listed(running), message="a complete listing")
         requests = simulator.listing_requests()
         assert [request.query.split("&")[0] for request in requests] == [
             "offset=0",
@@ -97,9 +106,8 @@ def test_three_pages_of_images_are_listed_within_the_request_budget(
             "limit=250" in request.query and "teamId=team-1" in request.query
             for request in requests
         )
-        gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(requests)]
-        # Five requests a second: a slot every 0.2 s, never two at once.
-        assert min(gaps) >= 0.19
+        started = requests[0].at
+        assert [round(request.at - started, 6) for request in requests] == [0.0, 0.2, 0.4]
         found = samples(running)
         completed = [
             key
