@@ -8,9 +8,9 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.runtime
 INSTALLED := $(VENV)/.installed
 # Parallel test workers: tests mostly wait on loopback I/O and outside tools, so more workers
-# than the two cores CI has pay; the tests of one module share a worker and its set-ups.
+# than the two cores CI has pay. Tests that share an expensive set-up carry one xdist_group.
 TEST_WORKERS ?= 4
-PYTEST := $(BIN)/pytest -n $(TEST_WORKERS) --dist loadscope
+PYTEST := $(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: demo test test-under-load unit lint format bench attacks soak screenshot clean
 

@@ -49,7 +49,7 @@ from exporter.simulator import ArtifactPlan, BuildPlan, Simulator, random_plans
 from exporter.state import StateFile, StateSync, open_state
 from exporter.store import BuildStore
 from exporter.telemetry import Telemetry
-from tests.support import FastClock, RunningExporter, build_families, make_config
+from tests.support import RunningExporter, build_families, make_config
 
 API_KEY = "pk-bench"
 TEAM = "bench-team"
@@ -57,6 +57,32 @@ TEAM = "bench-team"
 LISTED = "\nprimeintellect_exporter_image_list_last_success_timestamp_seconds "
 SCRIPT = Path(sys.executable).parent / "primeintellect-build-exporter"
 PROMETHEUS_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+
+
+class FastClock:
+    """A clock that runs ``speed`` times faster than the real one, waits included, so a
+    benchmark sees minutes of schedule in seconds; ``wall`` is the matching wall clock."""
+
+    def __init__(self, speed: float) -> None:
+        self.speed = speed
+        self._started = time.monotonic()
+        self._wall_started = time.time()
+
+    def elapsed(self) -> float:
+        return (time.monotonic() - self._started) * self.speed
+
+    def monotonic(self) -> float:
+        return self._started + self.elapsed()
+
+    def wall(self) -> float:
+        return self._wall_started + self.elapsed()
+
+    async def wait(self, event: asyncio.Event, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds / self.speed):
+                await event.wait()
+        except TimeoutError:
+            pass
 
 
 @dataclass

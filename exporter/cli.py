@@ -233,8 +233,10 @@ def _poll_once(exporter: Exporter) -> int:
     def interrupt(signal_number: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    # SIGTERM ends a one-shot run as Ctrl-C does: one line, no traceback.
-    signal.signal(signal.SIGTERM, interrupt)
+    # SIGTERM and Ctrl-C end a one-shot run alike, by one path: one line, no traceback. (Left
+    # to asyncio.run, SIGINT would cancel the main task instead, a second path to keep right.)
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, interrupt)
     try:
         succeeded, exposition = asyncio.run(exporter.poll_once())
     except KeyboardInterrupt:

@@ -372,7 +372,7 @@ class Poller:
         queue = self._next_queue(now)
         if queue is None:
             return TICK
-        if self._requests_in_flight >= self._settings.max_concurrency:
+        if self.requests_in_flight >= self._settings.max_concurrency:
             return TICK
         return max(
             queue[0][0] - now,
@@ -381,7 +381,8 @@ class Poller:
         )
 
     @property
-    def _requests_in_flight(self) -> int:
+    def requests_in_flight(self) -> int:
+        """Requests under way, build polls and listing pages: 0 when the poller is idle."""
         return len(self._in_flight) + self._listings_in_flight
 
     # -- the image listing's requests -------------------------------------------------------------
@@ -420,7 +421,7 @@ class Poller:
     def _next_listing_wait(self, now: float) -> float:
         while self._listing_waiters and self._listing_waiters[0].done():
             self._listing_waiters.popleft()
-        if not self._listing_waiters or self._requests_in_flight >= self._settings.max_concurrency:
+        if not self._listing_waiters or self.requests_in_flight >= self._settings.max_concurrency:
             return TICK
         return max(self._paused_until - now, self._bucket.delay(now))
 

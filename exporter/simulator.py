@@ -148,6 +148,8 @@ class Fault:
     drip_size: int = 1
     # Not None: only this many body bytes are sent, then the connection is closed.
     truncate_to: int | None = None
+    # Not None: the answer waits until it is set, for at most ``delay`` seconds.
+    release: threading.Event | None = None
 
     @classmethod
     def not_found(cls) -> Fault:
@@ -179,6 +181,12 @@ class Fault:
     def slow(cls, delay: float) -> Fault:
         """Answer correctly, but only after ``delay`` seconds."""
         return cls(status=200, body=b"", delay=delay)
+
+    @classmethod
+    def held(cls, release: threading.Event, *, at_most: float = 60.0) -> Fault:
+        """Answer correctly once ``release`` is set (after ``at_most`` seconds at the latest):
+        a request under way for as long as the caller needs, however busy the machine."""
+        return cls(status=200, body=b"", delay=at_most, release=release)
 
     @classmethod
     def drip(cls, interval: float = 0.1, *, size: int = 1, body: bytes = b"") -> Fault:
@@ -216,6 +224,7 @@ class Reply:
     drip_interval: float = 0.0
     drip_size: int = 1
     truncate_to: int | None = None
+    release: threading.Event | None = None
 
     @classmethod
     def delivered_as(
@@ -232,6 +241,7 @@ class Reply:
             drip_interval=fault.drip_interval,
             drip_size=fault.drip_size,
             truncate_to=fault.truncate_to,
+            release=fault.release,
         )
 
 
@@ -523,7 +533,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         target = urlsplit(self.path)
         reply = self.simulator.respond(target.path, self.headers.get("Authorization"), target.query)
-        if reply.delay:
+        if reply.release is not None:
+            reply.release.wait(reply.delay)
+        elif reply.delay:
             time.sleep(reply.delay)
         body = reply.body
         declared = len(body)

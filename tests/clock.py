@@ -11,12 +11,17 @@ from dataclasses import dataclass
 
 import pytest
 
+from exporter.app import Exporter
+from exporter.simulator import RecordedRequest, Simulator
 from tests.support import wait_until
 
 # Real seconds a test may wait for the exporter to reach a state that needs no time to pass
 # on the driven clock (an answer parsed, the next wait begun): a bound for a machine that is
 # very busy, never a measure of speed.
 SETTLE_TIMEOUT = 30.0
+# Shorter waits end at once: they are rounding errors of a sum of floats (a token bucket's
+# delay at the moment it refills), not time the exporter means to wait.
+MIN_WAIT = 1e-9
 
 
 @dataclass
@@ -58,7 +63,7 @@ class DrivenClock:
             return
         loop = asyncio.get_running_loop()
         with self._lock:
-            if seconds <= 0:
+            if seconds < MIN_WAIT:
                 return
             sleeper = _Sleeper(self._monotonic + seconds, loop, loop.create_future())
             self._sleepers.append(sleeper)
@@ -76,7 +81,11 @@ class DrivenClock:
         """Move both clocks on and wake every wait whose deadline has come."""
         assert seconds >= 0, "time never runs backwards"
         with self._lock:
-            self._monotonic += seconds
+            target = self._monotonic + seconds
+            # Land exactly on a deadline that ``deadlines()`` rounded: advancing by what it
+            # reports must end that wait, not stop a rounding error short of it.
+            near = [s.deadline for s in self._sleepers if target < s.deadline <= target + 1e-6]
+            self._monotonic = max([target, *near])
             due = [s for s in self._sleepers if s.deadline <= self._monotonic]
         for sleeper in due:
             if not sleeper.loop.is_closed():
@@ -87,34 +96,80 @@ class DrivenClock:
         with self._lock:
             return sorted(round(s.deadline - self._monotonic, 6) for s in self._sleepers)
 
-    def wait_for_sleep(self, seconds: float, *, message: str = "") -> None:
-        """Block until some wait on this clock ends exactly ``seconds`` from now: the exporter
-        has done all it can at this moment and waits for that much time to pass."""
-        wait_until(
-            lambda: round(seconds, 6) in self.deadlines(),
-            timeout=SETTLE_TIMEOUT,
-            message=message
-            or f"a wait of {seconds}s on the driven clock (now: {self.deadlines()})",
-        )
+    def wait_for_sleep(self, *seconds: float, only: bool = False, message: str = "") -> None:
+        """Block until waits on this clock end exactly ``seconds`` from now (with ``only``,
+        no other wait): the exporter has done all it can at this moment and waits for that
+        much time to pass. Fails after SETTLE_TIMEOUT real seconds, naming the waits found."""
+        wanted = sorted(round(wait, 6) for wait in seconds)
+
+        def found() -> bool:
+            waits = self.deadlines()
+            return waits == wanted if only else all(wait in waits for wait in wanted)
+
+        give_up = time.monotonic() + SETTLE_TIMEOUT
+        while not found():
+            if time.monotonic() > give_up:
+                pytest.fail(
+                    f"{message or 'the exporter'}: {wanted}s expected, "
+                    f"the exporter waits {self.deadlines()}"
+                )
+            time.sleep(0.002)
+
+    def settle(self, exporter: Exporter) -> None:
+        """Block until ``exporter`` has done all it can at this driven moment: its poller waits
+        on this clock for a time still to come, and no request is under way (each one it made
+        has been answered and recorded)."""
+        give_up = time.monotonic() + SETTLE_TIMEOUT
+        while not self._settled(exporter):
+            if time.monotonic() > give_up:
+                pytest.fail(
+                    f"the exporter did not settle: it waits {self.deadlines()}, "
+                    f"{exporter.poller.requests_in_flight} requests under way"
+                )
+            time.sleep(0.001)
+
+    def _settled(self, exporter: Exporter) -> bool:
+        # A wait the clock has just ended reads 0 until its loop has woken from it.
+        waits = self.deadlines()
+        return bool(waits) and waits[0] > 0 and exporter.poller.requests_in_flight == 0
 
     def run_until(
-        self, condition: Callable[[], object], *, step: float, limit: float, message: str
+        self,
+        exporter: Exporter,
+        condition: Callable[[], object],
+        *,
+        limit: float,
+        message: str,
+        step: float | None = None,
     ) -> float:
-        """Advance by ``step`` until ``condition()`` holds, giving the exporter a moment of real
-        time after each step; fail once ``limit`` driven seconds have passed without it.
-        Returns the driven seconds it took. For conditions that hold from some moment on, and
-        stay: the exporter may lag the driven clock on a busy machine."""
+        """Advance until ``condition()`` holds, by ``step`` or else to the end of the
+        exporter's next wait, letting the exporter settle after each; fail once ``limit``
+        driven seconds have passed without it. Returns the driven seconds it took."""
         started = self.elapsed()
+        self.settle(exporter)
         while not condition():
             if self.elapsed() - started >= limit:
                 pytest.fail(f"{message}: not within {limit}s of driven time")
-            self.advance(step)
-            settled = time.monotonic() + 0.05
-            while time.monotonic() < settled and not condition():
-                time.sleep(0.005)
+            self.advance(self.deadlines()[0] if step is None else step)
+            self.settle(exporter)
         return self.elapsed() - started
 
 
 def _wake(woken: asyncio.Future[object]) -> None:
     if not woken.done():
         woken.set_result(None)
+
+
+def requests_made(
+    simulator: Simulator, count: int, owned: Callable[[str], bool] = lambda _: True
+) -> list[RecordedRequest]:
+    """The simulator's requests (for the builds ``owned``) once ``count`` have arrived, while
+    the driven clock stands still: the exporter must have made no more by now."""
+
+    def made() -> list[RecordedRequest]:
+        return [request for request in simulator.requests() if owned(request.build_id)]
+
+    wait_until(lambda: len(made()) >= count, timeout=SETTLE_TIMEOUT, message=f"{count} requests")
+    requests = made()
+    assert len(requests) == count, [(request.build_id, request.at) for request in requests]
+    return requests

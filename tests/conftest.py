@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import concurrent.futures.thread
 import contextlib
 import gc
 import os
@@ -34,16 +35,56 @@ def child_processes() -> set[int]:
     return children
 
 
+def _serves_a_pool(thread: threading.Thread) -> bool:
+    """A worker of a thread pool or a request thread of a ThreadingHTTPServer: it belongs to
+    its pool or server, maybe one a whole module shares, and is checked with its owner."""
+    target = getattr(thread, "_target", None)
+    return target is concurrent.futures.thread._worker or thread.name.endswith(
+        "(process_request_thread)"
+    )
+
+
 def _leftovers(
-    threads_before: set[threading.Thread], children_before: set[int]
+    threads_before: set[threading.Thread],
+    children_before: set[int],
+    *,
+    pools_too: bool,
 ) -> tuple[list[threading.Thread], set[int]]:
     deadline = time.monotonic() + LEAK_GRACE_SECONDS
     while True:
-        threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+        threads = [
+            thread
+            for thread in threading.enumerate()
+            if thread not in threads_before
+            and thread.is_alive()
+            and (pools_too or not _serves_a_pool(thread))
+        ]
         children = child_processes() - children_before
         if (not threads and not children) or time.monotonic() > deadline:
             return threads, children
         time.sleep(0.02)
+
+
+def _assert_no_leftovers(
+    threads_before: set[threading.Thread], children_before: set[int], *, pools_too: bool
+) -> None:
+    threads, children = _leftovers(threads_before, children_before, pools_too=pools_too)
+    for pid in children:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert not threads, f"threads left running: {[thread.name for thread in threads]}"
+    assert not children, f"child processes left running: {sorted(children)}"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_leaks_from_the_module() -> Iterator[None]:
+    """What a module's shared set-ups start (an exporter's thread pools, a server's request
+    threads) ends with them."""
+    threads_before = set(threading.enumerate())
+    children_before = child_processes()
+    yield
+    _assert_no_leftovers(threads_before, children_before, pools_too=True)
 
 
 @pytest.fixture(autouse=True)
@@ -56,13 +97,7 @@ def _no_leaks() -> Iterator[None]:
     # Cycles holding an unclosed socket or pipe are freed here, so their ResourceWarning is
     # raised (as an error, by filterwarnings) in this test's teardown.
     gc.collect()
-    threads, children = _leftovers(threads_before, children_before)
-    for pid in children:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-    assert not threads, f"threads left running: {[thread.name for thread in threads]}"
-    assert not children, f"child processes left running: {sorted(children)}"
+    _assert_no_leftovers(threads_before, children_before, pools_too=False)
 
 
 @pytest.fixture(autouse=True)

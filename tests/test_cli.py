@@ -22,6 +22,7 @@ from tests.pki import Pki, tls_section
 from tests.support import (
     CANARY_API_KEY,
     SCRIPT,
+    SIGNAL_EXIT_BOUND,
     SIMULATOR_SCRIPT,
     Daemon,
     environment,
@@ -236,8 +237,9 @@ def test_once_does_not_sit_out_a_long_rate_limit_pause(
     result = run_script(
         "--config.file", str(config), "--once", env=environment(PRIME_API_KEY=CANARY_API_KEY)
     )
-    # Well inside the 60 s bound: a pause past it ends the run at once.
-    assert time.monotonic() - started < 30
+    # A pause past the 60 s deadline ends the run at once; real time is the point: the whole
+    # run takes about 1 s on a quiet machine, and ten times that bounds it on a busy one.
+    assert time.monotonic() - started < 10
     assert result.returncode == 1
     assert (
         'primeintellect_image_build_last_poll_error{build_id="b1",reason="rate_limited"} 1.0'
@@ -263,11 +265,15 @@ def test_a_signal_during_once_ends_it_with_one_line_and_no_traceback(
     )
     try:
         wait_until(lambda: simulator.requests("b1"), message="the slow request")
+        signalled = time.monotonic()
         process.send_signal(signal_number)
-        _, stderr = process.communicate(timeout=10)
+        # The request it cuts short would take 30 s: a hang, not slowness, fails the wait.
+        _, stderr = process.communicate(timeout=25)
+        took = time.monotonic() - signalled
     finally:
         process.kill()
         process.wait()
+    assert took < SIGNAL_EXIT_BOUND, f"exited {took:.2f}s after the signal"
     assert process.returncode == 130
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == (
@@ -278,7 +284,7 @@ def test_a_signal_during_once_ends_it_with_one_line_and_no_traceback(
 @pytest.mark.parametrize(
     "signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"]
 )
-def test_signals_stop_the_daemon_cleanly_within_five_seconds(
+def test_signals_stop_the_daemon_cleanly_and_promptly(
     tmp_path: Path, simulator: Simulator, daemons: list[Daemon], signal_number: int
 ) -> None:
     simulator.add(forever_building("b1"))
@@ -291,7 +297,7 @@ def test_signals_stop_the_daemon_cleanly_within_five_seconds(
     wait_until(lambda: httpx.get(url + "/-/ready").status_code == 200, message="readiness")
     returncode, seconds, stderr = daemon.stop(signal_number)
     assert returncode == 0, stderr
-    assert seconds < 5
+    assert seconds < SIGNAL_EXIT_BOUND, f"exited {seconds:.2f}s after the signal"
     assert "msg=stopped" in stderr
     assert CANARY_API_KEY not in stderr
 
@@ -319,18 +325,18 @@ def ready_daemon(config: Path, daemons: list[Daemon]) -> Daemon:
     return daemon
 
 
-def assert_sigterm_stops_it_within_five_seconds_while_reading(daemon: Daemon, fifo: Path) -> None:
+def assert_sigterm_stops_it_promptly_while_reading(daemon: Daemon, fifo: Path) -> None:
     writer = open_for_writing_once_read(fifo)
     try:
         returncode, seconds, stderr = daemon.stop(signal.SIGTERM)
     finally:
         os.close(writer)
     assert returncode == 0, stderr
-    assert seconds < 5
+    assert seconds < SIGNAL_EXIT_BOUND, f"exited {seconds:.2f}s after the signal"
     assert "msg=stopped" in stderr
 
 
-def test_sigterm_during_a_hung_build_file_read_exits_within_five_seconds(
+def test_sigterm_during_a_hung_build_file_read_exits_promptly(
     tmp_path: Path, simulator: Simulator, daemons: list[Daemon]
 ) -> None:
     simulator.add(forever_building("b1"))
@@ -350,10 +356,10 @@ def test_sigterm_during_a_hung_build_file_read_exits_within_five_seconds(
     )
     daemon = ready_daemon(config, daemons)
     os.mkfifo(builds / "stuck.txt")
-    assert_sigterm_stops_it_within_five_seconds_while_reading(daemon, builds / "stuck.txt")
+    assert_sigterm_stops_it_promptly_while_reading(daemon, builds / "stuck.txt")
 
 
-def test_sigterm_during_a_hung_config_read_exits_within_five_seconds(
+def test_sigterm_during_a_hung_config_read_exits_promptly(
     tmp_path: Path, simulator: Simulator, daemons: list[Daemon]
 ) -> None:
     simulator.add(forever_building("b1"))
@@ -366,7 +372,7 @@ def test_sigterm_during_a_hung_config_read_exits_within_five_seconds(
     os.mkfifo(fifo)
     fifo.replace(config)
     daemon.process.send_signal(signal.SIGHUP)
-    assert_sigterm_stops_it_within_five_seconds_while_reading(daemon, config)
+    assert_sigterm_stops_it_promptly_while_reading(daemon, config)
 
 
 def test_json_logs_are_one_object_per_line_without_the_key(

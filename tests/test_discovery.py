@@ -22,7 +22,6 @@ from tests.clock import DrivenClock
 from tests.support import (
     CANARY_API_KEY,
     EPOCH,
-    FastClock,
     RunningExporter,
     find_binary,
     forever_building,
@@ -33,6 +32,10 @@ from tests.support import (
 
 TEAM = "team-1"
 TWO_TYPES = (ArtifactPlan("CONTAINER_IMAGE"), ArtifactPlan("VM_SANDBOX"))
+# A request budget whose slot (0.25 s) is exact in binary, as are the driven times it makes:
+# a wait that ends a rounding error after a deadline would never be woken by the driven clock.
+SLOTS_PER_SECOND = 4
+SLOT = 1 / SLOTS_PER_SECOND
 
 
 def team_images(count: int) -> list[BuildPlan]:
@@ -166,12 +169,22 @@ def test_the_latest_row_of_an_image_wins_over_older_and_stale_building_rows(
 def test_a_listing_that_fails_on_page_two_keeps_the_last_complete_one_and_says_why(
     stopping: list[RunningExporter],
 ) -> None:
-    clock = FastClock(speed=60)
-    with Simulator(CANARY_API_KEY, team_images(300), team_id=TEAM) as simulator:
-        running = discovering(simulator, clock=clock)
+    clock = DrivenClock()
+    with Simulator(
+        CANARY_API_KEY,
+        team_images(300),
+        team_id=TEAM,
+        clock=clock.wall,
+        monotonic=clock.monotonic,
+    ) as simulator:
+        running = discovering(simulator, clock=clock, requests_per_second=SLOTS_PER_SECOND)
         stopping.append(running)
+        list_two_pages(clock, "the first listing")
         first = wait_until(lambda: listed(running), message="a complete listing")
         simulator.set_listing_fault(Fault.server_error(503), offset=250)
+        clock.wait_for_sleep(30, message="the wait for the second listing")
+        clock.advance(30)
+        list_two_pages(clock, "the listing that fails")
         wait_until(
             lambda: (
                 value(
@@ -181,6 +194,7 @@ def test_a_listing_that_fails_on_page_two_keeps_the_last_complete_one_and_says_w
             ),
             message="the failed listing reported",
         )
+        assert [r.status for r in simulator.listing_requests()] == [200, 200, 200, 503]
         inventory = running.exporter.inventory.snapshot()
         assert inventory.listed_at == first
         assert inventory.last_error is Outcome.SERVER_ERROR
@@ -190,38 +204,73 @@ def test_a_listing_that_fails_on_page_two_keeps_the_last_complete_one_and_says_w
             == first
         )
         simulator.set_listing_fault(None, offset=250)
+        clock.wait_for_sleep(30, message="the wait for the third listing")
+        clock.advance(30)
+        list_two_pages(clock, "the listing after the fault")
         wait_until(lambda: listed(running) > first, message="a complete listing again")
+        # Each listing began 30 s after the previous one ended, its second page a slot later.
+        assert round(listed(running) - first, 6) == 2 * (30 + SLOT)
         assert (
             value(running, "primeintellect_exporter_image_list_last_error", reason="server_error")
             is None
         )
 
 
+def list_two_pages(clock: DrivenClock, listing: str) -> None:
+    """Let a listing of two pages through: page two waits a slot, and no page is asked while
+    the driven clock stands still."""
+    clock.wait_for_sleep(SLOT, message=f"the wait for a slot for page two of {listing}")
+    clock.advance(SLOT)
+
+
 def test_a_429_on_the_listing_pauses_build_polls_too(stopping: list[RunningExporter]) -> None:
-    clock = FastClock(speed=20)
-    with Simulator(CANARY_API_KEY, team_id=TEAM) as simulator:
+    clock = DrivenClock()
+    with Simulator(
+        CANARY_API_KEY, team_id=TEAM, clock=clock.wall, monotonic=clock.monotonic
+    ) as simulator:
         simulator.add(forever_building("busy"))
         simulator.set_listing_fault(Fault.rate_limited("40", times=1))
-        running = discovering(simulator, ["busy"], clock=clock)
+        running = discovering(
+            simulator, ["busy"], clock=clock, requests_per_second=SLOTS_PER_SECOND
+        )
         stopping.append(running)
-        limited = wait_until(
+        # The build is polled first, then the listing waits for the next slot.
+        running.wait_until_all_polled()
+        clock.wait_for_sleep(SLOT, message="the listing's wait for a slot")
+        clock.advance(SLOT)
+        [limited] = wait_until(
             lambda: [r for r in simulator.listing_requests() if r.status == 429],
             message="the listing's 429",
-        )[0]
-        # 40 s of the fast clock: 2 s of real time, during which no build poll starts (one
-        # already on its way as the 429 came back may still arrive).
-        pause = 40 / clock.speed
-        wait_until(
-            lambda: [r for r in simulator.requests("busy") if r.at > limited.at + pause],
-            timeout=10,
-            message="build polls after the pause",
         )
-        during = [
-            r.at - limited.at
-            for r in simulator.requests("busy")
-            if limited.at + 0.05 < r.at < limited.at + pause * 0.95
+        wait_until(
+            lambda: running.exporter.telemetry.snapshot().requests[Outcome.RATE_LIMITED] == 1,
+            message="the 429 counted",
+        )
+
+        def polls_after_the_429() -> list[float]:
+            return [
+                round(r.at - limited.at, 6) for r in simulator.requests("busy") if r.at > limited.at
+            ]
+
+        # The build fell due a second after its poll, inside the pause: 40 s (Retry-After)
+        # pass a tick at a time without a request.
+        for second in range(40):
+            # A shorter wait would be for the next request's slot: polling during the pause.
+            clock.wait_for_sleep(1.0, message=f"the poller's 1 s tick {second} s into the pause")
+            assert polls_after_the_429() == [], f"polled {second} s into the 40 s pause"
+            clock.advance(1.0)
+        # Then polls resume at once, the build first, the listing in the next slot.
+        wait_until(polls_after_the_429, message="a build poll after the pause")
+        assert polls_after_the_429() == [40.0]
+        clock.wait_for_sleep(SLOT, message="the listing's wait for the slot after the poll")
+        clock.advance(SLOT)
+        wait_until(
+            lambda: len(simulator.listing_requests()) == 2, message="the listing after the pause"
+        )
+        assert [round(r.at - limited.at, 6) for r in simulator.listing_requests()] == [
+            0.0,
+            40 + SLOT,
         ]
-        assert during == []
         assert running.exporter.telemetry.snapshot().requests[Outcome.RATE_LIMITED] == 1
 
 

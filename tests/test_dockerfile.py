@@ -36,7 +36,7 @@ from tests.pki import PASSWORD, Pki, bcrypt_hash, client_context, tls_section
 from tests.support import REPOSITORY, wait_until
 
 # Each test here starts an outside tool (see the `tooling` marker in pyproject.toml).
-pytestmark = pytest.mark.tooling
+pytestmark = [pytest.mark.tooling, pytest.mark.xdist_group("dockerfile")]
 
 DOCKERFILE = REPOSITORY / "Dockerfile"
 DOCKERIGNORE = REPOSITORY / ".dockerignore"

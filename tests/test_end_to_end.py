@@ -45,7 +45,7 @@ from tests.support import (
 )
 
 # Each test here starts an outside tool (see the `tooling` marker in pyproject.toml).
-pytestmark = pytest.mark.tooling
+pytestmark = [pytest.mark.tooling, pytest.mark.xdist_group("end-to-end")]
 
 # The job name the README's scrape config uses, which the rules' job selector matches.
 JOB = "primeintellect-builds"

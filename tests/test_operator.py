@@ -216,7 +216,14 @@ def parse_time(text: str) -> float:
     return datetime.fromisoformat(PROMQL_TIME.sub(r"\1", text)).timestamp()
 
 
-@pytest.fixture(scope="module", params=sorted(INSTALLS))
+# Each install's cluster is set up once, on one worker: its tests share that worker's group.
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(install, marks=pytest.mark.xdist_group(f"operator-{install}"))
+        for install in sorted(INSTALLS)
+    ],
+)
 def cluster(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:

@@ -13,6 +13,7 @@ import pytest
 
 from exporter.config import Config, load_config
 from exporter.simulator import BuildPlan, Simulator
+from tests.clock import DrivenClock
 from tests.conftest import StartExporter
 from tests.support import (
     CANARY_API_KEY,
@@ -26,16 +27,25 @@ from tests.support import (
 )
 
 FINISHED = BuildPlan("finished", "app", "v0", EPOCH, 1, 1, 1)
+# A request budget whose slot (0.25 s) is exact in binary, as are the driven times it makes:
+# a wait that ends a rounding error after a deadline would never be woken by the driven clock.
+SLOTS_PER_SECOND = 4
+SLOT = 1 / SLOTS_PER_SECOND
 
 RELOADED = "primeintellect_exporter_config_last_reload_successful"
 
 
 def write_config(
-    path: Path, base_url: str, builds: list[str], extra: str = "", api_extra: str = ""
+    path: Path,
+    base_url: str,
+    builds: list[str],
+    extra: str = "",
+    api_extra: str = "",
+    requests_per_second: float = 100,
 ) -> Path:
     items = "".join(f"\n  - {build_id}" for build_id in builds) if builds else " []"
     path.write_text(
-        f"api:\n  base_url: {base_url}\n  requests_per_second: 100\n{api_extra}"
+        f"api:\n  base_url: {base_url}\n  requests_per_second: {requests_per_second}\n{api_extra}"
         f"polling:\n  interval: 1s\n  build_files_refresh_interval: 100ms\n"
         f"builds:{items}\nweb:\n  listen_address: 127.0.0.1:0\n{extra}"
     )
@@ -88,8 +98,15 @@ def test_an_invalid_reload_keeps_the_running_config_and_reports_it(
     tmp_path: Path, simulator_with_builds: Simulator, start_exporter: StartExporter
 ) -> None:
     simulator = simulator_with_builds
+    clock = DrivenClock()
     path = write_config(tmp_path / "config.yaml", simulator.base_url, ["a"])
-    running = start_exporter(loader(path)(), load_config=loader(path), enable_lifecycle=True)
+    running = start_exporter(
+        loader(path)(),
+        load_config=loader(path),
+        enable_lifecycle=True,
+        clock=clock,
+        wall_clock=clock.wall,
+    )
     running.wait_until_all_polled()
 
     write_config(path, simulator.base_url, ["a", "b"], extra="polling_interval: 5s\n")
@@ -99,8 +116,9 @@ def test_an_invalid_reload_keeps_the_running_config_and_reports_it(
     assert "polling_interval: unknown key" in response.text
     assert running.value(RELOADED, source="config") == 0
     assert tracked(running) == ["a"]
-    before = polls(simulator, "a")
-    wait_until(lambda: polls(simulator, "a") > before, message="polling to go on")
+    assert polls(simulator, "a") == 1
+    next_poll(clock, running, answered=2)
+    assert polls(simulator, "a") == 2
 
     write_config(path, simulator.base_url, ["a", "b"])
     assert reload_over_http(running).status_code == 200
@@ -111,13 +129,35 @@ def test_an_invalid_reload_keeps_the_running_config_and_reports_it(
 def test_reload_can_point_the_exporter_at_another_api(
     tmp_path: Path, simulator_with_builds: Simulator, start_exporter: StartExporter
 ) -> None:
+    clock = DrivenClock()
     path = write_config(tmp_path / "config.yaml", simulator_with_builds.base_url, ["a"])
-    running = start_exporter(loader(path)(), load_config=loader(path), enable_lifecycle=True)
+    running = start_exporter(
+        loader(path)(),
+        load_config=loader(path),
+        enable_lifecycle=True,
+        clock=clock,
+        wall_clock=clock.wall,
+    )
     running.wait_until_all_polled()
     with Simulator(CANARY_API_KEY, [forever_building("a")]) as other:
         write_config(path, other.base_url, ["a"])
         assert reload_over_http(running).status_code == 200
-        wait_until(lambda: polls(other, "a") >= 2, message="polls at the new API")
+        # The build keeps its schedule: every second, now at the new API.
+        for answered in (2, 3):
+            next_poll(clock, running, answered)
+        assert (polls(simulator_with_builds, "a"), polls(other, "a")) == (1, 2)
+
+
+def next_poll(clock: DrivenClock, running: RunningExporter, answered: int) -> None:
+    """Let the 1 s polling interval pass on the driven clock, until the exporter has had
+    ``answered`` answers in all."""
+    clock.wait_for_sleep(1.0, message="the wait for the next poll")
+    clock.advance(1.0)
+    # Read once the answer's time is taken: the next wait counts from there.
+    wait_until(
+        lambda: sum(running.exporter.telemetry.snapshot().requests.values()) == answered,
+        message=f"answer {answered}",
+    )
 
 
 BUILD_FILES = "build_files: [builds.txt]\n"
@@ -235,40 +275,62 @@ def test_sighup_reloads_the_config_file(
 
 
 def test_a_rejected_key_pauses_polling_and_a_fixed_key_file_recovers_without_restart(
-    tmp_path: Path,
-    simulator_with_builds: Simulator,
-    start_exporter: StartExporter,
-    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, start_exporter: StartExporter, caplog: pytest.LogCaptureFixture
 ) -> None:
-    simulator = simulator_with_builds
-    key_file = tmp_path / "api-key"
-    key_file.write_text("pk-revoked\n")
-    path = write_config(
-        tmp_path / "config.yaml",
-        simulator.base_url,
-        ["a", "b", "c"],
-        api_extra=f"  api_key_file: {key_file}\n",
-    )
-    running = start_exporter(load_config(path, {}))
-    running.wait_until_all_polled()
-    # Rejected, but not yet for a minute: api_up is unknown, the key-rejected reason is shown.
-    assert running.value("primeintellect_exporter_api_up") is None
-    assert (
-        running.value(
-            "primeintellect_image_build_last_poll_error", build_id="a", reason="unauthorized"
+    clock = DrivenClock()
+    plans = [forever_building(build_id) for build_id in ("a", "b", "c")]
+    with Simulator(CANARY_API_KEY, plans, clock=clock.wall, monotonic=clock.monotonic) as simulator:
+        key_file = tmp_path / "api-key"
+        key_file.write_text("pk-revoked\n")
+        path = write_config(
+            tmp_path / "config.yaml",
+            simulator.base_url,
+            ["a", "b", "c"],
+            api_extra=f"  api_key_file: {key_file}\n",
+            requests_per_second=SLOTS_PER_SECOND,
         )
-        == 1
-    )
-    requests_while_rejected = len(simulator.requests())
-    # The whole API is paused, not hammered: far fewer requests than builds times seconds.
-    assert requests_while_rejected <= 3
-
-    key_file.write_text(f"{CANARY_API_KEY}\n")
-    wait_until(
-        lambda: running.value("primeintellect_image_build_last_poll_success", build_id="c") == 1,
-        message="recovery with the new key",
-    )
-    assert running.value("primeintellect_exporter_api_up") == 1
+        running = start_exporter(load_config(path, {}), clock=clock, wall_clock=clock.wall)
+        # The first poll's 401 pauses the whole API before the next slot: the other builds
+        # wait with it, reported with its reason.
+        running.wait_until_all_polled()
+        # Rejected, but not yet for a minute: api_up is unknown, the key-rejected reason is shown.
+        assert running.value("primeintellect_exporter_api_up") is None
+        assert (
+            running.value(
+                "primeintellect_image_build_last_poll_error", build_id="a", reason="unauthorized"
+            )
+            == 1
+        )
+        # The whole API is paused, not hammered: no request in 20 s of the 30 s pause.
+        for second in range(21):
+            # A shorter wait would be for the next request's slot: polling during the pause.
+            clock.wait_for_sleep(1.0, message=f"the poller's 1 s tick {second} s into the pause")
+            assert [request.build_id for request in simulator.requests()] == ["a"], (
+                f"requests {second} s into the pause"
+            )
+            if second == 20:
+                # The next tick sees the new key, long before the pause would end: the builds
+                # not yet polled go first, one slot apart.
+                key_file.write_text(f"{CANARY_API_KEY}\n")
+            clock.advance(1.0)
+        wait_until(
+            lambda: len(simulator.requests()) == 2, message="the first poll with the new key"
+        )
+        clock.wait_for_sleep(SLOT, message="the wait for the second slot with the new key")
+        clock.advance(SLOT)
+        wait_until(
+            lambda: (
+                running.value("primeintellect_image_build_last_poll_success", build_id="c") == 1
+            ),
+            message="recovery with the new key",
+        )
+        started = simulator.requests()[0].at
+        assert [(r.build_id, r.status, r.at - started) for r in simulator.requests()] == [
+            ("a", 401, 0.0),
+            ("b", 200, 21.0),
+            ("c", 200, 21.0 + SLOT),
+        ]
+        assert running.value("primeintellect_exporter_api_up") == 1
     messages = [record.getMessage() for record in caplog.records]
     assert (
         messages.count(

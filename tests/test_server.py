@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import calendar
 import dataclasses
 import re
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -17,6 +19,7 @@ from exporter.server import Endpoints, MetricsServer
 from exporter.simulator import Fault, Simulator
 from exporter.status_page import PageQuery
 from exporter.store import BuildStore, Snapshot
+from tests.clock import SETTLE_TIMEOUT, DrivenClock
 from tests.conftest import StartExporter
 from tests.support import EPOCH, ServerThread, forever_building, make_config, wait_until
 
@@ -105,20 +108,39 @@ def test_query_strings_do_not_change_the_route(
     assert running.get("/metrics?debug=1").status_code == 200
 
 
+# The exporter's request timeout while an answer is held: longer than any hold.
+HELD_TIMEOUT = f"{2 * SETTLE_TIMEOUT:g}s"
+
+
+@contextmanager
+def answer_held(simulator: Simulator, build_id: str) -> Iterator[None]:
+    """The build's requests reach the simulator but are answered only when the block ends: it
+    stays unpolled for as long as the test needs, however busy the machine."""
+    released = threading.Event()
+    simulator.set_fault(build_id, Fault.held(released, at_most=SETTLE_TIMEOUT))
+    try:
+        yield
+    finally:
+        simulator.set_fault(build_id, None)
+        released.set()
+
+
 def test_ready_at_once_while_builds_wait_for_their_first_poll(
     simulator: Simulator, start_exporter: StartExporter
 ) -> None:
     simulator.add(forever_building("quick"))
     simulator.add(forever_building("sluggish"))
-    simulator.set_fault("sluggish", Fault.slow(delay=1.5))
-    running = start_exporter(make_config(simulator.base_url, ["quick", "sluggish"], timeout="5s"))
-    ready = running.get("/-/ready")
-    assert (ready.status_code, ready.text) == (200, "Ready\n")
-    wait_until(
-        lambda: running.value("primeintellect_exporter_builds", state="active") == 1,
-        message="the quick build polled",
-    )
-    assert running.value("primeintellect_exporter_builds", state="unpolled") == 1
+    with answer_held(simulator, "sluggish"):
+        running = start_exporter(
+            make_config(simulator.base_url, ["quick", "sluggish"], timeout=HELD_TIMEOUT)
+        )
+        ready = running.get("/-/ready")
+        assert (ready.status_code, ready.text) == (200, "Ready\n")
+        wait_until(
+            lambda: running.value("primeintellect_exporter_builds", state="active") == 1,
+            message="the quick build polled",
+        )
+        assert running.value("primeintellect_exporter_builds", state="unpolled") == 1
     running.wait_until_all_polled()
     assert running.value("primeintellect_exporter_builds", state="unpolled") == 0
 
@@ -150,12 +172,12 @@ def test_status_page_shows_unpolled_builds_and_this_replicas_request_budget(
     simulator: Simulator, start_exporter: StartExporter
 ) -> None:
     simulator.add(forever_building("slow"))
-    simulator.set_fault("slow", Fault.slow(delay=3))
     config = make_config(
-        simulator.base_url, ["slow"], requests_per_second=3, shard=(0, 2), timeout="5s"
+        simulator.base_url, ["slow"], requests_per_second=3, shard=(0, 2), timeout=HELD_TIMEOUT
     )
     assert config.owned_build_ids == ("slow",)
-    page = start_exporter(config).get("/")
+    with answer_held(simulator, "slow"):
+        page = start_exporter(config).get("/")
     assert page.status_code == 200
     assert "1 not yet polled" in page.text
     # The key's 3 requests per second, shared by two shards.
@@ -237,17 +259,20 @@ def test_status_page_says_the_key_is_rejected(
 def test_status_page_says_until_when_the_api_rate_limits(
     simulator: Simulator, start_exporter: StartExporter
 ) -> None:
+    clock = DrivenClock()
     simulator.add(forever_building("limited"))
     simulator.set_fault("limited", Fault.rate_limited("600"))
-    running = start_exporter(make_config(simulator.base_url, ["limited"]))
+    running = start_exporter(
+        make_config(simulator.base_url, ["limited"]), clock=clock, wall_clock=clock.wall
+    )
     page = wait_until(
         lambda: (text := running.get("/").text) and "rate-limited until" in text and text,
         message="the 429 pause on the status page",
     )
     until = re.search(r"rate-limited until (\S+ \S+Z)", page)
     assert until is not None
-    seconds = calendar.timegm(time.strptime(until.group(1), "%Y-%m-%d %H:%M:%SZ")) - time.time()
-    assert 590 < seconds <= 600
+    # Retry-After from the moment of the 429, on the exporter's wall clock, which stood still.
+    assert until.group(1) == time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(clock.wall() + 600))
 
 
 def require_ipv6_loopback(*, dual_stack: bool = False) -> None:

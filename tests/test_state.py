@@ -89,7 +89,6 @@ def test_restart_requests_no_finished_build_again_and_is_ready_at_once(
     try:
         wait_until(
             lambda: httpx.get(second.url + "/-/ready").status_code == 200,
-            timeout=5,
             message="ready",
         )
         ready_after = time.monotonic() - started
@@ -116,7 +115,8 @@ def test_restart_requests_no_finished_build_again_and_is_ready_at_once(
         second.stop()
     after = requests_by_build(simulator)
     assert {b for b in after if after[b] > before[b] and b.startswith("done-")} == set()
-    assert ready_after < 5
+    # Readiness after a restart is real time: 0.2 s on a quiet machine (measured), ten times that.
+    assert ready_after < 2
 
 
 def test_builds_not_polled_yet_are_reported_and_do_not_hold_readiness(

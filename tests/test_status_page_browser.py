@@ -27,7 +27,7 @@ from tests.support import (
 )
 
 # Each test here starts an outside tool (see the `tooling` marker in pyproject.toml).
-pytestmark = pytest.mark.tooling
+pytestmark = [pytest.mark.tooling, pytest.mark.xdist_group("browser")]
 
 HOSTILE_NAME = "<img src=x onerror=alert(1)>"
 HOSTILE_TAG = '"><script>alert(2)</script>'

@@ -8,14 +8,7 @@ import pytest
 
 from exporter.models import API_DOWN_OUTCOMES, Outcome
 from exporter.telemetry import API_DOWN_AFTER_SECONDS, Telemetry
-
-
-class DrivenClock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import DrivenClock
 
 
 @pytest.fixture
@@ -24,16 +17,17 @@ def clock() -> DrivenClock:
 
 
 def answer(telemetry: Telemetry, clock: DrivenClock, outcome: Outcome, at: float) -> None:
-    clock.now = 1_000.0 + at
+    """Advance the clock to ``at`` seconds after its start, then record one answer."""
+    clock.advance(at - clock.elapsed())
     telemetry.observe_request(outcome, 0.01)
 
 
 def test_api_up_is_absent_before_any_request(clock: DrivenClock) -> None:
-    assert Telemetry(clock).snapshot().api_up is None
+    assert Telemetry(clock.monotonic).snapshot().api_up is None
 
 
 def test_one_failing_build_among_good_ones_never_turns_api_up_off(clock: DrivenClock) -> None:
-    telemetry = Telemetry(clock)
+    telemetry = Telemetry(clock.monotonic)
     outcomes = itertools.cycle([Outcome.OK, Outcome.OK, Outcome.SERVER_ERROR])
     seen = set()
     for second in range(0, 900, 1):
@@ -46,7 +40,7 @@ def test_one_failing_build_among_good_ones_never_turns_api_up_off(clock: DrivenC
 def test_api_up_reads_zero_once_unusable_answers_have_come_for_a_minute(
     clock: DrivenClock, outcome: Outcome
 ) -> None:
-    telemetry = Telemetry(clock)
+    telemetry = Telemetry(clock.monotonic)
     answer(telemetry, clock, Outcome.OK, at=0)
     for second in range(1, int(API_DOWN_AFTER_SECONDS) + 1, 5):
         answer(telemetry, clock, outcome, at=second)
@@ -57,7 +51,7 @@ def test_api_up_reads_zero_once_unusable_answers_have_come_for_a_minute(
 
 
 def test_api_up_is_one_again_at_the_next_usable_answer(clock: DrivenClock) -> None:
-    telemetry = Telemetry(clock)
+    telemetry = Telemetry(clock.monotonic)
     answer(telemetry, clock, Outcome.TIMEOUT, at=0)
     answer(telemetry, clock, Outcome.TIMEOUT, at=120)
     assert telemetry.snapshot().api_up is False
@@ -72,7 +66,7 @@ def test_api_up_is_one_again_at_the_next_usable_answer(clock: DrivenClock) -> No
 def test_an_api_that_never_answered_usably_is_unknown_for_a_minute_then_down(
     clock: DrivenClock,
 ) -> None:
-    telemetry = Telemetry(clock)
+    telemetry = Telemetry(clock.monotonic)
     answer(telemetry, clock, Outcome.CONNECTION_ERROR, at=0)
     answer(telemetry, clock, Outcome.CONNECTION_ERROR, at=30)
     assert telemetry.snapshot().api_up is None
@@ -87,7 +81,7 @@ def test_an_api_that_never_answered_usably_is_unknown_for_a_minute_then_down(
 def test_answers_about_one_build_or_the_budget_count_as_usable(
     clock: DrivenClock, outcome: Outcome
 ) -> None:
-    telemetry = Telemetry(clock)
+    telemetry = Telemetry(clock.monotonic)
     answer(telemetry, clock, Outcome.SERVER_ERROR, at=0)
     answer(telemetry, clock, outcome, at=59)
     answer(telemetry, clock, Outcome.SERVER_ERROR, at=100)

@@ -24,7 +24,7 @@ from tests.pki import bcrypt_hash, write_certificate_files
 from tests.support import find_binary
 
 # Each test here starts an outside tool (see the `tooling` marker in pyproject.toml).
-pytestmark = pytest.mark.tooling
+pytestmark = [pytest.mark.tooling, pytest.mark.xdist_group("web-config-compatibility")]
 
 
 @dataclass(frozen=True)
