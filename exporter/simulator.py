@@ -282,6 +282,7 @@ class Simulator:
         self._requests: list[RecordedRequest] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     # -- control -------------------------------------------------------------------------------
 
@@ -328,6 +329,7 @@ class Simulator:
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Start serving in a background thread; returns the base URL."""
+        self._stopping.clear()
         handler = type("Handler", (_Handler,), {"simulator": self})
         self._server = _Server((host, port), handler)
         self._thread = threading.Thread(
@@ -346,6 +348,8 @@ class Simulator:
         return f"http://{host!s}:{port}"
 
     def stop(self) -> None:
+        """Stop serving; answers held back by a fault (slow, drip, held) end at once."""
+        self._stopping.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -458,6 +462,17 @@ class Simulator:
         plan = self._plans.get(build_id)
         return plan.payload(self._clock()) if plan else None
 
+    def pause(self, seconds: float, release: threading.Event | None = None) -> bool:
+        """Wait ``seconds``, or until ``release`` is set; False if the simulator stopped
+        meanwhile (the answer is then not sent)."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            if release is not None and release.is_set():
+                break
+            if self._stopping.wait(min(remaining, 0.05)):
+                return False
+        return not self._stopping.is_set()
+
     def answer(
         self, path: str, authorization: str | None
     ) -> tuple[int, dict[str, str], bytes, float]:
@@ -533,10 +548,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         target = urlsplit(self.path)
         reply = self.simulator.respond(target.path, self.headers.get("Authorization"), target.query)
-        if reply.release is not None:
-            reply.release.wait(reply.delay)
-        elif reply.delay:
-            time.sleep(reply.delay)
+        if reply.delay and not self.simulator.pause(reply.delay, reply.release):
+            self.close_connection = True
+            return
         body = reply.body
         declared = len(body)
         if reply.truncate_to is not None:
@@ -557,8 +571,9 @@ class _Handler(BaseHTTPRequestHandler):
         # Past the write buffer, so that a client hanging up fails one send, not the final flush.
         self.wfile.flush()
         for start in range(0, len(body), size):
-            if start:
-                time.sleep(interval)
+            if start and not self.simulator.pause(interval):
+                self.close_connection = True
+                return
             try:
                 self.connection.sendall(body[start : start + size])
             except OSError:

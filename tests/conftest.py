@@ -20,8 +20,9 @@ from tests.pki import Pki, make_pki
 from tests.support import CANARY_API_KEY, Daemon, RunningExporter
 
 # Real seconds a test's own threads and processes get to end after it, on a busy machine: they
-# were told to stop by the test's own teardown, so on a quiet one they are gone at once.
-LEAK_GRACE_SECONDS = 10.0
+# were told to stop by the test's own teardown, so on a quiet one they are gone at once. (The
+# test of this check sets it shorter.)
+LEAK_GRACE_SECONDS = float(os.environ.get("LEAK_GRACE_SECONDS", "10"))
 
 
 def child_processes() -> set[int]:
@@ -44,60 +45,83 @@ def _serves_a_pool(thread: threading.Thread) -> bool:
     )
 
 
-def _leftovers(
-    threads_before: set[threading.Thread],
-    children_before: set[int],
-    *,
-    pools_too: bool,
-) -> tuple[list[threading.Thread], set[int]]:
-    deadline = time.monotonic() + LEAK_GRACE_SECONDS
-    while True:
-        threads = [
-            thread
-            for thread in threading.enumerate()
-            if thread not in threads_before
-            and thread.is_alive()
-            and (pools_too or not _serves_a_pool(thread))
-        ]
-        children = child_processes() - children_before
-        if (not threads and not children) or time.monotonic() > deadline:
-            return threads, children
-        time.sleep(0.02)
+class LeakCheck:
+    """Threads and processes a test or a module left running, each reported once."""
+
+    def __init__(self) -> None:
+        self.reported: set[threading.Thread] = set()
+
+    def assert_none_left(
+        self, threads_before: set[threading.Thread], children_before: set[int], *, pools: bool
+    ) -> None:
+        """Fail on the threads (with ``pools``, also pool workers and request threads) and
+        processes started since, once the grace is over; the processes are killed."""
+        threads, children = self._leftovers(threads_before | self.reported, children_before, pools)
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        self.reported.update(threads)
+        assert not threads, f"threads left running: {[thread.name for thread in threads]}"
+        assert not children, f"child processes left running: {sorted(children)}"
+
+    @staticmethod
+    def _leftovers(
+        threads_before: set[threading.Thread], children_before: set[int], pools: bool
+    ) -> tuple[list[threading.Thread], set[int]]:
+        deadline = time.monotonic() + LEAK_GRACE_SECONDS
+        while True:
+            threads = [
+                thread
+                for thread in threading.enumerate()
+                if thread not in threads_before
+                and thread.is_alive()
+                and (pools or not _serves_a_pool(thread))
+            ]
+            children = child_processes() - children_before
+            if (not threads and not children) or time.monotonic() > deadline:
+                return threads, children
+            time.sleep(0.02)
 
 
-def _assert_no_leftovers(
-    threads_before: set[threading.Thread], children_before: set[int], *, pools_too: bool
-) -> None:
-    threads, children = _leftovers(threads_before, children_before, pools_too=pools_too)
-    for pid in children:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-    assert not threads, f"threads left running: {[thread.name for thread in threads]}"
-    assert not children, f"child processes left running: {sorted(children)}"
+def collect_garbage(*, everything: bool = False) -> None:
+    """Free unreachable objects, so an unclosed socket or pipe among them raises its
+    ResourceWarning (an error, by filterwarnings) now; then set the survivors aside, so the
+    next collection scans only what was made since. ``everything``: the survivors set aside
+    before too, which later tests and teardowns may have let go."""
+    if everything:
+        gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _leak_check() -> Iterator[LeakCheck]:
+    collect_garbage()
+    yield LeakCheck()
+    gc.unfreeze()
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _no_leaks_from_the_module() -> Iterator[None]:
+def _no_leaks_from_the_module(_leak_check: LeakCheck) -> Iterator[None]:
     """What a module's shared set-ups start (an exporter's thread pools, a server's request
-    threads) ends with them."""
+    threads) ends with them, and what they open is closed."""
     threads_before = set(threading.enumerate())
     children_before = child_processes()
     yield
-    _assert_no_leftovers(threads_before, children_before, pools_too=True)
+    collect_garbage(everything=True)
+    _leak_check.assert_none_left(threads_before, children_before, pools=True)
 
 
 @pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
+def _no_leaks(_leak_check: LeakCheck) -> Iterator[None]:
     """Every test ends its own threads and processes, and closes its own files, sockets and
     pipes: a leak fails the test that leaked, not a later one that happened to collect it."""
     threads_before = set(threading.enumerate())
     children_before = child_processes()
     yield
-    # Cycles holding an unclosed socket or pipe are freed here, so their ResourceWarning is
-    # raised (as an error, by filterwarnings) in this test's teardown.
-    gc.collect()
-    _assert_no_leftovers(threads_before, children_before, pools_too=False)
+    collect_garbage()
+    _leak_check.assert_none_left(threads_before, children_before, pools=False)
 
 
 @pytest.fixture(autouse=True)

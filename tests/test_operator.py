@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
@@ -216,14 +216,15 @@ def parse_time(text: str) -> float:
     return datetime.fromisoformat(PROMQL_TIME.sub(r"\1", text)).timestamp()
 
 
-# Each install's cluster is set up once, on one worker: its tests share that worker's group.
-@pytest.fixture(
-    scope="module",
-    params=[
+def installs(names: Iterable[str]) -> list[Any]:
+    """Each install's cluster is set up once, on one worker: its tests share a worker group."""
+    return [
         pytest.param(install, marks=pytest.mark.xdist_group(f"operator-{install}"))
-        for install in sorted(INSTALLS)
-    ],
-)
+        for install in sorted(names)
+    ]
+
+
+@pytest.fixture(scope="module", params=installs(INSTALLS))
 def cluster(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
@@ -357,7 +358,7 @@ def results(prometheus: Prometheus, query: str, at: float) -> dict[frozenset[tup
     }
 
 
-@pytest.mark.parametrize("cluster", sorted(SCRAPED_TWICE), indirect=True)
+@pytest.mark.parametrize("cluster", installs(SCRAPED_TWICE), indirect=True)
 def test_a_pod_scraped_twice_is_counted_once_by_every_dashboard_query(cluster: Cluster) -> None:
     queries = dashboard_queries(cluster.prometheus)
     # Every selector starts with the job matcher; through one Service only, the same query
