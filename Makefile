@@ -37,7 +37,7 @@ test: lint
 # The whole suite while two busy processes hold both cores, three times in a row: the tests
 # must not depend on how fast or how busy the machine is.
 test-under-load: $(INSTALLED)
-	$(BIN)/python tests/under_load.py --runs 3 -- $(PYTEST)
+	$(BIN)/python -m tests.under_load --runs 3 -- $(PYTEST)
 
 # The tests that start no outside tool (Prometheus, promtool, Alertmanager, hadolint, Helm).
 unit: $(INSTALLED)

@@ -1,6 +1,6 @@
 """Run a command (the test suite) while busy processes hold every core, several times in a row.
 
-    python tests/under_load.py --runs 3 -- .venv/bin/pytest -n 4
+    python -m tests.under_load --runs 3 -- .venv/bin/pytest -n 4
 
 Each busy process spins at full speed in a loop of its own, so the command competes for every
 core as on a CI machine that builds something else meanwhile. Exits with the first failing
