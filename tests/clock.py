@@ -106,27 +106,25 @@ class DrivenClock:
             waits = self.deadlines()
             return waits == wanted if only else all(wait in waits for wait in wanted)
 
-        give_up = time.monotonic() + SETTLE_TIMEOUT
-        while not found():
-            if time.monotonic() > give_up:
-                pytest.fail(
-                    f"{message or 'the exporter'}: {wanted}s expected, "
-                    f"the exporter waits {self.deadlines()}"
-                )
-            time.sleep(0.002)
+        _block_until(
+            found,
+            lambda: (
+                f"{message or 'the exporter'}: {wanted}s expected, "
+                f"the exporter waits {self.deadlines()}"
+            ),
+        )
 
     def settle(self, exporter: Exporter) -> None:
         """Block until ``exporter`` has done all it can at this driven moment: its poller waits
         on this clock for a time still to come, and no request is under way (each one it made
         has been answered and recorded)."""
-        give_up = time.monotonic() + SETTLE_TIMEOUT
-        while not self._settled(exporter):
-            if time.monotonic() > give_up:
-                pytest.fail(
-                    f"the exporter did not settle: it waits {self.deadlines()}, "
-                    f"{exporter.poller.requests_in_flight} requests under way"
-                )
-            time.sleep(0.001)
+        _block_until(
+            lambda: self._settled(exporter),
+            lambda: (
+                f"the exporter did not settle: it waits {self.deadlines()}, "
+                f"{exporter.poller.requests_in_flight} requests under way"
+            ),
+        )
 
     def _settled(self, exporter: Exporter) -> bool:
         # A wait the clock has just ended reads 0 until its loop has woken from it.
@@ -153,6 +151,16 @@ class DrivenClock:
             self.advance(self.deadlines()[0] if step is None else step)
             self.settle(exporter)
         return self.elapsed() - started
+
+
+def _block_until(condition: Callable[[], bool], failure: Callable[[], str]) -> None:
+    """Poll ``condition`` until it holds; fail with ``failure()`` after SETTLE_TIMEOUT real
+    seconds (a bound for a very busy machine, never a measure of speed)."""
+    give_up = time.monotonic() + SETTLE_TIMEOUT
+    while not condition():
+        if time.monotonic() > give_up:
+            pytest.fail(failure())
+        time.sleep(0.001)
 
 
 def _wake(woken: asyncio.Future[object]) -> None:
