@@ -13,7 +13,6 @@ import pytest
 
 from exporter.app import Exporter
 from exporter.simulator import RecordedRequest, Simulator
-from tests.support import wait_until
 
 # Real seconds a test may wait for the exporter to reach a state that needs no time to pass
 # on the driven clock (an answer parsed, the next wait begun): a bound for a machine that is
@@ -177,7 +176,7 @@ def requests_made(
     def made() -> list[RecordedRequest]:
         return [request for request in simulator.requests() if owned(request.build_id)]
 
-    wait_until(lambda: len(made()) >= count, timeout=SETTLE_TIMEOUT, message=f"{count} requests")
+    _block_until(lambda: len(made()) >= count, lambda: f"{count} requests expected: {made()}")
     requests = made()
     assert len(requests) == count, [(request.build_id, request.at) for request in requests]
     return requests

@@ -36,6 +36,7 @@ from exporter.poller import Clock
 from exporter.server import MetricsServer
 from exporter.simulator import ArtifactPlan, BuildPlan, Simulator
 from exporter.store import Snapshot
+from tests.clock import DrivenClock
 
 SCRIPT = str(Path(sys.executable).parent / "primeintellect-build-exporter")
 SIMULATOR_SCRIPT = str(Path(sys.executable).parent / "primeintellect-build-simulator")
@@ -124,7 +125,7 @@ class RunningExporter:
         self,
         config: Config,
         *,
-        wall_clock: Callable[[], float] = time.time,
+        wall_clock: Callable[[], float] | None = None,
         web_config_file: Path | None = None,
         load_config: Callable[[], Config] | None = None,
         enable_lifecycle: bool = False,
@@ -134,7 +135,8 @@ class RunningExporter:
         self._limits = limits
         self.exporter = Exporter(
             config,
-            wall_clock=wall_clock,
+            # A driven clock brings its own wall time, which moves with it.
+            wall_clock=wall_clock or (clock.wall if isinstance(clock, DrivenClock) else time.time),
             load_config=load_config,
             enable_lifecycle=enable_lifecycle,
             clock=clock,

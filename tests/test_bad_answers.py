@@ -669,7 +669,7 @@ def start_driven(
         requests_per_second=SLOTS_PER_SECOND,
         **options,
     )
-    return start_exporter(config, clock=clock, wall_clock=clock.wall)
+    return start_exporter(config, clock=clock)
 
 
 def wake_next(running: RunningExporter, clock: DrivenClock) -> None:

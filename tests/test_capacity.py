@@ -71,7 +71,7 @@ def test_an_unchanged_build_is_polled_less_often_and_at_interval_again_after_a_c
         CANARY_API_KEY, [plan], clock=clock.wall, monotonic=clock.monotonic
     ) as simulator:
         config = make_config(simulator.base_url, ["steady"], interval="1s", max_interval="4s")
-        exporter = RunningExporter(config, clock=clock, wall_clock=clock.wall).start()
+        exporter = RunningExporter(config, clock=clock).start()
         try:
             first = requests_made(simulator, 1)[0]
             clock.settle(exporter.exporter)
@@ -107,7 +107,7 @@ def test_demand_and_lag_rise_when_builds_outgrow_the_budget(
         config = make_config(
             simulator.base_url, simulator.build_ids, interval="10s", requests_per_second=1
         )
-        exporter = RunningExporter(config, clock=clock, wall_clock=clock.wall).start()
+        exporter = RunningExporter(config, clock=clock).start()
         try:
             # 200 builds every 10s need 20 requests/s; the budget is 1: one request a second,
             # and the builds not polled yet wait longer and longer.
@@ -132,7 +132,7 @@ def test_demand_below_one_and_no_lag_while_the_budget_suffices() -> None:
         config = make_config(
             simulator.base_url, simulator.build_ids[:5], interval="10s", requests_per_second=8
         )
-        exporter = RunningExporter(config, clock=clock, wall_clock=clock.wall).start()
+        exporter = RunningExporter(config, clock=clock).start()
         try:
             # Five builds every 10s need half a request a second, of a budget of 8: each first
             # poll waits only for its slot, an eighth of a second.
@@ -171,8 +171,7 @@ def test_two_shards_spend_half_of_the_key_budget_each() -> None:
     shards = [ShardSettings(index=index, count=2) for index in range(2)]
     with busy_simulator(clock) as simulator:
         exporters = [
-            RunningExporter(shard_config(simulator, i), clock=clock, wall_clock=clock.wall).start()
-            for i in range(2)
+            RunningExporter(shard_config(simulator, i), clock=clock).start() for i in range(2)
         ]
         try:
             # Each replica has far more builds due than its budget allows, all the time: ten
@@ -204,7 +203,6 @@ def test_a_new_build_is_polled_ahead_of_a_backlog() -> None:
             load_config=lambda: current["config"],
             enable_lifecycle=True,
             clock=clock,
-            wall_clock=clock.wall,
         ).start()
         try:
             # Every build polled once, a slot apart.

@@ -59,7 +59,7 @@ def discovering(
     )
     if clock is None:
         return RunningExporter(config).start()
-    return RunningExporter(config, clock=clock, wall_clock=clock.wall).start()
+    return RunningExporter(config, clock=clock).start()
 
 
 @pytest.fixture

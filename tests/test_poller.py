@@ -142,7 +142,6 @@ def test_finished_build_is_not_polled_again(
     running = start_exporter(
         make_config(simulator.base_url, ["finishing", "clock", "done"]),
         clock=clock,
-        wall_clock=clock.wall,
     )
     clock.run_until(
         running.exporter,
@@ -177,7 +176,6 @@ def test_first_polls_start_at_once_spread_over_the_rate_limit(
     start_exporter(
         make_config(simulator.base_url, build_ids, requests_per_second=4, interval="1m"),
         clock=clock,
-        wall_clock=clock.wall,
     )
     # Four requests a second: after each poll the exporter waits a quarter of a second for the
     # next slot, and makes no request while the driven clock stands still.
@@ -201,7 +199,6 @@ def test_rate_limit_with_retry_after_pauses_every_request_for_that_long(
     running = start_exporter(
         make_config(simulator.base_url, build_ids, max_concurrency=1, requests_per_second=4),
         clock=clock,
-        wall_clock=clock.wall,
     )
     # The first polls a quarter of a second apart; then the first build is due again at 1 s.
     for sent in (1, 2):
@@ -258,7 +255,6 @@ def test_one_build_failing_or_timing_out_leaves_the_others_fresh(
     running = start_exporter(
         make_config(simulator.base_url, ["broken", "slow", "healthy"], timeout="500ms"),
         clock=clock,
-        wall_clock=clock.wall,
     )
     clock.run_until(
         running.exporter,
@@ -314,7 +310,6 @@ def test_unknown_build_reports_not_found_and_the_daemon_keeps_running(
     running = start_exporter(
         make_config(simulator.base_url, ["known", "no-such-build"]),
         clock=clock,
-        wall_clock=clock.wall,
     )
     clock.run_until(
         running.exporter,
@@ -359,7 +354,6 @@ def test_values_of_a_build_without_a_good_poll_go_stale_and_are_dropped(
     running = start_exporter(
         make_config(simulator.base_url, ["fading"], stale_after="2s", interval="1s"),
         clock=clock,
-        wall_clock=clock.wall,
     )
     running.wait_until_all_polled()
     assert (
@@ -399,7 +393,6 @@ def test_rejected_api_key_turns_api_up_off_after_a_minute_of_rejections(
     running = start_exporter(
         make_config(simulator.base_url, ["secret"], api_key="wrong-key"),
         clock=clock,
-        wall_clock=clock.wall,
     )
     running.wait_until_all_polled()
     assert (
@@ -449,7 +442,7 @@ def test_running_exporter_shows_a_build_moving_through_its_lifecycle(
     # A second in each status, polled once a second, each poll half-way through a status.
     simulator.add(BuildPlan("moving", "app", "v1", clock.wall() - 0.5, 1, 1, 1))
     running: RunningExporter = start_exporter(
-        make_config(simulator.base_url, ["moving"]), clock=clock, wall_clock=clock.wall
+        make_config(simulator.base_url, ["moving"]), clock=clock
     )
 
     def current_status() -> str | None:
@@ -498,7 +491,6 @@ def test_an_exception_in_one_poll_never_stops_polling() -> None:
         store,
         Telemetry(clock.monotonic),
         PollSettings(interval=1, stale_after=60, requests_per_second=100, max_concurrency=2),
-        wall_clock=clock.wall,
         clock=clock,
         jitter=lambda: 0.0,
     )

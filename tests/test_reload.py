@@ -105,7 +105,6 @@ def test_an_invalid_reload_keeps_the_running_config_and_reports_it(
         load_config=loader(path),
         enable_lifecycle=True,
         clock=clock,
-        wall_clock=clock.wall,
     )
     running.wait_until_all_polled()
 
@@ -136,7 +135,6 @@ def test_reload_can_point_the_exporter_at_another_api(
         load_config=loader(path),
         enable_lifecycle=True,
         clock=clock,
-        wall_clock=clock.wall,
     )
     running.wait_until_all_polled()
     with Simulator(CANARY_API_KEY, [forever_building("a")]) as other:
@@ -289,7 +287,7 @@ def test_a_rejected_key_pauses_polling_and_a_fixed_key_file_recovers_without_res
             api_extra=f"  api_key_file: {key_file}\n",
             requests_per_second=SLOTS_PER_SECOND,
         )
-        running = start_exporter(load_config(path, {}), clock=clock, wall_clock=clock.wall)
+        running = start_exporter(load_config(path, {}), clock=clock)
         # The first poll's 401 pauses the whole API before the next slot: the other builds
         # wait with it, reported with its reason.
         running.wait_until_all_polled()

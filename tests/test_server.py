@@ -262,9 +262,7 @@ def test_status_page_says_until_when_the_api_rate_limits(
     clock = DrivenClock()
     simulator.add(forever_building("limited"))
     simulator.set_fault("limited", Fault.rate_limited("600"))
-    running = start_exporter(
-        make_config(simulator.base_url, ["limited"]), clock=clock, wall_clock=clock.wall
-    )
+    running = start_exporter(make_config(simulator.base_url, ["limited"]), clock=clock)
     page = wait_until(
         lambda: (text := running.get("/").text) and "rate-limited until" in text and text,
         message="the 429 pause on the status page",
