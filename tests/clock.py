@@ -130,6 +130,13 @@ class DrivenClock:
         waits = self.deadlines()
         return bool(waits) and waits[0] > 0 and exporter.poller.requests_in_flight == 0
 
+    def wake_next(self, exporter: Exporter, step: float | None = None) -> None:
+        """Advance by ``step``, or else to the end of the exporter's current wait, once it has
+        settled; then let it settle again."""
+        self.settle(exporter)
+        self.advance(self.deadlines()[0] if step is None else step)
+        self.settle(exporter)
+
     def run_until(
         self,
         exporter: Exporter,
@@ -147,8 +154,7 @@ class DrivenClock:
         while not condition():
             if self.elapsed() - started >= limit:
                 pytest.fail(f"{message}: not within {limit}s of driven time")
-            self.advance(self.deadlines()[0] if step is None else step)
-            self.settle(exporter)
+            self.wake_next(exporter, step)
         return self.elapsed() - started
 
 

@@ -672,13 +672,6 @@ def start_driven(
     return start_exporter(config, clock=clock)
 
 
-def wake_next(running: RunningExporter, clock: DrivenClock) -> None:
-    """Advance the clock to the end of the exporter's current wait, and let it settle there."""
-    clock.settle(running.exporter)
-    clock.advance(clock.deadlines()[0])
-    clock.settle(running.exporter)
-
-
 def wait_for_nap(clock: DrivenClock, seconds: float, *, within: float = 0.0) -> None:
     """Block until the exporter waits on the clock for ``seconds`` (to ``within``) from now."""
     if within == 0:
@@ -1040,7 +1033,7 @@ def test_one_failing_build_among_good_ones_leaves_api_up_at_one(
     with httpx.Client() as client:
         while clock.elapsed() < API_DOWN_AFTER * 1.5:
             readings.append(scrape(client, running, API_UP).get((API_UP, frozenset())))
-            wake_next(running, clock)
+            clock.wake_next(running.exporter)
     # The victim's answers were the last ones many times over; api_up never said so.
     victim_failures = len(api.requests("victim"))
     assert victim_failures >= 5
@@ -1088,7 +1081,7 @@ def test_unreachable_api_fails_every_build_and_the_daemon_lives(
                 )
             )
             if readings[-1][2] != 0:
-                wake_next(running, clock)
+                clock.wake_next(running.exporter)
     refused_at = [at for (_, before, _), (at, count, _) in pairwise(readings) if count > before]
     # Absent while no minute had passed; 0 from the first refusal a minute in.
     assert {up for _, _, up in readings[:-1]} == {None}
