@@ -229,22 +229,50 @@ def demo_config(simulator: Simulator) -> Config:
     )
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def _poll_once(exporter: Exporter) -> int:
     def interrupt(signal_number: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    # SIGTERM and Ctrl-C end a one-shot run alike, by one path: one line, no traceback. (Left
-    # to asyncio.run, SIGINT would cancel the main task instead, a second path to keep right.)
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
+    # SIGTERM and Ctrl-C end a one-shot run alike: one line, no traceback. Outside the event
+    # loop they interrupt at once; inside it, the loop itself cancels the run (below), never
+    # halfway through a request's code.
+    for signal_number in STOP_SIGNALS:
         signal.signal(signal_number, interrupt)
     try:
-        succeeded, exposition = asyncio.run(exporter.poll_once())
+        result = asyncio.run(_poll_once_until_signalled(exporter))
     except KeyboardInterrupt:
+        result = None
+    if result is None:
         print("interrupted: --once stopped before every build was polled", file=sys.stderr)
         return 130
+    succeeded, exposition = result
     sys.stdout.buffer.write(exposition)
     sys.stdout.flush()
     return 0 if succeeded else 1
+
+
+async def _poll_once_until_signalled(exporter: Exporter) -> tuple[bool, bytes] | None:
+    """The one-shot poll, or None if a stop signal cancelled it."""
+    loop = asyncio.get_running_loop()
+    run = asyncio.current_task()
+    assert run is not None
+    signalled: list[int] = []
+
+    def stop(signal_number: int) -> None:
+        signalled.append(signal_number)
+        run.cancel()
+
+    for signal_number in STOP_SIGNALS:
+        loop.add_signal_handler(signal_number, stop, signal_number)
+    try:
+        return await exporter.poll_once()
+    except asyncio.CancelledError:
+        if signalled:
+            return None
+        raise
 
 
 def _serve(exporter: Exporter, web_config_file: Path | None, *, demo: bool) -> int:
@@ -285,7 +313,7 @@ async def _serve_until_signalled(
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
+    for signal_number in STOP_SIGNALS:
         loop.add_signal_handler(signal_number, stop.set)
     loop.add_signal_handler(signal.SIGHUP, exporter.request_reload)
     await exporter.serve(stop, server, announce)
