@@ -5,7 +5,7 @@
 # The build stage turns the source into wheels: the exporter's and those of its
 # dependencies. The final stage installs only those wheels, without an index, into
 # /opt/venv, so it never builds anything and carries no compiler, source or pip cache.
-# tests/test_dockerfile.py runs hadolint on this file and replays its RUN lines
+# tests/deployment/test_dockerfile.py runs hadolint on this file and replays its RUN lines
 # (the wheel build and the install) on the host, so keep them in the same shape.
 
 ARG PYTHON_VERSION=3.12.12

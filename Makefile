@@ -38,7 +38,7 @@ test: lint
 # The whole suite while two busy processes hold both cores, three times in a row: the tests
 # must not depend on how fast or how busy the machine is.
 test-under-load: $(INSTALLED)
-	$(BIN)/python -m tests.under_load --runs 3 -- $(PYTEST)
+	$(BIN)/python -m tests.helpers.under_load --runs 3 -- $(PYTEST)
 
 # The tests that start no outside tool (Prometheus, promtool, Alertmanager, hadolint, Helm).
 unit: $(INSTALLED)
@@ -60,7 +60,7 @@ soak: $(INSTALLED)
 
 # The README's picture of the status page, made by its browser test's tooling.
 screenshot: $(INSTALLED)
-	UPDATE_SCREENSHOT=1 $(BIN)/pytest tests/test_status_page_browser.py -k screenshot
+	UPDATE_SCREENSHOT=1 $(BIN)/pytest tests/deployment/test_status_page_browser.py -k screenshot
 
 format: $(INSTALLED)
 	$(BIN)/ruff format .

@@ -39,17 +39,17 @@ from pydantic import SecretStr
 from exporter.api import BuildStatusClient
 from exporter.app import PerScrapeFamilies
 from exporter.config import ApiKeySource, Config
+from exporter.demo.simulator import ArtifactPlan, BuildPlan, Simulator, random_plans
 from exporter.exposition import ExpositionFormat, render
 from exporter.exposition_cache import Body, ExpositionCache
 from exporter.metrics import exporter_families
 from exporter.models import parse_build
 from exporter.poller import Poller, PollSettings
-from exporter.server import Endpoints, ExpositionSource, MetricsServer
-from exporter.simulator import ArtifactPlan, BuildPlan, Simulator, random_plans
 from exporter.state import StateFile, StateSync, open_state
 from exporter.store import BuildStore
 from exporter.telemetry import Telemetry
-from tests.support import RunningExporter, build_families, make_config
+from exporter.web.server import Endpoints, ExpositionSource, MetricsServer
+from tests.helpers.support import RunningExporter, build_families, make_config
 
 API_KEY = "pk-bench"
 TEAM = "bench-team"

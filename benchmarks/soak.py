@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.simulator import ArtifactPlan, BuildPlan, Fault, Outcome, Simulator
+from exporter.demo.simulator import ArtifactPlan, BuildPlan, Fault, Outcome, Simulator
 
 API_KEY = "pk-soak-test-key"
 SCRIPT = Path(sys.executable).parent / "primeintellect-build-exporter"

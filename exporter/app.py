@@ -20,17 +20,17 @@ from exporter import __version__
 from exporter.api import BuildStatusClient
 from exporter.blocking import in_daemon_thread
 from exporter.config import Config
-from exporter.connections import ServerLimits
 from exporter.discovery import ImageDiscovery
 from exporter.exposition import ExpositionFormat
 from exporter.exposition_cache import ExpositionCache
 from exporter.metrics import exporter_families, inventory_families
 from exporter.poller import Clock, Poller, PollSettings
 from exporter.reload import Reloader
-from exporter.server import Endpoints, MetricsServer
 from exporter.state import Restored, StateSync, open_state
 from exporter.store import BuildStore, ImageInventory, Inventory
 from exporter.telemetry import Telemetry, TelemetrySnapshot
+from exporter.web.connections import ServerLimits
+from exporter.web.server import Endpoints, MetricsServer
 
 log = logging.getLogger(__name__)
 

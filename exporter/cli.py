@@ -31,10 +31,10 @@ from exporter.config import (
     load_config,
     parse_shard_index,
 )
+from exporter.demo.simulator import Simulator, demo_plans
 from exporter.logs import LEVELS, configure_logging
-from exporter.server import MetricsServer
-from exporter.simulator import Simulator, demo_plans
-from exporter.webconfig import WebConfigError, load_web_config
+from exporter.web.server import MetricsServer
+from exporter.web.webconfig import WebConfigError, load_web_config
 
 PROGRAM = "primeintellect-build-exporter"
 DEMO_MISSING_BUILD = "cmdemo0gone0009"

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from exporter.config import Config
+from exporter.demo.simulator import Simulator
 from exporter.logs import LogfmtFormatter
-from exporter.simulator import Simulator
-from tests.pki import Pki, make_pki
-from tests.support import CANARY_API_KEY, Daemon, RunningExporter
+from tests.helpers.pki import Pki, make_pki
+from tests.helpers.support import CANARY_API_KEY, Daemon, RunningExporter
 
 # Real seconds a test's own threads and processes get to end after it, on a busy machine: they
 # were told to stop by the test's own teardown, so on a quiet one they are gone at once. (The

@@ -1,0 +1,1 @@
+"""The demo: a simulator of the Prime Intellect build API, and its command line."""

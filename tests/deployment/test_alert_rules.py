@@ -1,0 +1,195 @@
+"""The shipped alert rules: valid for Prometheus, unit-tested by promtool, and documented."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.helpers.support import REPOSITORY, find_binary
+
+MONITORING = REPOSITORY / "monitoring"
+RULES_FILE = MONITORING / "alerts.yaml"
+RULE_TESTS = sorted((MONITORING / "tests").glob("*.yaml"))
+README = REPOSITORY / "README.md"
+# Alerts about one build; the rest are about the exporter or the API.
+BUILD_GROUP = "primeintellect-builds"
+SEVERITIES = {"critical", "warning", "info"}
+BUILD_LABELS = {"build_id", "image_name", "image_tag"}
+
+
+def load_rules() -> list[dict[str, Any]]:
+    document = yaml.safe_load(RULES_FILE.read_text())
+    return [rule for group in document["groups"] for rule in group["rules"]]
+
+
+def alert_names() -> list[str]:
+    return [rule["alert"] for rule in load_rules()]
+
+
+def rules_of_group(name: str) -> list[dict[str, Any]]:
+    document = yaml.safe_load(RULES_FILE.read_text())
+    return [
+        rule for group in document["groups"] if group["name"] == name for rule in group["rules"]
+    ]
+
+
+def unit_test_cases() -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every alert_rule_test of every promtool test file, with its test group's name."""
+    for path in RULE_TESTS:
+        for group in yaml.safe_load(path.read_text())["tests"]:
+            for case in group.get("alert_rule_test", []):
+                yield f"{path.name}: {group.get('name', '?')}", case
+
+
+def duration_seconds(text: str) -> float:
+    """A Prometheus duration such as 1d, 90m or 1h30m, in seconds."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+    parts = re.findall(r"(\d+)(ms|s|m|h|d|w|y)", text)
+    assert "".join(number + unit for number, unit in parts) == text, f"bad duration {text!r}"
+    return sum(int(number) * units[unit] for number, unit in parts)
+
+
+def exporter_metric_names() -> set[str]:
+    """Metric names in the README's metric table: the exporter's documented contract."""
+    names = set(re.findall(r"^\| `(primeintellect_[a-z_]+)`", README.read_text(), re.MULTILINE))
+    assert len(names) > 20, "the README's metric table was not found"
+    return names
+
+
+def test_rules_file_passes_promtool_check_rules() -> None:
+    promtool = find_binary("promtool")
+    result = subprocess.run(
+        [promtool, "check", "rules", str(RULES_FILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(load_rules())} rules found" in result.stdout
+
+
+def test_every_rule_passes_its_promtool_unit_tests() -> None:
+    promtool = find_binary("promtool")
+    assert RULE_TESTS, "no promtool test files in monitoring/tests"
+    # promtool resolves rule_files relative to each test file, so the directory it runs in
+    # does not matter.
+    result = subprocess.run(
+        [promtool, "test", "rules", *map(str, RULE_TESTS)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("SUCCESS") == len(RULE_TESTS), result.stdout
+
+
+def test_rules_file_is_a_plain_rules_file_that_a_prometheus_rule_spec_can_embed() -> None:
+    document = yaml.safe_load(RULES_FILE.read_text())
+    assert set(document) == {"groups"}
+    allowed = {"alert", "expr", "for", "labels", "annotations"}
+    for group in document["groups"]:
+        assert set(group) == {"name", "rules"}, group.get("name")
+        for rule in group["rules"]:
+            assert set(rule) <= allowed, rule.get("alert")
+            # The PrometheusRule CRD types these as strings; YAML must not read them otherwise.
+            assert isinstance(rule["expr"], str)
+            assert isinstance(rule.get("for", "0m"), str)
+            values = [*rule.get("labels", {}).values(), *rule.get("annotations", {}).values()]
+            assert all(isinstance(value, str) for value in values), rule["alert"]
+
+
+def test_alert_names_are_unique() -> None:
+    names = alert_names()
+    assert len(names) == len(set(names)), names
+
+
+@pytest.mark.parametrize("rule", load_rules(), ids=lambda rule: str(rule["alert"]))
+def test_every_alert_has_a_severity_summary_description_and_runbook(rule: dict[str, Any]) -> None:
+    assert rule["labels"]["severity"] in SEVERITIES
+    annotations = rule["annotations"]
+    assert annotations["summary"].strip()
+    assert annotations["description"].strip()
+    assert (annotations.get("runbook") or annotations.get("runbook_url", "")).strip()
+
+
+@pytest.mark.parametrize("rule", rules_of_group(BUILD_GROUP), ids=lambda rule: str(rule["alert"]))
+def test_build_alert_descriptions_name_the_build(rule: dict[str, Any]) -> None:
+    description = rule["annotations"]["description"]
+    for label in BUILD_LABELS:
+        assert f"$labels.{label}" in description, label
+
+
+def test_failed_build_alert_fires_at_once_and_quotes_the_artifact_errors() -> None:
+    (failed,) = (rule for rule in load_rules() if rule["alert"] == "PrimeIntellectBuildFailed")
+    assert duration_seconds(failed["for"]) == 0
+    assert "primeintellect_image_build_artifact_error_info" in failed["annotations"]["description"]
+    assert ".Labels.error_message" in failed["annotations"]["description"]
+
+
+def test_every_alert_is_unit_tested_not_firing_then_firing_then_resolved() -> None:
+    """Some alert instance (label set) is absent, then firing, then absent again."""
+    timelines: dict[tuple[str, str], list[tuple[float, list[frozenset[tuple[str, Any]]]]]] = {}
+    for group_name, case in unit_test_cases():
+        firing = [frozenset(alert["exp_labels"].items()) for alert in case["exp_alerts"]]
+        key = (case["alertname"], group_name)
+        timelines.setdefault(key, []).append((duration_seconds(case["eval_time"]), firing))
+
+    def has_full_cycle(timeline: list[tuple[float, list[frozenset[tuple[str, Any]]]]]) -> bool:
+        ordered = sorted(timeline, key=lambda entry: entry[0])
+        instances = {labels for _, firing in ordered for labels in firing}
+        for labels in instances:
+            states = [labels in firing for _, firing in ordered]
+            first = states.index(True)
+            if False in states[:first] and False in states[first:]:
+                return True
+        return False
+
+    uncovered = [
+        name
+        for name in alert_names()
+        if not any(
+            has_full_cycle(timeline)
+            for (alertname, _), timeline in timelines.items()
+            if alertname == name
+        )
+    ]
+    assert not uncovered, f"no not-firing/firing/resolved unit test for {uncovered}"
+
+
+def test_build_alerts_carry_build_id_image_name_and_image_tag_in_unit_tests() -> None:
+    labelled = {
+        case["alertname"]
+        for _, case in unit_test_cases()
+        for alert in case["exp_alerts"]
+        if set(alert["exp_labels"]) >= BUILD_LABELS
+    }
+    build_alerts = {rule["alert"] for rule in rules_of_group(BUILD_GROUP)}
+    assert build_alerts <= labelled, f"never seen with build labels: {build_alerts - labelled}"
+
+
+def test_rules_use_only_metrics_the_exporter_documents() -> None:
+    documented = exporter_metric_names()
+    text = RULES_FILE.read_text()
+    used = set(re.findall(r"\bprimeintellect_[a-z_]+", text))
+    # Histogram series carry suffixes on the documented family name.
+    families = {re.sub(r"_(bucket|sum|count)$", "", name) for name in used}
+    assert families <= documented, f"undocumented metrics: {sorted(families - documented)}"
+
+
+def test_threshold_comment_names_every_alert() -> None:
+    header = RULES_FILE.read_text().split("\ngroups:", 1)[0]
+    missing = [name for name in alert_names() if name not in header]
+    assert not missing, f"the threshold comment at the top does not mention {missing}"
+
+
+def test_readme_alert_table_lists_exactly_the_shipped_alerts() -> None:
+    section = README.read_text().split("## Alerts and dashboards", 1)[1].split("\n## ", 1)[0]
+    in_table = re.findall(r"^\| `(PrimeIntellect[A-Za-z]+)` \|", section, re.MULTILINE)
+    assert sorted(in_table) == sorted(alert_names())

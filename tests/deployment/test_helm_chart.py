@@ -1,0 +1,936 @@
+"""The Helm chart, linted and rendered offline by Helm's own engine (helm-python-sdk).
+
+helm-python-sdk binds the official Helm Go library (bundled in its wheel as libhelm_c), so
+these tests need neither a ``helm`` binary nor a cluster nor the network.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+import subprocess
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate  # type: ignore[import-untyped]  # ships no type information
+import pytest
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from exporter import __version__
+from exporter.config import ConfigFile
+from tests.helpers.chart import (
+    CASES,
+    CHART,
+    FULLNAME,
+    NAMESPACE,
+    RELEASE,
+    Rendered,
+    render_case,
+    render_chart,
+    scraped_services,
+    selects,
+    values_of,
+)
+from tests.helpers.support import REPOSITORY, SCRIPT, environment
+
+API_KEY_FILE = "/etc/primeintellect-build-exporter/secrets/api-key"
+ALERTS = REPOSITORY / "monitoring" / "alerts.yaml"
+DASHBOARD = REPOSITORY / "monitoring" / "dashboard.json"
+CORE_KINDS = {
+    "Deployment",
+    "StatefulSet",
+    "Service",
+    "ConfigMap",
+    "Secret",
+    "ServiceAccount",
+    "NetworkPolicy",
+    "PersistentVolumeClaim",
+}
+
+
+def checksums(rendered: Rendered) -> dict[str, str]:
+    annotations: dict[str, str] = rendered.workload()["spec"]["template"]["metadata"]["annotations"]
+    return {key: value for key, value in annotations.items() if key.startswith("checksum/")}
+
+
+def test_ci_values_files_cover_every_scenario() -> None:
+    assert set(CASES) == {
+        "defaults",
+        "all-features",
+        "existing-secret",
+        "shards",
+        "no-servicemonitor",
+    }
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_chart_lints_without_warnings_or_errors(case: str) -> None:
+    report = helm.lint(CHART, values_of(case), strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    # Severity 1 is INFO (only "icon is recommended"); 2 is WARNING, 3 ERROR.
+    assert [message for message in report["messages"] if message["severity"] >= 2] == []
+
+
+EXPECTED_KINDS = {
+    "defaults": {"Deployment": 1, "Service": 1, "ConfigMap": 1, "Secret": 1, "ServiceAccount": 1},
+    "all-features": {
+        "Deployment": 1,
+        "PersistentVolumeClaim": 1,
+        "Service": 1,
+        "ConfigMap": 2,
+        "Secret": 1,
+        "ServiceAccount": 1,
+        "ServiceMonitor": 1,
+        "PrometheusRule": 1,
+        "NetworkPolicy": 1,
+    },
+    "existing-secret": {"Deployment": 1, "Service": 1, "ConfigMap": 1, "ServiceAccount": 1},
+    "shards": {
+        "StatefulSet": 1,
+        "Service": 2,
+        "ConfigMap": 1,
+        "ServiceAccount": 1,
+        "ServiceMonitor": 1,
+    },
+    "no-servicemonitor": {
+        "Deployment": 1,
+        "Service": 1,
+        "ConfigMap": 2,
+        "Secret": 1,
+        "ServiceAccount": 1,
+        "PrometheusRule": 1,
+    },
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_chart_renders_exactly_the_objects_each_scenario_needs(case: str) -> None:
+    assert render_case(case).kinds() == Counter(EXPECTED_KINDS[case])
+
+
+def kubernetes_versions() -> list[str]:
+    """The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest known."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    match = re.fullmatch(r">=\s*(\d+\.\d+)\.\d+(-0)?", chart["kubeVersion"])
+    assert match, chart["kubeVersion"]
+    latest = str(kubernetes_validate.latest_version())
+    return [match.group(1), ".".join(latest.split(".")[:2])]
+
+
+@pytest.mark.parametrize("version", kubernetes_versions())
+@pytest.mark.parametrize("case", CASES)
+def test_core_objects_validate_against_the_kubernetes_schemas(case: str, version: str) -> None:
+    core = [obj for obj in render_case(case).objects if obj["kind"] in CORE_KINDS]
+    assert core
+    for obj in core:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            where = "/".join(str(part) for part in error.path)
+            pytest.fail(f"{obj['kind']} {obj['metadata']['name']}: {where}: {error.message}")
+
+
+# Pod Security Standards, "restricted" profile: the volume types it allows.
+RESTRICTED_VOLUME_TYPES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pods_meet_the_restricted_pod_security_standard(case: str) -> None:
+    rendered = render_case(case)
+    pod = rendered.pod_spec()
+    pod_context = pod["securityContext"]
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod.get(field)
+    for volume in pod["volumes"]:
+        assert set(volume) - {"name"} <= RESTRICTED_VOLUME_TYPES, volume
+    assert pod_context["runAsNonRoot"] is True
+    for key in ("runAsUser", "runAsGroup", "fsGroup"):
+        assert isinstance(pod_context[key], int)
+        assert pod_context[key] > 0, key
+    assert pod_context["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["automountServiceAccountToken"] is False
+    for container in pod["containers"]:
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False
+        assert not context.get("privileged")
+        assert context["capabilities"]["drop"] == ["ALL"]
+        assert not context["capabilities"].get("add")
+        assert context["readOnlyRootFilesystem"] is True
+        assert context.get("runAsUser", pod_context["runAsUser"]) != 0
+        assert context.get("seccompProfile", pod_context["seccompProfile"])["type"] in {
+            "RuntimeDefault",
+            "Localhost",
+        }
+        mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_service_account_carries_no_api_token(case: str) -> None:
+    account = render_case(case).one("ServiceAccount")
+    assert account["automountServiceAccountToken"] is False
+
+
+def walk_strings(node: object) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield str(key)
+            yield from walk_strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from walk_strings(item)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_api_key_reaches_the_pod_only_as_a_mounted_file(case: str) -> None:
+    rendered = render_case(case)
+    container = rendered.container()
+    assert "envFrom" not in container
+    for variable in container.get("env", []):
+        assert "secretKeyRef" not in variable.get("valueFrom", {}), variable
+        assert variable["name"] != "PRIME_API_KEY"
+    key = values_of(case).get("apiKey", {}).get("value")
+    if key:
+        secret = rendered.one("Secret")
+        assert base64.b64decode(secret["data"]["api-key"]).decode() == key
+        for obj in rendered.objects:
+            assert all(key not in text for text in walk_strings(obj)), obj["kind"]
+        assert key not in rendered.notes
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_config_points_at_the_file_the_secret_is_mounted_as(case: str) -> None:
+    rendered = render_case(case)
+    values = values_of(case).get("apiKey", {})
+    config = yaml.safe_load(rendered.config_text())
+    assert config["api"]["api_key_file"] == API_KEY_FILE
+    secret_volumes = [volume for volume in rendered.pod_spec()["volumes"] if "secret" in volume]
+    assert len(secret_volumes) == 1
+    secret = secret_volumes[0]["secret"]
+    expected_secret = values.get("existingSecret") or FULLNAME
+    assert secret["secretName"] == expected_secret
+    expected_key = (
+        values.get("existingSecretKey", "api-key") if "existingSecret" in values else "api-key"
+    )
+    [item] = secret["items"]
+    assert item["key"] == expected_key
+    [mount] = [
+        mount
+        for mount in rendered.container()["volumeMounts"]
+        if mount["name"] == secret_volumes[0]["name"]
+    ]
+    assert "subPath" not in mount, "a subPath mount would not see a rotated Secret"
+    assert f"{mount['mountPath']}/{item['path']}" == API_KEY_FILE
+    if not values.get("existingSecret"):
+        assert rendered.one("Secret")["data"].keys() == {"api-key"}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rendered_config_passes_the_exporters_own_config_check(case: str, tmp_path: Path) -> None:
+    rendered = render_case(case)
+    text = rendered.config_text()
+    assert text.count(API_KEY_FILE) == 1
+    key_file = tmp_path / "api-key"
+    key_file.write_text("pk-config-check\n")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(text.replace(API_KEY_FILE, str(key_file)))
+    # The container's own arguments, with the config file and the pod name of the
+    # third StatefulSet pod put in as Kubernetes would.
+    arguments = []
+    for argument in rendered.container()["args"]:
+        if argument.startswith("--config.file="):
+            argument = f"--config.file={config_file}"
+        arguments.append(argument.replace("$(POD_NAME)", f"{FULLNAME}-2"))
+    result = subprocess.run(
+        [SCRIPT, *arguments, "--config.check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment(),  # no PRIME_API_KEY: the key file is the only key source
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    builds = values_of(case).get("config", {}).get("builds", [])
+    assert f"OK, {len(builds)} builds" in result.stdout
+    shards = values_of(case).get("shards", 1)
+    if shards > 1:
+        assert f"in shard 2 of {shards}" in result.stdout
+
+
+def test_a_single_exporter_runs_as_a_deployment_without_shard_flags() -> None:
+    rendered = render_case("defaults")
+    deployment = rendered.one("Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert not [arg for arg in rendered.container()["args"] if arg.startswith("--shard.")]
+
+
+def test_shards_run_as_a_statefulset_each_pod_passing_its_name_as_shard_index() -> None:
+    rendered = render_case("shards")
+    statefulset = rendered.one("StatefulSet")
+    assert statefulset["spec"]["replicas"] == 3
+    assert statefulset["spec"]["podManagementPolicy"] == "Parallel"
+    headless = rendered.one("Service", statefulset["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    container = rendered.container()
+    assert "--shard.count=3" in container["args"]
+    assert "--shard.index=$(POD_NAME)" in container["args"]
+    [pod_name] = [variable for variable in container["env"] if variable["name"] == "POD_NAME"]
+    assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # The Service that the ServiceMonitor selects reaches every shard.
+    service = rendered.one("Service")
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+def test_service_monitor_scrapes_the_services_named_port() -> None:
+    rendered = render_case("all-features")
+    monitor = rendered.one("ServiceMonitor")
+    service = rendered.one("Service")
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+@pytest.mark.parametrize("case", ["all-features", "shards"])
+def test_the_service_monitor_scrapes_each_pod_through_one_service_only(case: str) -> None:
+    rendered = render_case(case)
+    # With shards, the headless Service has the same labels and port: it must not be picked
+    # too, or every pod is scraped twice and the copies differ only in `service`.
+    assert scraped_services(rendered) == [FULLNAME]
+
+
+def test_the_selector_check_follows_kubernetes_semantics() -> None:
+    labels = {"app": "x", "tier": "web"}
+    assert selects({"matchLabels": {"app": "x"}}, labels)
+    assert not selects({"matchLabels": {"app": "y"}}, labels)
+    assert selects({"matchExpressions": [{"key": "role", "operator": "DoesNotExist"}]}, labels)
+    assert not selects(
+        {"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["web"]}]}, labels
+    )
+    assert selects(
+        {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["web"]}]}, labels
+    )
+
+
+STATE_DIRECTORY = "/var/lib/primeintellect-build-exporter"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_state_file_lives_on_the_state_volume(case: str) -> None:
+    rendered = render_case(case)
+    config = yaml.safe_load(rendered.config_text())
+    assert config["state"] == {"path": f"{STATE_DIRECTORY}/state.db"}
+    mounts = {mount["name"]: mount for mount in rendered.container()["volumeMounts"]}
+    assert mounts["state"]["mountPath"] == STATE_DIRECTORY
+    assert "readOnly" not in mounts["state"]
+
+
+def test_state_is_an_empty_dir_by_default_which_survives_container_restarts() -> None:
+    rendered = render_case("defaults")
+    volumes = {volume["name"]: volume for volume in rendered.pod_spec()["volumes"]}
+    assert volumes["state"] == {"name": "state", "emptyDir": {"sizeLimit": "256Mi"}}
+    assert "strategy" not in rendered.workload()["spec"]
+    assert rendered.all("PersistentVolumeClaim") == []
+
+
+def test_persistent_state_of_one_exporter_is_a_claim_and_pods_never_overlap() -> None:
+    rendered = render_case("all-features")
+    claim = rendered.one("PersistentVolumeClaim", f"{FULLNAME}-state")
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "storageClassName": "fast-ssd",
+        "resources": {"requests": {"storage": "2Gi"}},
+    }
+    volumes = {volume["name"]: volume for volume in rendered.pod_spec()["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"] == {"claimName": f"{FULLNAME}-state"}
+    # Two pods must not share one state file: the old one stops before the new one starts.
+    assert rendered.workload()["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_persistent_state_of_shards_is_a_claim_per_pod() -> None:
+    rendered = render_case("shards")
+    templates = rendered.workload()["spec"]["volumeClaimTemplates"]
+    assert [template["metadata"]["name"] for template in templates] == ["state"]
+    assert templates[0]["spec"]["resources"] == {"requests": {"storage": "1Gi"}}
+    assert "state" not in {volume["name"] for volume in rendered.pod_spec()["volumes"]}
+    assert rendered.all("PersistentVolumeClaim") == []
+
+
+def test_probes_use_the_exporters_health_and_readiness_endpoints() -> None:
+    container = render_case("defaults").container()
+    assert container["livenessProbe"]["httpGet"] == {"path": "/-/healthy", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/-/ready", "port": "http"}
+    assert [port["name"] for port in container["ports"]] == ["http"]
+    assert container["ports"][0]["containerPort"] == 9862
+
+
+RULES_FILE_JOB_SELECTOR = 'job=~".*primeintellect-build.*"'
+EXPORTER_JOB_RULES = {"PrimeIntellectExporterDown", "PrimeIntellectExporterAbsent"}
+
+
+def rules_by_name(rendered: Rendered) -> dict[str, dict[str, Any]]:
+    rule = rendered.one("PrometheusRule", rendered.workload()["metadata"]["name"])
+    return {entry["alert"]: entry for group in rule["spec"]["groups"] for entry in group["rules"]}
+
+
+def service_monitor_job(rendered: Rendered) -> str:
+    """The job the Operator gives the targets: the Service's label named by jobLabel."""
+    [monitor] = rendered.all("ServiceMonitor")
+    [service] = [
+        service for service in rendered.all("Service") if not service["spec"].get("clusterIP")
+    ]
+    job: str = service["metadata"]["labels"][monitor["spec"]["jobLabel"]]
+    return job
+
+
+def test_prometheus_rule_carries_the_repository_alerts_with_only_the_job_selector_replaced() -> (
+    None
+):
+    rendered = render_case("all-features")
+    selector = f'job="{service_monitor_job(rendered)}"'
+    expected = ALERTS.read_text().replace(RULES_FILE_JOB_SELECTOR, selector)
+    rule = rendered.one("PrometheusRule")
+    assert rule["spec"] == {"groups": yaml.safe_load(expected)["groups"]}
+    assert rule["spec"]["groups"], "monitoring/alerts.yaml has no rule groups"
+    assert expected != ALERTS.read_text(), (
+        f"the rules file no longer holds {RULES_FILE_JOB_SELECTOR}"
+    )
+
+
+WITH_MONITORING = {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}
+
+
+@pytest.mark.parametrize(
+    ("values", "job"),
+    [
+        ({}, "primeintellect-build-exporter"),
+        ({"nameOverride": "build-exporter"}, "build-exporter"),
+        # fullnameOverride renames the objects, not the app.kubernetes.io/name label.
+        ({"fullnameOverride": "team-builds"}, "primeintellect-build-exporter"),
+        ({"nameOverride": "build-exporter", "shards": 2}, "build-exporter"),
+    ],
+)
+def test_exporter_health_alerts_select_the_job_the_service_monitor_produces(
+    values: dict[str, Any], job: str
+) -> None:
+    rendered = render_chart({**WITH_MONITORING, **values})
+    assert service_monitor_job(rendered) == job
+    rules = rules_by_name(rendered)
+    for name in EXPORTER_JOB_RULES:
+        assert f'up{{job="{job}"}}' in rules[name]["expr"], name
+        assert RULES_FILE_JOB_SELECTOR not in str(rules[name]), name
+    description = rules["PrimeIntellectExporterAbsent"]["annotations"]["description"]
+    assert f'up{{job="{job}"}}' in description
+
+
+def test_exporter_job_selector_value_wins_and_without_a_monitor_the_rules_file_selector_stays() -> (
+    None
+):
+    chosen = 'job=~"builds-.*", namespace="ci"'
+    values = {**WITH_MONITORING, "prometheusRule": {"enabled": True, "exporterJobSelector": chosen}}
+    rules = rules_by_name(render_chart(values))
+    assert all(f"up{{{chosen}}}" in rules[name]["expr"] for name in EXPORTER_JOB_RULES)
+    unmonitored = rules_by_name(render_case("no-servicemonitor"))
+    kept = f"up{{{RULES_FILE_JOB_SELECTOR}}}"
+    assert all(kept in unmonitored[name]["expr"] for name in EXPORTER_JOB_RULES)
+
+
+def test_dashboard_configmap_carries_exactly_the_repository_dashboard() -> None:
+    for case in ("all-features", "no-servicemonitor"):
+        configmap = render_case(case).one("ConfigMap", f"{FULLNAME}-dashboard")
+        assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+        [(name, text)] = configmap["data"].items()
+        assert name.endswith(".json")
+        assert text == DASHBOARD.read_text()
+        assert json.loads(text) == json.loads(DASHBOARD.read_text())
+    dashboard = render_case("no-servicemonitor").one("ConfigMap", f"{FULLNAME}-dashboard")
+    assert dashboard["metadata"]["namespace"] == "grafana"
+
+
+def test_chart_reaches_the_rules_and_dashboard_through_symlinks_to_one_source() -> None:
+    for linked, source in (("alerts.yaml", ALERTS), ("dashboard.json", DASHBOARD)):
+        path = CHART / "files" / linked
+        assert path.is_symlink(), f"{path} must link to {source}, not copy it"
+        assert path.resolve() == source.resolve()
+
+
+def test_packaged_chart_holds_the_linked_files_as_regular_files(tmp_path: Path) -> None:
+    archive = helm.package(CHART, destination=tmp_path)
+    with tarfile.open(archive) as tar:
+        member = tar.getmember("primeintellect-build-exporter/files/alerts.yaml")
+        assert member.isfile()
+        extracted = tar.extractfile(member)
+        assert extracted is not None
+        assert extracted.read().decode() == ALERTS.read_text()
+        assert not [name for name in tar.getnames() if "/ci/" in name]
+    with helm.Chart.load(archive) as chart:
+        manifests = chart.render({"prometheusRule": {"enabled": True}}, name=RELEASE)
+    [rule] = [text for name, text in manifests.items() if name.endswith("prometheusrule.yaml")]
+    assert yaml.safe_load(rule)["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
+
+
+def test_checksum_annotations_change_with_the_config_and_the_key_only() -> None:
+    base_values: dict[str, Any] = {"apiKey": {"value": "pk-one"}, "config": {"builds": ["b1"]}}
+    base = checksums(render_chart(base_values))
+    assert base.keys() == {"checksum/config", "checksum/secret"}
+    new_config = checksums(render_chart({**base_values, "config": {"builds": ["b1", "b2"]}}))
+    assert new_config["checksum/config"] != base["checksum/config"]
+    assert new_config["checksum/secret"] == base["checksum/secret"]
+    new_interval = checksums(
+        render_chart({**base_values, "config": {"polling": {"interval": "1m"}}})
+    )
+    assert new_interval["checksum/config"] != base["checksum/config"]
+    new_key = checksums(render_chart({**base_values, "apiKey": {"value": "pk-two"}}))
+    assert new_key["checksum/secret"] != base["checksum/secret"]
+    assert new_key["checksum/config"] == base["checksum/config"]
+    unrelated = checksums(render_chart({**base_values, "podAnnotations": {"a": "b"}}))
+    assert unrelated == base
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"serviceMonitr": {"enabled": True}}, "'serviceMonitr' not allowed"),
+        ({"config": {"polling": {"intervall": "1m"}}}, "'intervall' not allowed"),
+        ({"config": {"api": {"api_key_file": "/key"}}}, "'api_key_file' not allowed"),
+        ({"config": {"web": {"listen_address": ":1"}}}, "'web' not allowed"),
+        ({"config": {"shard": {"count": 2}}}, "'shard' not allowed"),
+        ({"config": {"builds": ["a/b"]}}, "does not match pattern"),
+        ({"config": {"polling": {"interval": "5 minutes"}}}, "does not match pattern"),
+        ({"shards": 0}, "minimum"),
+        ({"log": {"level": "verbose"}}, "/log/level"),
+        ({"image": {"tag": 1}}, "/image/tag"),
+        ({"prometheusRule": {"exporterJobSelector": "builds"}}, "does not match pattern"),
+        # A selector that would smuggle PromQL into the rule.
+        ({"prometheusRule": {"exporterJobSelector": 'job="a"}) or vector(1'}}, "does not match"),
+    ],
+)
+def test_values_schema_rejects_typos_and_bad_values(values: dict[str, Any], complaint: str) -> None:
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError, match=re.escape(complaint)):
+            chart.validate_schema(values)
+        with pytest.raises(helm.HelmValuesError):
+            chart.render(values, name=RELEASE)
+
+
+def schema_leaves(schema: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted paths of the values the schema describes, down to free-form objects."""
+    leaves: set[str] = set()
+    for key, node in schema.get("properties", {}).items():
+        path = f"{prefix}{key}"
+        if "properties" in node:
+            leaves |= schema_leaves(node, f"{path}.")
+        else:
+            leaves.add(path)
+    return leaves
+
+
+def values_paths(values: dict[str, Any], schema: dict[str, Any], prefix: str = "") -> set[str]:
+    """The same paths, as values.yaml spells them out."""
+    paths: set[str] = set()
+    for key, value in values.items():
+        node = schema.get("properties", {}).get(key, {})
+        if isinstance(value, dict) and "properties" in node:
+            paths |= values_paths(value, node, f"{prefix}{key}.")
+        else:
+            paths.add(f"{prefix}{key}")
+    return paths
+
+
+def load_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads((CHART / "values.schema.json").read_text())
+    return schema
+
+
+def test_values_yaml_and_the_schema_describe_the_same_values() -> None:
+    schema = load_schema()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values_paths(values, schema) == schema_leaves(schema) - {"global"}
+
+
+def test_schema_config_section_mirrors_the_exporters_config_file() -> None:
+    """Every exporter config key is settable, except those the chart sets itself."""
+    config_schema = load_schema()["properties"]["config"]["properties"]
+    chart_owned = {"web", "shard", "state"}
+    assert set(config_schema) == set(ConfigFile.model_fields) - chart_owned
+    for section, node in config_schema.items():
+        annotation = ConfigFile.model_fields[section].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            expected = set(annotation.model_fields) - {"api_key_file"}
+            assert set(node["properties"]) == expected, section
+
+
+def test_chart_readme_documents_every_value() -> None:
+    readme = (CHART / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([^`]+)` \|", readme, flags=re.MULTILINE))
+    assert schema_leaves(load_schema()) - {"global"} == documented
+
+
+def test_chart_app_version_is_the_exporters_version() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2"
+    assert chart["appVersion"] == __version__
+    assert render_case("defaults").container()["image"].endswith(f":{__version__}")
+
+
+def test_image_digest_wins_over_the_tag() -> None:
+    image = render_case("all-features").container()["image"]
+    assert image == (
+        "registry.example.com/primeintellect-build-exporter@sha256:"
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    )
+
+
+def test_network_policy_admits_scrapes_and_lets_out_only_dns_and_the_api() -> None:
+    policy = render_case("all-features").one("NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    [ingress] = policy["ingress"]
+    assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert ingress["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    egress_ports = [
+        (port["port"], port["protocol"]) for rule in policy["egress"] for port in rule["ports"]
+    ]
+    assert sorted(egress_ports) == [(53, "TCP"), (53, "UDP"), (443, "TCP")]
+
+
+def test_notes_warn_when_no_api_key_is_configured() -> None:
+    assert "WARNING: no API key is configured" in render_case("defaults").notes
+    for case in ("all-features", "existing-secret", "shards"):
+        assert "WARNING" not in render_case(case).notes, case
+
+
+# The Prometheus Operator's objects: checked against the Operator's own schemas, its CRDs as
+# pydantic models (cloudcoil-models-prometheus-operator, pinned in pyproject.toml to the
+# Operator v0.80.1 release).
+OPERATOR_API_VERSION = "monitoring.coreos.com/v1"
+OPERATOR_KINDS = ("ServiceMonitor", "PrometheusRule")
+OPERATOR_OBJECTS_ON: dict[str, Any] = {
+    "serviceMonitor": {"enabled": True},
+    "prometheusRule": {"enabled": True},
+}
+# The values that change what the Operator reads, applied over each case with both objects on.
+OPERATOR_VARIANTS: dict[str, dict[str, Any]] = {
+    "as-given": {},
+    "two-shards": {"shards": 2},
+    "name-override": {"nameOverride": "build-exporter"},
+    "fullname-override": {"fullnameOverride": "team-builds"},
+    "every-monitoring-value": {
+        "serviceMonitor": {
+            "namespace": "prometheus",
+            "labels": {"release": "kube-prometheus-stack"},
+            "annotations": {"example.com/owner": "platform"},
+            "interval": "15s",
+            "scrapeTimeout": "5s",
+            "honorLabels": True,
+            "relabelings": [
+                {
+                    "sourceLabels": ["__meta_kubernetes_pod_node_name"],
+                    "targetLabel": "node",
+                    "action": "replace",
+                }
+            ],
+            "metricRelabelings": [
+                {"sourceLabels": ["__name__"], "regex": "python_.*", "action": "drop"}
+            ],
+        },
+        "prometheusRule": {
+            "namespace": "prometheus",
+            "labels": {"role": "alert-rules"},
+            "annotations": {"example.com/owner": "platform"},
+            "exporterJobSelector": 'job=~"builds-.*", namespace="ci"',
+        },
+    },
+}
+
+
+def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Values as Helm merges a second values file over a first: maps key by key."""
+    result = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def operator_schema(kind: str) -> type[BaseModel]:
+    """The Prometheus Operator's schema of one kind: the model generated from its CRD."""
+    # 58,000 lines, so imported on first use (once), not whenever pytest collects this file.
+    from cloudcoil.models.prometheus_operator import v1
+
+    schemas: dict[str, type[BaseModel]] = {
+        "ServiceMonitor": v1.ServiceMonitor,
+        "PrometheusRule": v1.PrometheusRule,
+    }
+    return schemas[kind]
+
+
+def unknown_or_converted(given: object, kept: object, path: str = "") -> Iterator[str]:
+    """Where the model's reading of an object differs from the object: a field the schema does
+    not know (pydantic drops it silently, or takes a Python field name for the JSON one) or a
+    value it converted (such as the string "5" for an integer), both of which the API server's
+    strict field validation refuses."""
+    if isinstance(given, dict) and isinstance(kept, dict):
+        for key, value in given.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key in kept:
+                yield from unknown_or_converted(value, kept[key], where)
+            else:
+                yield f"{where}: not in the Operator's schema"
+    elif isinstance(given, list) and isinstance(kept, list) and len(given) == len(kept):
+        for index, (item, kept_item) in enumerate(zip(given, kept, strict=True)):
+            yield from unknown_or_converted(item, kept_item, f"{path}.{index}")
+    elif type(given) is not type(kept) or given != kept:
+        yield f"{path}: {given!r} read as {kept!r}"
+
+
+def operator_schema_errors(obj: dict[str, Any]) -> list[str]:
+    """What the Operator's schema of the object's kind, applied as strictly as the API server
+    applies a CRD's, finds wrong with it, each with its path: none for a valid object."""
+    try:
+        model = operator_schema(obj["kind"]).model_validate(obj)
+    except ValidationError as error:
+        return [
+            f"{'.'.join(str(part) for part in detail['loc'])}: {detail['msg']}"
+            for detail in error.errors()
+        ]
+    kept = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    return list(unknown_or_converted(obj, kept))
+
+
+@pytest.mark.parametrize("variant", OPERATOR_VARIANTS)
+@pytest.mark.parametrize("case", CASES)
+def test_operator_objects_validate_strictly_against_the_operators_own_schemas(
+    case: str, variant: str
+) -> None:
+    values = merged(merged(values_of(case), OPERATOR_OBJECTS_ON), OPERATOR_VARIANTS[variant])
+    rendered = render_chart(values)
+    operator_objects = [
+        obj for obj in rendered.objects if obj["apiVersion"].startswith("monitoring.coreos.com/")
+    ]
+    # Every object the Operator reads is of a kind checked here, and both are there.
+    assert Counter(obj["kind"] for obj in operator_objects) == Counter(OPERATOR_KINDS)
+    for obj in operator_objects:
+        assert obj["apiVersion"] == OPERATOR_API_VERSION, obj["kind"]
+        errors = operator_schema_errors(obj)
+        assert not errors, f"{obj['kind']} {obj['metadata']['name']}: {'; '.join(errors)}"
+
+
+def edited(
+    obj: dict[str, Any], where: tuple[str | int, ...], drop: str | None, add: dict[str, Any]
+) -> dict[str, Any]:
+    """A copy of the object with one key dropped from the map at `where` and others added."""
+    result = copy.deepcopy(obj)
+    node: Any = result
+    for step in where:
+        node = node[step]
+    if drop is not None:
+        del node[drop]
+    node.update(add)
+    return result
+
+
+ENDPOINT = ("spec", "endpoints", 0)
+FIRST_RULE = ("spec", "groups", 0, "rules", 0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "where", "drop", "add", "complaint"),
+    [
+        pytest.param(
+            "ServiceMonitor",
+            ENDPOINT,
+            "scrapeTimeout",
+            {"scrapeTimout": "10s"},
+            "spec.endpoints.0.scrapeTimout: not in the Operator's schema",
+            id="misspelt-endpoint-field",
+        ),
+        pytest.param(
+            "ServiceMonitor",
+            ENDPOINT,
+            "honorLabels",
+            {"honor_labels": True},  # pydantic's populate_by_name alone would take it
+            "spec.endpoints.0.honor_labels: not in the Operator's schema",
+            id="python-name-for-the-json-one",
+        ),
+        pytest.param(
+            "ServiceMonitor",
+            ("metadata",),
+            None,
+            {"label": {"team": "platform"}},
+            "metadata.label: not in the Operator's schema",
+            id="misspelt-metadata-field",
+        ),
+        pytest.param(
+            "ServiceMonitor",
+            ENDPOINT,
+            None,
+            {"interval": "1 minute"},
+            "spec.endpoints.0.interval: String should match pattern",
+            id="endpoint-interval-not-a-duration",
+        ),
+        pytest.param(
+            "ServiceMonitor",
+            ENDPOINT,
+            None,
+            {"scheme": "HTTP"},
+            "spec.endpoints.0.scheme: Input should be 'http' or 'https'",
+            id="scheme-outside-the-enum",
+        ),
+        pytest.param(
+            "ServiceMonitor",
+            ("spec",),
+            None,
+            {"sampleLimit": "5000"},
+            "spec.sampleLimit: '5000' read as 5000",
+            id="string-for-an-integer",
+        ),
+        pytest.param(
+            "PrometheusRule",
+            FIRST_RULE,
+            None,
+            {"for": "5 minutes"},
+            "spec.groups.0.rules.0.for: String should match pattern",
+            id="rule-for-not-a-duration",
+        ),
+        pytest.param(
+            "PrometheusRule",
+            FIRST_RULE,
+            None,
+            {"summary": "an annotation put beside the rule"},
+            "spec.groups.0.rules.0.summary: not in the Operator's schema",
+            id="unknown-rule-key",
+        ),
+        pytest.param(
+            "PrometheusRule",
+            ("spec", "groups", 0),
+            "name",
+            {},
+            "spec.groups.0.name: Field required",
+            id="group-without-a-name",
+        ),
+        pytest.param(
+            "PrometheusRule",
+            (),
+            None,
+            {"apiVersion": "monitoring.coreos.com/v1alpha1"},
+            "apiVersion: Input should be 'monitoring.coreos.com/v1'",
+            id="other-api-version",
+        ),
+    ],
+)
+def test_operator_schema_check_refuses_what_the_api_server_would(
+    kind: str, where: tuple[str | int, ...], drop: str | None, add: dict[str, Any], complaint: str
+) -> None:
+    [valid] = render_case("all-features").all(kind)
+    assert operator_schema_errors(valid) == []
+    errors = operator_schema_errors(edited(valid, where, drop, add))
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(complaint), errors
+
+
+README = REPOSITORY / "README.md"
+
+
+def readme_kubernetes_section() -> str:
+    text = README.read_text()
+    return text.split("\n## Kubernetes (Helm)\n", 1)[1].split("\n## ", 1)[0]
+
+
+def set_value(values: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        values = values.setdefault(key, {})
+    values[leaf] = value
+
+
+def helm_set_value(text: str) -> Any:
+    """``--set``'s typing of a value: booleans and integers, else a string."""
+    if text in {"true", "false"}:
+        return text == "true"
+    return int(text) if text.isdigit() else text
+
+
+def readme_helm_commands() -> list[tuple[str, dict[str, Any]]]:
+    """Each `helm install`/`helm upgrade` of the README's Kubernetes section, with the values
+    it gives the chart: my-values.yaml, then its --set flags."""
+    section = readme_kubernetes_section()
+    heredoc = re.search(r"cat > my-values.yaml <<'YAML'\n(.*?)\nYAML\n", section, re.DOTALL)
+    assert heredoc, "the README's my-values.yaml was not found"
+    commands = []
+    for command in re.findall(r"^helm (?:install|upgrade) .*?(?<!\\)$", section, re.M | re.S):
+        words = command.replace("\\\n", " ").split()
+        assert words[2:8] == [
+            RELEASE,
+            "./helm/primeintellect-build-exporter",
+            "-n",
+            NAMESPACE,
+            "-f",
+            "my-values.yaml",
+        ]
+        values: dict[str, Any] = yaml.safe_load(heredoc.group(1))
+        for flag, assignment in zip(words[8::2], words[9::2], strict=True):
+            key, _, text = assignment.partition("=")
+            assert flag in {"--set", "--set-string"}, flag
+            set_value(values, key, text if flag == "--set-string" else helm_set_value(text))
+        commands.append((" ".join(words), values))
+    return commands
+
+
+def test_readme_kubernetes_section_says_what_the_chart_renders() -> None:
+    commands = readme_helm_commands()
+    assert [command.split()[1] for command, _ in commands] == ["install", "upgrade", "upgrade"]
+    installed, monitored, sharded = (render_chart(values) for _, values in commands)
+    assert installed.kinds()["Deployment"] == 1
+    assert not installed.all("ServiceMonitor")
+
+    assert {obj["kind"] for obj in monitored.objects} >= {"ServiceMonitor", "PrometheusRule"}
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        assert monitored.one(kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitored.one("ConfigMap", f"{FULLNAME}-dashboard")
+    section = readme_kubernetes_section()
+    job = service_monitor_job(monitored)
+    assert f'`job="{job}"`' in section
+    rules = rules_by_name(monitored)
+    assert all(f'up{{job="{job}"}}' in rules[name]["expr"] for name in EXPORTER_JOB_RULES)
+
+    statefulset = sharded.one("StatefulSet")
+    assert statefulset["spec"]["replicas"] == 3
+    assert {"--shard.count=3", "--shard.index=$(POD_NAME)"} <= set(sharded.container()["args"])
+    assert scraped_services(render_chart({**commands[2][1], **WITH_MONITORING})) == [FULLNAME]
+
+    state_path = yaml.safe_load(installed.config_text())["state"]["path"]
+    assert f"`{state_path}`" in section
+    assert "emptyDir" in section
+    volumes = {volume["name"]: volume for volume in installed.pod_spec()["volumes"]}
+    assert "emptyDir" in volumes["state"]
+    assert "--set persistence.enabled=true" in section
+    persistent = render_chart({**commands[0][1], "persistence": {"enabled": True}})
+    assert persistent.kinds()["PersistentVolumeClaim"] == 1

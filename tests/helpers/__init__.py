@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: running exporters, the driven clock, outside tools."""

@@ -1,0 +1,513 @@
+"""The real console script: exit codes, --once, --config.check, signals, --demo, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from exporter import __version__
+from exporter.demo.simulator import Fault, Simulator
+from tests.helpers.pki import Pki, tls_section
+from tests.helpers.support import (
+    CANARY_API_KEY,
+    SCRIPT,
+    SIGNAL_EXIT_BOUND,
+    SIMULATOR_SCRIPT,
+    Daemon,
+    environment,
+    forever_building,
+    run_script,
+    wait_until,
+)
+
+
+def write_config(directory: Path, base_url: str, build_ids: list[str], extra: str = "") -> Path:
+    path = directory / "config.yaml"
+    builds = "\n".join(f"  - {build_id}" for build_id in build_ids)
+    path.write_text(
+        f"api:\n  base_url: {base_url}\n  requests_per_second: 50\n"
+        f"polling:\n  interval: 1s\nbuilds:\n{builds}\n{extra}"
+    )
+    return path
+
+
+def test_version_flag_prints_the_version() -> None:
+    result = run_script("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"primeintellect-build-exporter {__version__}"
+
+
+def test_python_dash_m_exporter_runs_the_same_cli() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stdout.strip()) == (
+        0,
+        f"primeintellect-build-exporter {__version__}",
+    )
+
+
+def test_config_check_exits_zero_for_a_valid_config(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1", "b2"])
+    result = run_script(
+        "--config.file", str(config), "--config.check", env=environment(PRIME_API_KEY="k")
+    )
+    assert result.returncode == 0, result.stderr
+    assert "OK, 2 builds" in result.stdout
+
+
+def test_config_check_warns_about_curves_it_cannot_restrict(tmp_path: Path, pki: Pki) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"])
+    web_config = tmp_path / "web.yml"
+    web_config.write_text(tls_section(pki, curve_preferences="[X25519, CurveP256]"))
+    result = run_script(
+        "--config.file",
+        str(config),
+        "--web.config.file",
+        str(web_config),
+        "--config.check",
+        env=environment(PRIME_API_KEY="k"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {web_config}: tls_server_config.curve_preferences: " in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("polling_interval: 5s\n", "polling_interval: unknown key"),
+        ("web:\n  listen_address: nowhere\n", "web.listen_address"),
+    ],
+)
+def test_config_check_exits_one_and_names_the_field(
+    tmp_path: Path, extra: str, expected: str
+) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"], extra)
+    result = run_script(
+        "--config.file", str(config), "--config.check", env=environment(PRIME_API_KEY="k")
+    )
+    assert result.returncode == 1
+    assert expected in result.stderr
+    assert result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr
+
+
+SECRET_IN_URL = "pk-live-4f1e9c2b7a6d5e8f0a1b"
+# The odd configs a new user writes, as the console script answers them: exit code, a line it
+# must print, and what it must never print.
+ODD_CONFIGS = {
+    "stale_after_not_above_interval": (
+        "polling:\n  interval: 1m\n  stale_after: 30s\nbuilds: [a]\n",
+        {},
+        1,
+        "polling: stale_after (30s) must be longer than interval (1m), or healthy builds blink"
+        " out of /metrics between polls",
+    ),
+    "no_builds": (
+        "builds: []\n",
+        {},
+        0,
+        'msg="no builds to watch: list build IDs under builds or in the files build_files names"',
+    ),
+    "an_empty_file": (
+        "",
+        {},
+        0,
+        'msg="no builds to watch: list build IDs under builds or in the files build_files names"',
+    ),
+    "duplicate_ids": (
+        "builds: [a, b, a]\n",
+        {},
+        0,
+        'msg="duplicate build IDs ignored" count=1 build_ids=a',
+    ),
+    "a_key_in_the_base_url_query": (
+        f"api:\n  base_url: https://api.example/?key={SECRET_IN_URL}\nbuilds: [a]\n",
+        {},
+        1,
+        "api.base_url: 'https://api.example/' (with a query, not repeated) must not have a query"
+        " or fragment",
+    ),
+    "a_non_ascii_key": (
+        "builds: [a]\n",
+        {"PRIME_API_KEY": "pk-ünïcode"},
+        1,
+        "error: PRIME_API_KEY: the key holds spaces or characters an API key cannot have",
+    ),
+    "a_key_pasted_with_bearer": (
+        "builds: [a]\n",
+        {"PRIME_API_KEY": "Bearer pk-abc"},
+        0,
+        "OK, 1 builds",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "returncode", "expected"), ODD_CONFIGS.values(), ids=ODD_CONFIGS.keys()
+)
+def test_config_check_tells_the_truth_about_odd_configs(
+    tmp_path: Path, text: str, env: dict[str, str], returncode: int, expected: str
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    result = run_script(
+        "--config.file",
+        str(config),
+        "--config.check",
+        env=environment(**{"PRIME_API_KEY": "k", **env}),
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == returncode, output
+    assert expected in output
+    assert "Traceback" not in output
+    for secret in (SECRET_IN_URL, "pk-ünïcode", "pk-abc"):
+        assert secret not in output
+
+
+def test_config_check_fails_without_an_api_key(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"])
+    result = run_script("--config.file", str(config), "--config.check")
+    assert result.returncode == 1
+    assert "PRIME_API_KEY" in result.stderr
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_script("--config.file", str(tmp_path / "absent.yaml"), "--config.check")
+    assert result.returncode == 1
+    assert "cannot read the config file" in result.stderr
+
+
+def test_once_prints_the_exposition_and_exits_zero_when_every_poll_succeeds(
+    tmp_path: Path, simulator: Simulator
+) -> None:
+    simulator.add(forever_building("b1"))
+    simulator.add(forever_building("b2"))
+    config = write_config(tmp_path, simulator.base_url, ["b1", "b2"])
+    result = run_script(
+        "--config.file", str(config), "--once", env=environment(PRIME_API_KEY=CANARY_API_KEY)
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        'primeintellect_image_build_info{build_id="b2",image_name="app",image_tag="v1"} 1.0'
+        in result.stdout
+    )
+    assert len(simulator.requests()) == 2
+    assert CANARY_API_KEY not in result.stdout + result.stderr
+
+
+def test_once_exits_one_when_a_poll_fails_but_still_prints_everything(
+    tmp_path: Path, simulator: Simulator
+) -> None:
+    simulator.add(forever_building("b1"))
+    config = write_config(tmp_path, simulator.base_url, ["b1", "missing"])
+    result = run_script(
+        "--config.file", str(config), "--once", env=environment(PRIME_API_KEY=CANARY_API_KEY)
+    )
+    assert result.returncode == 1
+    assert (
+        'primeintellect_image_build_last_poll_error{build_id="missing",reason="not_found"} 1.0'
+        in result.stdout
+    )
+    assert 'primeintellect_image_build_last_poll_success{build_id="b1"} 1.0' in result.stdout
+
+
+def test_once_does_not_sit_out_a_long_rate_limit_pause(
+    tmp_path: Path, simulator: Simulator
+) -> None:
+    simulator.add(forever_building("b1"))
+    simulator.set_fault("b1", Fault.rate_limited(retry_after="600"))
+    config = write_config(tmp_path, simulator.base_url, ["b1"])
+    started = time.monotonic()
+    result = run_script(
+        "--config.file", str(config), "--once", env=environment(PRIME_API_KEY=CANARY_API_KEY)
+    )
+    # A pause past the 60 s deadline ends the run at once; real time is the point: the whole
+    # run takes about 1 s on a quiet machine, and ten times that bounds it on a busy one.
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1
+    assert (
+        'primeintellect_image_build_last_poll_error{build_id="b1",reason="rate_limited"} 1.0'
+        in result.stdout
+    )
+
+
+@pytest.mark.parametrize(
+    "signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"]
+)
+def test_a_signal_during_once_ends_it_with_one_line_and_no_traceback(
+    tmp_path: Path, simulator: Simulator, signal_number: int
+) -> None:
+    simulator.add(forever_building("b1"))
+    simulator.set_fault("b1", Fault.slow(delay=30))
+    config = write_config(tmp_path, simulator.base_url, ["b1"])
+    process = subprocess.Popen(
+        [SCRIPT, "--config.file", str(config), "--once"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(PRIME_API_KEY=CANARY_API_KEY),
+    )
+    try:
+        wait_until(lambda: simulator.requests("b1"), message="the slow request")
+        signalled = time.monotonic()
+        process.send_signal(signal_number)
+        # The request it cuts short would take 30 s: a hang, not slowness, fails the wait.
+        _, stderr = process.communicate(timeout=25)
+        took = time.monotonic() - signalled
+    finally:
+        process.kill()
+        process.wait()
+    assert took < SIGNAL_EXIT_BOUND, f"exited {took:.2f}s after the signal"
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "interrupted: --once stopped before every build was polled"
+    )
+
+
+@pytest.mark.parametrize(
+    "signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"]
+)
+def test_signals_stop_the_daemon_cleanly_and_promptly(
+    tmp_path: Path, simulator: Simulator, daemons: list[Daemon], signal_number: int
+) -> None:
+    simulator.add(forever_building("b1"))
+    config = write_config(
+        tmp_path, simulator.base_url, ["b1"], "web:\n  listen_address: 127.0.0.1:0\n"
+    )
+    daemon = Daemon("--config.file", str(config), env=environment(PRIME_API_KEY=CANARY_API_KEY))
+    daemons.append(daemon)
+    url = daemon.wait_for_url()
+    wait_until(lambda: httpx.get(url + "/-/ready").status_code == 200, message="readiness")
+    returncode, seconds, stderr = daemon.stop(signal_number)
+    assert returncode == 0, stderr
+    assert seconds < SIGNAL_EXIT_BOUND, f"exited {seconds:.2f}s after the signal"
+    assert "msg=stopped" in stderr
+    assert CANARY_API_KEY not in stderr
+
+
+def open_for_writing_once_read(fifo: Path) -> int:
+    """A writer's descriptor on ``fifo`` once the exporter has opened it to read; the
+    exporter's read then waits, as on a hung file system, until the writer closes."""
+
+    def writer() -> int | None:
+        try:
+            # Without a reader, a non-blocking open for writing fails with ENXIO.
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return None
+
+    descriptor: int = wait_until(writer, message=f"the exporter to open {fifo.name}")
+    return descriptor
+
+
+def ready_daemon(config: Path, daemons: list[Daemon]) -> Daemon:
+    daemon = Daemon("--config.file", str(config), env=environment(PRIME_API_KEY=CANARY_API_KEY))
+    daemons.append(daemon)
+    url = daemon.wait_for_url()
+    wait_until(lambda: httpx.get(url + "/-/ready").status_code == 200, message="readiness")
+    return daemon
+
+
+def assert_sigterm_stops_it_promptly_while_reading(daemon: Daemon, fifo: Path) -> None:
+    writer = open_for_writing_once_read(fifo)
+    try:
+        returncode, seconds, stderr = daemon.stop(signal.SIGTERM)
+    finally:
+        os.close(writer)
+    assert returncode == 0, stderr
+    assert seconds < SIGNAL_EXIT_BOUND, f"exited {seconds:.2f}s after the signal"
+    assert "msg=stopped" in stderr
+
+
+def test_sigterm_during_a_hung_build_file_read_exits_promptly(
+    tmp_path: Path, simulator: Simulator, daemons: list[Daemon]
+) -> None:
+    simulator.add(forever_building("b1"))
+    builds = tmp_path / "builds.d"
+    builds.mkdir()
+    (builds / "team.txt").write_text("b1\n")
+    config = write_config(
+        tmp_path,
+        simulator.base_url,
+        [],
+        f"build_files:\n  - {builds}/*.txt\nweb:\n  listen_address: 127.0.0.1:0\n",
+    )
+    config.write_text(
+        config.read_text().replace(
+            "polling:\n", "polling:\n  build_files_refresh_interval: 100ms\n"
+        )
+    )
+    daemon = ready_daemon(config, daemons)
+    os.mkfifo(builds / "stuck.txt")
+    assert_sigterm_stops_it_promptly_while_reading(daemon, builds / "stuck.txt")
+
+
+def test_sigterm_during_a_hung_config_read_exits_promptly(
+    tmp_path: Path, simulator: Simulator, daemons: list[Daemon]
+) -> None:
+    simulator.add(forever_building("b1"))
+    config = write_config(
+        tmp_path, simulator.base_url, ["b1"], "web:\n  listen_address: 127.0.0.1:0\n"
+    )
+    daemon = ready_daemon(config, daemons)
+    # The config file becomes one whose read never ends, then SIGHUP asks for it.
+    fifo = tmp_path / "hung.yaml"
+    os.mkfifo(fifo)
+    fifo.replace(config)
+    daemon.process.send_signal(signal.SIGHUP)
+    assert_sigterm_stops_it_promptly_while_reading(daemon, config)
+
+
+def test_json_logs_are_one_object_per_line_without_the_key(
+    tmp_path: Path, simulator: Simulator, daemons: list[Daemon]
+) -> None:
+    config = write_config(
+        tmp_path, simulator.base_url, ["gone"], "web:\n  listen_address: 127.0.0.1:0\n"
+    )
+    daemon = Daemon(
+        "--config.file",
+        str(config),
+        "--log.format",
+        "json",
+        "--log.level",
+        "debug",
+        env=environment(PRIME_API_KEY=CANARY_API_KEY),
+    )
+    daemons.append(daemon)
+    url = daemon.wait_for_url()
+    # Ready no longer waits for a first poll, so wait for the failed poll itself.
+    wait_until(
+        lambda: (
+            'last_poll_error{build_id="gone",reason="not_found"} 1.0'
+            in httpx.get(url + "/metrics").text
+        ),
+        message="the failed poll of 'gone'",
+    )
+    _, _, stderr = daemon.stop()
+    records = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    failures = [r for r in records if r["msg"] == "poll failed"]
+    assert failures
+    assert failures[0]["reason"] == "not_found"
+    assert failures[0]["build_id"] == "gone"
+    assert {"ts", "level", "msg"} <= set(records[0])
+    # The start-up line says which API and where the key came from, never the key.
+    (started,) = [r for r in records if r["msg"] == "listening"]
+    assert started["api_base_url"] == simulator.base_url
+    assert started["api_key_source"] == "PRIME_API_KEY"
+    assert CANARY_API_KEY not in stderr
+
+
+def test_a_person_who_ran_prime_login_needs_no_other_key(
+    tmp_path: Path, simulator: Simulator, daemons: list[Daemon]
+) -> None:
+    simulator.add(forever_building("mine"))
+    login_file = tmp_path / "home" / ".prime" / "config.json"
+    login_file.parent.mkdir(parents=True)
+    login_file.write_text(json.dumps({"api_key": CANARY_API_KEY, "team_id": None}))
+    config = write_config(
+        tmp_path, simulator.base_url, ["mine"], "web:\n  listen_address: 127.0.0.1:0\n"
+    )
+    env = {**environment(), "HOME": str(tmp_path / "home")}
+    daemon = Daemon("--config.file", str(config), "--log.format", "json", env=env)
+    daemons.append(daemon)
+    url = daemon.wait_for_url()
+    wait_until(
+        lambda: 'last_poll_success{build_id="mine"} 1.0' in httpx.get(url + "/metrics").text,
+        message="a poll with the prime login key",
+    )
+    _, _, stderr = daemon.stop()
+    records = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    (started,) = [r for r in records if r["msg"] == "listening"]
+    assert started["api_key_source"] == f"{login_file} (prime login)"
+    assert CANARY_API_KEY not in stderr
+
+
+def test_the_open_file_soft_limit_is_raised_to_the_hard_limit(daemons: list[Daemon]) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip("the hard open-file limit is too low to lower the soft one under it")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        # The child inherits the low soft limit, as from a shell's default of 1024.
+        daemon = Daemon("--demo", "--web.listen-address", "127.0.0.1:0", env=environment())
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    daemons.append(daemon)
+    daemon.wait_for_url()
+    limits = Path(f"/proc/{daemon.process.pid}/limits").read_text()
+    open_files = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    expected = "1048576" if hard == resource.RLIM_INFINITY else str(hard)
+    assert open_files.split()[3] == expected, open_files
+
+
+def test_demo_serves_simulated_builds_without_an_api_key(daemons: list[Daemon]) -> None:
+    daemon = Daemon("--demo", "--web.listen-address", "127.0.0.1:0", env=environment())
+    daemons.append(daemon)
+    url = daemon.wait_for_url()
+    assert httpx.get(url + "/-/ready").status_code == 200
+    missing = 'primeintellect_image_build_last_poll_error{build_id="cmdemo0gone0009"'
+    metrics = wait_until(
+        lambda: (text := httpx.get(url + "/metrics").text) and missing in text and text,
+        message="every demo build polled",
+    )
+    assert 'image_name="inference-server"' in metrics
+    assert f'{missing},reason="not_found"}} 1.0' in metrics
+    returncode, _, _ = daemon.stop()
+    assert returncode == 0
+
+
+def test_address_in_use_is_a_clear_error(simulator: Simulator, tmp_path: Path) -> None:
+    with socket.socket() as occupied:
+        occupied.bind(("127.0.0.1", 0))
+        occupied.listen()
+        port = occupied.getsockname()[1]
+        config = write_config(
+            tmp_path, simulator.base_url, ["b1"], f"web:\n  listen_address: 127.0.0.1:{port}\n"
+        )
+        result = run_script(
+            "--config.file", str(config), env=environment(PRIME_API_KEY=CANARY_API_KEY)
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_simulator_runs_on_its_own() -> None:
+    with subprocess.Popen(
+        [SIMULATOR_SCRIPT, "--listen-address", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=environment(PRIME_API_KEY=CANARY_API_KEY),
+    ) as process:
+        try:
+            assert process.stdout is not None
+            first_line = process.stdout.readline()
+            match = re.search(r"(http://127\.0\.0\.1:\d+)", first_line)
+            assert match, first_line
+            response = httpx.get(
+                match.group(1) + "/api/v1/images/build/cmdemo0web0001",
+                headers={"Authorization": f"Bearer {CANARY_API_KEY}"},
+            )
+            assert response.status_code == 200
+            assert response.json()["imageName"] == "web-frontend"
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=10) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()

@@ -1,0 +1,283 @@
+"""The kept /metrics body is always byte-for-byte what prometheus_client writes."""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+
+import pytest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from exporter.demo.simulator import random_plans
+from exporter.exposition import BUILD_FAMILY_COUNT, OPENMETRICS_EOF, ExpositionFormat, render
+from exporter.exposition_cache import CHUNK_SIZE, FEW_CHANGED_BUILDS, Body, ExpositionCache
+from exporter.models import Outcome, parse_build
+from exporter.store import BuildStore
+from tests.helpers.support import EPOCH, build_families
+
+FORMATS = [ExpositionFormat.TEXT, ExpositionFormat.OPENMETRICS]
+
+
+def tail_families() -> list[Metric]:
+    return [GaugeMetricFamily("primeintellect_exporter_test_tail", "Per-scrape part.", value=1.0)]
+
+
+def expected(store: BuildStore, format: ExpositionFormat, max_artifacts: int = 64) -> bytes:
+    """What prometheus_client writes for the same families in one go."""
+    builds = render(build_families(store.snapshot(), max_artifacts), format)
+    return builds.removesuffix(OPENMETRICS_EOF) + render(tail_families(), format)
+
+
+class Scenario:
+    """A store of simulated builds that changes at random, with a seed."""
+
+    def __init__(self, count: int, seed: int) -> None:
+        self.random = random.Random(seed)
+        self.plans = {plan.build_id: plan for plan in random_plans(count, EPOCH, self.random)}
+        self.store = BuildStore()
+        self.store.track(self.plans)
+        for build_id in self.plans:
+            self.poll(build_id)
+
+    def poll(self, build_id: str) -> None:
+        moment = EPOCH + self.random.uniform(0, 3000)
+        payload = json.dumps(self.plans[build_id].payload(moment)).encode()
+        self.store.record_success(build_id, parse_build(payload), moment)
+
+    def change_something(self) -> None:
+        build_id = self.random.choice(sorted(self.plans))
+        action = self.random.random()
+        if action < 0.6:
+            self.poll(build_id)
+        elif action < 0.8:
+            self.store.record_failure(build_id, self.random.choice(list(Outcome)[1:]))
+        elif action < 0.9:
+            self.store.sweep(EPOCH + 10**6, stale_after=1)
+        else:
+            kept = [other for other in self.plans if other != build_id or action < 0.95]
+            new = f"zz-new-{self.random.randrange(10**6)}"
+            self.store.track([*kept, new])
+
+
+@pytest.mark.parametrize("format", FORMATS, ids=["text", "openmetrics"])
+def test_kept_body_matches_prometheus_client_through_many_changes(
+    format: ExpositionFormat,
+) -> None:
+    scenario = Scenario(count=CHUNK_SIZE * 2 + 17, seed=1)
+    cache = ExpositionCache(scenario.store.snapshot, tail_families)
+    for _ in range(40):
+        assert cache.body(format, gzip=False).join() == expected(scenario.store, format)
+        scenario.change_something()
+
+
+@pytest.mark.parametrize("format", FORMATS, ids=["text", "openmetrics"])
+def test_gzip_body_is_one_member_holding_the_same_bytes(format: ExpositionFormat) -> None:
+    # Several chunks, so segments are made anew after a changed one, and kept.
+    scenario = Scenario(count=CHUNK_SIZE * 4 + 5, seed=2)
+    cache = ExpositionCache(scenario.store.snapshot, tail_families)
+    for _ in range(40):
+        body = cache.body(format, gzip=True)
+        raw = body.join()
+        assert len(raw) == body.length
+        decompressor = zlib.decompressobj(wbits=31)
+        assert decompressor.decompress(raw) == expected(scenario.store, format)
+        assert decompressor.eof
+        assert decompressor.unused_data == b""
+        scenario.change_something()
+
+
+def test_empty_store_renders_headers_only() -> None:
+    store = BuildStore()
+    cache = ExpositionCache(store.snapshot, tail_families)
+    for format in FORMATS:
+        assert cache.body(format, gzip=False).join() == expected(store, format)
+
+
+def test_changing_the_artifact_limit_renders_again() -> None:
+    scenario = Scenario(count=10, seed=3)
+    cache = ExpositionCache(scenario.store.snapshot, tail_families)
+    before = cache.body(ExpositionFormat.TEXT, gzip=False).join()
+    cache.set_max_artifacts_per_build(1)
+    after = cache.body(ExpositionFormat.TEXT, gzip=False).join()
+    assert after != before
+    assert after == expected(scenario.store, ExpositionFormat.TEXT, max_artifacts=1)
+    assert b"primeintellect_image_build_artifacts_omitted{" in after
+
+
+@pytest.mark.parametrize("format", FORMATS)
+@pytest.mark.parametrize("gzip", [False, True])
+def test_a_kept_body_is_brought_up_to_date_for_a_few_changed_builds_only(
+    format: ExpositionFormat, gzip: bool
+) -> None:
+    scenario = Scenario(150, seed=7)
+    cache = ExpositionCache(scenario.store.snapshot, tail_families)
+
+    def plain(body: Body) -> bytes:
+        return zlib.decompress(body.join(), wbits=31) if gzip else body.join()
+
+    assert cache.kept_body(format, gzip=gzip) is None  # nothing rendered yet
+    rendered = cache.body(format, gzip=gzip).join()
+    kept = cache.kept_body(format, gzip=gzip)
+    assert kept is not None
+    assert kept.join() == rendered
+    # A few changes: the kept body is brought up to date in place.
+    for _ in range(3):
+        scenario.change_something()
+    kept = cache.kept_body(format, gzip=gzip)
+    assert kept is not None
+    assert plain(kept) == expected(scenario.store, format)
+    # Many: left to a full body() call, off the event loop.
+    for build_id in list(scenario.store.snapshot().records)[: FEW_CHANGED_BUILDS + 1]:
+        scenario.store.record_failure(build_id, Outcome.TIMEOUT)
+    assert cache.kept_body(format, gzip=gzip) is None
+    assert plain(cache.body(format, gzip=gzip)) == expected(scenario.store, format)
+
+
+def test_a_variant_never_asked_for_is_not_made_by_kept_body() -> None:
+    scenario = Scenario(20, seed=8)
+    cache = ExpositionCache(scenario.store.snapshot, tail_families)
+    cache.body(ExpositionFormat.TEXT, gzip=False)
+    assert cache.kept_body(ExpositionFormat.TEXT, gzip=True) is None
+    assert cache.kept_body(ExpositionFormat.OPENMETRICS, gzip=False) is None
+
+
+def test_a_variant_of_the_other_format_is_dropped_once_the_chunks_move_on() -> None:
+    # Kept, it would hold the old chunks' bytes for as long as nobody asked for it again.
+    scenario = Scenario(40, seed=9)
+    cache = ExpositionCache(scenario.store.snapshot, tail_families)
+    for format in FORMATS:
+        cache.body(format, gzip=True)
+    scenario.poll(sorted(scenario.plans)[0])
+    assert cache.kept_body(ExpositionFormat.OPENMETRICS, gzip=True) is not None
+    assert cache.kept_body(ExpositionFormat.TEXT, gzip=True) is None
+    body = cache.body(ExpositionFormat.TEXT, gzip=True).join()
+    assert zlib.decompress(body, wbits=31) == expected(scenario.store, ExpositionFormat.TEXT)
+
+
+class ChangingTail:
+    """Per-scrape families whose values, labels and membership change between scrapes."""
+
+    def __init__(self, seed: int) -> None:
+        self.random = random.Random(seed)
+        self.values = {"steady": 1.0, "moving": 0.0}
+
+    def change(self) -> None:
+        self.values["moving"] += self.random.choice([0.0, 1.0, 0.5])
+        # A family that comes and goes; NaN never equals itself, so it is always new.
+        if self.random.random() < 0.3 and self.values.pop("sometimes", None) is None:
+            self.values["sometimes"] = float("nan")
+
+    def families(self) -> list[Metric]:
+        families: list[Metric] = []
+        for name, value in self.values.items():
+            family = GaugeMetricFamily(
+                f"primeintellect_exporter_test_{name}", f"{name} \\ \n part.", labels=("kind",)
+            )
+            family.add_metric(('quoted "' + name + '"',), value)
+            families.append(family)
+        return families
+
+
+@pytest.mark.parametrize("format", FORMATS, ids=["text", "openmetrics"])
+@pytest.mark.parametrize("gzip", [False, True], ids=["plain", "gzip"])
+def test_per_scrape_families_show_their_current_values_on_every_scrape(
+    format: ExpositionFormat, gzip: bool
+) -> None:
+    scenario = Scenario(count=20, seed=11)
+    tail = ChangingTail(seed=12)
+    cache = ExpositionCache(scenario.store.snapshot, tail.families)
+    builds = render(build_families(scenario.store.snapshot()), format).removesuffix(OPENMETRICS_EOF)
+    for _ in range(30):
+        kept = cache.kept_body(format, gzip=gzip)
+        body = (kept or cache.body(format, gzip=gzip)).join()
+        plain = zlib.decompress(body, wbits=31) if gzip else body
+        assert plain == builds + render(tail.families(), format)
+        tail.change()
+
+
+def new_pieces(before: Body, after: Body) -> list[bytes]:
+    """Pieces of ``after`` that are not objects of ``before``: what was rendered anew."""
+    kept = {id(piece) for piece in before.pieces}
+    return [piece for piece in after.pieces if id(piece) not in kept]
+
+
+def build_pieces(pieces: list[bytes]) -> list[bytes]:
+    # The summary families (builds by state) change with any change of the tracked set.
+    return [piece for piece in pieces if b"primeintellect_exporter_builds{" not in piece]
+
+
+def middle_id(store: BuildStore) -> str:
+    ids = sorted(store.snapshot().records)
+    return ids[len(ids) // 2] + "-inserted"
+
+
+@pytest.mark.parametrize("change", ["add", "remove", "add and remove"])
+def test_a_change_of_the_tracked_set_renders_only_the_chunks_of_the_builds_it_touches(
+    change: str,
+) -> None:
+    scenario = Scenario(count=CHUNK_SIZE * 6, seed=21)
+    cache = ExpositionCache(scenario.store.snapshot, list)
+    before = cache.body(ExpositionFormat.TEXT, gzip=False)
+    chunks_before = cache.placement()
+    tracked = sorted(scenario.store.snapshot().records)
+    touched = set()
+    if "add" in change:
+        touched.add(middle_id(scenario.store))
+        tracked.append(middle_id(scenario.store))
+    if "remove" in change:
+        touched.add(tracked.pop(5))
+    scenario.store.track(tracked)
+    after = cache.body(ExpositionFormat.TEXT, gzip=False)
+    assert after.join() == render(build_families(scenario.store.snapshot()), ExpositionFormat.TEXT)
+    chunks_after = cache.placement()
+    # Every chunk but the one each touched build falls in is still there, with the same
+    # builds...
+    changed = [chunk for chunk in chunks_before if chunk not in chunks_after]
+    assert len(changed) == len(touched)
+    assert len(chunks_after) == len(chunks_before)
+    # ...and its bytes were not rendered again: new pieces come from one chunk per touched
+    # build, at most one piece per family each.
+    rendered_again = build_pieces(new_pieces(before, after))
+    assert 0 < len(rendered_again) <= len(touched) * BUILD_FAMILY_COUNT
+
+
+def test_placement_survives_a_reload_that_keeps_the_tracked_set() -> None:
+    scenario = Scenario(count=CHUNK_SIZE * 4, seed=22)
+    cache = ExpositionCache(scenario.store.snapshot, list)
+    before = cache.body(ExpositionFormat.OPENMETRICS, gzip=True)
+    chunks = cache.placement()
+    scenario.store.track(sorted(scenario.store.snapshot().records, reverse=True))
+    after = cache.body(ExpositionFormat.OPENMETRICS, gzip=True)
+    assert cache.placement() == chunks
+    assert after.pieces == before.pieces
+
+
+def test_chunks_stay_bounded_as_builds_come_and_go() -> None:
+    scenario = Scenario(count=CHUNK_SIZE, seed=23)
+    cache = ExpositionCache(scenario.store.snapshot, list)
+    rng = random.Random(24)
+    tracked = sorted(scenario.store.snapshot().records)
+    for round_number in range(30):
+        # Grow in the middle and at the end, shrink at random.
+        tracked += [f"{rng.choice(tracked)}-{round_number}-{n}" for n in range(20)]
+        for _ in range(rng.randrange(15)):
+            tracked.remove(rng.choice(tracked))
+        scenario.store.track(tracked)
+        body = cache.body(ExpositionFormat.TEXT, gzip=False).join()
+        assert body == render(build_families(scenario.store.snapshot()), ExpositionFormat.TEXT)
+    placement = cache.placement()
+    assert [build_id for chunk in placement for build_id in chunk] == sorted(tracked)
+    assert all(0 < len(chunk) <= 2 * CHUNK_SIZE for chunk in placement)
+
+
+def test_a_reader_behind_a_restarted_change_log_renders_everything_again() -> None:
+    scenario = Scenario(count=10, seed=25)
+    cache = ExpositionCache(scenario.store.snapshot, tail_families)
+    cache.body(ExpositionFormat.TEXT, gzip=True)
+    # Far more changes than the log keeps for ten builds.
+    for _ in range(3000):
+        scenario.change_something()
+    assert scenario.store.snapshot().changed_since(1) is None
+    body = cache.body(ExpositionFormat.TEXT, gzip=True).join()
+    assert zlib.decompress(body, wbits=31) == expected(scenario.store, ExpositionFormat.TEXT)

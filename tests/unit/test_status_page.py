@@ -1,0 +1,77 @@
+"""The status page's judgement of each build, on a driven clock: what counts as a problem."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from exporter.demo.simulator import BuildPlan
+from exporter.models import Outcome, parse_build
+from exporter.store import BuildRecord
+from exporter.web.status_page import Problem, problem_of
+from tests.helpers.support import EPOCH
+
+HOUR = 3600.0
+
+
+def record(plan: BuildPlan, at: float, **fields: object) -> BuildRecord:
+    """The record of a build last answered at ``at``, as the store keeps it."""
+    build = parse_build(json.dumps(plan.payload(at)).encode())
+    values: dict[str, object] = {
+        "polled": True,
+        "last_poll_ok": True,
+        "last_success_time": at,
+        "last_poll_time": at,
+        "finished": build.finished,
+        **fields,
+    }
+    return BuildRecord(plan.build_id, build, **values)  # type: ignore[arg-type]
+
+
+PENDING = BuildPlan("pending", "app", "v1", EPOCH, pending=math.inf)
+BUILDING = BuildPlan("building", "app", "v1", EPOCH, 60, 60, math.inf)
+FAILED = BuildPlan("failed", "app", "v1", EPOCH, 10, 10, 10, outcome="FAILED")
+COMPLETED = BuildPlan("completed", "app", "v1", EPOCH, 10, 10, 10)
+
+
+@pytest.mark.parametrize(
+    ("build", "now", "fields", "problem"),
+    [
+        (PENDING, EPOCH + 59 * 60, {}, Problem.NONE),
+        (PENDING, EPOCH + HOUR + 1, {}, Problem.STUCK),
+        # Started (UPLOADING) at EPOCH + 60: stuck an hour from then, not from creation.
+        (BUILDING, EPOCH + HOUR + 60, {}, Problem.NONE),
+        (BUILDING, EPOCH + HOUR + 121, {}, Problem.STUCK),
+        (FAILED, EPOCH + 60, {}, Problem.FAILED),
+        # A failed build whose polls now fail is still, first of all, failed.
+        (
+            FAILED,
+            EPOCH + 60,
+            {"last_poll_ok": False, "last_error": Outcome.TIMEOUT},
+            Problem.FAILED,
+        ),
+        (COMPLETED, EPOCH + 9 * HOUR, {}, Problem.NONE),
+        (
+            COMPLETED,
+            EPOCH + 60,
+            {"last_poll_ok": False, "last_error": Outcome.TIMEOUT},
+            Problem.POLL_FAILING,
+        ),
+    ],
+)
+def test_a_build_is_judged_as_the_alerts_judge_it(
+    build: BuildPlan, now: float, fields: dict[str, object], problem: Problem
+) -> None:
+    assert problem_of(record(build, now, **fields), now) == problem
+
+
+def test_an_unfinished_build_without_a_good_poll_for_ten_minutes_is_stale() -> None:
+    answered = EPOCH + 300
+    fresh = record(BUILDING, answered)
+    assert problem_of(fresh, answered + 599) is Problem.NONE
+    assert problem_of(fresh, answered + 601) is Problem.STALE
+    # A finished build's last answer never goes stale: it cannot change.
+    done = record(COMPLETED, EPOCH + 60)
+    assert problem_of(done, EPOCH + 60 + 7 * 24 * HOUR) is Problem.NONE

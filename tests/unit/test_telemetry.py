@@ -1,0 +1,88 @@
+"""The exporter's own health: when the API counts as up, on a clock the test drives."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from exporter.models import API_DOWN_OUTCOMES, Outcome
+from exporter.telemetry import API_DOWN_AFTER_SECONDS, Telemetry
+from tests.helpers.clock import DrivenClock
+
+
+@pytest.fixture
+def clock() -> DrivenClock:
+    return DrivenClock()
+
+
+def answer(telemetry: Telemetry, clock: DrivenClock, outcome: Outcome, at: float) -> None:
+    """Advance the clock to ``at`` seconds after its start, then record one answer."""
+    clock.advance(at - clock.elapsed())
+    telemetry.observe_request(outcome, 0.01)
+
+
+def test_api_up_is_absent_before_any_request(clock: DrivenClock) -> None:
+    assert Telemetry(clock.monotonic).snapshot().api_up is None
+
+
+def test_one_failing_build_among_good_ones_never_turns_api_up_off(clock: DrivenClock) -> None:
+    telemetry = Telemetry(clock.monotonic)
+    outcomes = itertools.cycle([Outcome.OK, Outcome.OK, Outcome.SERVER_ERROR])
+    seen = set()
+    for second in range(0, 900, 1):
+        answer(telemetry, clock, next(outcomes), at=second)
+        seen.add(telemetry.snapshot().api_up)
+    assert seen == {True}
+
+
+@pytest.mark.parametrize("outcome", sorted(API_DOWN_OUTCOMES))
+def test_api_up_reads_zero_once_unusable_answers_have_come_for_a_minute(
+    clock: DrivenClock, outcome: Outcome
+) -> None:
+    telemetry = Telemetry(clock.monotonic)
+    answer(telemetry, clock, Outcome.OK, at=0)
+    for second in range(1, int(API_DOWN_AFTER_SECONDS) + 1, 5):
+        answer(telemetry, clock, outcome, at=second)
+    # 56 s of failures: still up.
+    assert telemetry.snapshot().api_up is True
+    answer(telemetry, clock, outcome, at=1 + API_DOWN_AFTER_SECONDS)
+    assert telemetry.snapshot().api_up is False
+
+
+def test_api_up_is_one_again_at_the_next_usable_answer(clock: DrivenClock) -> None:
+    telemetry = Telemetry(clock.monotonic)
+    answer(telemetry, clock, Outcome.TIMEOUT, at=0)
+    answer(telemetry, clock, Outcome.TIMEOUT, at=120)
+    assert telemetry.snapshot().api_up is False
+    answer(telemetry, clock, Outcome.NOT_FOUND, at=121)
+    assert telemetry.snapshot().api_up is True
+    # A new run of failures counts its minute afresh.
+    answer(telemetry, clock, Outcome.TIMEOUT, at=122)
+    answer(telemetry, clock, Outcome.TIMEOUT, at=181)
+    assert telemetry.snapshot().api_up is True
+
+
+def test_an_api_that_never_answered_usably_is_unknown_for_a_minute_then_down(
+    clock: DrivenClock,
+) -> None:
+    telemetry = Telemetry(clock.monotonic)
+    answer(telemetry, clock, Outcome.CONNECTION_ERROR, at=0)
+    answer(telemetry, clock, Outcome.CONNECTION_ERROR, at=30)
+    assert telemetry.snapshot().api_up is None
+    answer(telemetry, clock, Outcome.CONNECTION_ERROR, at=60)
+    assert telemetry.snapshot().api_up is False
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [Outcome.FORBIDDEN, Outcome.RATE_LIMITED, Outcome.INVALID_RESPONSE, Outcome.CLIENT_ERROR],
+)
+def test_answers_about_one_build_or_the_budget_count_as_usable(
+    clock: DrivenClock, outcome: Outcome
+) -> None:
+    telemetry = Telemetry(clock.monotonic)
+    answer(telemetry, clock, Outcome.SERVER_ERROR, at=0)
+    answer(telemetry, clock, outcome, at=59)
+    answer(telemetry, clock, Outcome.SERVER_ERROR, at=100)
+    assert telemetry.snapshot().api_up is True
