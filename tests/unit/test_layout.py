@@ -12,6 +12,31 @@ from pathlib import Path
 from tests.helpers.support import REPOSITORY
 
 TESTS = REPOSITORY / "tests"
+PACKAGE = REPOSITORY / "exporter"
+# The data flow, bottom to top: a module imports only modules of a lower layer, so the
+# import graph has no circle and nothing imports back up. A new module gets its layer here.
+LAYERS: tuple[frozenset[str], ...] = tuple(
+    frozenset(layer.split())
+    for layer in (
+        "exporter exporter.logs exporter.blocking exporter.demo exporter.web",
+        "exporter.models exporter.config",
+        "exporter.telemetry",
+        "exporter.store",
+        "exporter.state exporter.api",
+        "exporter.poller",
+        "exporter.discovery exporter.metrics",
+        "exporter.exposition",
+        "exporter.exposition_cache exporter.web.auth exporter.web.connections",
+        "exporter.web.webconfig exporter.web.status_page",
+        "exporter.web.server exporter.reload",
+        "exporter.app",
+        "exporter.cli",
+        "exporter.__main__",
+    )
+)
+# The demo stands apart: the simulator imports nothing of the exporter, and only the two
+# command lines import it.
+DEMO = ("exporter.demo.simulator", "exporter.demo.cli")
 # What starts an outside tool: Prometheus, promtool, Alertmanager, hadolint, Helm's engine,
 # chromium.
 TOOLING_ENTRY_POINTS = frozenset(
@@ -156,6 +181,65 @@ def test_the_layout_check_finds_a_test_that_reaches_a_tool_through_a_helper(
     assert unmarked_tooling_tests(module) == ["test_through_a_fixture"]
 
 
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPOSITORY).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Each module of the exporter package, and the package's modules it imports."""
+    return {
+        module_name(path): {
+            module for module in imported_modules(path) if module.split(".")[0] == "exporter"
+        }
+        for path in sorted(PACKAGE.rglob("*.py"))
+    }
+
+
+def layer_of(module: str) -> int | None:
+    return next((rank for rank, layer in enumerate(LAYERS) if module in layer), None)
+
+
+def upward_imports(imports: dict[str, set[str]]) -> list[str]:
+    """Imports that do not run down the layers, and modules that have no layer."""
+    problems = [
+        f"{module} has no layer in LAYERS"
+        for module in imports
+        if module not in DEMO and layer_of(module) is None
+    ]
+    for module, imported in imports.items():
+        if module in DEMO:
+            allowed = {"exporter.demo.simulator"} if module == "exporter.demo.cli" else set()
+            problems += [f"{module} imports {name}" for name in sorted(imported - allowed)]
+            continue
+        rank = layer_of(module)
+        for name in sorted(imported):
+            if name in DEMO and module == "exporter.cli":
+                continue
+            target = layer_of(name)
+            if rank is not None and (target is None or target >= rank):
+                problems.append(f"{module} imports {name}, which is not below it")
+    return problems
+
+
+def test_imports_run_down_the_data_flow_with_no_circle() -> None:
+    assert upward_imports(package_imports()) == []
+
+
+def test_the_layer_check_finds_an_import_back_up_and_a_module_without_a_layer() -> None:
+    imports = {
+        "exporter.store": {"exporter.metrics"},
+        "exporter.metrics": {"exporter.store"},
+        "exporter.newcomer": set(),
+        "exporter.demo.simulator": {"exporter.models"},
+    }
+    assert upward_imports(imports) == [
+        "exporter.newcomer has no layer in LAYERS",
+        "exporter.store imports exporter.metrics, which is not below it",
+        "exporter.demo.simulator imports exporter.models",
+    ]
+
+
 def test_the_store_metrics_and_state_do_not_import_the_http_client() -> None:
     # The outcome vocabulary lives with the models, so rendering never loads httpx.
     script = (
@@ -168,23 +252,6 @@ def test_the_store_metrics_and_state_do_not_import_the_http_client() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPOSITORY
     )
     assert result.stdout.strip() == "[]"
-
-
-def test_the_simulator_never_imports_a_command_line() -> None:
-    """exporter.demo.simulator is a library of the exporter's tests and demo: only the two CLIs
-    (exporter.cli, exporter.demo.cli) import it, never the other way round."""
-    source = (REPOSITORY / "exporter" / "demo" / "simulator.py").read_text()
-    imported = {
-        node.module
-        for node in ast.walk(ast.parse(source))
-        if isinstance(node, ast.ImportFrom) and node.module
-    } | {
-        alias.name
-        for node in ast.walk(ast.parse(source))
-        if isinstance(node, ast.Import)
-        for alias in node.names
-    }
-    assert imported & {"exporter.cli", "exporter.demo.cli"} == set()
 
 
 def test_every_deployment_test_carries_the_tooling_marker() -> None:
