@@ -128,9 +128,11 @@ class Poller:
         self._failures: dict[str, int] = {}
         self._sequence = 0
         self._in_flight: dict[asyncio.Task[None], str] = {}
-        self._budget = budget or RequestBudget(
-            fetcher, telemetry, settings.budget, wall_clock=wall_clock, clock=self._time
-        )
+        if budget is None:
+            budget = RequestBudget(
+                fetcher, telemetry, settings.budget, wall_clock=wall_clock, clock=self._time
+            )
+        self._budget = budget
         # One loop dispatches every request: it wakes for the budget's changes and its own.
         self._wakeup = self._budget.wakeup
         # Builds waiting for the budget's pause (after a 429 or a rejected key) to end.
