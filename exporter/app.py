@@ -1,4 +1,5 @@
-"""Wiring: one configuration turned into a running client, poller, store and HTTP server."""
+"""Wiring: one configuration turned into a running client, request budget, poller, store and
+HTTP server."""
 
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from prometheus_client.registry import CollectorRegistry
 from exporter import __version__
 from exporter.api import BuildStatusClient
 from exporter.blocking import in_daemon_thread
+from exporter.budget import Clock, RequestBudget
 from exporter.config import Config
 from exporter.discovery import ImageDiscovery
 from exporter.exposition import ExpositionFormat
 from exporter.exposition_cache import ExpositionCache
 from exporter.metrics import exporter_families, inventory_families
-from exporter.poller import Clock, Poller, PollSettings
+from exporter.poller import Poller, PollSettings
 from exporter.reload import Reloader
 from exporter.state import Restored, StateSync, open_state
 from exporter.store import BuildStore, ImageInventory, Inventory
@@ -149,14 +151,20 @@ class Exporter:
             self.telemetry, self.inventory, lambda: self.discovers_images
         )
         self.client = create_client(config)
+        settings = poll_settings(config)
+        # The key's one budget: build polls and the image listing's pages spend it alike.
+        self.budget = RequestBudget(
+            self.client, self.telemetry, settings.budget, wall_clock=wall_clock, clock=clock
+        )
         self.poller = Poller(
             self.client,
             self.store,
             self.telemetry,
-            poll_settings(config),
+            settings,
             wall_clock=wall_clock,
             clock=clock,
             on_internal_error=self.internal_error,
+            budget=self.budget,
         )
         self.poller.set_builds(config.owned_build_ids)
         self.telemetry.set_state_restored_builds(
@@ -173,7 +181,7 @@ class Exporter:
         self._poller_task: asyncio.Task[None] | None = None
         self.discovery = ImageDiscovery(
             lambda: self.client,
-            self.poller,
+            self.budget.listing("image listing"),
             self.inventory,
             self.telemetry,
             config.file.discovery.images,
@@ -320,6 +328,7 @@ class Exporter:
             # Requests in flight finish on the old client before it closes.
             self._retired_clients.append(old_client)
             self._in_background(self._close_later(old_client, old.api.timeout + 1))
+        # The request budget's settings and client change with the poller's.
         self.poller.update(poll_settings(config), self.client)
         self.discovery.update(config.file.discovery.images)
         self.cache.set_max_artifacts_per_build(config.metrics.max_artifacts_per_build)

@@ -1,11 +1,11 @@
 """Image discovery: every image of the key's scope from ``GET /api/v1/images``, no build IDs.
 
 Every ``discovery.images.interval`` the whole listing is read, page by page, each request
-taking a slot of the poller's (the key's one request budget, its 429 and key pauses, its
-concurrency bound; build polls go first). Of each image name, tag and artifact type the most
-recently updated row is kept, as the official CLI shows it; older rows, stale BUILDING ones
-the backend leaves behind included, are ignored. A listing that fails part-way changes
-nothing: the previous complete one stays, and the failure is reported.
+taking a slot of the key's one request budget (exporter.budget: its rate, its 429 and key
+pauses, its concurrency bound; build polls go first). Of each image name, tag and artifact
+type the most recently updated row is kept, as the official CLI shows it; older rows, stale
+BUILDING ones the backend leaves behind included, are ignored. A listing that fails part-way
+changes nothing: the previous complete one stays, and the failure is reported.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 from exporter.api import ListResult
+from exporter.budget import Clock, SystemClock
 from exporter.config import ImageDiscoverySettings
 from exporter.models import ImageRow
-from exporter.poller import Clock, SystemClock
 from exporter.store import ImageInventory, latest_rows
 from exporter.telemetry import IMAGE_LIST_ENDPOINT, Telemetry
 
@@ -38,7 +38,7 @@ class ImageLister(Protocol):
 
 
 class RequestSlots(Protocol):
-    """The poller's side: one request slot at a time, within the key's budget."""
+    """The request budget's side (``RequestBudget.listing``): one request slot at a time."""
 
     async def listing_slot(self) -> None: ...
 

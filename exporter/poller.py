@@ -1,9 +1,10 @@
 """The polling schedule: every unfinished build on its interval, gently.
 
-One scheduler loop hands due builds to request tasks, within a concurrency bound, a token
-bucket, and a global pause after HTTP 429. Failing builds back off on their own; finished
-builds are never requested again; a build whose answer stays the same is asked less and less
-often. When the budget is short, new builds and builds that just changed go first.
+One scheduler loop hands due builds to request tasks within the key's request budget
+(exporter.budget), and grants the slots that listings queue for there when no build is due.
+Failing builds back off on their own; finished builds are never requested again; a build whose
+answer stays the same is asked less and less often. When the budget is short, new builds and
+builds that just changed go first.
 """
 
 from __future__ import annotations
@@ -13,23 +14,19 @@ import heapq
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from exporter.api import FetchResult, ListResult
-from exporter.models import KEY_ACCEPTED_OUTCOMES, Outcome
+from exporter.api import FetchResult
+from exporter.budget import BudgetSettings, Clock, RequestBudget, SystemClock
+from exporter.models import Outcome
 from exporter.store import BuildStore, Transition
 from exporter.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-MIN_RATE_LIMIT_PAUSE = 1.0
-MAX_RATE_LIMIT_PAUSE = 600.0
-DEFAULT_RATE_LIMIT_PAUSES = (10.0, 30.0, 60.0)
 MAX_BACKOFF = 300.0
-FIRST_KEY_REJECTED_PAUSE = 30.0
 TICK = 1.0
 # The longest --once runs: a one-shot check must not sit out a long 429 pause or a tiny
 # request budget.
@@ -38,30 +35,6 @@ ONCE_DEADLINE = 60.0
 # answer has stayed the same (within polling.interval and polling.max_interval), so a change
 # is seen at most that fraction late, and stale BUILDING rows cost little.
 CADENCE_FRACTION = 0.1
-
-
-class Clock(Protocol):
-    """Where the poller reads the time and waits: the system's, or one a test drives."""
-
-    def monotonic(self) -> float: ...
-
-    async def wait(self, event: asyncio.Event, seconds: float) -> None:
-        """Return when ``event`` is set or ``seconds`` have passed, whichever comes first."""
-        ...
-
-
-class SystemClock:
-    """The real monotonic clock."""
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    async def wait(self, event: asyncio.Event, seconds: float) -> None:
-        try:
-            async with asyncio.timeout(seconds):
-                await event.wait()
-        except TimeoutError:
-            pass
 
 
 class BuildFetcher(Protocol):
@@ -85,28 +58,15 @@ class PollSettings:
     # Finished builds lose their answer this long after completedAt; 0 keeps them.
     finished_build_retention: float = 0.0
 
-
-class TokenBucket:
-    """Allows ``rate`` requests per second on average, and bursts of at most ``burst``."""
-
-    def __init__(self, rate: float, now: float, burst: float = 1.0) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._tokens = burst
-        self._updated = now
-
-    def delay(self, now: float) -> float:
-        """Seconds until a token is available; 0 if one is."""
-        self._refill(now)
-        return 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self.rate
-
-    def take(self, now: float) -> None:
-        self._refill(now)
-        self._tokens -= 1.0
-
-    def _refill(self, now: float) -> None:
-        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
-        self._updated = now
+    @property
+    def budget(self) -> BudgetSettings:
+        """The request budget's share of these settings."""
+        return BudgetSettings(
+            requests_per_second=self.requests_per_second,
+            max_concurrency=self.max_concurrency,
+            # A rejected key is tried again at least as often as a failing build.
+            max_key_pause=max(MAX_BACKOFF, self.interval),
+        )
 
 
 def backoff_delay(failures: int, interval: float, jitter: float, stale_after: float) -> float:
@@ -128,15 +88,6 @@ def cadence_gap(interval: float, max_interval: float, unchanged_for: float) -> f
     return min(max(interval, unchanged_for * CADENCE_FRACTION), max(interval, max_interval))
 
 
-def rate_limit_pause(retry_after: float | None, consecutive: int) -> float:
-    """How long to pause every request after a 429, honouring ``Retry-After`` within bounds."""
-    if retry_after is None:
-        retry_after = DEFAULT_RATE_LIMIT_PAUSES[
-            min(consecutive - 1, len(DEFAULT_RATE_LIMIT_PAUSES) - 1)
-        ]
-    return min(max(retry_after, MIN_RATE_LIMIT_PAUSE), MAX_RATE_LIMIT_PAUSE)
-
-
 class Poller:
     """Polls tracked builds into the store until cancelled."""
 
@@ -151,7 +102,10 @@ class Poller:
         clock: Clock | None = None,
         jitter: Callable[[], float] = random.random,
         on_internal_error: Callable[[str, BaseException], None] | None = None,
+        budget: RequestBudget | None = None,
     ) -> None:
+        """``budget`` is the key's request budget, shared with the listings; without it the
+        poller has one of its own."""
         self._fetcher = fetcher
         self._on_internal_error = on_internal_error
         self._store = store
@@ -174,34 +128,26 @@ class Poller:
         self._failures: dict[str, int] = {}
         self._sequence = 0
         self._in_flight: dict[asyncio.Task[None], str] = {}
-        # Requests of the image listing waiting for a slot, and those under way.
-        self._listing_waiters: deque[asyncio.Future[None]] = deque()
-        self._listings_in_flight = 0
-        self._wakeup = asyncio.Event()
-        self._bucket = TokenBucket(settings.requests_per_second, now=self._clock())
-        # Every request waits for both pauses: after a 429, and after the key was rejected.
-        self._rate_limit_pause_until = 0.0
-        self._consecutive_rate_limits = 0
-        self._key_pause_until = 0.0
-        self._key_rejections = 0
-        self._key_accepted: bool | None = None
-        self._rejected_generation: int | None = None
+        if budget is None:
+            budget = RequestBudget(
+                fetcher, telemetry, settings.budget, wall_clock=wall_clock, clock=self._time
+            )
+        self._budget = budget
+        # One loop dispatches every request: it wakes for the budget's changes and its own.
+        self._wakeup = self._budget.wakeup
+        # Builds waiting for the budget's pause (after a 429 or a rejected key) to end.
         self._parked: set[str] = set()
         self._last_sweep = 0.0
         self._behind = False
         self.heartbeat = time.monotonic()
 
-    @property
-    def _paused_until(self) -> float:
-        return max(self._rate_limit_pause_until, self._key_pause_until)
-
     def update(self, settings: PollSettings, fetcher: BuildFetcher) -> None:
-        """Apply new settings and a new client, keeping every build's schedule."""
-        if fetcher is not self._fetcher:
-            self._fetcher = fetcher
-            self._lift_key_pause("API client replaced")
+        """Apply new settings and a new client, to the schedule and to the request budget,
+        keeping every build's schedule."""
+        self._fetcher = fetcher
+        if self._budget.update(settings.budget, fetcher):
+            self._resume_parked()
         self._settings = settings
-        self._bucket.rate = settings.requests_per_second
         self._wakeup.set()
 
     def set_builds(self, build_ids: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -267,16 +213,16 @@ class Poller:
                     not (self._due or self._in_flight)
                     or now >= deadline
                     # A pause that outlasts the deadline is not sat out.
-                    or self._paused_until >= deadline
+                    or self._budget.paused_until >= deadline
                 ):
                     return
                 wait = self._next_dispatch_wait(now)
                 if wait <= 0:
                     self._start_next_poll(now, once=once)
                     continue
-                listing_wait = self._next_listing_wait(now)
+                listing_wait = self._budget.queued_delay(now)
                 if listing_wait <= 0:
-                    self._grant_listing(now)
+                    self._budget.grant_queued(now)
                     continue
                 await self._time.wait(self._wakeup, min(wait, listing_wait, TICK))
         finally:
@@ -292,18 +238,9 @@ class Poller:
 
     def _beat(self, now: float) -> None:
         self.heartbeat = time.monotonic()
-        if self._rate_limit_pause_until and now >= self._rate_limit_pause_until:
-            self._rate_limit_pause_until = 0.0
-            self._telemetry.set_rate_limited_until(0.0)
-            log.info("rate limit pause over, polling resumes")
-        if self._key_pause_until and now >= self._key_pause_until:
-            self._key_pause_until = 0.0
-        if (
-            self._key_pause_until
-            and self._fetcher.credentials_generation() != self._rejected_generation
-        ):
-            self._lift_key_pause("API key changed")
-        if not self._paused_until:
+        if self._budget.refresh(now):
+            self._resume_parked()
+        if not self._budget.paused_until:
             self._parked.clear()
         if now - self._last_sweep >= TICK:
             self._last_sweep = now
@@ -368,67 +305,12 @@ class Poller:
         return self._queue
 
     def _next_dispatch_wait(self, now: float) -> float:
-        """Seconds until the next poll may start; TICK when only a free slot is missing."""
+        """Seconds until the next poll may start: TICK when no build is scheduled, infinite
+        while every request slot is taken."""
         queue = self._next_queue(now)
         if queue is None:
             return TICK
-        if self.requests_in_flight >= self._settings.max_concurrency:
-            return TICK
-        return max(
-            queue[0][0] - now,
-            self._paused_until - now,
-            self._bucket.delay(now),
-        )
-
-    @property
-    def requests_in_flight(self) -> int:
-        """Requests under way, build polls and listing pages: 0 when the poller is idle."""
-        return len(self._in_flight) + self._listings_in_flight
-
-    # -- the image listing's requests -------------------------------------------------------------
-
-    async def listing_slot(self) -> None:
-        """Wait until one request of the image listing may start: within the key's budget,
-        its pauses and the concurrency bound, when no build poll is due (builds go first).
-        ``listing_done`` must follow."""
-        slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._listing_waiters.append(slot)
-        self._wakeup.set()
-        try:
-            await slot
-        except asyncio.CancelledError:
-            if slot.done() and not slot.cancelled():
-                self._listings_in_flight -= 1
-            raise
-
-    def listing_done(self, result: ListResult | None) -> None:
-        """A listing request ended: its 429 pauses every request, its 401 rejects the key,
-        as a build poll's would. None: it was never made."""
-        self._listings_in_flight -= 1
-        self._wakeup.set()
-        if result is None:
-            return
-        now = self._clock()
-        if result.outcome is Outcome.RATE_LIMITED:
-            self._rate_limited(now, result.retry_after, {"request": "image listing"})
-        else:
-            self._consecutive_rate_limits = 0
-        if result.outcome is Outcome.UNAUTHORIZED:
-            self._key_rejected(now, result.detail)
-        elif result.outcome in KEY_ACCEPTED_OUTCOMES:
-            self._key_answered()
-
-    def _next_listing_wait(self, now: float) -> float:
-        while self._listing_waiters and self._listing_waiters[0].done():
-            self._listing_waiters.popleft()
-        if not self._listing_waiters or self.requests_in_flight >= self._settings.max_concurrency:
-            return TICK
-        return max(self._paused_until - now, self._bucket.delay(now))
-
-    def _grant_listing(self, now: float) -> None:
-        self._bucket.take(now)
-        self._listings_in_flight += 1
-        self._listing_waiters.popleft().set_result(None)
+        return max(queue[0][0] - now, self._budget.delay(now))
 
     def _drop_outdated_queue_entries(self) -> None:
         for queue in (self._urgent, self._queue):
@@ -444,14 +326,14 @@ class Poller:
         _, _, build_id = heapq.heappop(queue)
         del self._due[build_id]
         del self._entries[build_id]
-        self._bucket.take(now)
+        self._budget.start(now)
         task = asyncio.create_task(self._poll(build_id, once=once), name=f"poll {build_id}")
         self._in_flight[task] = build_id
         task.add_done_callback(self._poll_done)
 
     def _poll_done(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.pop(task, None)
-        self._wakeup.set()
+        if self._in_flight.pop(task, None) is not None:
+            self._budget.end()
 
     async def _poll(self, build_id: str, *, once: bool) -> None:
         started = self._clock()
@@ -475,10 +357,6 @@ class Poller:
     def _apply(self, build_id: str, result: FetchResult, now: float) -> tuple[float, bool] | None:
         """Record a result; returns when to poll this build next and whether ahead of others
         (it just changed), or None for never."""
-        if result.outcome is Outcome.RATE_LIMITED:
-            self._rate_limited(now, result.retry_after, {"build_id": build_id})
-        else:
-            self._consecutive_rate_limits = 0
         if result.outcome is Outcome.FORBIDDEN and build_id in self._tracked:
             self._forbidden.add(build_id)
         else:
@@ -487,10 +365,7 @@ class Poller:
         rejected = result.outcome is Outcome.UNAUTHORIZED or (
             result.outcome is Outcome.FORBIDDEN and len(self._forbidden) >= len(self._tracked)
         )
-        if rejected:
-            self._key_rejected(now, result.detail)
-        elif result.outcome in KEY_ACCEPTED_OUTCOMES:
-            self._key_answered()
+        self._budget.answered(result, {"build_id": build_id}, key_rejected=rejected)
 
         wall = self._wall_clock()
         if result.build is not None:
@@ -512,7 +387,7 @@ class Poller:
             # never polled wait with it, reported with the pause's reason.
             self._parked.add(build_id)
             self._store.mark_unpolled(result.outcome)
-            return self._paused_until, False
+            return self._budget.paused_until, False
         return now + self._backoff(build_id), False
 
     def _gap(self, last_change_time: float | None, wall: float) -> float:
@@ -527,50 +402,13 @@ class Poller:
         settings = self._settings
         return backoff_delay(failures, settings.interval, self._jitter(), settings.stale_after)
 
-    def _rate_limited(self, now: float, retry_after: float | None, subject: dict[str, str]) -> None:
-        self._consecutive_rate_limits += 1
-        pause = rate_limit_pause(retry_after, self._consecutive_rate_limits)
-        if now + pause > self._rate_limit_pause_until:
-            self._rate_limit_pause_until = now + pause
-            self._telemetry.set_rate_limited_until(self._wall_clock() + pause)
-            log.warning(
-                "API rate limit hit: pausing all requests",
-                extra={**subject, "pause_seconds": round(pause, 3)},
-            )
-
-    def _key_answered(self) -> None:
-        if self._key_accepted is False:
-            log.info("API key accepted again, polling resumes")
-        self._key_accepted = True
-        self._key_rejections = 0
-
-    def _key_rejected(self, now: float, detail: str) -> None:
-        self._key_rejections += 1
-        pause = min(
-            FIRST_KEY_REJECTED_PAUSE * 2.0 ** min(self._key_rejections - 1, 32),
-            max(MAX_BACKOFF, self._settings.interval),
-        )
-        self._key_pause_until = max(self._key_pause_until, now + pause)
-        self._rejected_generation = self._fetcher.credentials_generation()
-        if self._key_accepted is not False:
-            self._key_accepted = False
-            log.error(
-                "API key rejected: pausing all polls until the key changes or the pause ends",
-                extra={"detail": detail, "pause_seconds": round(pause, 3)},
-            )
-
-    def _lift_key_pause(self, reason: str) -> None:
-        if not self._key_pause_until:
-            return
-        log.info("retrying at once after the API key was rejected", extra={"reason": reason})
-        self._key_pause_until = 0.0
-        # A new key gets a fresh start, and its own log line if it is rejected too.
-        self._key_rejections = 0
-        self._key_accepted = None
+    def _resume_parked(self) -> None:
+        """The key's pause was lifted early: the builds that waited for it are due now, or
+        when a rate limit pause ends."""
         now = self._clock()
         for build_id in self._parked:
             if build_id in self._due:
-                self._schedule(build_id, max(now, self._rate_limit_pause_until))
+                self._schedule(build_id, max(now, self._budget.paused_until))
         self._parked.clear()
 
     def _schedule(self, build_id: str, due: float, *, urgent: bool = False) -> None:

@@ -34,9 +34,10 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 
+from exporter.budget import MAX_RATE_LIMIT_PAUSE, MIN_RATE_LIMIT_PAUSE
 from exporter.demo.simulator import BUILD_PATH_PREFIX, BuildPlan, Fault, Simulator
 from exporter.models import BUILD_STATUSES, MAX_LABEL_LENGTH
-from exporter.poller import MAX_RATE_LIMIT_PAUSE, MIN_RATE_LIMIT_PAUSE, TICK
+from exporter.poller import TICK
 from tests.conftest import StartExporter
 from tests.helpers.clock import SETTLE_TIMEOUT, DrivenClock
 from tests.helpers.support import (

@@ -121,14 +121,14 @@ class DrivenClock:
             lambda: self._settled(exporter),
             lambda: (
                 f"the exporter did not settle: it waits {self.deadlines()}, "
-                f"{exporter.poller.requests_in_flight} requests under way"
+                f"{exporter.budget.requests_in_flight} requests under way"
             ),
         )
 
     def _settled(self, exporter: Exporter) -> bool:
         # A wait the clock has just ended reads 0 until its loop has woken from it.
         waits = self.deadlines()
-        return bool(waits) and waits[0] > 0 and exporter.poller.requests_in_flight == 0
+        return bool(waits) and waits[0] > 0 and exporter.budget.requests_in_flight == 0
 
     def wake_next(self, exporter: Exporter, step: float | None = None) -> None:
         """Advance by ``step``, or else to the end of the exporter's current wait, once it has

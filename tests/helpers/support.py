@@ -28,11 +28,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from exporter.app import Exporter
+from exporter.budget import Clock
 from exporter.config import ApiKeySource, Config, ConfigFile
 from exporter.demo.simulator import ArtifactPlan, BuildPlan, Simulator
 from exporter.metrics import per_build_families, summary_families
 from exporter.models import ARTIFACT_TYPES, BUILD_STATUSES, MAX_LABEL_LENGTH
-from exporter.poller import Clock
 from exporter.store import Snapshot
 from exporter.web.connections import ServerLimits
 from exporter.web.server import MetricsServer

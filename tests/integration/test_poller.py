@@ -12,16 +12,7 @@ import pytest
 from exporter.api import FetchResult
 from exporter.demo.simulator import BuildPlan, Fault, Simulator
 from exporter.models import Outcome, parse_build
-from exporter.poller import (
-    MAX_BACKOFF,
-    MAX_RATE_LIMIT_PAUSE,
-    MIN_RATE_LIMIT_PAUSE,
-    Poller,
-    PollSettings,
-    TokenBucket,
-    backoff_delay,
-    rate_limit_pause,
-)
+from exporter.poller import MAX_BACKOFF, Poller, PollSettings, backoff_delay
 from exporter.store import BuildRecord, BuildStore
 from exporter.telemetry import API_DOWN_AFTER_SECONDS, Telemetry
 from tests.conftest import StartExporter
@@ -69,27 +60,6 @@ def handled_now(running: RunningExporter, build_id: str, clock: DrivenClock) -> 
 # -- pure scheduling rules ---------------------------------------------------------------------
 
 
-def test_token_bucket_spaces_requests_at_the_configured_rate() -> None:
-    bucket = TokenBucket(rate=2.0, now=100.0)
-    assert bucket.delay(100.0) == 0.0
-    bucket.take(100.0)
-    assert bucket.delay(100.0) == pytest.approx(0.5)
-    assert bucket.delay(100.25) == pytest.approx(0.25)
-    assert bucket.delay(100.5) == 0.0
-
-
-def test_token_bucket_allows_fractional_rates() -> None:
-    bucket = TokenBucket(rate=0.25, now=0.0)
-    bucket.take(0.0)
-    assert bucket.delay(0.0) == pytest.approx(4.0)
-
-
-def test_token_bucket_does_not_save_up_a_burst_while_idle() -> None:
-    bucket = TokenBucket(rate=10.0, now=0.0)
-    bucket.take(1000.0)
-    assert bucket.delay(1000.0) == pytest.approx(0.1)
-
-
 def test_backoff_doubles_from_the_interval_up_to_a_ceiling() -> None:
     middle = 0.5  # jitter value that leaves the delay unchanged
     fifteen_minutes = 900
@@ -109,23 +79,6 @@ def test_backoff_stays_well_inside_stale_after() -> None:
 def test_backoff_jitter_spreads_by_at_most_twenty_percent() -> None:
     assert backoff_delay(2, 10, 0.0, 900) == pytest.approx(16)
     assert backoff_delay(2, 10, 0.999999, 900) == pytest.approx(24, rel=1e-5)
-
-
-@pytest.mark.parametrize(
-    ("retry_after", "consecutive", "expected"),
-    [
-        (7.0, 1, 7.0),
-        (0.0, 1, MIN_RATE_LIMIT_PAUSE),
-        (1e9, 1, MAX_RATE_LIMIT_PAUSE),
-        (None, 1, 10.0),
-        (None, 2, 30.0),
-        (None, 9, 60.0),
-    ],
-)
-def test_rate_limit_pause_honours_retry_after_within_bounds(
-    retry_after: float | None, consecutive: int, expected: float
-) -> None:
-    assert rate_limit_pause(retry_after, consecutive) == expected
 
 
 # -- against the simulator ---------------------------------------------------------------------
