@@ -23,6 +23,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "exporter.telemetry",
         "exporter.store",
         "exporter.state exporter.api",
+        "exporter.budget",
         "exporter.poller",
         "exporter.discovery exporter.metrics",
         "exporter.exposition",
