@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from exporter.api import ListResult
-from exporter.config import ImageDiscoverySettings
+from exporter.config.schema import ImageDiscoverySettings
 from exporter.models import ImageRow
 from exporter.poller import Clock, SystemClock
 from exporter.store import ImageInventory, latest_rows
