@@ -211,3 +211,56 @@ def test_every_deployment_test_carries_the_tooling_marker() -> None:
     # Exit code 5: every test collected was deselected, none left to run.
     assert result.returncode == 5, result.stdout + result.stderr
     assert re.search(r"no tests collected \(\d+ deselected\)", result.stdout), result.stdout
+
+
+def exporter_imports() -> dict[str, set[str]]:
+    """Each module of the exporter and the exporter modules it imports."""
+    package = REPOSITORY / "exporter"
+    graph = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(REPOSITORY).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        graph[module] = {name for name in imported_modules(path) if name.startswith("exporter.")}
+    return graph
+
+
+def test_the_exporter_modules_import_one_another_without_a_cycle() -> None:
+    graph = exporter_imports()
+    done: set[str] = set()
+
+    def cycle_from(module: str, path: tuple[str, ...]) -> tuple[str, ...] | None:
+        if module in path:
+            return (*path[path.index(module) :], module)
+        if module in done:
+            return None
+        for imported in sorted(graph.get(module, set())):
+            if (found := cycle_from(imported, (*path, module))) is not None:
+                return found
+        done.add(module)
+        return None
+
+    cycles = [found for module in graph if (found := cycle_from(module, ())) is not None]
+    assert cycles == [], " -> ".join(cycles[0]) if cycles else ""
+
+
+def test_the_config_package_imports_nothing_else_of_the_exporter() -> None:
+    outside = {
+        module: sorted(name for name in imported if not name.startswith("exporter.config"))
+        for module, imported in exporter_imports().items()
+        if module.startswith("exporter.config")
+    }
+    assert {module: names for module, names in outside.items() if names} == {}
+
+
+def test_reload_app_and_cli_are_imported_only_from_above() -> None:
+    """A reload stays in reload.py and the config package: nothing below calls back up."""
+    allowed = {
+        "exporter.reload": {"exporter.app"},
+        "exporter.app": {"exporter.cli"},
+        "exporter.cli": {"exporter.__main__"},
+    }
+    importers = {
+        top: {module for module, imported in exporter_imports().items() if top in imported}
+        for top in allowed
+    }
+    assert importers == allowed
