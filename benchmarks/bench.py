@@ -38,7 +38,8 @@ from pydantic import SecretStr
 
 from exporter.api import BuildStatusClient
 from exporter.app import PerScrapeFamilies
-from exporter.config import ApiKeySource, Config
+from exporter.config.credentials import ApiKeySource
+from exporter.config.schema import Config
 from exporter.demo.simulator import ArtifactPlan, BuildPlan, Simulator, random_plans
 from exporter.exposition import ExpositionFormat, render
 from exporter.exposition_cache import Body, ExpositionCache

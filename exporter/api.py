@@ -15,7 +15,8 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from exporter import __version__
-from exporter.config import ApiKeySource, is_loopback_host
+from exporter.config.credentials import ApiKeySource
+from exporter.config.grammar import is_loopback_host
 from exporter.models import (
     Build,
     ImagePage,

@@ -21,13 +21,13 @@ from exporter import __version__
 from exporter.api import BuildStatusClient
 from exporter.blocking import in_daemon_thread
 from exporter.budget import Clock, RequestBudget
-from exporter.config import Config
+from exporter.config.schema import Config
 from exporter.discovery import ImageDiscovery
 from exporter.exposition import ExpositionFormat
 from exporter.exposition_cache import ExpositionCache
 from exporter.metrics import exporter_families, inventory_families
 from exporter.poller import Poller, PollSettings
-from exporter.reload import Reloader
+from exporter.reload import Applier, Reloader, create_client
 from exporter.state import Restored, StateSync, open_state
 from exporter.store import BuildStore, ImageInventory, Inventory
 from exporter.telemetry import Telemetry, TelemetrySnapshot
@@ -106,17 +106,6 @@ class PerScrapeFamilies:
         return [*self._own, *self._inventory_families, *self._runtime.collect()]
 
 
-def create_client(config: Config) -> BuildStatusClient:
-    """An API client for a configuration."""
-    return BuildStatusClient(
-        config.api.base_url,
-        config.api_key,
-        timeout=config.api.timeout,
-        max_connections=config.api.max_concurrency,
-        max_response_bytes=config.api.max_response_size,
-    )
-
-
 class Exporter:
     """The exporter for one configuration: build it, then ``serve`` or ``poll_once``.
 
@@ -135,7 +124,6 @@ class Exporter:
         clock: Clock | None = None,
         use_state: bool = True,
     ) -> None:
-        self.config = config
         self._load_config = load_config or (lambda: self.config)
         self._enable_lifecycle = enable_lifecycle
         restored = Restored({})
@@ -150,14 +138,14 @@ class Exporter:
         self._per_scrape = PerScrapeFamilies(
             self.telemetry, self.inventory, lambda: self.discovers_images
         )
-        self.client = create_client(config)
+        client = create_client(config)
         settings = poll_settings(config)
         # The key's one budget: build polls and the image listing's pages spend it alike.
         self.budget = RequestBudget(
-            self.client, self.telemetry, settings.budget, wall_clock=wall_clock, clock=clock
+            client, self.telemetry, settings.budget, wall_clock=wall_clock, clock=clock
         )
         self.poller = Poller(
-            self.client,
+            client,
             self.store,
             self.telemetry,
             settings,
@@ -190,14 +178,29 @@ class Exporter:
         )
         self._discovery_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._retired_clients: list[BuildStatusClient] = []
-        self.reloader = Reloader(
-            lambda: self.config,
-            self._load_config,
-            self._apply,
-            self.telemetry,
-            self.internal_error,
+        self.applier = Applier(
+            config,
+            client,
+            self.poller,
+            self.discovery,
+            self.cache,
+            poll_settings=poll_settings,
+            in_background=self._in_background,
+            on_applied=self._on_config_applied,
         )
+        self.reloader = Reloader(
+            self._load_config, self.applier, self.telemetry, self.internal_error
+        )
+
+    @property
+    def config(self) -> Config:
+        """The configuration running now; a reload replaces it."""
+        return self.applier.config
+
+    @property
+    def client(self) -> BuildStatusClient:
+        """The API client in use now; a reload of the api section replaces it."""
+        return self.applier.client
 
     def _per_scrape_families(self) -> list[Metric]:
         shard = self.config.shard
@@ -296,8 +299,7 @@ class Exporter:
                 *self._background,
                 return_exceptions=True,
             )
-            for client in (self.client, *self._retired_clients):
-                await client.aclose()
+            await self.applier.aclose()
             await server.stop()
             await self._close_state_within_deadline()
             log.info("stopped")
@@ -320,33 +322,9 @@ class Exporter:
         """Read the configuration again and apply it; on error keep the running one."""
         return await self.reloader.reload()
 
-    def _apply(self, config: Config) -> tuple[int, int]:
-        old = self.config
-        api_key_unchanged = config.api_key is not None and config.api_key.same_source(old.api_key)
-        if config.api != old.api or not api_key_unchanged:
-            old_client, self.client = self.client, create_client(config)
-            # Requests in flight finish on the old client before it closes.
-            self._retired_clients.append(old_client)
-            self._in_background(self._close_later(old_client, old.api.timeout + 1))
-        # The request budget's settings and client change with the poller's.
-        self.poller.update(poll_settings(config), self.client)
-        self.discovery.update(config.file.discovery.images)
-        self.cache.set_max_artifacts_per_build(config.metrics.max_artifacts_per_build)
-        added, removed = self.poller.set_builds(config.owned_build_ids)
-        if config.web != old.web:
-            log.warning(
-                "web.listen_address changed: it applies after a restart",
-                extra={"listen_address": old.web.listen_address},
-            )
-        if config.state_path != old.state_path:
-            log.warning(
-                "state.path changed: it applies after a restart",
-                extra={"path": str(old.state_path or "")},
-            )
-        self.config = config
+    def _on_config_applied(self) -> None:
         if self._poller_task is not None:
             self._start_or_stop_discovery()
-        return len(added), len(removed)
 
     @property
     def discovers_images(self) -> bool:
@@ -371,11 +349,6 @@ class Exporter:
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    async def _close_later(self, client: BuildStatusClient, delay: float) -> None:
-        await asyncio.sleep(delay)
-        self._retired_clients.remove(client)
-        await client.aclose()
 
     async def _save_state(self) -> None:
         if self._state_sync is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import os
 import resource
 import secrets
@@ -16,21 +15,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 
 from exporter import __version__
 from exporter.app import Exporter
-from exporter.config import (
-    ApiKeySource,
-    Config,
-    ConfigError,
-    ConfigFile,
-    ShardSettings,
-    WebSettings,
-    describe_validation_error,
-    load_config,
-    parse_shard_index,
-)
+from exporter.config.credentials import ApiKeySource
+from exporter.config.loading import ConfigLoader
+from exporter.config.schema import Config, ConfigFile
+from exporter.config.wording import ConfigError
 from exporter.demo.simulator import Simulator, demo_plans
 from exporter.logs import LEVELS, configure_logging
 from exporter.web.server import MetricsServer
@@ -142,17 +134,13 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_with(arguments: argparse.Namespace, simulator: Simulator | None) -> int:
-    def load() -> Config:
-        if simulator is not None:
-            loaded = demo_config(simulator)
-        else:
-            loaded = load_config(Path(arguments.config_file), os.environ)
-        if arguments.listen_address is not None:
-            loaded = with_listen_address(loaded, arguments.listen_address)
-        if arguments.shard_count is not None or arguments.shard_index is not None:
-            loaded = with_shard(loaded, arguments.shard_count, arguments.shard_index)
-        return loaded
-
+    load = ConfigLoader(
+        Path(arguments.config_file) if simulator is None else demo_config(simulator),
+        os.environ,
+        listen_address=arguments.listen_address,
+        shard_count=arguments.shard_count,
+        shard_index=arguments.shard_index,
+    )
     web_config_file = Path(arguments.web_config_file) if arguments.web_config_file else None
     try:
         config = load()
@@ -181,33 +169,6 @@ def _run_with(arguments: argparse.Namespace, simulator: Simulator | None) -> int
     if arguments.once:
         return _poll_once(exporter)
     return _serve(exporter, web_config_file, demo=simulator is not None)
-
-
-def with_listen_address(config: Config, listen_address: str) -> Config:
-    """The config with ``--web.listen-address`` applied."""
-    try:
-        web = WebSettings(listen_address=listen_address)
-    except ValidationError as error:
-        message = describe_validation_error(error).removeprefix("listen_address: ")
-        raise ConfigError(f"--web.listen-address: {message}") from None
-    return dataclasses.replace(config, file=config.file.model_copy(update={"web": web}))
-
-
-def with_shard(config: Config, count: int | None, index: str | None) -> Config:
-    """The config with ``--shard.count`` and ``--shard.index`` applied."""
-    try:
-        shard = ShardSettings(
-            count=config.shard.count if count is None else count,
-            index=config.shard.index if index is None else parse_shard_index(index),
-        )
-    except ValueError as error:
-        message = (
-            describe_validation_error(error).removeprefix("(top level): ")
-            if isinstance(error, ValidationError)
-            else str(error)
-        )
-        raise ConfigError(f"--shard.count/--shard.index: {message}") from None
-    return dataclasses.replace(config, file=config.file.model_copy(update={"shard": shard}))
 
 
 def demo_config(simulator: Simulator) -> Config:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from exporter.api import ListResult
 from exporter.budget import Clock, SystemClock
-from exporter.config import ImageDiscoverySettings
+from exporter.config.schema import ImageDiscoverySettings
 from exporter.models import ImageRow
 from exporter.store import ImageInventory, latest_rows
 from exporter.telemetry import IMAGE_LIST_ENDPOINT, Telemetry

@@ -1,7 +1,8 @@
 """Every way the configuration changes, through one path.
 
 SIGHUP, ``POST /-/reload`` and a changed build file each produce a new ``Config``; one lock
-orders them, one function applies them, and a bad one keeps the running configuration.
+orders them, one ``Applier`` puts them into effect on the running parts, and a bad one keeps
+the running configuration.
 """
 
 from __future__ import annotations
@@ -10,10 +11,17 @@ import asyncio
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
+from exporter.api import BuildStatusClient
 from exporter.blocking import in_daemon_thread
-from exporter.config import Config, ConfigError, build_files_fingerprint, collect_build_ids
+from exporter.config.loading import build_files_fingerprint, collect_build_ids
+from exporter.config.schema import Config
+from exporter.config.wording import ConfigError
+from exporter.discovery import ImageDiscovery
+from exporter.exposition_cache import ExpositionCache
+from exporter.poller import Poller, PollSettings
 from exporter.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -23,24 +31,105 @@ log = logging.getLogger(__name__)
 BUILD_FILES_SETTLE_SECONDS = 1.0
 
 
-class Reloader:
-    """Reads a new configuration when asked, or when the build files change, and applies it.
+def create_client(config: Config) -> BuildStatusClient:
+    """An API client for a configuration."""
+    return BuildStatusClient(
+        config.api.base_url,
+        config.api_key,
+        timeout=config.api.timeout,
+        max_connections=config.api.max_concurrency,
+        max_response_bytes=config.api.max_response_size,
+    )
 
-    ``apply`` takes a validated configuration and returns how many builds it added and
-    removed; ``current`` is the configuration running now.
+
+class Applier:
+    """Puts a validated configuration into effect on the running parts: the API client, the
+    poller, image discovery, the exposition cache and the builds polled.
+
+    ``config`` and ``client`` are those in use now. ``poll_settings`` is the poller's view of
+    a configuration; ``in_background`` runs a coroutine as a task the exporter cancels at
+    shutdown; ``on_applied`` is called once a new configuration is in place.
     """
 
     def __init__(
         self,
-        current: Callable[[], Config],
+        config: Config,
+        client: BuildStatusClient,
+        poller: Poller,
+        discovery: ImageDiscovery,
+        cache: ExpositionCache,
+        *,
+        poll_settings: Callable[[Config], PollSettings],
+        in_background: Callable[[Coroutine[Any, Any, Any]], None],
+        on_applied: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.client = client
+        self._poller = poller
+        self._discovery = discovery
+        self._cache = cache
+        self._poll_settings = poll_settings
+        self._in_background = in_background
+        self._on_applied = on_applied
+        self._retired_clients: list[BuildStatusClient] = []
+
+    def apply(self, config: Config) -> tuple[int, int]:
+        """Run on ``config`` from now on; how many builds it added and removed.
+
+        Must be called on the event loop.
+        """
+        old = self.config
+        api_key_unchanged = config.api_key is not None and config.api_key.same_source(old.api_key)
+        if config.api != old.api or not api_key_unchanged:
+            old_client, self.client = self.client, create_client(config)
+            # Requests in flight finish on the old client before it closes.
+            self._retired_clients.append(old_client)
+            self._in_background(self._close_later(old_client, old.api.timeout + 1))
+        self._poller.update(self._poll_settings(config), self.client)
+        self._discovery.update(config.file.discovery.images)
+        self._cache.set_max_artifacts_per_build(config.metrics.max_artifacts_per_build)
+        added, removed = self._poller.set_builds(config.owned_build_ids)
+        if config.web != old.web:
+            log.warning(
+                "web.listen_address changed: it applies after a restart",
+                extra={"listen_address": old.web.listen_address},
+            )
+        if config.state_path != old.state_path:
+            log.warning(
+                "state.path changed: it applies after a restart",
+                extra={"path": str(old.state_path or "")},
+            )
+        self.config = config
+        self._on_applied()
+        return len(added), len(removed)
+
+    async def aclose(self) -> None:
+        """Close the client in use and those a reload retired whose requests may still run."""
+        for client in (self.client, *self._retired_clients):
+            await client.aclose()
+
+    async def _close_later(self, client: BuildStatusClient, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._retired_clients.remove(client)
+        await client.aclose()
+
+
+class Reloader:
+    """Reads a new configuration when asked, or when the build files change, and has the
+    ``applier`` put it into effect.
+
+    ``load_config`` makes the configuration again, such as a ``ConfigLoader``.
+    """
+
+    def __init__(
+        self,
         load_config: Callable[[], Config],
-        apply: Callable[[Config], tuple[int, int]],
+        applier: Applier,
         telemetry: Telemetry,
         internal_error: Callable[[str, BaseException], None],
     ) -> None:
-        self._current = current
         self._load_config = load_config
-        self._apply = apply
+        self._applier = applier
         self._telemetry = telemetry
         self._internal_error = internal_error
         self._lock = asyncio.Lock()
@@ -62,7 +151,7 @@ class Reloader:
         changed_at = 0.0
         while True:
             try:
-                config = self._current()
+                config = self._applier.config
                 current = await in_daemon_thread(
                     functools.partial(_fingerprint, config), "build-files-check"
                 )
@@ -81,14 +170,14 @@ class Reloader:
                 pass  # read again once they settle
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
                 self._internal_error("reload", error)
-            await asyncio.sleep(self._current().polling.build_files_refresh_interval)
+            await asyncio.sleep(self._applier.config.polling.build_files_refresh_interval)
 
     async def _reload(self, source: str, load: Callable[[], Config]) -> str | None:
         async with self._lock:
             try:
                 # A hung read must not hold up shutdown: the thread is left behind if need be.
                 config = await in_daemon_thread(load, f"reload-{source}")
-                added, removed = self._apply(config)
+                added, removed = self._applier.apply(config)
             except _ChangedWhileReadError:
                 raise
             except ConfigError as error:

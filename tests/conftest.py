@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from exporter.config import Config
+from exporter.config.schema import Config
 from exporter.demo.simulator import Simulator
 from exporter.logs import LogfmtFormatter
 from tests.helpers.pki import Pki, make_pki

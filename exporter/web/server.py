@@ -26,7 +26,7 @@ from aiohttp import web
 
 from exporter import __version__
 from exporter.blocking import in_daemon_thread
-from exporter.config import parse_listen_address
+from exporter.config.grammar import parse_listen_address
 from exporter.exposition import ExpositionFormat, accepts_gzip, negotiate_format
 from exporter.exposition_cache import Body
 from exporter.store import Inventory, Snapshot

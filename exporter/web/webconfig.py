@@ -43,8 +43,8 @@ from pydantic import (
     model_validator,
 )
 
-from exporter.config import (
-    Duration,
+from exporter.config.grammar import Duration
+from exporter.config.wording import (
     format_location,
     generic_problem,
     more_problems,

@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from exporter import __version__
-from exporter.config import DEFAULT_LISTEN_ADDRESS, ConfigFile
+from exporter.config.schema import DEFAULT_LISTEN_ADDRESS, ConfigFile
 from tests.helpers.pki import PASSWORD, Pki, bcrypt_hash, client_context, tls_section
 from tests.helpers.support import REPOSITORY, wait_until
 

@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from exporter import __version__
-from exporter.config import ConfigFile
+from exporter.config.schema import ConfigFile
 from tests.helpers.chart import (
     CASES,
     CHART,

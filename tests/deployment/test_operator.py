@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from exporter.config import ShardSettings
+from exporter.config.schema import ShardSettings
 from exporter.demo.simulator import BuildPlan, Simulator
 from tests.helpers.chart import Rendered, render_chart, values_of
 from tests.helpers.operator import Pod, ScrapeJob, pods, rules_file, scrape_jobs

@@ -29,7 +29,8 @@ from pydantic import SecretStr
 
 from exporter.app import Exporter
 from exporter.budget import Clock
-from exporter.config import ApiKeySource, Config, ConfigFile
+from exporter.config.credentials import ApiKeySource
+from exporter.config.schema import Config, ConfigFile
 from exporter.demo.simulator import ArtifactPlan, BuildPlan, Simulator
 from exporter.metrics import per_build_families, summary_families
 from exporter.models import ARTIFACT_TYPES, BUILD_STATUSES, MAX_LABEL_LENGTH

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from exporter.config import Config, ShardSettings
+from exporter.config.schema import Config, ShardSettings
 from exporter.demo.simulator import BuildPlan, Simulator
 from exporter.poller import cadence_gap
 from tests.helpers.clock import DrivenClock, requests_made

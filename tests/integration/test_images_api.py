@@ -11,7 +11,7 @@ import pytest
 from pydantic import SecretStr
 
 from exporter.api import BuildStatusClient, ListResult
-from exporter.config import ApiKeySource
+from exporter.config.credentials import ApiKeySource
 from exporter.demo.simulator import ArtifactPlan, BuildPlan, Fault, Simulator
 from exporter.models import InvalidBuildError, Outcome, parse_image_page
 from tests.helpers.support import CANARY_API_KEY, EPOCH

@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exporter.config import Config, load_config
+from exporter.config.loading import load_config
+from exporter.config.schema import Config
 from exporter.demo.simulator import BuildPlan, Simulator
 from tests.conftest import StartExporter
 from tests.helpers.clock import DrivenClock

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from exporter.config import ConfigError, ShardSettings, load_config, parse_shard_index
+from exporter.config.grammar import parse_shard_index
+from exporter.config.loading import load_config
+from exporter.config.schema import ShardSettings
+from exporter.config.wording import ConfigError
 from exporter.demo.simulator import Simulator
 from tests.conftest import StartExporter
 from tests.helpers.support import (

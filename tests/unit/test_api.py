@@ -21,7 +21,7 @@ from exporter.api import (
     FetchResult,
     parse_retry_after,
 )
-from exporter.config import ApiKeySource
+from exporter.config.credentials import ApiKeySource
 from exporter.models import Outcome
 from tests.helpers.support import CANARY_API_KEY, EPOCH
 

@@ -9,15 +9,11 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, SecretStr
 
-from exporter.config import (
-    ApiKeySource,
-    ConfigError,
-    ConfigFile,
-    load_config,
-    parse_duration,
-    quoted,
-    validate_build_id,
-)
+from exporter.config.credentials import ApiKeySource
+from exporter.config.grammar import parse_duration, validate_build_id
+from exporter.config.loading import load_config
+from exporter.config.schema import ConfigFile
+from exporter.config.wording import ConfigError, quoted
 from tests.helpers.support import CANARY_API_KEY, REPOSITORY
 
 CONFIGS = REPOSITORY / "tests" / "configs"

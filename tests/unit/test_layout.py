@@ -19,7 +19,11 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(layer.split())
     for layer in (
         "exporter exporter.logs exporter.blocking exporter.demo exporter.web",
-        "exporter.models exporter.config",
+        "exporter.models exporter.config exporter.config.wording",
+        "exporter.config.grammar",
+        "exporter.config.credentials",
+        "exporter.config.schema",
+        "exporter.config.loading",
         "exporter.telemetry",
         "exporter.store",
         "exporter.state exporter.api",
