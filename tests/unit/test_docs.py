@@ -26,6 +26,7 @@ from exporter.store import Inventory, Snapshot
 from exporter.telemetry import TelemetrySnapshot
 from tests.helpers.docs import (
     CONFIGURATION_REFERENCE,
+    DEVELOPMENT_REFERENCE,
     DOCS,
     README,
     DocumentedFamily,
@@ -124,6 +125,18 @@ def test_command_line_reference_lists_every_flag_and_no_other() -> None:
         if option not in {"-h", "--help"}
     ]
     assert sorted(documented) == sorted(flags)
+
+
+def test_development_reference_lists_every_make_target_and_no_other() -> None:
+    makefile = (REPOSITORY / "Makefile").read_text()
+    [phony] = re.findall(r"^\.PHONY: (.+)$", makefile, re.MULTILINE)
+    table = section(DEVELOPMENT_REFERENCE.read_text(), "Make targets")
+    documented = [
+        match.group(1)
+        for row in table_rows(table)
+        if (match := re.fullmatch(r"`make (\S+)`", row[0]))
+    ]
+    assert sorted(documented) == sorted(phony.split())
 
 
 # --- the metric reference -------------------------------------------------------------------
