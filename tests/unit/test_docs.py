@@ -239,3 +239,11 @@ def test_readme_begins_with_a_quickstart_of_make_demo_and_make_test() -> None:
     assert commands == ["make demo", "make test"]
     targets = re.findall(r"^([a-z-]+):", (REPOSITORY / "Makefile").read_text(), re.MULTILINE)
     assert {"demo", "test"} <= set(targets)
+
+
+def test_readme_minimal_config_is_valid_and_lists_only_builds() -> None:
+    text = section(README.read_text(), "Running it against the real API")
+    [minimal] = [block for block in fenced_blocks(text) if block.startswith("builds:")]
+    document = yaml.safe_load(minimal)
+    assert list(document) == ["builds"]
+    assert ConfigFile.model_validate(document).builds
