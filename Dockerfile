@@ -57,13 +57,14 @@ EXPOSE 9862
 # /-/healthy, which answers 503 once the poller stops making progress. It sends no
 # credentials and speaks plain http, so with basic auth on (401) or TLS on (https only) it
 # fails: override it at run time (`docker run --health-cmd ...`, or Compose
-# `healthcheck.test` as README.md's Compose example shows) or drop it (`--no-healthcheck`).
-# With another listen port, change the URL. No proxy (one set for the API must not catch
-# loopback), and a timeout below --timeout, so the health log says what failed.
+# `healthcheck.test` as the Compose example of docs/deployment.md shows) or drop it
+# (`--no-healthcheck`). With another listen port, change the URL. No proxy (one set for the
+# API must not catch loopback), and a timeout below --timeout, so the health log says what
+# failed.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request as u\ntry:\n    u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:9862/-/healthy', timeout=4)\nexcept Exception as error:\n    sys.exit(f'unhealthy: {error}')"]
 
 # Exec form: the exporter is PID 1 and handles SIGTERM itself (exit 0 within seconds).
-# Kubernetes probes /-/healthy and /-/ready; elsewhere, see "## Docker" in README.md.
+# Kubernetes probes /-/healthy and /-/ready; elsewhere, see "Docker" in docs/deployment.md.
 ENTRYPOINT ["/opt/venv/bin/primeintellect-build-exporter"]
 CMD ["--config.file=/etc/primeintellect-build-exporter/config.yaml"]

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.helpers.docs import ALERTS_REFERENCE, documented_metric_names, section
 from tests.helpers.support import REPOSITORY, find_binary
 
 MONITORING = REPOSITORY / "monitoring"
 RULES_FILE = MONITORING / "alerts.yaml"
 RULE_TESTS = sorted((MONITORING / "tests").glob("*.yaml"))
-README = REPOSITORY / "README.md"
 # Alerts about one build; the rest are about the exporter or the API.
 BUILD_GROUP = "primeintellect-builds"
 SEVERITIES = {"critical", "warning", "info"}
@@ -55,10 +55,8 @@ def duration_seconds(text: str) -> float:
 
 
 def exporter_metric_names() -> set[str]:
-    """Metric names in the README's metric table: the exporter's documented contract."""
-    names = set(re.findall(r"^\| `(primeintellect_[a-z_]+)`", README.read_text(), re.MULTILINE))
-    assert len(names) > 20, "the README's metric table was not found"
-    return names
+    """Metric names in docs/metrics.md: the exporter's documented contract."""
+    return documented_metric_names()
 
 
 def test_rules_file_passes_promtool_check_rules() -> None:
@@ -189,7 +187,7 @@ def test_threshold_comment_names_every_alert() -> None:
     assert not missing, f"the threshold comment at the top does not mention {missing}"
 
 
-def test_readme_alert_table_lists_exactly_the_shipped_alerts() -> None:
-    section = README.read_text().split("## Alerts and dashboards", 1)[1].split("\n## ", 1)[0]
-    in_table = re.findall(r"^\| `(PrimeIntellect[A-Za-z]+)` \|", section, re.MULTILINE)
+def test_alert_reference_table_lists_exactly_the_shipped_alerts() -> None:
+    alerts = section(ALERTS_REFERENCE.read_text(), "The alerts")
+    in_table = re.findall(r"^\| `(PrimeIntellect[A-Za-z]+)` \|", alerts, re.MULTILINE)
     assert sorted(in_table) == sorted(alert_names())

@@ -32,6 +32,7 @@ import yaml
 
 from exporter import __version__
 from exporter.config.schema import DEFAULT_LISTEN_ADDRESS, ConfigFile
+from tests.helpers import docs
 from tests.helpers.pki import PASSWORD, Pki, bcrypt_hash, client_context, tls_section
 from tests.helpers.support import REPOSITORY, wait_until
 
@@ -479,8 +480,7 @@ def test_installed_exporter_serves_demo_builds_writes_nothing_and_stops_on_sigte
 
 # --- the HEALTHCHECK ----------------------------------------------------------------------
 
-README = REPOSITORY / "README.md"
-# Where the image's check and the README's Compose check knock: the image's EXPOSEd port.
+# Where the image's check and the documented Compose check knock: the image's EXPOSEd port.
 CONTAINER_HEALTH_ADDRESS = "127.0.0.1:9862"
 
 
@@ -676,12 +676,11 @@ def test_healthcheck_fails_against_an_exporter_with_tls_on(
     assert result.stderr.startswith("unhealthy: "), result.stderr
 
 
-# --- the README's Docker section ------------------------------------------------------------
+# --- the Docker section of docs/deployment.md ------------------------------------------------
 
 
 def docker_section() -> str:
-    after = README.read_text().split("\n## Docker\n", 1)[1]
-    return after.split("\n## Kubernetes (Helm)\n", 1)[0]
+    return docs.section(docs.DEPLOYMENT_REFERENCE.read_text(), "Docker")
 
 
 def fenced_blocks(language: str) -> list[str]:
@@ -689,13 +688,13 @@ def fenced_blocks(language: str) -> list[str]:
     return re.findall(pattern, docker_section(), flags=re.MULTILINE | re.DOTALL)
 
 
-def readme_file(name: str) -> str:
+def documented_file(name: str) -> str:
     """The Docker section's yaml block that starts with the comment ``# name``."""
     [block] = [b for b in fenced_blocks("yaml") if b.startswith(f"# {name}\n")]
     return block
 
 
-def readme_config_note() -> dict[str, Any]:
+def documented_config_note() -> dict[str, Any]:
     """What the Docker section tells you to set in config.yaml (its inline ``{...}`` spans)."""
     spans = re.findall(r"`((?:api|state): \{[^`]*\})`", docker_section())
     note: dict[str, Any] = {}
@@ -714,7 +713,7 @@ class Mount:
 
 
 def compose_service() -> dict[str, Any]:
-    compose = yaml.safe_load(readme_file("compose.yaml"))
+    compose = yaml.safe_load(documented_file("compose.yaml"))
     [service] = compose["services"].values()
     assert isinstance(service, dict)
     return service
@@ -747,7 +746,7 @@ def compose_check_files(code: str) -> list[str]:
     return re.findall(r"open\(\"([^\"]+)\"\)", code)
 
 
-def test_readme_compose_example_runs_with_basic_auth_state_and_no_privileges() -> None:
+def test_documented_compose_example_runs_with_basic_auth_state_and_no_privileges() -> None:
     service = compose_service()
     section = docker_section()
     [build] = re.findall(r"^docker build .*-t (\S+) \.$", section, flags=re.MULTILINE)
@@ -761,9 +760,9 @@ def test_readme_compose_example_runs_with_basic_auth_state_and_no_privileges() -
     web_config_file = command_option(service["command"], "--web.config.file")
     mount, source = host_path(mounts, web_config_file)
     assert mount.read_only
-    assert yaml.safe_load(readme_file(source))["basic_auth_users"], "basic auth is on"
+    assert yaml.safe_load(documented_file(source))["basic_auth_users"], "basic auth is on"
 
-    note = readme_config_note()
+    note = documented_config_note()
     mount, source = host_path(mounts, note["api"]["api_key_file"])
     assert mount.read_only
     assert f"> {source} " in setup
@@ -786,7 +785,7 @@ def test_readme_compose_example_runs_with_basic_auth_state_and_no_privileges() -
     assert check["test"][:3] == ["CMD", "python", "-c"]
     [code] = check["test"][3:]
     # Compose interpolates $ everywhere: only the user may use it.
-    assert readme_file("compose.yaml").count("$") == 1
+    assert documented_file("compose.yaml").count("$") == 1
     assert f"http://{CONTAINER_HEALTH_ADDRESS}/-/healthy" in code
     [published] = service["ports"]
     assert published.split(":")[-1] == CONTAINER_HEALTH_ADDRESS.split(":")[-1]
@@ -797,7 +796,7 @@ def test_readme_compose_example_runs_with_basic_auth_state_and_no_privileges() -
 
 
 @pytest.mark.timeout(600)
-def test_readme_compose_healthcheck_logs_in_with_the_password_file(
+def test_documented_compose_healthcheck_logs_in_with_the_password_file(
     installed_image: InstalledImage, tmp_path: Path
 ) -> None:
     service = compose_service()
@@ -810,7 +809,7 @@ def test_readme_compose_healthcheck_logs_in_with_the_password_file(
     wrong = tmp_path / "wrong-password"
     wrong.write_text(password[:-1] + "\n")
 
-    # The hash as the README makes it with Python's bcrypt, into the README's web config.
+    # The hash as the Docker section makes it with Python's bcrypt, into its web config.
     [recipe] = re.findall(
         r"^python3 -c '([^']+)' < secrets/prometheus-password$", docker_section(), re.M
     )
@@ -822,7 +821,7 @@ def test_readme_compose_healthcheck_logs_in_with_the_password_file(
         check=True,
     )
     hashed = made.stdout.decode().strip()
-    web_config = yaml.safe_load(readme_file("web-config.yml"))
+    web_config = yaml.safe_load(documented_file("web-config.yml"))
     users = web_config["basic_auth_users"]
     assert len(users) == 1, "one user, the one the check logs in as"
     web_config["basic_auth_users"] = dict.fromkeys(users, hashed)
@@ -851,11 +850,11 @@ def test_readme_compose_healthcheck_logs_in_with_the_password_file(
     assert refused.stderr.startswith("unhealthy: HTTP Error 401"), refused.stderr
 
 
-def test_readme_docker_run_example_keeps_the_state_on_a_volume() -> None:
+def test_documented_docker_run_example_keeps_the_state_on_a_volume() -> None:
     [commands] = [b for b in fenced_blocks("sh") if "docker run -d" in b]
     daemon = commands[commands.index("docker run -d") :].replace("\\\n", " ")
     mounts = re.findall(r'-v "\$PWD/([^":]+):([^":]+)(?::(ro))?"', daemon)
-    state = readme_config_note()["state"]["path"]
+    state = documented_config_note()["state"]["path"]
     [(source, _, mode)] = [m for m in mounts if m[1] == str(PurePosixPath(state).parent)]
     assert mode == "", "the state directory must be writable"
     assert re.search(rf"^mkdir -p .*\b{re.escape(source)}\b", commands, re.M)

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from exporter import __version__
 from exporter.config.schema import ConfigFile
+from tests.helpers import docs
 from tests.helpers.chart import (
     CASES,
     CHART,
@@ -856,12 +857,9 @@ def test_operator_schema_check_refuses_what_the_api_server_would(
     assert errors[0].startswith(complaint), errors
 
 
-README = REPOSITORY / "README.md"
-
-
-def readme_kubernetes_section() -> str:
-    text = README.read_text()
-    return text.split("\n## Kubernetes (Helm)\n", 1)[1].split("\n## ", 1)[0]
+def kubernetes_section() -> str:
+    """The Kubernetes section of docs/deployment.md."""
+    return docs.section(docs.DEPLOYMENT_REFERENCE.read_text(), "Kubernetes (Helm)")
 
 
 def set_value(values: dict[str, Any], dotted: str, value: Any) -> None:
@@ -878,12 +876,11 @@ def helm_set_value(text: str) -> Any:
     return int(text) if text.isdigit() else text
 
 
-def readme_helm_commands() -> list[tuple[str, dict[str, Any]]]:
-    """Each `helm install`/`helm upgrade` of the README's Kubernetes section, with the values
+def helm_commands(section: str) -> list[tuple[str, dict[str, Any]]]:
+    """Each `helm install`/`helm upgrade` of a document's Kubernetes section, with the values
     it gives the chart: my-values.yaml, then its --set flags."""
-    section = readme_kubernetes_section()
     heredoc = re.search(r"cat > my-values.yaml <<'YAML'\n(.*?)\nYAML\n", section, re.DOTALL)
-    assert heredoc, "the README's my-values.yaml was not found"
+    assert heredoc, "the section's my-values.yaml was not found"
     commands = []
     for command in re.findall(r"^helm (?:install|upgrade) .*?(?<!\\)$", section, re.M | re.S):
         words = command.replace("\\\n", " ").split()
@@ -904,8 +901,8 @@ def readme_helm_commands() -> list[tuple[str, dict[str, Any]]]:
     return commands
 
 
-def test_readme_kubernetes_section_says_what_the_chart_renders() -> None:
-    commands = readme_helm_commands()
+def test_deployment_kubernetes_section_says_what_the_chart_renders() -> None:
+    commands = helm_commands(kubernetes_section())
     assert [command.split()[1] for command, _ in commands] == ["install", "upgrade", "upgrade"]
     installed, monitored, sharded = (render_chart(values) for _, values in commands)
     assert installed.kinds()["Deployment"] == 1
@@ -915,7 +912,7 @@ def test_readme_kubernetes_section_says_what_the_chart_renders() -> None:
     for kind in ("ServiceMonitor", "PrometheusRule"):
         assert monitored.one(kind)["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert monitored.one("ConfigMap", f"{FULLNAME}-dashboard")
-    section = readme_kubernetes_section()
+    section = kubernetes_section()
     job = service_monitor_job(monitored)
     assert f'`job="{job}"`' in section
     rules = rules_by_name(monitored)
@@ -934,3 +931,10 @@ def test_readme_kubernetes_section_says_what_the_chart_renders() -> None:
     assert "--set persistence.enabled=true" in section
     persistent = render_chart({**commands[0][1], "persistence": {"enabled": True}})
     assert persistent.kinds()["PersistentVolumeClaim"] == 1
+
+
+def test_readme_kubernetes_section_is_the_deployment_pages_install() -> None:
+    """The README's short Kubernetes section runs the first command of docs/deployment.md,
+    with the same values, so what that page's test renders is what the README installs."""
+    readme = docs.section(docs.README.read_text(), "Kubernetes")
+    assert helm_commands(readme) == helm_commands(kubernetes_section())[:1]
