@@ -184,7 +184,7 @@ class DiscoverySettings(_Strict):
 
 
 class ConfigFile(_Strict):
-    """The whole YAML file, exactly as the contract in the README describes it."""
+    """The whole YAML file, exactly as docs/configuration.md describes it."""
 
     api: ApiSettings = ApiSettings()
     polling: PollingSettings = PollingSettings()

@@ -37,7 +37,7 @@ _WARNING_INTERVAL = 60.0
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """Limits on every connection; each is documented in the README with its default."""
+    """Limits on every connection; docs/security-and-limits.md lists each with its default."""
 
     # Connections served at once; past it, new ones get an HTTP 503.
     max_connections: int = 4096
