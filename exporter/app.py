@@ -17,7 +17,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
-from exporter.api import BuildStatusClient
+from exporter.api import ApiClient
 from exporter.blocking import in_daemon_thread
 from exporter.config import Config
 from exporter.discovery import ImageDiscovery
@@ -104,9 +104,9 @@ class PerScrapeFamilies:
         return [*self._own, *self._inventory_families, *self._runtime.collect()]
 
 
-def create_client(config: Config) -> BuildStatusClient:
+def create_client(config: Config) -> ApiClient:
     """An API client for a configuration."""
-    return BuildStatusClient(
+    return ApiClient(
         config.api.base_url,
         config.api_key,
         timeout=config.api.timeout,
@@ -182,7 +182,7 @@ class Exporter:
         )
         self._discovery_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._retired_clients: list[BuildStatusClient] = []
+        self._retired_clients: list[ApiClient] = []
         self.reloader = Reloader(
             lambda: self.config,
             self._load_config,
@@ -363,7 +363,7 @@ class Exporter:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _close_later(self, client: BuildStatusClient, delay: float) -> None:
+    async def _close_later(self, client: ApiClient, delay: float) -> None:
         await asyncio.sleep(delay)
         self._retired_clients.remove(client)
         await client.aclose()

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from exporter.api import FetchResult, ListResult
-from exporter.models import KEY_ACCEPTED_OUTCOMES, Outcome
+from exporter.api import Answer
+from exporter.models import KEY_ACCEPTED_OUTCOMES, Build, ImagePage, Outcome
 from exporter.store import BuildStore, Transition
 from exporter.telemetry import Telemetry
 
@@ -65,7 +65,7 @@ class SystemClock:
 
 
 class BuildFetcher(Protocol):
-    async def fetch(self, build_id: str) -> FetchResult: ...
+    async def fetch(self, build_id: str) -> Answer[Build]: ...
 
     def credentials_generation(self) -> int:
         """A number that changes whenever the credentials change."""
@@ -401,7 +401,7 @@ class Poller:
                 self._listings_in_flight -= 1
             raise
 
-    def listing_done(self, result: ListResult | None) -> None:
+    def listing_done(self, result: Answer[ImagePage] | None) -> None:
         """A listing request ended: its 429 pauses every request, its 401 rejects the key,
         as a build poll's would. None: it was never made."""
         self._listings_in_flight -= 1
@@ -472,7 +472,7 @@ class Poller:
             due, urgent = next_poll
             self._schedule(build_id, due, urgent=urgent)
 
-    def _apply(self, build_id: str, result: FetchResult, now: float) -> tuple[float, bool] | None:
+    def _apply(self, build_id: str, result: Answer[Build], now: float) -> tuple[float, bool] | None:
         """Record a result; returns when to poll this build next and whether ahead of others
         (it just changed), or None for never."""
         if result.outcome is Outcome.RATE_LIMITED:
@@ -493,13 +493,13 @@ class Poller:
             self._key_answered()
 
         wall = self._wall_clock()
-        if result.build is not None:
-            transition = self._store.record_success(build_id, result.build, wall)
+        if result.value is not None:
+            transition = self._store.record_success(build_id, result.value, wall)
             self._failures.pop(build_id, None)
             if transition is None:
                 return None
             _log_success(transition)
-            if result.build.finished:
+            if result.value.finished:
                 return None
             gap = self._gap(transition.after.last_change_time, wall)
             return now + gap, transition.answer_changed
@@ -604,7 +604,7 @@ def _log_success(transition: Transition) -> None:
         )
 
 
-def _log_failure(transition: Transition, result: FetchResult) -> None:
+def _log_failure(transition: Transition, result: Answer[Build]) -> None:
     if transition.before.last_error == transition.after.last_error:
         return
     log.warning(
