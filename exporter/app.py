@@ -28,7 +28,7 @@ from exporter.poller import Clock, Poller, PollSettings
 from exporter.reload import Reloader
 from exporter.state import Restored, StateSync, open_state
 from exporter.store import BuildStore, ImageInventory, Inventory
-from exporter.telemetry import Telemetry, TelemetrySnapshot
+from exporter.telemetry import Component, Telemetry, TelemetrySnapshot
 from exporter.web.connections import ServerLimits
 from exporter.web.server import Endpoints, MetricsServer
 
@@ -212,7 +212,7 @@ class Exporter:
         """
         return None
 
-    def internal_error(self, component: str, error: BaseException) -> None:
+    def internal_error(self, component: Component, error: BaseException) -> None:
         """Count an unexpected exception; log its traceback once per class and component."""
         if self.telemetry.record_internal_error(component, error):
             log.error(
@@ -378,7 +378,7 @@ class Exporter:
                     functools.partial(self._state_sync.sync, self.store.snapshot()), "state-sync"
                 )
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
-                self.internal_error("state", error)
+                self.internal_error(Component.STATE, error)
 
     async def _close_state_within_deadline(self) -> None:
         try:
@@ -401,7 +401,7 @@ class Exporter:
         try:
             self._state_sync.sync(self.store.snapshot())
         except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
-            self.internal_error("state", error)
+            self.internal_error(Component.STATE, error)
         self._state_sync.close()
         self._state_sync = None
 
@@ -410,7 +410,7 @@ class Exporter:
             try:
                 await self.discovery.run()
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
-                self.internal_error("discovery", error)
+                self.internal_error(Component.DISCOVERY, error)
                 await asyncio.sleep(POLLER_RESTART_DELAY)
 
     async def _supervise_poller(self) -> None:
@@ -419,5 +419,5 @@ class Exporter:
                 await self.poller.run()
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
                 # Never stop updating silently: count, log, and start the loop again.
-                self.internal_error("poller", error)
+                self.internal_error(Component.POLLER, error)
                 await asyncio.sleep(POLLER_RESTART_DELAY)

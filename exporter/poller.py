@@ -21,7 +21,7 @@ from typing import Protocol
 from exporter.api import Answer
 from exporter.models import KEY_ACCEPTED_OUTCOMES, Build, ImagePage, Outcome
 from exporter.store import BuildStore, Transition
-from exporter.telemetry import Telemetry
+from exporter.telemetry import Component, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class Poller:
         wall_clock: Callable[[], float] = time.time,
         clock: Clock | None = None,
         jitter: Callable[[], float] = random.random,
-        on_internal_error: Callable[[str, BaseException], None] | None = None,
+        on_internal_error: Callable[[Component, BaseException], None] | None = None,
     ) -> None:
         self._fetcher = fetcher
         self._on_internal_error = on_internal_error
@@ -464,7 +464,7 @@ class Poller:
         except Exception as error:
             # A bug must cost one poll, never the build's place in the schedule.
             if self._on_internal_error is not None:
-                self._on_internal_error("poller", error)
+                self._on_internal_error(Component.POLLER, error)
             else:
                 log.exception("unexpected error while polling", extra={"build_id": build_id})
             next_poll = self._clock() + self._backoff(build_id), False

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from exporter.blocking import in_daemon_thread
 from exporter.config import Config, ConfigError, build_files_fingerprint, collect_build_ids
-from exporter.telemetry import Telemetry
+from exporter.telemetry import Component, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class Reloader:
         load_config: Callable[[], Config],
         apply: Callable[[Config], tuple[int, int]],
         telemetry: Telemetry,
-        internal_error: Callable[[str, BaseException], None],
+        internal_error: Callable[[Component, BaseException], None],
     ) -> None:
         self._current = current
         self._load_config = load_config
@@ -80,7 +80,7 @@ class Reloader:
             except _ChangedWhileReadError:
                 pass  # read again once they settle
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
-                self._internal_error("reload", error)
+                self._internal_error(Component.RELOAD, error)
             await asyncio.sleep(self._current().polling.build_files_refresh_interval)
 
     async def _reload(self, source: str, load: Callable[[], Config]) -> str | None:
@@ -100,7 +100,7 @@ class Reloader:
                 return str(error)
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
                 self._telemetry.set_config_reload_successful(source, False)
-                self._internal_error("reload", error)
+                self._internal_error(Component.RELOAD, error)
                 return "unexpected error; see the exporter's log"
             self._telemetry.set_config_reload_successful(source, True)
             log.info(
