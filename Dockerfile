@@ -2,9 +2,10 @@
 #
 #   docker build --build-arg VERSION=0.1.0 -t primeintellect-build-exporter:0.1.0 .
 #
-# The build stage turns the source into wheels: the exporter's and those of its
-# dependencies. The final stage installs only those wheels, without an index, into
-# /opt/venv, so it never builds anything and carries no compiler, source or pip cache.
+# The build stage gathers wheels: the dependencies' at the exact versions of the lock file
+# requirements/runtime.txt, each file checked against the lock's hashes, and the exporter's.
+# The final stage installs only those wheels, without an index, into /opt/venv, checking
+# the hashes again, so it never builds anything and carries no compiler, source or pip cache.
 # tests/deployment/test_dockerfile.py runs hadolint on this file and replays its RUN lines
 # (the wheel build and the install) on the host, so keep them in the same shape.
 
@@ -14,8 +15,11 @@ FROM python:${PYTHON_VERSION}-slim-bookworm AS build
 
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
+COPY requirements/runtime.txt requirements/
 COPY exporter/ exporter/
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The exporter's wheel comes alone (--no-deps): pip's hash mode cannot hash a source directory.
+RUN pip wheel --no-cache-dir --require-hashes --wheel-dir /wheels -r requirements/runtime.txt \
+    && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM python:${PYTHON_VERSION}-slim-bookworm
 
@@ -40,9 +44,12 @@ RUN groupadd --system --gid 65532 exporter \
 # The venv gets no pip of its own: the base image's pip installs into it (--python).
 # pip compiles every module to bytecode here, so nothing is written at run time.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    --mount=type=bind,from=build,source=/src/requirements,target=/src/requirements \
     python -m venv --without-pip /opt/venv \
     && python -m pip --python /opt/venv/bin/python install --no-cache-dir --no-index \
-        --find-links=/wheels /wheels/primeintellect_build_exporter-*.whl
+        --find-links=/wheels --require-hashes -r /src/requirements/runtime.txt \
+    && python -m pip --python /opt/venv/bin/python install --no-cache-dir --no-index \
+        --no-deps /wheels/primeintellect_build_exporter-*.whl
 
 # Works with a read-only root filesystem: no bytecode written, logs go straight out,
 # and nothing else is written anywhere (mount an emptyDir at /tmp if a platform wants one).

@@ -36,7 +36,7 @@ import httpx
 from prometheus_client.core import Metric
 from pydantic import SecretStr
 
-from exporter.api import BuildStatusClient
+from exporter.api import ApiClient
 from exporter.app import PerScrapeFamilies
 from exporter.config.credentials import ApiKeySource
 from exporter.config.schema import Config
@@ -620,7 +620,7 @@ def measure_refresh(count: int) -> list[Row]:
 
 
 async def _poll_with_exporter(base_url: str, build_ids: list[str], concurrency: int) -> float:
-    client = BuildStatusClient(
+    client = ApiClient(
         base_url, ApiKeySource(value=SecretStr(API_KEY)), timeout=30, max_connections=concurrency
     )
     store = BuildStore()

@@ -1,4 +1,4 @@
-"""The Prime Intellect API client: one GET per poll, every failure turned into a typed outcome."""
+"""The Prime Intellect API client: one GET per request, every failure a typed outcome."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
+from typing import Generic, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -20,6 +21,7 @@ from exporter.config.grammar import is_loopback_host
 from exporter.models import (
     Build,
     ImagePage,
+    InvalidAnswerError,
     InvalidBuildError,
     Outcome,
     parse_build,
@@ -35,22 +37,17 @@ _DELAY_SECONDS = re.compile(r"[0-9]+")
 _ASCTIME_DATE = re.compile(r"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}")
 
 
-@dataclass(frozen=True, slots=True)
-class FetchResult:
-    """The result of one request: a build on success, else a reason safe to log."""
-
-    outcome: Outcome
-    build: Build | None = None
-    detail: str = ""
-    retry_after: float | None = None
+# Covariant: an answer of a build is an answer, for code that reads only its outcome.
+T = TypeVar("T", covariant=True)
 
 
 @dataclass(frozen=True, slots=True)
-class ListResult:
-    """The result of one request of the image listing: a page on success, else a reason."""
+class Answer(Generic[T]):
+    """What one request came to: the parsed answer (a build, a listing page) when the outcome
+    is OK, else a reason safe to log and, for a 429, the seconds the API asked to wait."""
 
     outcome: Outcome
-    page: ImagePage | None = None
+    value: T | None = None
     detail: str = ""
     retry_after: float | None = None
 
@@ -59,8 +56,9 @@ class _UnreadableBodyError(Exception):
     """The body is too large, cut short or not decodable; the message says which."""
 
 
-class BuildStatusClient:
-    """Fetches build status over one pooled ``httpx.AsyncClient``."""
+class ApiClient:
+    """The API with one key over one pooled ``httpx.AsyncClient``: a build's status and the
+    image listing."""
 
     def __init__(
         self,
@@ -116,24 +114,20 @@ class BuildStatusClient:
             segment = segment.replace(".", "%2E")
         return self._base_url + BUILD_PATH + segment
 
-    async def fetch(self, build_id: str) -> FetchResult:
+    async def fetch(self, build_id: str) -> Answer[Build]:
         """GET one build's status; never raises for anything the network or the API does."""
-        result, body = await self._get(self.build_url(build_id))
-        if body is None:
-            return result
-        try:
+
+        def parse(body: bytes) -> Build:
             build = parse_build(body)
-        except InvalidBuildError as error:
-            return FetchResult(Outcome.INVALID_RESPONSE, detail=str(error))
-        if build.id != build_id:
-            return FetchResult(
-                Outcome.INVALID_RESPONSE, detail="answer is about a different build id"
-            )
-        return FetchResult(Outcome.OK, build=build)
+            if build.id != build_id:
+                raise InvalidBuildError("answer is about a different build id")
+            return build
+
+        return await self._answer(self.build_url(build_id), parse)
 
     async def list_images(
         self, *, offset: int, limit: int, search: str = "", team_id: str = ""
-    ) -> ListResult:
+    ) -> Answer[ImagePage]:
         """GET one page of the scope's image listing; never raises, as ``fetch``."""
         params = {"offset": str(offset), "limit": str(limit)}
         if search:
@@ -141,17 +135,21 @@ class BuildStatusClient:
         if team_id:
             # As the official client: never an empty teamId.
             params["teamId"] = team_id
-        result, body = await self._get(self._base_url + IMAGES_PATH, params)
-        if body is None:
-            return ListResult(result.outcome, detail=result.detail, retry_after=result.retry_after)
-        try:
-            return ListResult(Outcome.OK, page=parse_image_page(body))
-        except InvalidBuildError as error:
-            return ListResult(Outcome.INVALID_RESPONSE, detail=str(error))
+        return await self._answer(self._base_url + IMAGES_PATH, parse_image_page, params)
 
-    async def _get(
-        self, url: str, params: dict[str, str] | None = None
-    ) -> tuple[FetchResult, bytes | None]:
+    async def _answer(
+        self, url: str, parse: Callable[[bytes], T], params: dict[str, str] | None = None
+    ) -> Answer[T]:
+        """One GET with its 200 answer parsed; a body ``parse`` refuses is an invalid response."""
+        got = await self._get(url, params)
+        if got.value is None:
+            return Answer(got.outcome, detail=got.detail, retry_after=got.retry_after)
+        try:
+            return Answer(Outcome.OK, parse(got.value))
+        except InvalidAnswerError as error:
+            return Answer(Outcome.INVALID_RESPONSE, detail=str(error))
+
+    async def _get(self, url: str, params: dict[str, str] | None) -> Answer[bytes]:
         """One GET: the body of a 200 answer, read within the size cap, or else the outcome."""
         headers = {}
         if self._api_key is not None:
@@ -162,32 +160,32 @@ class BuildStatusClient:
                 response = await self._client.send(request, stream=True)
                 try:
                     if response.status_code == 200:
-                        return FetchResult(Outcome.OK), await self._read_capped(response)
-                    return self._failure(response), None
+                        return Answer(Outcome.OK, await self._read_capped(response))
+                    return self._failure(response)
                 finally:
                     await response.aclose()
         except (TimeoutError, httpx.TimeoutException):
             detail = f"no complete answer within {self._timeout:g}s"
-            return FetchResult(Outcome.TIMEOUT, detail=detail), None
+            return Answer(Outcome.TIMEOUT, detail=detail)
         except _UnreadableBodyError as error:
-            return FetchResult(Outcome.INVALID_RESPONSE, detail=str(error)), None
+            return Answer(Outcome.INVALID_RESPONSE, detail=str(error))
         except httpx.HTTPError as error:
             detail = f"{_describe_transport_error(error)} ({self._host_and_port})"
-            return FetchResult(Outcome.CONNECTION_ERROR, detail=detail), None
+            return Answer(Outcome.CONNECTION_ERROR, detail=detail)
 
-    def _failure(self, response: httpx.Response) -> FetchResult:
+    def _failure(self, response: httpx.Response) -> Answer[bytes]:
         status = response.status_code
         detail = f"HTTP {status}"
         if status == 404:
             # A wrong base path answers 404 for every build: the path shows which was asked.
-            return FetchResult(Outcome.NOT_FOUND, detail=f"{detail} for {response.url.path}")
+            return Answer(Outcome.NOT_FOUND, detail=f"{detail} for {response.url.path}")
         if status == 401:
-            return FetchResult(Outcome.UNAUTHORIZED, detail=detail)
+            return Answer(Outcome.UNAUTHORIZED, detail=detail)
         if status == 403:
             # About this build (another team's, a deleted one), not the key as a whole.
-            return FetchResult(Outcome.FORBIDDEN, detail=detail)
+            return Answer(Outcome.FORBIDDEN, detail=detail)
         if status == 429:
-            return FetchResult(
+            return Answer(
                 Outcome.RATE_LIMITED,
                 detail=detail,
                 retry_after=parse_retry_after(
@@ -195,16 +193,16 @@ class BuildStatusClient:
                 ),
             )
         if 500 <= status <= 599:
-            return FetchResult(Outcome.SERVER_ERROR, detail=detail)
+            return Answer(Outcome.SERVER_ERROR, detail=detail)
         if 400 <= status <= 499:
-            return FetchResult(Outcome.CLIENT_ERROR, detail=detail)
+            return Answer(Outcome.CLIENT_ERROR, detail=detail)
         if 300 <= status <= 399:
             location = _without_secrets(response.headers.get("Location", ""))
-            return FetchResult(
+            return Answer(
                 Outcome.INVALID_RESPONSE,
                 detail=f"{detail} redirect to {location or '(no Location)'}, not followed",
             )
-        return FetchResult(Outcome.INVALID_RESPONSE, detail=f"unexpected {detail}")
+        return Answer(Outcome.INVALID_RESPONSE, detail=f"unexpected {detail}")
 
     async def _read_capped(self, response: httpx.Response) -> bytes:
         """The body, decoded, refusing more than the cap both on the wire and decoded."""

@@ -18,7 +18,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__
-from exporter.api import BuildStatusClient
+from exporter.api import ApiClient
 from exporter.blocking import in_daemon_thread
 from exporter.budget import Clock, RequestBudget
 from exporter.config.schema import Config
@@ -30,7 +30,7 @@ from exporter.poller import Poller, PollSettings
 from exporter.reload import Applier, Reloader, create_client
 from exporter.state import Restored, StateSync, open_state
 from exporter.store import BuildStore, ImageInventory, Inventory
-from exporter.telemetry import Telemetry, TelemetrySnapshot
+from exporter.telemetry import Component, Telemetry, TelemetrySnapshot
 from exporter.web.connections import ServerLimits
 from exporter.web.server import Endpoints, MetricsServer
 
@@ -198,7 +198,7 @@ class Exporter:
         return self.applier.config
 
     @property
-    def client(self) -> BuildStatusClient:
+    def client(self) -> ApiClient:
         """The API client in use now; a reload of the api section replaces it."""
         return self.applier.client
 
@@ -223,7 +223,7 @@ class Exporter:
         """
         return None
 
-    def internal_error(self, component: str, error: BaseException) -> None:
+    def internal_error(self, component: Component, error: BaseException) -> None:
         """Count an unexpected exception; log its traceback once per class and component."""
         if self.telemetry.record_internal_error(component, error):
             log.error(
@@ -360,7 +360,7 @@ class Exporter:
                     functools.partial(self._state_sync.sync, self.store.snapshot()), "state-sync"
                 )
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
-                self.internal_error("state", error)
+                self.internal_error(Component.STATE, error)
 
     async def _close_state_within_deadline(self) -> None:
         try:
@@ -383,7 +383,7 @@ class Exporter:
         try:
             self._state_sync.sync(self.store.snapshot())
         except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
-            self.internal_error("state", error)
+            self.internal_error(Component.STATE, error)
         self._state_sync.close()
         self._state_sync = None
 
@@ -392,7 +392,7 @@ class Exporter:
             try:
                 await self.discovery.run()
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
-                self.internal_error("discovery", error)
+                self.internal_error(Component.DISCOVERY, error)
                 await asyncio.sleep(POLLER_RESTART_DELAY)
 
     async def _supervise_poller(self) -> None:
@@ -401,5 +401,5 @@ class Exporter:
                 await self.poller.run()
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
                 # Never stop updating silently: count, log, and start the loop again.
-                self.internal_error("poller", error)
+                self.internal_error(Component.POLLER, error)
                 await asyncio.sleep(POLLER_RESTART_DELAY)

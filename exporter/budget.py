@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from exporter.api import Answer
 from exporter.models import KEY_ACCEPTED_OUTCOMES, Outcome
 from exporter.telemetry import Telemetry
 
@@ -57,19 +58,6 @@ class Credentials(Protocol):
     def credentials_generation(self) -> int:
         """A number that changes whenever the credentials change."""
         ...
-
-
-class Answer(Protocol):
-    """What the budget reads of a request's result."""
-
-    @property
-    def outcome(self) -> Outcome: ...
-
-    @property
-    def detail(self) -> str: ...
-
-    @property
-    def retry_after(self) -> float | None: ...
 
 
 @dataclass(frozen=True)
@@ -232,7 +220,7 @@ class RequestBudget:
     # -- what answers do to the budget -------------------------------------------------------------
 
     def answered(
-        self, answer: Answer, subject: Mapping[str, str], *, key_rejected: bool = False
+        self, answer: Answer[object], subject: Mapping[str, str], *, key_rejected: bool = False
     ) -> None:
         """A request's answer: a 429 pauses every request, a 401 (or an answer the caller
         takes as the key's rejection) pauses them until the key changes or the pause ends,
@@ -305,7 +293,7 @@ class ListingSlots:
         poll is due (builds go first). ``listing_done`` must follow."""
         await self._budget.slot()
 
-    def listing_done(self, result: Answer | None) -> None:
+    def listing_done(self, result: Answer[object] | None) -> None:
         """A listing request ended: its answer counts as a build poll's would. None: it was
         never made."""
         self._budget.end()

@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from exporter.api import ListResult
+from exporter.api import Answer
 from exporter.budget import Clock, SystemClock
 from exporter.config.schema import ImageDiscoverySettings
-from exporter.models import ImageRow
+from exporter.models import ImagePage, ImageRow
 from exporter.store import ImageInventory, latest_rows
 from exporter.telemetry import IMAGE_LIST_ENDPOINT, Telemetry
 
@@ -34,7 +34,7 @@ MAX_PAGES = 400
 class ImageLister(Protocol):
     async def list_images(
         self, *, offset: int, limit: int, search: str = "", team_id: str = ""
-    ) -> ListResult: ...
+    ) -> Answer[ImagePage]: ...
 
 
 class RequestSlots(Protocol):
@@ -42,7 +42,7 @@ class RequestSlots(Protocol):
 
     async def listing_slot(self) -> None: ...
 
-    def listing_done(self, result: ListResult | None) -> None:
+    def listing_done(self, result: Answer[ImagePage] | None) -> None:
         """The request's result, or None if it was never made (cancelled)."""
         ...
 
@@ -96,7 +96,7 @@ class ImageDiscovery:
         offset = 0
         for page_number in range(1, MAX_PAGES + 1):
             result = await self._request(offset, settings)
-            page = result.page
+            page = result.value
             if page is None:
                 self._inventory.failed(result.outcome)
                 log.warning(
@@ -132,7 +132,7 @@ class ImageDiscovery:
             )
         return True
 
-    async def _request(self, offset: int, settings: ImageDiscoverySettings) -> ListResult:
+    async def _request(self, offset: int, settings: ImageDiscoverySettings) -> Answer[ImagePage]:
         await self._slots.listing_slot()
         started = self._time.monotonic()
         try:

@@ -70,8 +70,17 @@ _ESCAPE_SEQUENCE = re.compile(
 _ELISION = " … "
 
 
-class InvalidBuildError(ValueError):
-    """The body of a 200 answer is not a usable build status."""
+class InvalidAnswerError(ValueError):
+    """The body of a 200 answer is not what the endpoint answers; the message says why, briefly
+    and without secrets."""
+
+
+class InvalidBuildError(InvalidAnswerError):
+    """The body of a 200 answer of a build's status is not a usable build status."""
+
+
+class InvalidPageError(InvalidAnswerError):
+    """The body of a 200 answer of the image listing is no listing page at all."""
 
 
 def clean_label_text(value: str, *, keep_end: bool = False) -> str:
@@ -247,8 +256,8 @@ def known_or_unknown(value: str, known: tuple[str, ...]) -> str:
     return value if value in known else UNKNOWN
 
 
-def parse_build(body: bytes) -> Build:
-    """Parse a 200 answer's body; raise InvalidBuild with a short, secret-free reason."""
+def _json_object(body: bytes, invalid: type[InvalidAnswerError]) -> dict[str, Any]:
+    """A 200 answer's body as a JSON object; raise ``invalid`` if it is none."""
     # A stray byte (Latin-1 in a build log) becomes U+FFFD, not a lost answer.
     text = body.decode("utf-8", errors="replace").removeprefix("\ufeff")
     try:
@@ -256,9 +265,15 @@ def parse_build(body: bytes) -> Build:
         # the whole document for one bad character.
         document: Any = json.loads(text)
     except (ValueError, RecursionError):
-        raise InvalidBuildError("body is not JSON") from None
+        raise invalid("body is not JSON") from None
     if not isinstance(document, dict):
-        raise InvalidBuildError("body is not a JSON object")
+        raise invalid("body is not a JSON object")
+    return document
+
+
+def parse_build(body: bytes) -> Build:
+    """Parse a 200 answer's body; raise InvalidBuildError with a short, secret-free reason."""
+    document = _json_object(body, InvalidBuildError)
     if not document.get("errorMessage") and document.get("error_message"):
         # As the official client reads it: errorMessage, else error_message.
         document = {**document, "errorMessage": document["error_message"]}
@@ -318,21 +333,15 @@ IMAGE_ROW = TypeAdapter(ImageRow)
 
 
 def parse_image_page(body: bytes) -> ImagePage:
-    """Parse a 200 answer of the listing; raise InvalidBuildError if it is no listing at all.
+    """Parse a 200 answer of the listing; raise InvalidPageError if it is no listing at all.
 
     A row that is not an artifact row (no id, no createdAt) is counted and left out: one bad
     row must not hide a team's other images.
     """
-    text = body.decode("utf-8", errors="replace").removeprefix("\ufeff")
-    try:
-        document: Any = json.loads(text)
-    except (ValueError, RecursionError):
-        raise InvalidBuildError("body is not JSON") from None
-    if not isinstance(document, dict):
-        raise InvalidBuildError("body is not a JSON object")
+    document = _json_object(body, InvalidPageError)
     data = document.get("data")
     if not isinstance(data, list):
-        raise InvalidBuildError("data: not a list of images")
+        raise InvalidPageError("data: not a list of images")
     rows = []
     for item in data:
         try:

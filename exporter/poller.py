@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from exporter.api import FetchResult
+from exporter.api import Answer
 from exporter.budget import BudgetSettings, Clock, RequestBudget, SystemClock
-from exporter.models import Outcome
+from exporter.models import Build, Outcome
 from exporter.store import BuildStore, Transition
-from exporter.telemetry import Telemetry
+from exporter.telemetry import Component, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ CADENCE_FRACTION = 0.1
 
 
 class BuildFetcher(Protocol):
-    async def fetch(self, build_id: str) -> FetchResult: ...
+    async def fetch(self, build_id: str) -> Answer[Build]: ...
 
     def credentials_generation(self) -> int:
         """A number that changes whenever the credentials change."""
@@ -101,7 +101,7 @@ class Poller:
         wall_clock: Callable[[], float] = time.time,
         clock: Clock | None = None,
         jitter: Callable[[], float] = random.random,
-        on_internal_error: Callable[[str, BaseException], None] | None = None,
+        on_internal_error: Callable[[Component, BaseException], None] | None = None,
         budget: RequestBudget | None = None,
     ) -> None:
         """``budget`` is the key's request budget, shared with the listings; without it the
@@ -346,7 +346,7 @@ class Poller:
         except Exception as error:
             # A bug must cost one poll, never the build's place in the schedule.
             if self._on_internal_error is not None:
-                self._on_internal_error("poller", error)
+                self._on_internal_error(Component.POLLER, error)
             else:
                 log.exception("unexpected error while polling", extra={"build_id": build_id})
             next_poll = self._clock() + self._backoff(build_id), False
@@ -354,7 +354,7 @@ class Poller:
             due, urgent = next_poll
             self._schedule(build_id, due, urgent=urgent)
 
-    def _apply(self, build_id: str, result: FetchResult, now: float) -> tuple[float, bool] | None:
+    def _apply(self, build_id: str, result: Answer[Build], now: float) -> tuple[float, bool] | None:
         """Record a result; returns when to poll this build next and whether ahead of others
         (it just changed), or None for never."""
         if result.outcome is Outcome.FORBIDDEN and build_id in self._tracked:
@@ -368,13 +368,13 @@ class Poller:
         self._budget.answered(result, {"build_id": build_id}, key_rejected=rejected)
 
         wall = self._wall_clock()
-        if result.build is not None:
-            transition = self._store.record_success(build_id, result.build, wall)
+        if result.value is not None:
+            transition = self._store.record_success(build_id, result.value, wall)
             self._failures.pop(build_id, None)
             if transition is None:
                 return None
             _log_success(transition)
-            if result.build.finished:
+            if result.value.finished:
                 return None
             gap = self._gap(transition.after.last_change_time, wall)
             return now + gap, transition.answer_changed
@@ -442,7 +442,7 @@ def _log_success(transition: Transition) -> None:
         )
 
 
-def _log_failure(transition: Transition, result: FetchResult) -> None:
+def _log_failure(transition: Transition, result: Answer[Build]) -> None:
     if transition.before.last_error == transition.after.last_error:
         return
     log.warning(

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from exporter.api import BuildStatusClient
+from exporter.api import ApiClient
 from exporter.blocking import in_daemon_thread
 from exporter.config.loading import build_files_fingerprint, collect_build_ids
 from exporter.config.schema import Config
@@ -22,7 +22,7 @@ from exporter.config.wording import ConfigError
 from exporter.discovery import ImageDiscovery
 from exporter.exposition_cache import ExpositionCache
 from exporter.poller import Poller, PollSettings
-from exporter.telemetry import Telemetry
+from exporter.telemetry import Component, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 BUILD_FILES_SETTLE_SECONDS = 1.0
 
 
-def create_client(config: Config) -> BuildStatusClient:
+def create_client(config: Config) -> ApiClient:
     """An API client for a configuration."""
-    return BuildStatusClient(
+    return ApiClient(
         config.api.base_url,
         config.api_key,
         timeout=config.api.timeout,
@@ -54,7 +54,7 @@ class Applier:
     def __init__(
         self,
         config: Config,
-        client: BuildStatusClient,
+        client: ApiClient,
         poller: Poller,
         discovery: ImageDiscovery,
         cache: ExpositionCache,
@@ -71,7 +71,7 @@ class Applier:
         self._poll_settings = poll_settings
         self._in_background = in_background
         self._on_applied = on_applied
-        self._retired_clients: list[BuildStatusClient] = []
+        self._retired_clients: list[ApiClient] = []
 
     def apply(self, config: Config) -> tuple[int, int]:
         """Run on ``config`` from now on; how many builds it added and removed.
@@ -108,7 +108,7 @@ class Applier:
         for client in (self.client, *self._retired_clients):
             await client.aclose()
 
-    async def _close_later(self, client: BuildStatusClient, delay: float) -> None:
+    async def _close_later(self, client: ApiClient, delay: float) -> None:
         await asyncio.sleep(delay)
         self._retired_clients.remove(client)
         await client.aclose()
@@ -126,7 +126,7 @@ class Reloader:
         load_config: Callable[[], Config],
         applier: Applier,
         telemetry: Telemetry,
-        internal_error: Callable[[str, BaseException], None],
+        internal_error: Callable[[Component, BaseException], None],
     ) -> None:
         self._load_config = load_config
         self._applier = applier
@@ -169,7 +169,7 @@ class Reloader:
             except _ChangedWhileReadError:
                 pass  # read again once they settle
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
-                self._internal_error("reload", error)
+                self._internal_error(Component.RELOAD, error)
             await asyncio.sleep(self._applier.config.polling.build_files_refresh_interval)
 
     async def _reload(self, source: str, load: Callable[[], Config]) -> str | None:
@@ -189,7 +189,7 @@ class Reloader:
                 return str(error)
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
                 self._telemetry.set_config_reload_successful(source, False)
-                self._internal_error("reload", error)
+                self._internal_error(Component.RELOAD, error)
                 return "unexpected error; see the exporter's log"
             self._telemetry.set_config_reload_successful(source, True)
             log.info(

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import MappingProxyType
 
 from exporter.models import API_DOWN_OUTCOMES, Outcome
@@ -14,8 +15,6 @@ from exporter.models import API_DOWN_OUTCOMES, Outcome
 # What a reload reads: each has its own config_last_reload_successful series.
 RELOAD_SOURCES = ("config", "build_files")
 REQUEST_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-# Parts of the exporter whose unexpected exceptions are counted rather than fatal.
-INTERNAL_ERROR_COMPONENTS = ("poller", "renderer", "reload", "state", "discovery")
 # The API's endpoints, the `endpoint` label of the request metrics: a build's status, and the
 # image listing (discovery.images).
 BUILD_STATUS_ENDPOINT = "build_status"
@@ -23,6 +22,24 @@ IMAGE_LIST_ENDPOINT = "image_list"
 # How long unusable answers (401, 5xx, transport failures) must keep coming, with no usable
 # one among them, before api_up reads 0: one failing build among good ones never flips it.
 API_DOWN_AFTER_SECONDS = 60.0
+
+
+class Component(StrEnum):
+    """The parts of the exporter whose unexpected exceptions are counted and logged rather than
+    fatal: the ``component`` label of ``primeintellect_exporter_internal_errors_total``."""
+
+    # One build's poll (costing only that poll), or the poll loop itself (started again).
+    POLLER = "poller"
+    # Rendering /metrics: that scrape is answered 500.
+    RENDERER = "renderer"
+    # Reloading the config file or the build files: the running configuration stays.
+    RELOAD = "reload"
+    # Writing the state file, periodically or at shutdown: the next write tries again.
+    STATE = "state"
+    # The image discovery loop (discovery.images): started again after a pause.
+    DISCOVERY = "discovery"
+    # The HTTP server: a request answered 500, or a check of the --web.config.file.
+    SERVER = "server"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +73,7 @@ class TelemetrySnapshot:
     rate_limited_until: float
     # By source: "config" (the file, on SIGHUP or /-/reload) and "build_files".
     config_reload_successful: Mapping[str, bool]
-    internal_errors: Mapping[str, int]
+    internal_errors: Mapping[Component, int]
     poll_lag_seconds: float = 0.0
     poll_demand_ratio: float = 0.0
     state_restored_builds: int = 0
@@ -96,8 +113,8 @@ class Telemetry:
         self._unusable_since: float | None = None
         self._rate_limited_until = 0.0
         self._config_reload_successful = dict.fromkeys(RELOAD_SOURCES, True)
-        self._internal_errors = dict.fromkeys(INTERNAL_ERROR_COMPONENTS, 0)
-        self._error_classes_seen: set[tuple[str, str]] = set()
+        self._internal_errors = dict.fromkeys(Component, 0)
+        self._error_classes_seen: set[tuple[Component, str]] = set()
         self._poll_lag_seconds = 0.0
         self._poll_demand_ratio = 0.0
         self._state_restored_builds = 0
@@ -150,10 +167,10 @@ class Telemetry:
             self._config_reload_successful[source] = successful
             self._snapshot = None
 
-    def record_internal_error(self, component: str, error: BaseException) -> bool:
+    def record_internal_error(self, component: Component, error: BaseException) -> bool:
         """Count an unexpected exception; True the first time its class is seen here."""
         with self._lock:
-            self._internal_errors[component] = self._internal_errors.get(component, 0) + 1
+            self._internal_errors[component] += 1
             error_class = (component, type(error).__qualname__)
             first = error_class not in self._error_classes_seen
             self._error_classes_seen.add(error_class)

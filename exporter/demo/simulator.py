@@ -473,13 +473,6 @@ class Simulator:
                 return False
         return not self._stopping.is_set()
 
-    def answer(
-        self, path: str, authorization: str | None
-    ) -> tuple[int, dict[str, str], bytes, float]:
-        """Status, headers, body and delay for one request."""
-        reply = self.respond(path, authorization)
-        return reply.status, reply.headers, reply.body, reply.delay
-
     def respond(self, path: str, authorization: str | None, query: str = "") -> Reply:
         """The whole reply to one request, including how to deliver it; records the request."""
         build_id = (

@@ -30,7 +30,7 @@ from exporter.config.grammar import parse_listen_address
 from exporter.exposition import ExpositionFormat, accepts_gzip, negotiate_format
 from exporter.exposition_cache import Body
 from exporter.store import Inventory, Snapshot
-from exporter.telemetry import TelemetrySnapshot
+from exporter.telemetry import Component, TelemetrySnapshot
 from exporter.web.auth import AUTH_REALM
 from exporter.web.connections import Listener, ServerLimits
 from exporter.web.status_page import (
@@ -91,7 +91,7 @@ class Endpoints:
     # API is disabled.
     reload: Callable[[], Awaitable[str | None]] | None
     # Counts and logs an unexpected exception of a component, such as the renderer.
-    internal_error: Callable[[str, BaseException], None]
+    internal_error: Callable[[Component, BaseException], None]
     # The requests per second this replica may spend, and the exporter's own state (API up,
     # rate-limit pause), for the status page.
     request_budget: Callable[[], float | None] = lambda: None
@@ -235,7 +235,7 @@ class MetricsServer:
                 # and in a thread that a hung read cannot use to hold up shutdown.
                 await in_daemon_thread(watcher.check, "web-config-check")
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
-                self._endpoints.internal_error("server", error)
+                self._endpoints.internal_error(Component.SERVER, error)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -251,7 +251,7 @@ class MetricsServer:
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception as error:  # noqa: BLE001 (a bug answers 500, nothing worse)
-            self._endpoints.internal_error("server", error)
+            self._endpoints.internal_error(Component.SERVER, error)
             return self._respond(
                 web_config, 500, "Internal error; see the exporter's log\n", close=True
             )
@@ -365,7 +365,7 @@ class MetricsServer:
                     self._render, partial(metrics.body, format, gzip=gzip)
                 )
         except Exception as error:  # noqa: BLE001 (a renderer bug answers 500, nothing worse)
-            self._endpoints.internal_error("renderer", error)
+            self._endpoints.internal_error(Component.RENDERER, error)
             return self._respond(
                 web_config, 500, "Error rendering metrics; see the exporter's log\n"
             )

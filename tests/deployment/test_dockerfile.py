@@ -29,10 +29,12 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from packaging.utils import canonicalize_name
 
 from exporter import __version__
 from exporter.config.schema import DEFAULT_LISTEN_ADDRESS, ConfigFile
 from tests.helpers import docs
+from tests.helpers.lock import LOCK, read_lock
 from tests.helpers.pki import PASSWORD, Pki, bcrypt_hash, client_context, tls_section
 from tests.helpers.support import REPOSITORY, wait_until
 
@@ -280,6 +282,32 @@ def test_dockerignore_keeps_the_build_context_to_the_sources(dockerfile: Dockerf
     assert not is_ignored("exporter/cli.py", patterns)
 
 
+def pip_commands(instruction: Instruction) -> list[str]:
+    """The pip wheel and pip install commands of a RUN line."""
+    commands = re.split(r"\s*(?:&&|;)\s*", instruction.arguments)
+    return [c for c in commands if re.search(r"\bpip\b.*\b(?:wheel|install)\b", c)]
+
+
+def test_image_takes_its_dependencies_from_the_lock_and_checks_their_hashes(
+    dockerfile: Dockerfile,
+) -> None:
+    lock = LOCK.relative_to(REPOSITORY).as_posix()
+    build = dockerfile.stage("build")
+    assert lock in copied_sources(build)
+    [install] = [i for i in dockerfile.final.all("RUN") if "/opt/venv" in i.arguments]
+    for stage, instructions in ((build, build.all("RUN")), (dockerfile.final, [install])):
+        commands = [c for i in instructions for c in pip_commands(i)]
+        # One command for the locked dependencies, one for the exporter alone: hash mode
+        # cannot hash the exporter's source directory.
+        locked = [
+            c
+            for c in commands
+            if "--require-hashes" in c and re.search(rf"-r \S*{re.escape(lock)}", c)
+        ]
+        alone = [c for c in commands if "--no-deps" in c and "-r " not in c]
+        assert (len(locked), len(alone), len(commands)) == (1, 1, 2), (stage.base, commands)
+
+
 def copied_sources(stage: Stage) -> list[str]:
     sources: list[str] = []
     for instruction in stage.all("COPY"):
@@ -399,6 +427,26 @@ def test_installed_entrypoint_prints_the_version(
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"primeintellect-build-exporter {__version__}"
     assert not (installed_image.venv / "bin" / "pip").exists(), "the image venv has no pip"
+
+
+@pytest.mark.timeout(600)
+def test_installed_image_holds_exactly_the_locked_versions(installed_image: InstalledImage) -> None:
+    listing = subprocess.run(
+        [
+            str(installed_image.venv / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m, json\n"
+            "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=installed_image.environment,
+    )
+    installed = {canonicalize_name(name): v for name, v in json.loads(listing.stdout).items()}
+    locked = {name: pin.version for name, pin in read_lock(LOCK).items() if pin.applies_here()}
+    assert installed == {**locked, canonicalize_name("primeintellect-build-exporter"): __version__}
 
 
 @dataclass

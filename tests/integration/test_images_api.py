@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from exporter.api import BuildStatusClient, ListResult
+from exporter.api import Answer, ApiClient
 from exporter.config.credentials import ApiKeySource
 from exporter.demo.simulator import ArtifactPlan, BuildPlan, Fault, Simulator
-from exporter.models import InvalidBuildError, Outcome, parse_image_page
+from exporter.models import ImagePage, InvalidPageError, Outcome, parse_image_page
 from tests.helpers.support import CANARY_API_KEY, EPOCH
 
 ROW: dict[str, Any] = {
@@ -89,13 +89,13 @@ def test_the_row_is_dated_by_pushed_else_completed_else_started_else_created() -
 
 @pytest.mark.parametrize("body", [b"", b"[]", b'{"data": {}}', b'{"items": []}', b"\xff"])
 def test_a_body_that_is_no_listing_is_refused(body: bytes) -> None:
-    with pytest.raises(InvalidBuildError):
+    with pytest.raises(InvalidPageError):
         parse_image_page(body)
 
 
-def list_once(base_url: str, **query: Any) -> ListResult:
-    async def run() -> ListResult:
-        client = BuildStatusClient(
+def list_once(base_url: str, **query: Any) -> Answer[ImagePage]:
+    async def run() -> Answer[ImagePage]:
+        client = ApiClient(
             base_url,
             ApiKeySource(value=SecretStr(CANARY_API_KEY)),
             timeout=2.0,
@@ -117,9 +117,9 @@ def test_a_page_is_listed_with_the_team_scope_and_search_sent_as_the_official_cl
     with Simulator(CANARY_API_KEY, plans, team_id="team-1") as simulator:
         result = list_once(simulator.base_url, offset=0, limit=50, search="TRAIN", team_id="team-1")
         assert result.outcome is Outcome.OK
-        assert result.page is not None
-        assert [row.image_name for row in result.page.rows] == ["trainer"]
-        assert result.page.total_count == 1
+        assert result.value is not None
+        assert [row.image_name for row in result.value.rows] == ["trainer"]
+        assert result.value.total_count == 1
         # No team: no teamId at all, never an empty one.
         list_once(simulator.base_url, offset=50, limit=50)
         queries = [request.query for request in simulator.listing_requests()]

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from exporter.api import FetchResult
+from exporter.api import Answer
 from exporter.demo.simulator import BuildPlan, Fault, Simulator
-from exporter.models import Outcome, parse_build
+from exporter.models import Build, Outcome, parse_build
 from exporter.poller import MAX_BACKOFF, Poller, PollSettings, backoff_delay
 from exporter.store import BuildRecord, BuildStore
 from exporter.telemetry import API_DOWN_AFTER_SECONDS, Telemetry
@@ -424,12 +424,12 @@ class _FlakyFetcher:
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
 
-    async def fetch(self, build_id: str) -> FetchResult:
+    async def fetch(self, build_id: str) -> Answer[Build]:
         self.calls[build_id] = self.calls.get(build_id, 0) + 1
         if build_id == "explodes":
             raise RuntimeError("unexpected bug")
         payload = forever_building(build_id).payload(time.time())
-        return FetchResult(Outcome.OK, build=parse_build(json.dumps(payload).encode()))
+        return Answer(Outcome.OK, parse_build(json.dumps(payload).encode()))
 
     def credentials_generation(self) -> int:
         return 0

@@ -17,6 +17,7 @@ from exporter.demo.simulator import Fault, Simulator
 from exporter.exposition import ExpositionFormat, accepts_gzip, negotiate_format
 from exporter.exposition_cache import ExpositionCache
 from exporter.store import BuildStore, Snapshot
+from exporter.telemetry import Component
 from exporter.web.server import Endpoints, MetricsServer
 from exporter.web.status_page import PageQuery
 from tests.conftest import StartExporter
@@ -316,7 +317,7 @@ def test_a_renderer_failure_answers_500_and_is_counted_not_fatal() -> None:
     def broken_snapshot() -> Snapshot:
         raise RuntimeError("bug in rendering")
 
-    errors: list[tuple[str, BaseException]] = []
+    errors: list[tuple[Component, BaseException]] = []
     server = MetricsServer(
         "127.0.0.1:0",
         Endpoints(
@@ -334,7 +335,30 @@ def test_a_renderer_failure_answers_500_and_is_counted_not_fatal() -> None:
         healthy = httpx.get(served.url + "/-/healthy")
     assert (first.status_code, second.status_code, healthy.status_code) == (500, 500, 200)
     assert "see the exporter's log" in first.text
-    assert [component for component, _ in errors] == ["renderer", "renderer"]
+    assert [component for component, _ in errors] == [Component.RENDERER, Component.RENDERER]
+
+
+def test_a_request_handler_failure_answers_500_and_is_counted_as_the_server() -> None:
+    def broken_reason() -> str | None:
+        raise RuntimeError("bug in a handler")
+
+    errors: list[tuple[Component, BaseException]] = []
+    server = MetricsServer(
+        "127.0.0.1:0",
+        Endpoints(
+            metrics=ExpositionCache(BuildStore().snapshot, list),
+            snapshot=BuildStore().snapshot,
+            unhealthy_reason=broken_reason,
+            unready_reason=lambda: None,
+            reload=None,
+            internal_error=lambda component, error: errors.append((component, error)),
+        ),
+    )
+    with ServerThread(server) as served:
+        broken = httpx.get(served.url + "/-/healthy")
+        scraped = httpx.get(served.url + "/metrics")
+    assert (broken.status_code, scraped.status_code) == (500, 200)
+    assert [component for component, _ in errors] == [Component.SERVER]
 
 
 def test_internal_errors_are_counted_per_component_and_logged_once_per_class(
@@ -342,9 +366,16 @@ def test_internal_errors_are_counted_per_component_and_logged_once_per_class(
 ) -> None:
     running = start_exporter(make_config(simulator.base_url, []))
     for _ in range(3):
-        running.exporter.internal_error("renderer", RuntimeError("boom"))
-    running.exporter.internal_error("renderer", KeyError("other class"))
+        running.exporter.internal_error(Component.RENDERER, RuntimeError("boom"))
+    running.exporter.internal_error(Component.RENDERER, KeyError("other class"))
     assert running.value("primeintellect_exporter_internal_errors_total", component="renderer") == 4
-    assert running.value("primeintellect_exporter_internal_errors_total", component="poller") == 0
+    others = {
+        component: running.value(
+            "primeintellect_exporter_internal_errors_total", component=component
+        )
+        for component in Component
+        if component is not Component.RENDERER
+    }
+    assert others == dict.fromkeys(others, 0), "every component is declared from the start"
     first_time = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(first_time) == 2

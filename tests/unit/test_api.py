@@ -17,12 +17,12 @@ from pydantic import SecretStr
 
 from exporter.api import (
     DEFAULT_MAX_RESPONSE_BYTES,
-    BuildStatusClient,
-    FetchResult,
+    Answer,
+    ApiClient,
     parse_retry_after,
 )
 from exporter.config.credentials import ApiKeySource
-from exporter.models import Outcome
+from exporter.models import Build, Outcome
 from tests.helpers.support import CANARY_API_KEY, EPOCH
 
 BASE_URL = "https://api.example.test"
@@ -114,7 +114,7 @@ def fetch_once(
     timeout: float = 5.0,
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     wall_clock: Callable[[], float] = lambda: EPOCH,
-) -> tuple[FetchResult, list[httpx.Request]]:
+) -> tuple[Answer[Build], list[httpx.Request]]:
     """Run one ``fetch`` against ``handler``; return its result and every request sent."""
     if api_key is None:
         api_key = ApiKeySource(value=SecretStr(CANARY_API_KEY))
@@ -127,8 +127,8 @@ def fetch_once(
             return response
         return await response
 
-    async def run() -> FetchResult:
-        client = BuildStatusClient(
+    async def run() -> Answer[Build]:
+        client = ApiClient(
             BASE_URL,
             api_key,
             timeout=timeout,
@@ -321,7 +321,7 @@ CASES = {
 }
 
 
-def run_case(case: Case) -> tuple[FetchResult, list[httpx.Request]]:
+def run_case(case: Case) -> tuple[Answer[Build], list[httpx.Request]]:
     return fetch_once(
         case.handler, timeout=case.timeout, max_response_bytes=case.max_response_bytes
     )
@@ -334,7 +334,7 @@ def test_each_answer_maps_to_one_outcome_with_a_safe_detail(case: Case) -> None:
     assert result.outcome is case.outcome
     assert result.detail == case.detail
     assert result.retry_after == case.retry_after
-    assert (result.build is not None) == (case.outcome is Outcome.OK)
+    assert (result.value is not None) == (case.outcome is Outcome.OK)
     assert len(requests) == 1
 
 
@@ -352,14 +352,14 @@ def test_valid_answer_gives_the_parsed_build() -> None:
 
     assert result.outcome is Outcome.OK
     assert result.detail == ""
-    assert result.build is not None
-    assert result.build.id == BUILD_ID
-    assert result.build.image_name == "trainer"
-    assert result.build.image_tag == "v1"
-    assert result.build.status == "BUILDING"
-    assert result.build.created_at == EPOCH
-    assert result.build.queued_seconds == 30.0
-    assert [artifact.id for artifact in result.build.artifacts] == ["artifact-1"]
+    assert result.value is not None
+    assert result.value.id == BUILD_ID
+    assert result.value.image_name == "trainer"
+    assert result.value.image_tag == "v1"
+    assert result.value.status == "BUILDING"
+    assert result.value.created_at == EPOCH
+    assert result.value.queued_seconds == 30.0
+    assert [artifact.id for artifact in result.value.artifacts] == ["artifact-1"]
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
@@ -391,12 +391,12 @@ def test_request_carries_bearer_key_user_agent_and_asks_for_uncompressed_json() 
 def test_client_without_a_key_sends_no_authorization_header() -> None:
     requests: list[httpx.Request] = []
 
-    async def run() -> FetchResult:
+    async def run() -> Answer[Build]:
         def handler(request: httpx.Request) -> httpx.Response:
             requests.append(request)
             return httpx.Response(401)
 
-        client = BuildStatusClient(
+        client = ApiClient(
             "http://127.0.0.1:8080",
             None,
             timeout=5.0,
@@ -477,7 +477,7 @@ def test_dot_segment_build_id_stays_inside_the_build_path(build_id: str) -> None
 )
 def test_plain_http_to_a_remote_host_is_refused(base_url: str) -> None:
     with pytest.raises(ValueError, match="only sent over https or to a loopback address"):
-        BuildStatusClient(base_url, None, timeout=1.0, max_connections=1)
+        ApiClient(base_url, None, timeout=1.0, max_connections=1)
 
 
 @pytest.mark.parametrize(
@@ -491,7 +491,7 @@ def test_plain_http_to_a_remote_host_is_refused(base_url: str) -> None:
 )
 def test_https_or_loopback_base_url_is_accepted(base_url: str) -> None:
     async def build_url() -> str:
-        client = BuildStatusClient(base_url + "/", None, timeout=1.0, max_connections=1)
+        client = ApiClient(base_url + "/", None, timeout=1.0, max_connections=1)
         try:
             return client.build_url("b-1")
         finally:

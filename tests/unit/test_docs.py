@@ -23,11 +23,12 @@ from exporter.metrics import (
     summary_families,
 )
 from exporter.store import Inventory, Snapshot
-from exporter.telemetry import TelemetrySnapshot
+from exporter.telemetry import Component, TelemetrySnapshot
 from tests.helpers.docs import (
     CONFIGURATION_REFERENCE,
     DEVELOPMENT_REFERENCE,
     DOCS,
+    METRICS_REFERENCE,
     README,
     DocumentedFamily,
     anchors,
@@ -247,3 +248,10 @@ def test_readme_minimal_config_is_valid_and_lists_only_builds() -> None:
     document = yaml.safe_load(minimal)
     assert list(document) == ["builds"]
     assert ConfigFile.model_validate(document).builds
+
+
+def test_metric_reference_explains_every_internal_error_component_and_no_other() -> None:
+    table = section(METRICS_REFERENCE.read_text(), "Internal error components")
+    _header, *rows = table_rows(table)
+    documented = [row[0].strip("`") for row in rows]
+    assert documented == [component.value for component in Component]

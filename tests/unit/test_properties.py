@@ -24,7 +24,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.api import BuildStatusClient
+from exporter.api import ApiClient
 from exporter.exposition import ExpositionFormat, render
 from exporter.metrics import exporter_families
 from exporter.models import InvalidBuildError, Outcome, parse_build
@@ -122,7 +122,7 @@ async def serve_every_answer(
     Returns the exceptions the poller caught (it catches everything, to keep polling).
     """
     api = ScriptedApi(answers)
-    client = BuildStatusClient(
+    client = ApiClient(
         BASE_URL,
         None,
         timeout=10.0,
@@ -135,7 +135,7 @@ async def serve_every_answer(
             for body in sequence:
                 result = await client.fetch(build_id)
                 assert result.outcome is expected_outcome(build_id, body), result.detail
-                assert (result.build is not None) == (result.outcome is Outcome.OK)
+                assert (result.value is not None) == (result.outcome is Outcome.OK)
                 assert result.outcome is Outcome.OK or result.detail
         api.served = dict.fromkeys(answers, 0)
         return await poll_until_served(api, client, store, telemetry)
@@ -144,7 +144,7 @@ async def serve_every_answer(
 
 
 async def poll_until_served(
-    api: ScriptedApi, client: BuildStatusClient, store: BuildStore, telemetry: Telemetry
+    api: ScriptedApi, client: ApiClient, store: BuildStore, telemetry: Telemetry
 ) -> list[BaseException]:
     errors: list[BaseException] = []
     poller = Poller(

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from exporter.models import API_DOWN_OUTCOMES, Outcome
-from exporter.telemetry import API_DOWN_AFTER_SECONDS, Telemetry
+from exporter.telemetry import API_DOWN_AFTER_SECONDS, Component, Telemetry
 from tests.helpers.clock import DrivenClock
 
 
@@ -86,3 +86,11 @@ def test_answers_about_one_build_or_the_budget_count_as_usable(
     answer(telemetry, clock, outcome, at=59)
     answer(telemetry, clock, Outcome.SERVER_ERROR, at=100)
     assert telemetry.snapshot().api_up is True
+
+
+def test_every_component_counts_internal_errors_from_zero() -> None:
+    telemetry = Telemetry()
+    assert telemetry.snapshot().internal_errors == dict.fromkeys(Component, 0)
+    assert telemetry.record_internal_error(Component.SERVER, RuntimeError("boom"))
+    assert not telemetry.record_internal_error(Component.SERVER, RuntimeError("again"))
+    assert telemetry.snapshot().internal_errors[Component.SERVER] == 2
