@@ -19,7 +19,7 @@ from exporter.budget import (
     TokenBucket,
     rate_limit_pause,
 )
-from exporter.models import Build, ImagePage, Outcome
+from exporter.models import Outcome
 from exporter.telemetry import Telemetry
 from tests.helpers.clock import DrivenClock
 
@@ -70,7 +70,7 @@ class Budget:
 
     def answer(self, outcome: Outcome, retry_after: float | None = None) -> None:
         self.budget.answered(
-            Answer[Build](outcome, detail=outcome.value, retry_after=retry_after), {"build_id": "b"}
+            Answer(outcome, detail=outcome.value, retry_after=retry_after), {"build_id": "b"}
         )
 
     def pass_time(self, seconds: float) -> bool:
@@ -294,7 +294,7 @@ def test_a_listing_429_pauses_every_request_and_names_the_listing(
         budget.grant_queued(running.now())
         await waiter
         assert budget.requests_in_flight == 1
-        slots.listing_done(Answer[ImagePage](Outcome.RATE_LIMITED, retry_after=3.0))
+        slots.listing_done(Answer(Outcome.RATE_LIMITED, retry_after=3.0))
 
     asyncio.run(one_listing_request())
     assert budget.requests_in_flight == 0
@@ -333,9 +333,9 @@ def test_a_rejected_key_pauses_every_request_doubling_up_to_the_ceiling(
 
 def test_a_403_the_caller_takes_for_the_key_pauses_like_a_401_and_one_it_does_not_never() -> None:
     running = Budget()
-    running.budget.answered(Answer[Build](Outcome.FORBIDDEN), {"build_id": "b"})
+    running.budget.answered(Answer(Outcome.FORBIDDEN), {"build_id": "b"})
     assert running.pause() == 0.0
-    running.budget.answered(Answer[Build](Outcome.FORBIDDEN), {"build_id": "b"}, key_rejected=True)
+    running.budget.answered(Answer(Outcome.FORBIDDEN), {"build_id": "b"}, key_rejected=True)
     assert running.pause() == FIRST_KEY_REJECTED_PAUSE
 
 
