@@ -1,5 +1,5 @@
-"""The API's answers (a build's status, a page of the image listing), parsed tolerantly and
-cleaned for use as label values."""
+"""The API's answers (a build's status, a page of the image listing, a page of the build
+listing), parsed tolerantly and cleaned for use as label values."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class InvalidBuildError(InvalidAnswerError):
 
 
 class InvalidPageError(InvalidAnswerError):
-    """The body of a 200 answer of the image listing is no listing page at all."""
+    """The body of a 200 answer of a listing (images, builds) is no listing page at all."""
 
 
 def clean_label_text(value: str, *, keep_end: bool = False) -> str:
@@ -273,7 +273,11 @@ def _json_object(body: bytes, invalid: type[InvalidAnswerError]) -> dict[str, An
 
 def parse_build(body: bytes) -> Build:
     """Parse a 200 answer's body; raise InvalidBuildError with a short, secret-free reason."""
-    document = _json_object(body, InvalidBuildError)
+    return _build_of(_json_object(body, InvalidBuildError))
+
+
+def _build_of(document: dict[str, Any]) -> Build:
+    """A build status answer, as a poll or a listing page holds it; raise InvalidBuildError."""
     if not document.get("errorMessage") and document.get("error_message"):
         # As the official client reads it: errorMessage, else error_message.
         document = {**document, "errorMessage": document["error_message"]}
@@ -288,11 +292,16 @@ def parse_build(body: bytes) -> Build:
 # -- the image listing (GET /api/v1/images) ------------------------------------------------------
 
 
-def _size_or_none(value: object) -> object:
-    # A size is a count of bytes; anything else (negative, fractional, text) is no size.
+def _count_or_none(value: object) -> int | None:
+    """A whole number, 0 or more; anything else (negative, fractional, text, true) is none."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return None
     return value
+
+
+def _size_or_none(value: object) -> object:
+    # A size is a count of bytes.
+    return _count_or_none(value)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, config=_ANSWER)
@@ -348,7 +357,55 @@ def parse_image_page(body: bytes) -> ImagePage:
             rows.append(IMAGE_ROW.validate_python(item))
         except ValidationError:
             continue
-    total = document.get("totalCount")
-    counted = isinstance(total, int) and not isinstance(total, bool) and total >= 0
-    total_count = total if counted else None
-    return ImagePage(tuple(rows), len(data) - len(rows), total_count)
+    return ImagePage(tuple(rows), len(data) - len(rows), _count_or_none(document.get("totalCount")))
+
+
+# -- the build listing (GET /api/v1/images/builds) -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BuildPage:
+    """One page of the build listing: its builds, each as good as a poll of it, in the API's
+    order (duplicates kept: the reader decides), how many items were no build at all, and the
+    counts the page states, if it states them."""
+
+    builds: tuple[Build, ...]
+    skipped: int
+    total: int | None
+    offset: int | None
+    limit: int | None
+
+
+def parse_build_page(body: bytes) -> BuildPage:
+    """Parse a 200 answer of the build listing; raise InvalidPageError if it is no listing.
+
+    An item that is no build (not an object, no id, not a usable build status answer) is
+    counted and left out: one bad item must not hide the key's other builds. A page may hold
+    more items than its ``limit``; they are all kept.
+    """
+    document = _json_object(body, InvalidPageError)
+    data = document.get("data")
+    if not isinstance(data, list):
+        raise InvalidPageError("data: not a list of builds")
+    builds = []
+    for item in data:
+        if not isinstance(item, dict):
+            continue
+        try:
+            build = _build_of(item)
+        except InvalidBuildError:
+            continue
+        # An empty id names no build that could be polled.
+        if build.id:
+            builds.append(build)
+    # The spec spells it total_count; the image listing's SDK model reads totalCount.
+    total = _count_or_none(document.get("total_count"))
+    if total is None:
+        total = _count_or_none(document.get("totalCount"))
+    return BuildPage(
+        builds=tuple(builds),
+        skipped=len(data) - len(builds),
+        total=total,
+        offset=_count_or_none(document.get("offset")),
+        limit=_count_or_none(document.get("limit")),
+    )
