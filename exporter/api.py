@@ -20,11 +20,13 @@ from exporter.config.credentials import ApiKeySource
 from exporter.config.grammar import is_loopback_host
 from exporter.models import (
     Build,
+    BuildPage,
     ImagePage,
     InvalidAnswerError,
     InvalidBuildError,
     Outcome,
     parse_build,
+    parse_build_page,
     parse_image_page,
 )
 
@@ -32,6 +34,11 @@ USER_AGENT = f"primeintellect-build-exporter/{__version__} python-httpx/{httpx._
 DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
 BUILD_PATH = "/api/v1/images/build/"
 IMAGES_PATH = "/api/v1/images"
+BUILDS_PATH = "/api/v1/images/builds"
+# What says "no such thing here": for a build, 404; for the build listing, which older APIs do
+# not serve, also 405 (another route holding the path for other methods).
+_NOT_FOUND = frozenset({404})
+_NOT_SERVED = frozenset({404, 405})
 _DELAY_SECONDS = re.compile(r"[0-9]+")
 # "Sun Nov  6 08:49:37 1994": the third HTTP-date form, after RFC 1123 and RFC 850.
 _ASCTIME_DATE = re.compile(r"[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}")
@@ -57,8 +64,8 @@ class _UnreadableBodyError(Exception):
 
 
 class ApiClient:
-    """The API with one key over one pooled ``httpx.AsyncClient``: a build's status and the
-    image listing."""
+    """The API with one key over one pooled ``httpx.AsyncClient``: a build's status, the image
+    listing and the build listing."""
 
     def __init__(
         self,
@@ -137,11 +144,27 @@ class ApiClient:
             params["teamId"] = team_id
         return await self._answer(self._base_url + IMAGES_PATH, parse_image_page, params)
 
+    async def list_builds(self, *, offset: int, limit: int, team_id: str = "") -> Answer[BuildPage]:
+        """GET one page of the key's build listing; never raises, as ``fetch``. An API that does
+        not serve the listing (404 or 405) is NOT_FOUND; refused parameters (422) CLIENT_ERROR."""
+        params = {"offset": str(offset), "limit": str(limit)}
+        if team_id:
+            # Not published for this endpoint: the API may ignore, honour or refuse it.
+            params["teamId"] = team_id
+        return await self._answer(
+            self._base_url + BUILDS_PATH, parse_build_page, params, not_found=_NOT_SERVED
+        )
+
     async def _answer(
-        self, url: str, parse: Callable[[bytes], T], params: dict[str, str] | None = None
+        self,
+        url: str,
+        parse: Callable[[bytes], T],
+        params: dict[str, str] | None = None,
+        *,
+        not_found: frozenset[int] = _NOT_FOUND,
     ) -> Answer[T]:
         """One GET with its 200 answer parsed; a body ``parse`` refuses is an invalid response."""
-        got = await self._get(url, params)
+        got = await self._get(url, params, not_found)
         if got.value is None:
             return Answer(got.outcome, detail=got.detail, retry_after=got.retry_after)
         try:
@@ -149,7 +172,9 @@ class ApiClient:
         except InvalidAnswerError as error:
             return Answer(Outcome.INVALID_RESPONSE, detail=str(error))
 
-    async def _get(self, url: str, params: dict[str, str] | None) -> Answer[bytes]:
+    async def _get(
+        self, url: str, params: dict[str, str] | None, not_found: frozenset[int]
+    ) -> Answer[bytes]:
         """One GET: the body of a 200 answer, read within the size cap, or else the outcome."""
         headers = {}
         if self._api_key is not None:
@@ -161,7 +186,7 @@ class ApiClient:
                 try:
                     if response.status_code == 200:
                         return Answer(Outcome.OK, await self._read_capped(response))
-                    return self._failure(response)
+                    return self._failure(response, not_found)
                 finally:
                     await response.aclose()
         except (TimeoutError, httpx.TimeoutException):
@@ -173,10 +198,10 @@ class ApiClient:
             detail = f"{_describe_transport_error(error)} ({self._host_and_port})"
             return Answer(Outcome.CONNECTION_ERROR, detail=detail)
 
-    def _failure(self, response: httpx.Response) -> Answer[bytes]:
+    def _failure(self, response: httpx.Response, not_found: frozenset[int]) -> Answer[bytes]:
         status = response.status_code
         detail = f"HTTP {status}"
-        if status == 404:
+        if status in not_found:
             # A wrong base path answers 404 for every build: the path shows which was asked.
             return Answer(Outcome.NOT_FOUND, detail=f"{detail} for {response.url.path}")
         if status == 401:

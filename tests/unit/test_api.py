@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -22,7 +22,7 @@ from exporter.api import (
     parse_retry_after,
 )
 from exporter.config.credentials import ApiKeySource
-from exporter.models import Build, Outcome
+from exporter.models import Build, BuildPage, Outcome
 from tests.helpers.support import CANARY_API_KEY, EPOCH
 
 BASE_URL = "https://api.example.test"
@@ -31,6 +31,7 @@ BUILD_PREFIX = b"/api/v1/images/build/"
 # An HTTP date exactly 30 seconds after EPOCH (2026-01-01T00:00:00Z was a Thursday).
 THIRTY_SECONDS_AFTER_EPOCH = "Thu, 01 Jan 2026 00:00:30 GMT"
 
+T = TypeVar("T")
 Handler = Callable[[httpx.Request], httpx.Response | Awaitable[httpx.Response]]
 
 
@@ -116,6 +117,26 @@ def fetch_once(
     wall_clock: Callable[[], float] = lambda: EPOCH,
 ) -> tuple[Answer[Build], list[httpx.Request]]:
     """Run one ``fetch`` against ``handler``; return its result and every request sent."""
+    return call_once(
+        handler,
+        lambda client: client.fetch(build_id),
+        api_key=api_key,
+        timeout=timeout,
+        max_response_bytes=max_response_bytes,
+        wall_clock=wall_clock,
+    )
+
+
+def call_once(
+    handler: Handler,
+    call: Callable[[ApiClient], Awaitable[Answer[T]]],
+    *,
+    api_key: ApiKeySource | None = None,
+    timeout: float = 5.0,
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    wall_clock: Callable[[], float] = lambda: EPOCH,
+) -> tuple[Answer[T], list[httpx.Request]]:
+    """Run one ``call`` of a client against ``handler``; return its result and every request."""
     if api_key is None:
         api_key = ApiKeySource(value=SecretStr(CANARY_API_KEY))
     requests: list[httpx.Request] = []
@@ -127,7 +148,7 @@ def fetch_once(
             return response
         return await response
 
-    async def run() -> Answer[Build]:
+    async def run() -> Answer[T]:
         client = ApiClient(
             BASE_URL,
             api_key,
@@ -138,7 +159,7 @@ def fetch_once(
             wall_clock=wall_clock,
         )
         try:
-            return await client.fetch(build_id)
+            return await call(client)
         finally:
             await client.aclose()
 
@@ -235,6 +256,8 @@ CASES = {
     "422 without body": Case(answer(422), Outcome.CLIENT_ERROR, "HTTP 422"),
     "400": Case(answer(400), Outcome.CLIENT_ERROR, "HTTP 400"),
     "418": Case(answer(418), Outcome.CLIENT_ERROR, "HTTP 418"),
+    # Only the build listing, which older APIs do not serve, reads 405 as not found.
+    "405": Case(answer(405), Outcome.CLIENT_ERROR, "HTTP 405"),
     "500": Case(answer(500), Outcome.SERVER_ERROR, "HTTP 500"),
     "502": Case(answer(502, b"<html>Bad Gateway</html>"), Outcome.SERVER_ERROR, "HTTP 502"),
     "503": Case(answer(503, headers={"Retry-After": "5"}), Outcome.SERVER_ERROR, "HTTP 503"),
@@ -642,3 +665,110 @@ def test_rate_limit_with_malformed_numeric_retry_after_is_still_rate_limited(
 
     assert result.outcome is Outcome.RATE_LIMITED
     assert result.retry_after is None
+
+
+# -- the build listing ---------------------------------------------------------------------------
+
+BUILDS_URL = f"{BASE_URL}/api/v1/images/builds"
+
+
+def list_builds_once(
+    handler: Handler, *, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES, **query: Any
+) -> tuple[Answer[BuildPage], list[httpx.Request]]:
+    """Run one ``list_builds`` (offset 0, limit 100 unless given) against ``handler``."""
+    arguments = {"offset": 0, "limit": 100, **query}
+    return call_once(
+        handler,
+        lambda client: client.list_builds(**arguments),
+        max_response_bytes=max_response_bytes,
+    )
+
+
+def test_a_build_page_is_asked_with_offset_limit_and_a_team_only_when_there_is_one() -> None:
+    page = json_body({"data": [build_document()], "total_count": 1, "offset": 0, "limit": 2})
+    result, requests = list_builds_once(answer(200, page), offset=0, limit=2)
+    _, with_team = list_builds_once(answer(200, page), offset=2, limit=2, team_id="team-1")
+    _, empty_team = list_builds_once(answer(200, page), offset=4, limit=2, team_id="")
+
+    assert result.outcome is Outcome.OK
+    assert result.value is not None
+    assert [build.id for build in result.value.builds] == [BUILD_ID]
+    assert (result.value.total, result.value.skipped) == (1, 0)
+    urls = [str(request.url) for request in (*requests, *with_team, *empty_team)]
+    assert urls == [
+        f"{BUILDS_URL}?offset=0&limit=2",
+        f"{BUILDS_URL}?offset=2&limit=2&teamId=team-1",
+        f"{BUILDS_URL}?offset=4&limit=2",
+    ]
+    (request,) = requests
+    assert request.method == "GET"
+    assert request.headers["Authorization"] == f"Bearer {CANARY_API_KEY}"
+    assert request.headers["Accept-Encoding"] == "identity"
+
+
+BUILD_LIST_CASES = {
+    "200 page": Case(answer(200, json_body({"data": []})), Outcome.OK, ""),
+    "200 items that are no builds": Case(
+        answer(200, json_body({"data": [1, "x", {"id": "b"}]})), Outcome.OK, ""
+    ),
+    "200 no data": Case(
+        answer(200, json_body({"items": []})),
+        Outcome.INVALID_RESPONSE,
+        "data: not a list of builds",
+    ),
+    "200 HTML": Case(answer(200, b"<html>ok</html>"), Outcome.INVALID_RESPONSE, "body is not JSON"),
+    "404, an API without the listing": Case(
+        answer(404, b'{"detail": "Not Found"}'),
+        Outcome.NOT_FOUND,
+        "HTTP 404 for /api/v1/images/builds",
+    ),
+    "405, another route on the path": Case(
+        answer(405, b'{"detail": "Method Not Allowed"}'),
+        Outcome.NOT_FOUND,
+        "HTTP 405 for /api/v1/images/builds",
+    ),
+    "422, a refused parameter": Case(
+        answer(422, ERROR_BODY, {"Content-Type": "application/json"}),
+        Outcome.CLIENT_ERROR,
+        "HTTP 422",
+    ),
+    "401": Case(answer(401), Outcome.UNAUTHORIZED, "HTTP 401"),
+    "403": Case(answer(403), Outcome.FORBIDDEN, "HTTP 403"),
+    "429 Retry-After date": Case(
+        rate_limited(THIRTY_SECONDS_AFTER_EPOCH), Outcome.RATE_LIMITED, "HTTP 429", 30.0
+    ),
+    "503": Case(answer(503), Outcome.SERVER_ERROR, "HTTP 503"),
+    "302": Case(
+        answer(302, headers={"Location": "https://evil.example/builds?token=s3cret"}),
+        Outcome.INVALID_RESPONSE,
+        "HTTP 302 redirect to https://evil.example/builds, not followed",
+    ),
+    "chunked body over the cap": Case(
+        oversized_stream(SMALL_CAP * 4),
+        Outcome.INVALID_RESPONSE,
+        f"body larger than {SMALL_CAP} bytes",
+        max_response_bytes=SMALL_CAP,
+    ),
+    "connection refused": Case(
+        failing(httpx.ConnectError("[Errno 111] Connection refused")),
+        Outcome.CONNECTION_ERROR,
+        "ConnectError: [Errno 111] Connection refused (api.example.test:443)",
+    ),
+    "read timeout": Case(
+        failing(httpx.ReadTimeout("timed out")), Outcome.TIMEOUT, "no complete answer within 5s"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BUILD_LIST_CASES.values(), ids=BUILD_LIST_CASES.keys())
+def test_each_answer_of_the_build_listing_maps_to_one_outcome(case: Case) -> None:
+    result, requests = list_builds_once(case.handler, max_response_bytes=case.max_response_bytes)
+
+    assert (result.outcome, result.detail, result.retry_after) == (
+        case.outcome,
+        case.detail,
+        case.retry_after,
+    )
+    assert (result.value is not None) == (case.outcome is Outcome.OK)
+    assert [request.url.path for request in requests] == ["/api/v1/images/builds"]
+    assert CANARY_API_KEY not in repr(result)
