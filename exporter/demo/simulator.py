@@ -1,10 +1,11 @@
 """A fake Prime Intellect API on loopback: build lifecycles that move, and faults on demand.
 
-It serves ``GET /api/v1/images/build/{build_id}`` as the published spec describes and
-``GET /api/v1/images`` as the official client reads it (paged, searchable, team-scoped),
-checks the bearer token, and records every request so tests can count them. ``--demo``, the
-tests and the benchmarks use it; ``primeintellect-build-simulator`` (exporter.demo.cli)
-runs it on its own.
+It serves ``GET /api/v1/images/build/{build_id}`` as the published spec describes,
+``GET /api/v1/images`` as the official client reads it (paged, searchable, team-scoped) and
+``GET /api/v1/images/builds`` as its published spec describes, in each of the ways the spec
+leaves open (``BuildListing``). It checks the bearer token and records every request so tests
+can count them. ``--demo``, the tests and the benchmarks use it;
+``primeintellect-build-simulator`` (exporter.demo.cli) runs it on its own.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ IMAGES_PATH = "/api/v1/images"
 # What a fault is set on: a build ID, or a listing page's offset (None: every page).
 Key = TypeVar("Key", str, int | None)
 MAX_IMAGE_PAGE = 250
+# The listing of the key's builds, each item the build's status answer; no maximum page.
+BUILDS_PATH = "/api/v1/images/builds"
+DEFAULT_BUILD_PAGE = 100
 Outcome = Literal["COMPLETED", "FAILED", "CANCELLED"]
 
 
@@ -246,6 +250,23 @@ class Reply:
 
 
 @dataclass(frozen=True)
+class BuildListing:
+    """How the build listing answers, where its spec leaves it open (BUILDS_LIST.md)."""
+
+    # By createdAt: "newest" first, or "oldest" first.
+    order: Literal["newest", "oldest"] = "newest"
+    # Where the count of builds goes: the spec's key, the image listing's, or "" for nowhere.
+    total_field: Literal["total_count", "totalCount", ""] = "total_count"
+    # What a teamId does: nothing; scope the listing to that team (the simulator's ``team_id``
+    # holds every build, any other team none); or have the request refused with 422.
+    team_id: Literal["ignored", "honoured", "refused"] = "ignored"
+    # False: 404 to every request, as an API from before the listing.
+    served: bool = True
+    # Not None: a larger limit is served as this one, and the answer's ``limit`` says so.
+    max_limit: int | None = None
+
+
+@dataclass(frozen=True)
 class RecordedRequest:
     """One request the simulator received."""
 
@@ -267,6 +288,7 @@ class Simulator:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         team_id: str | None = None,
+        build_listing: BuildListing | None = None,
     ) -> None:
         self.api_key = api_key
         # Answers are dated by ``clock``; each request is recorded at ``monotonic``.
@@ -279,6 +301,8 @@ class Simulator:
         self.team_id = team_id
         self._image_rows: list[dict[str, Any]] = []
         self._listing_faults: dict[int | None, Fault] = {}
+        self._build_listing = build_listing or BuildListing()
+        self._build_listing_faults: dict[int | None, Fault] = {}
         self._requests: list[RecordedRequest] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -301,10 +325,7 @@ class Simulator:
     def set_fault(self, build_id: str, fault: Fault | None) -> None:
         """Answer this build with ``fault`` (``None`` clears it)."""
         with self._lock:
-            if fault is None:
-                self._faults.pop(build_id, None)
-            else:
-                self._faults[build_id] = fault
+            _put_fault(self._faults, build_id, fault)
 
     @property
     def build_ids(self) -> list[str]:
@@ -319,6 +340,11 @@ class Simulator:
         """The requests of the image listing received so far."""
         with self._lock:
             return [r for r in self._requests if r.path == IMAGES_PATH]
+
+    def build_listing_requests(self) -> list[RecordedRequest]:
+        """The requests of the build listing received so far."""
+        with self._lock:
+            return [r for r in self._requests if r.path == BUILDS_PATH]
 
     def payload(self, build_id: str) -> dict[str, Any] | None:
         """What a correct answer for the build is right now."""
@@ -374,10 +400,7 @@ class Simulator:
     def set_listing_fault(self, fault: Fault | None, *, offset: int | None = None) -> None:
         """Answer the listing's page at ``offset`` (every page: None) with ``fault``."""
         with self._lock:
-            if fault is None:
-                self._listing_faults.pop(offset, None)
-            else:
-                self._listing_faults[offset] = fault
+            _put_fault(self._listing_faults, offset, fault)
 
     def image_rows(self) -> list[dict[str, Any]]:
         """Every artifact row the listing knows, across scopes."""
@@ -454,6 +477,70 @@ class Simulator:
         }
         return Reply.delivered_as(delivery, 200, json_headers, json.dumps(body).encode())
 
+    # -- build listing -------------------------------------------------------------------------
+
+    def set_build_listing(self, listing: BuildListing) -> None:
+        """Answer the build listing this way from the next request on."""
+        with self._lock:
+            self._build_listing = listing
+
+    def set_build_listing_fault(self, fault: Fault | None, *, offset: int | None = None) -> None:
+        """Answer the build listing's page at ``offset`` (every page: None) with ``fault``."""
+        with self._lock:
+            _put_fault(self._build_listing_faults, offset, fault)
+
+    def listed_builds(self, team_id: str | None = None) -> list[dict[str, Any]]:
+        """Every item of the build listing, in its order: each build's status answer now (a
+        plan's, or the payload set for it)."""
+        with self._lock:
+            return self._listed_builds_locked(team_id)
+
+    def _listed_builds_locked(self, team_id: str | None) -> list[dict[str, Any]]:
+        listing = self._build_listing
+        if team_id is not None and listing.team_id == "honoured" and team_id != self.team_id:
+            return []
+        payloads = [
+            (build_id, payload)
+            for build_id in self._plans.keys() | self._overrides.keys()
+            if (payload := self._payload_locked(build_id)) is not None
+        ]
+        payloads.sort(
+            key=lambda entry: (_created_at(entry[1]), entry[0]),
+            reverse=listing.order == "newest",
+        )
+        return [payload for _, payload in payloads]
+
+    def _build_listing_locked(self, query: str, authorization: str | None) -> Reply:
+        json_headers = {"Content-Type": "application/json"}
+        listing = self._build_listing
+        if not listing.served:
+            return Reply(404, json_headers, b'{"detail": "Not Found"}')
+        if authorization != f"Bearer {self.api_key}":
+            return Reply(401, json_headers, b'{"detail": "Invalid API key"}')
+        params = dict(parse_qsl(query))
+        offset_text = params.get("offset", "0")
+        limit_text = params.get("limit", str(DEFAULT_BUILD_PAGE))
+        for name, text in (("offset", offset_text), ("limit", limit_text)):
+            if not (text.isascii() and text.isdigit()):
+                return _refused(name, "must be a whole number, 0 or more")
+        team = params.get("teamId")
+        if team is not None and listing.team_id == "refused":
+            return _refused("teamId", "unknown query parameter")
+        offset = int(offset_text)
+        fault_key = offset if offset in self._build_listing_faults else None
+        served, delivery = _take_fault(self._build_listing_faults, fault_key)
+        if served is not None:
+            return served
+        limit = int(limit_text)
+        if listing.max_limit is not None:
+            limit = min(limit, listing.max_limit)
+        builds = self._listed_builds_locked(team)
+        body: dict[str, Any] = {"data": builds[offset : offset + limit]}
+        if listing.total_field:
+            body[listing.total_field] = len(builds)
+        body |= {"offset": offset, "limit": limit, "status": "success"}
+        return Reply.delivered_as(delivery, 200, json_headers, json.dumps(body).encode())
+
     # -- answering -----------------------------------------------------------------------------
 
     def _payload_locked(self, build_id: str) -> dict[str, Any] | None:
@@ -481,6 +568,8 @@ class Simulator:
         with self._lock:
             if path == IMAGES_PATH:
                 reply = self._listing_locked(query, authorization)
+            elif path == BUILDS_PATH:
+                reply = self._build_listing_locked(query, authorization)
             else:
                 reply = self._reply_locked(build_id, path, authorization)
             self._requests.append(
@@ -501,6 +590,32 @@ class Simulator:
         if payload is None:
             return Reply.delivered_as(delivery, 404, json_headers, b'{"detail": "Build not found"}')
         return Reply.delivered_as(delivery, 200, json_headers, json.dumps(payload).encode())
+
+
+def _put_fault(faults: dict[Key, Fault], key: Key, fault: Fault | None) -> None:
+    """Set the fault at ``key``, or clear it with None."""
+    if fault is None:
+        faults.pop(key, None)
+    else:
+        faults[key] = fault
+
+
+def _refused(param: str, details: str) -> Reply:
+    """A 422 with the spec's ErrorResponse body."""
+    body = {"errors": [{"param": param, "details": details}]}
+    return Reply(422, {"Content-Type": "application/json"}, json.dumps(body).encode())
+
+
+def _created_at(payload: dict[str, Any]) -> float:
+    """When a build status answer says the build was created; unreadable is before all."""
+    created = payload.get("createdAt")
+    if not isinstance(created, str):
+        return -math.inf
+    try:
+        moment = datetime.fromisoformat(created)
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    except (ValueError, OverflowError):
+        return -math.inf
 
 
 def _take_fault(faults: dict[Key, Fault], key: Key) -> tuple[Reply | None, Fault | None]:
