@@ -299,11 +299,6 @@ def _count_or_none(value: object) -> int | None:
     return value
 
 
-def _size_or_none(value: object) -> object:
-    # A size is a count of bytes.
-    return _count_or_none(value)
-
-
 @dataclass(frozen=True, slots=True, kw_only=True, config=_ANSWER)
 class ImageRow(Artifact):
     """One artifact row of the image listing: an artifact as a build's answer lists it, with
@@ -311,7 +306,8 @@ class ImageRow(Artifact):
 
     image_name: OptionalText = Field(default="", alias="imageName")
     image_tag: OptionalText = Field(default="", alias="imageTag")
-    size_bytes: Annotated[int | None, BeforeValidator(_size_or_none)] = Field(
+    # A size is a count of bytes.
+    size_bytes: Annotated[int | None, BeforeValidator(_count_or_none)] = Field(
         default=None, alias="sizeBytes"
     )
     visibility: OptionalText = Field(default="", alias="visibility")
