@@ -255,3 +255,14 @@ def test_metric_reference_explains_every_internal_error_component_and_no_other()
     _header, *rows = table_rows(table)
     documented = [row[0].strip("`") for row in rows]
     assert documented == [component.value for component in Component]
+
+
+def test_development_reference_describes_every_module_and_no_other() -> None:
+    table = section(DEVELOPMENT_REFERENCE.read_text(), "Modules")
+    documented = {row[0].strip("`") for row in table_rows(table)[1:]}
+    modules = {
+        path.relative_to(REPOSITORY).as_posix()
+        for path in (REPOSITORY / "exporter").rglob("*.py")
+        if path.name != "__init__.py"
+    }
+    assert documented == modules
