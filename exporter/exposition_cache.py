@@ -32,12 +32,12 @@ from prometheus_client.core import Metric
 from exporter.exposition import (
     BUILD_FAMILY_COUNT,
     OPENMETRICS_EOF,
-    POLL_FAMILIES_START,
     ExpositionFormat,
     render,
     render_build_lines,
     render_poll_lines,
 )
+from exporter.families import POLL_FAMILIES_START
 from exporter.metrics import per_build_families, summary_families
 from exporter.store import BuildRecord, FinishedBuilds, Snapshot
 
@@ -472,7 +472,7 @@ class ExpositionCache:
             chunk,
             records,
             [positions[record.build_id] for record in fresh],
-            list(zip(*map(render_poll_lines, fresh), strict=True)),
+            render_poll_lines(fresh),
             POLL_FAMILIES_START,
         )
 
