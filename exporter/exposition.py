@@ -13,7 +13,7 @@ import enum
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import accumulate, repeat
 from operator import itemgetter
 from typing import Any, Generic, NamedTuple, cast
 
@@ -182,62 +182,105 @@ class BuildLines(NamedTuple):
 # -- labels --
 #
 # A line's labels are its scope's (the build's, the artifact's) and its family's own, sorted by
-# name. A subject's scope labels are escaped and written once, as one text; wherever one of the
-# scope's families puts a label of its own among them, that text is also kept cut in two
-# there, so that every line is still written by one f-string.
+# name. A subject's scope labels are escaped and written once, as one text: an artifact's are
+# its own, then its build's text. Wherever a family puts a label of its own among a scope's
+# labels, that text is also kept cut in two there, so that every line is still one f-string.
+
+# Marks a cut in a label text; escaped values hold no newline. str.partition at the newline
+# leaves the text before the cut ending in a comma, and the text after it beginning with one.
+_CUT = ",\n,"
+
+
+def _family_cuts(scope: Scope[Any]) -> set[int]:
+    """Where the families of ``scope`` put labels of their own among its labels: positions in
+    their sorted names, neither first nor last."""
+    names = sorted(scope.all_labels)
+    return {
+        cut
+        for family in BUILD_FAMILIES
+        if family.scope is scope
+        for label in family.extra_labels
+        if 0 < (cut := bisect.bisect(names, label)) < len(names)
+    }
 
 
 @dataclass(frozen=True)
 class _ScopeText:
     """How a scope's label values become each subject's label text."""
 
-    # The scope's labels, sorted by name.
+    # All the scope's labels, sorted by name: its own, then its outer scope's.
     names: tuple[str, ...]
-    # From the values in the scope's declared order to those in name order; None if the same.
-    sort: Callable[[tuple[str, ...]], tuple[str, ...]] | None
-    # Where the scope's families put labels of their own, inside its labels: positions in
-    # ``names``, neither first nor last.
-    inner_cuts: tuple[int, ...]
-    # A %-template of the text over the sorted values, with a newline after the comma at each
-    # inner cut (escaped values hold none), so that one format writes the text and its cuts.
+    # The cuts its texts carry: positions in ``names``.
+    cuts: tuple[int, ...]
+    # A %-template of the text of its own labels over their values sorted by name, and how to
+    # sort them from their declared order (None: they are in it).
     template: str
-
-    @classmethod
-    def of(cls, declared: tuple[str, ...]) -> _ScopeText:
-        """The text of scopes named by ``declared`` labels (in their declared order)."""
-        order = sorted(range(len(declared)), key=declared.__getitem__)
-        names = tuple(declared[index] for index in order)
-        inner_cuts = {
-            cut
-            for family in BUILD_FAMILIES
-            if family.scope.all_labels == declared
-            for label in family.extra_labels
-            if 0 < (cut := bisect.bisect(names, label)) < len(names)
-        }
-        template = "".join(
-            ("" if index == 0 else ",\n" if index in inner_cuts else ",") + f'{name}="%s"'
-            for index, name in enumerate(names)
-        )
-        sort = None if order == sorted(order) else itemgetter(*order)
-        return cls(names, sort, tuple(sorted(inner_cuts)), template)
+    sort: Callable[[tuple[str, ...]], tuple[str, ...]] | None
+    # What joins that text to the outer scope's, and whether cuts fall inside it.
+    separator: str
+    cut_inside: bool
 
     def text(self, values: tuple[str, ...]) -> str:
-        """The label text, with its inner cuts, of a subject with these values (in the scope's
-        declared order)."""
+        """The text, with its cuts, of a subject's own labels, from their values in the
+        scope's declared order."""
         # One scan of the joined values finds the common case: nothing to escape.
         joined = "".join(values)
         if "\\" in joined or "\n" in joined or '"' in joined:
             values = tuple(map(_escape, values))
         return self.template % (values if self.sort is None else self.sort(values))
 
+    def within(
+        self, values: tuple[str, ...], outer_cut_text: str, outer_text: str
+    ) -> tuple[str, str]:
+        """The text with its cuts, and without, of a subject of a scope within another, from
+        its own labels' values and the outer subject's texts."""
+        joined = "".join(values)
+        if "\\" in joined or "\n" in joined or '"' in joined:
+            values = tuple(map(_escape, values))
+        own = self.template % (values if self.sort is None else self.sort(values))
+        text = own.replace("\n,", "") if self.cut_inside else own
+        return own + self.separator + outer_cut_text, f"{text},{outer_text}"
 
-# Scopes named by the same labels (a build's answer, the artifacts it shows) share one text.
-_TEXTS_BY_LABELS = {
-    scope.all_labels: _ScopeText.of(scope.all_labels) for scope in (ANSWER, SHOWN, ARTIFACT, POLL)
-}
-_TEXTS: dict[Scope[Any], _ScopeText] = {
-    scope: _TEXTS_BY_LABELS[scope.all_labels] for scope in (ANSWER, SHOWN, ARTIFACT, POLL)
-}
+
+def _scope_texts(scopes: tuple[Scope[Any], ...]) -> dict[Scope[Any], _ScopeText]:
+    """Each scope's text. The text of a scope within another carries the outer scope's text,
+    so the outer one carries the cuts of both."""
+    cuts = {scope: _family_cuts(scope) for scope in scopes}
+    for scope in scopes:
+        if scope.within is not None:
+            if scope.labels and max(scope.labels) > min(scope.within.labels):
+                raise ValueError(f"{scope.labels} must sort before the labels of their outer scope")
+            own = len(scope.labels)
+            cuts[scope.within] |= {cut - own for cut in cuts[scope] if cut > own}
+    texts = {}
+    for scope in scopes:
+        declared = scope.labels
+        order = sorted(range(len(declared)), key=declared.__getitem__)
+        names = tuple(declared[index] for index in order)
+        own_cuts = cuts[scope]
+        separator = ""
+        if scope.within is not None:
+            outer = cuts[scope.within]
+            own_cuts = {cut for cut in own_cuts if cut <= len(names)}
+            separator = _CUT if len(names) in own_cuts else ","
+            own_cuts |= {len(names) + cut for cut in outer}
+            names += tuple(sorted(scope.within.labels))
+        template = "".join(
+            ("" if index == 0 else _CUT if index in own_cuts else ",") + f'{name}="%s"'
+            for index, name in enumerate(names[: len(declared)])
+        )
+        texts[scope] = _ScopeText(
+            names,
+            tuple(sorted(own_cuts)),
+            template,
+            None if order == sorted(order) else itemgetter(*order),
+            separator,
+            any(0 < cut < len(declared) for cut in own_cuts),
+        )
+    return texts
+
+
+_TEXTS = _scope_texts((ANSWER, SHOWN, ARTIFACT, POLL))
 
 
 @dataclass(frozen=True)
@@ -246,22 +289,10 @@ class _Rows(Generic[S]):
     has none. With ``ends``, a build may have several: build ``i``'s end before ``ends[i]``."""
 
     subjects: list[S | None]
-    # The label text with its inner cuts, and without (the same list where it has none).
+    # The label text with its cuts, and without (the same list where it has none).
     cut_texts: list[str]
     texts: list[str]
     ends: list[int] | None = None
-
-    @classmethod
-    def of(
-        cls,
-        scope: _ScopeText,
-        subjects: list[S | None],
-        cut_texts: list[str],
-        ends: list[int] | None = None,
-    ) -> _Rows[S]:
-        if not scope.inner_cuts:
-            return cls(subjects, cut_texts, cut_texts, ends)
-        return cls(subjects, cut_texts, [text.replace("\n", "") for text in cut_texts], ends)
 
 
 @dataclass(frozen=True)
@@ -274,25 +305,37 @@ class _Cut:
     # The scope's inner cuts.
     inner: tuple[int, ...]
 
-    def around(self, rows: _Rows[Any]) -> tuple[Iterable[str], Iterable[str]]:
-        """Each subject's label text before the cut (ending in a comma, or empty) and after it
-        (beginning with one, or empty)."""
+    def around(self, rows: _Rows[Any]) -> Iterable[tuple[str, str, str]]:
+        """Each subject's label text before the cut (ending in a comma, or empty), anything,
+        and after it (beginning with a comma, or empty)."""
+        count = len(rows.texts)
         if self.at == 0:
-            return repeat("", len(rows.texts)), map(",".__add__, rows.texts)
+            return zip(
+                repeat("", count), repeat("", count), map(",".__add__, rows.texts), strict=True
+            )
         if self.at == self.last:
-            return map(str.__add__, rows.texts, repeat(",")), repeat("", len(rows.texts))
+            texts = rows.texts
+            return zip(
+                map(str.__add__, texts, repeat(",")),
+                repeat("", count),
+                repeat("", count),
+                strict=True,
+            )
         if len(self.inner) == 1:
-            parts = list(map(str.partition, rows.cut_texts, repeat("\n")))
-            return map(itemgetter(0), parts), map(",".__add__, map(itemgetter(2), parts))
-        count = self.inner.index(self.at) + 1
-        pieces = [text.split("\n", count) for text in rows.cut_texts]
-        return (
-            ["".join(split[:count]) for split in pieces],
-            [
-                "," + split[count].replace("\n", "") if len(split) > count else ""
-                for split in pieces
-            ],
-        )
+            return map(str.partition, rows.cut_texts, repeat("\n"))
+        # Each piece after the first begins with the comma that ends the one before.
+        cuts = self.inner.index(self.at) + 1
+        pieces = [text.split("\n") for text in rows.cut_texts]
+        return [
+            (
+                "".join([split[0], *(piece[1:] for piece in split[1:cuts])]),
+                "",
+                "".join([split[cuts], *(piece[1:] for piece in split[cuts + 1 :])])
+                if len(split) > cuts
+                else "",
+            )
+            for split in pieces
+        ]
 
 
 @dataclass(frozen=True)
@@ -315,52 +358,40 @@ class _Subjects:
 
     @classmethod
     def of_builds(
-        cls, records: Iterable[BuildRecord], max_artifacts_per_build: int, *, answers: bool
+        cls, records: Sequence[BuildRecord], max_artifacts_per_build: int, *, answers: bool
     ) -> _Subjects:
         """The subjects of these builds; without ``answers``, only their polls'."""
-        answer_text, shown_text = _TEXTS[ANSWER], _TEXTS[SHOWN]
-        artifact_text = _TEXTS[ARTIFACT]
-        # The shown artifacts of a build are named by its labels alone: its text serves both.
-        shown_alike = shown_text is answer_text
-        polls = _poll_rows(records)
-        builds: list[Build | None] = []
-        build_texts = []
-        shown_sets: list[ShownArtifacts | None] = []
-        shown_texts = []
+        answer, artifact = _TEXTS[ANSWER], _TEXTS[ARTIFACT]
+        # As in exporter.metrics: a retired build has no series of its own.
+        builds = [None if record.retired or not answers else record.build for record in records]
+        cut_texts = ["" if build is None else answer.text(ANSWER.values(build)) for build in builds]
+        texts = [text.replace("\n,", "") for text in cut_texts] if answer.cuts else cut_texts
+        shown = [
+            None if build is None else shown_artifacts(build.artifacts, max_artifacts_per_build)
+            for build in builds
+        ]
+        # Each shown artifact, and the position of its build.
         artifacts: list[Artifact | None] = []
-        artifact_texts = []
-        artifact_ends = []
-        for record in records:
-            # As in exporter.metrics: a retired build has no series of its own.
-            build = None if record.retired or not answers else record.build
-            if build is None:
-                builds.append(None)
-                build_texts.append("")
-                shown_sets.append(None)
-                shown_texts.append("")
-            else:
-                values = ANSWER.values(build)
-                builds.append(build)
-                build_texts.append(answer_text.text(values))
-                shown = shown_artifacts(build.artifacts, max_artifacts_per_build)
-                shown_sets.append(shown)
-                if not shown_alike:
-                    shown_texts.append(shown_text.text((*values, *SHOWN.values(shown))))
-                for artifact in shown.artifacts:
-                    artifacts.append(artifact)
-                    artifact_texts.append(artifact_text.text((*values, *ARTIFACT.values(artifact))))
-            artifact_ends.append(len(artifacts))
-        answer_rows = _Rows.of(answer_text, builds, build_texts)
-        shown_rows = (
-            _Rows(shown_sets, answer_rows.cut_texts, answer_rows.texts)
-            if shown_alike
-            else _Rows.of(shown_text, shown_sets, shown_texts)
-        )
+        owners = []
+        for owner, artifact_set in enumerate(shown):
+            if artifact_set is not None:
+                artifacts.extend(artifact_set.artifacts)
+                owners.extend([owner] * len(artifact_set.artifacts))
+        artifact_texts = [
+            artifact.within(ARTIFACT.values(one), cut_texts[owner], texts[owner])
+            for one, owner in zip(artifacts, owners, strict=True)
+            if one is not None
+        ]
         return cls(
-            answer_rows,
-            shown_rows,
-            _Rows.of(artifact_text, artifacts, artifact_texts, artifact_ends),
-            polls,
+            _Rows(builds, cut_texts, texts),
+            _within(_TEXTS[SHOWN], SHOWN, shown, cut_texts, texts),
+            _Rows(
+                artifacts,
+                [cut_text for cut_text, _ in artifact_texts],
+                [text for _, text in artifact_texts],
+                list(accumulate(0 if one is None else len(one.artifacts) for one in shown)),
+            ),
+            _poll_rows(records),
         )
 
     def lines(self, family: int) -> list[str]:
@@ -369,18 +400,37 @@ class _Subjects:
         lines = _WRITERS[family](rows)
         if rows.ends is None:
             return lines
+        if not any(lines):
+            return [""] * len(rows.ends)
         starts = [0, *rows.ends][:-1]
         return ["".join(lines[start:end]) for start, end in zip(starts, rows.ends, strict=True)]
 
 
+def _within(
+    text: _ScopeText,
+    scope: Scope[S],
+    subjects: list[S | None],
+    outer_cut_texts: list[str],
+    outer_texts: list[str],
+) -> _Rows[S]:
+    """The rows of a scope with one subject per outer subject."""
+    if not scope.labels:
+        # Named by the outer scope's labels alone, its subjects have the outer ones' texts.
+        return _Rows(subjects, outer_cut_texts, outer_texts)
+    texts = [
+        ("", "") if subject is None else text.within(scope.values(subject), cut_text, outer)
+        for subject, cut_text, outer in zip(subjects, outer_cut_texts, outer_texts, strict=True)
+    ]
+    return _Rows(subjects, [cut_text for cut_text, _ in texts], [text for _, text in texts])
+
+
 def _poll_rows(records: Iterable[BuildRecord]) -> _Rows[BuildRecord]:
     """The builds' polls; none for a retired build, which has no series of its own."""
-    text = _TEXTS[POLL].text
-    values = POLL.values
+    scope = _TEXTS[POLL]
     polls = [None if record.retired else record for record in records]
-    return _Rows.of(
-        _TEXTS[POLL], polls, ["" if record is None else text(values(record)) for record in polls]
-    )
+    cut_texts = ["" if record is None else scope.text(POLL.values(record)) for record in polls]
+    texts = [text.replace("\n,", "") for text in cut_texts] if scope.cuts else cut_texts
+    return _Rows(polls, cut_texts, texts)
 
 
 # -- families --
@@ -402,7 +452,7 @@ def _writer(family: BuildFamily[S]) -> _Writer[S]:
     scope = _TEXTS[family.scope]
     names = scope.names
     # Where the family's first label of its own goes among the scope's.
-    cut = _Cut(bisect.bisect(names, family.extra_labels[0]), len(names), scope.inner_cuts)
+    cut = _Cut(bisect.bisect(names, family.extra_labels[0]), len(names), scope.cuts)
     if isinstance(samples, Labelled):
         return _labelled_lines(prefix, cut, samples)
     if isinstance(samples, OneHot):
@@ -428,7 +478,7 @@ def _labelled_lines(prefix: str, cut: _Cut, samples: Labelled[S]) -> _Writer[S]:
         ""
         if subject is None or (label := of(subject)) is None
         else f'{prefix}{head}{opening}{_escape(label)}"{tail}}}{_ONE}'
-        for subject, head, tail in zip(rows.subjects, *cut.around(rows), strict=True)
+        for subject, (head, _, tail) in zip(rows.subjects, cut.around(rows), strict=True)
     ]
 
 
@@ -453,7 +503,7 @@ def _one_hot_lines(prefix: str, cut: _Cut, samples: OneHot[S]) -> _Writer[S]:
 
     def lines(rows: _Rows[S]) -> list[str]:
         written = []
-        for subject, head, tail in zip(rows.subjects, *cut.around(rows), strict=True):
+        for subject, (head, _, tail) in zip(rows.subjects, cut.around(rows), strict=True):
             if subject is None:
                 written.append("")
                 continue
@@ -478,7 +528,7 @@ def _count_lines(prefix: str, cut: _Cut, samples: Counts[S]) -> _Writer[S]:
         # every line, as that label sorts last.
         ends: dict[tuple[str, int], str] = {}
         written = []
-        for subject, head, tail in zip(rows.subjects, *cut.around(rows), strict=True):
+        for subject, (head, _, tail) in zip(rows.subjects, cut.around(rows), strict=True):
             if subject is None:
                 written.append("")
                 continue
@@ -539,6 +589,6 @@ def render_build_lines(
     Byte for byte what prometheus_client writes for the same families, in either format:
     ``primeintellect_image_build_info{build_id="b1",image_name="app",image_tag="v1"} 1.0``
     """
-    subjects = _Subjects.of_builds(records, max_artifacts_per_build, answers=not polls_only)
+    subjects = _Subjects.of_builds(list(records), max_artifacts_per_build, answers=not polls_only)
     columns = [subjects.lines(family) for family in range(BUILD_FAMILY_COUNT)]
     return _pieces(columns, len(subjects.polls.subjects))
