@@ -239,7 +239,7 @@ class _ScopeText:
             values = tuple(map(_escape, values))
         own = self.template % (values if self.sort is None else self.sort(values))
         text = own.replace("\n,", "") if self.cut_inside else own
-        return own + self.separator + outer_cut_text, f"{text},{outer_text}"
+        return f"{own}{self.separator}{outer_cut_text}", f"{text},{outer_text}"
 
 
 def _scope_texts(scopes: tuple[Scope[Any], ...]) -> dict[Scope[Any], _ScopeText]:
@@ -474,12 +474,18 @@ def _value_lines(prefix: str, of: Callable[[S], float | None]) -> _Writer[S]:
 def _labelled_lines(prefix: str, cut: _Cut, samples: Labelled[S]) -> _Writer[S]:
     of = samples.of
     opening = f'{samples.label}="'
-    return lambda rows: [
-        ""
-        if subject is None or (label := of(subject)) is None
-        else f'{prefix}{head}{opening}{_escape(label)}"{tail}}}{_ONE}'
-        for subject, (head, _, tail) in zip(rows.subjects, cut.around(rows), strict=True)
-    ]
+
+    def lines(rows: _Rows[S]) -> list[str]:
+        labels = [None if subject is None else of(subject) for subject in rows.subjects]
+        # Many such families (errors) have no line at all: their texts need no cutting.
+        if labels.count(None) == len(labels):
+            return [""] * len(labels)
+        return [
+            "" if label is None else f'{prefix}{head}{opening}{_escape(label)}"{tail}}}{_ONE}'
+            for label, (head, _, tail) in zip(labels, cut.around(rows), strict=True)
+        ]
+
+    return lines
 
 
 def _one_hot_lines(prefix: str, cut: _Cut, samples: OneHot[S]) -> _Writer[S]:
@@ -524,9 +530,9 @@ def _count_lines(prefix: str, cut: _Cut, samples: Counts[S]) -> _Writer[S]:
     inner_opening = f',{samples.labels[1]}="'
 
     def lines(rows: _Rows[S]) -> list[str]:
-        # What follows 'label="' of the second label, by its value and the count: the same in
-        # every line, as that label sorts last.
-        ends: dict[tuple[str, int], str] = {}
+        # What follows each 'label="' of the second label in the lines of one first label, by
+        # its counts: the same for every subject, as that label sorts last, and few differ.
+        kept: dict[tuple[tuple[str, int], ...], list[str]] = {}
         written = []
         for subject, (head, _, tail) in zip(rows.subjects, cut.around(rows), strict=True):
             if subject is None:
@@ -535,13 +541,13 @@ def _count_lines(prefix: str, cut: _Cut, samples: Counts[S]) -> _Writer[S]:
             counts = []
             for outer, by_inner in of(subject).items():
                 start = f'{prefix}{head}{outer_opening}{_escape(outer)}"{tail}{inner_opening}'
-                line_ends = []
-                for item in by_inner.items():
-                    end = ends.get(item)
-                    if end is None:
-                        end = ends[item] = f'{_escape(item[0])}"}}{_count(item[1])}'
-                    line_ends.append(end)
-                counts.append(start + start.join(line_ends))
+                items = tuple(by_inner.items())
+                ends = kept.get(items)
+                if ends is None:
+                    ends = kept[items] = [
+                        f'{_escape(inner)}"}}{_count(count)}' for inner, count in items
+                    ]
+                counts.append(start + start.join(ends))
             written.append("".join(counts))
         return written
 
