@@ -280,11 +280,11 @@ def _scope_texts(scopes: tuple[Scope[Any], ...]) -> dict[Scope[Any], _ScopeText]
     return texts
 
 
-_TEXTS = _scope_texts((ANSWER, SHOWN, ARTIFACT, POLL))
+_SCOPES = (ANSWER, SHOWN, ARTIFACT, POLL)
+_TEXTS = _scope_texts(_SCOPES)
 
 
-@dataclass(frozen=True)
-class _Rows(Generic[S]):
+class _Rows(NamedTuple, Generic[S]):
     """A scope's subjects in a run of builds, each with its label text, or None where a build
     has none. With ``ends``, a build may have several: build ``i``'s end before ``ends[i]``."""
 
@@ -338,23 +338,13 @@ class _Cut:
         ]
 
 
-@dataclass(frozen=True)
-class _Subjects:
-    """Every scope's subjects in a run of builds."""
+class _Subjects(NamedTuple):
+    """Every scope's subjects in a run of builds, in the order of ``_SCOPES``."""
 
     answers: _Rows[Build]
     shown: _Rows[ShownArtifacts]
     artifacts: _Rows[Artifact]
     polls: _Rows[BuildRecord]
-
-    def of(self, scope: Scope[Any]) -> _Rows[Any]:
-        if scope is POLL:
-            return self.polls
-        if scope is ANSWER:
-            return self.answers
-        if scope is SHOWN:
-            return self.shown
-        return self.artifacts
 
     @classmethod
     def of_builds(
@@ -394,16 +384,17 @@ class _Subjects:
             _poll_rows(records),
         )
 
-    def lines(self, family: int) -> list[str]:
-        """The lines of family number ``family``, one string (maybe empty) per build."""
-        rows = self.of(BUILD_FAMILIES[family].scope)
-        lines = _WRITERS[family](rows)
-        if rows.ends is None:
-            return lines
-        if not any(lines):
-            return [""] * len(rows.ends)
-        starts = [0, *rows.ends][:-1]
-        return ["".join(lines[start:end]) for start, end in zip(starts, rows.ends, strict=True)]
+
+def _lines(write: _Writer[S], rows: _Rows[S]) -> list[str]:
+    """The lines ``write`` writes for ``rows``, one string (maybe empty) per build."""
+    lines = write(rows)
+    ends = rows.ends
+    if ends is None:
+        return lines
+    if not any(lines):
+        return [""] * len(ends)
+    # Each build's lines start where the one before ends (the first at 0).
+    return ["".join(lines[start:end]) for start, end in zip([0, *ends], ends, strict=False)]
 
 
 def _within(
@@ -554,17 +545,24 @@ def _count_lines(prefix: str, cut: _Cut, samples: Counts[S]) -> _Writer[S]:
     return lines
 
 
-_WRITERS: tuple[_Writer[Any], ...] = tuple(_writer(family) for family in BUILD_FAMILIES)
+# What writes each family's lines, and where its scope's rows stand in _Subjects.
+_PLAN: tuple[tuple[_Writer[Any], int], ...] = tuple(
+    (_writer(family), next(index for index, scope in enumerate(_SCOPES) if scope is family.scope))
+    for family in BUILD_FAMILIES
+)
+_POLL_WRITERS = tuple(write for write, _ in _PLAN[POLL_FAMILIES_START:])
 
 
 def _pieces(columns: list[list[str]], builds: int) -> BuildLines:
     """Each family's bytes, and the length in bytes of each build's lines in it."""
     pieces = []
     lengths = []
+    # Never changed in place: families without lines share it.
+    zeros = array("I", [0]) * builds
     for strings in columns:
         if not any(strings):
             pieces.append(b"")
-            lengths.append(array("I", [0]) * builds)
+            lengths.append(zeros)
             continue
         text = "".join(strings)
         data = text.encode()
@@ -580,10 +578,7 @@ def render_poll_lines(records: Sequence[BuildRecord]) -> list[list[bytes]]:
     """Per poll family (from POLL_FAMILIES_START on), each build's lines in it, as
     ``render_build_lines`` writes them."""
     polls = _poll_rows(records)
-    return [
-        [line.encode() for line in _WRITERS[family](polls)]
-        for family in range(POLL_FAMILIES_START, BUILD_FAMILY_COUNT)
-    ]
+    return [[line.encode() for line in write(polls)] for write in _POLL_WRITERS]
 
 
 def render_build_lines(
@@ -596,5 +591,5 @@ def render_build_lines(
     ``primeintellect_image_build_info{build_id="b1",image_name="app",image_tag="v1"} 1.0``
     """
     subjects = _Subjects.of_builds(list(records), max_artifacts_per_build, answers=not polls_only)
-    columns = [subjects.lines(family) for family in range(BUILD_FAMILY_COUNT)]
+    columns = [_lines(write, subjects[scope]) for write, scope in _PLAN]
     return _pieces(columns, len(subjects.polls.subjects))
