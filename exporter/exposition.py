@@ -360,17 +360,17 @@ class _Subjects(NamedTuple):
             None if build is None else shown_artifacts(build.artifacts, max_artifacts_per_build)
             for build in builds
         ]
-        # Each shown artifact, and the position of its build.
-        artifacts: list[Artifact | None] = []
-        owners = []
-        for owner, artifact_set in enumerate(shown):
-            if artifact_set is not None:
-                artifacts.extend(artifact_set.artifacts)
-                owners.extend([owner] * len(artifact_set.artifacts))
+        artifacts: list[Artifact | None] = [
+            one
+            for artifact_set in shown
+            if artifact_set is not None
+            for one in artifact_set.artifacts
+        ]
         artifact_texts = [
-            artifact.within(ARTIFACT.values(one), cut_texts[owner], texts[owner])
-            for one, owner in zip(artifacts, owners, strict=True)
-            if one is not None
+            artifact.within(ARTIFACT.values(one), cut_text, text)
+            for artifact_set, cut_text, text in zip(shown, cut_texts, texts, strict=True)
+            if artifact_set is not None
+            for one in artifact_set.artifacts
         ]
         return cls(
             _Rows(builds, cut_texts, texts),
@@ -385,12 +385,8 @@ class _Subjects(NamedTuple):
         )
 
 
-def _lines(write: _Writer[S], rows: _Rows[S]) -> list[str]:
-    """The lines ``write`` writes for ``rows``, one string (maybe empty) per build."""
-    lines = write(rows)
-    ends = rows.ends
-    if ends is None:
-        return lines
+def _per_build(lines: list[str], ends: list[int]) -> list[str]:
+    """Lines of subjects that a build may have several of, joined build by build."""
     if not any(lines):
         return [""] * len(ends)
     # Each build's lines start where the one before ends (the first at 0).
@@ -591,5 +587,10 @@ def render_build_lines(
     ``primeintellect_image_build_info{build_id="b1",image_name="app",image_tag="v1"} 1.0``
     """
     subjects = _Subjects.of_builds(list(records), max_artifacts_per_build, answers=not polls_only)
-    columns = [_lines(write, subjects[scope]) for write, scope in _PLAN]
+    columns = [
+        write(rows)
+        if (rows := subjects[scope]).ends is None
+        else _per_build(write(rows), rows.ends)
+        for write, scope in _PLAN
+    ]
     return _pieces(columns, len(subjects.polls.subjects))
