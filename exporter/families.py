@@ -93,7 +93,8 @@ class OneHot(Generic[S]):
 
 @dataclass(frozen=True)
 class Counts(Generic[S]):
-    """A count per value of two more labels, in the order of the subject's mapping."""
+    """A count per value of two more labels, in the order of the subject's mapping. The second
+    label sorts after every other of the family (exporter.exposition writes them so)."""
 
     labels: tuple[str, str]
     of: Callable[[S], Mapping[str, Mapping[str, int]]]
@@ -115,6 +116,8 @@ class BuildFamily(Generic[S]):
     def __post_init__(self) -> None:
         if self.type == INFO and not isinstance(self.samples, One | Labelled):
             raise ValueError(f"{self.name}: an info family's samples are all 1")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"{self.name}: a label is named twice in {self.labels}")
 
     @property
     def extra_labels(self) -> tuple[str, ...]:

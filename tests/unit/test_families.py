@@ -14,6 +14,7 @@ from exporter.families import (
     POLL,
     POLL_FAMILIES_START,
     BuildFamily,
+    Labelled,
     Value,
 )
 from exporter.metrics import per_build_families
@@ -50,3 +51,10 @@ def test_a_familys_labels_are_its_scopes_then_its_own_each_once() -> None:
 def test_an_info_family_that_would_carry_other_values_than_1_is_refused() -> None:
     with pytest.raises(ValueError, match="info"):
         BuildFamily("example", INFO, "Not an info.", ANSWER, Value(lambda build: build.created_at))
+
+
+def test_a_family_that_would_name_a_label_twice_is_refused() -> None:
+    with pytest.raises(ValueError, match="twice"):
+        BuildFamily(
+            "example", INFO, "Twice.", ANSWER, Labelled("image_tag", lambda build: build.id)
+        )
