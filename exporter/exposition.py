@@ -8,10 +8,14 @@ scrapes.
 
 from __future__ import annotations
 
+import bisect
 import enum
 from array import array
-from collections.abc import Iterable
-from typing import NamedTuple, cast
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from itertools import accumulate, repeat
+from operator import itemgetter
+from typing import Any, Generic, NamedTuple, cast
 
 from prometheus_client import exposition
 from prometheus_client.core import Metric
@@ -19,12 +23,25 @@ from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from exporter.metrics import (
-    artifact_counts,
-    per_build_families,
+from exporter.families import (
+    ANSWER,
+    ARTIFACT,
+    BUILD_FAMILIES,
+    POLL,
+    POLL_FAMILIES_START,
+    SHOWN,
+    BuildFamily,
+    Counts,
+    Labelled,
+    One,
+    OneHot,
+    S,
+    Scope,
+    ShownArtifacts,
+    Value,
     shown_artifacts,
 )
-from exporter.models import BUILD_STATUSES, UNKNOWN, Build
+from exporter.models import Artifact, Build
 from exporter.store import BuildRecord
 
 OPENMETRICS_EOF = b"# EOF\n"
@@ -104,58 +121,17 @@ class _StaticCollector(Collector):
 #
 # prometheus_client spends most of a full render validating label names and formatting
 # samples one by one. The build families' lines are written here instead, from the same
-# names, label order (sorted, as prometheus_client sorts them), escaping and value
-# formatting; tests compare the two on random and hostile builds in both formats. Their
-# sample lines read the same in both formats (gauges and infos only), so one rendering
-# serves both; only the HELP and TYPE lines differ, and those come from prometheus_client.
+# declarations (exporter.families), label order (sorted, as prometheus_client sorts them),
+# escaping and value formatting; tests compare the two on random and hostile builds in both
+# formats. Their sample lines read the same in both formats (gauges and infos only), so one
+# rendering serves both; only the HELP and TYPE lines differ, and those come from
+# prometheus_client.
 
-
-# What each build family's sample lines begin with, in family order.
-_PREFIXES = tuple(
-    (family.name + "_info" if family.type == "info" else family.name) + "{"
-    for family in per_build_families(())
-)
-(
-    _INFO,
-    _STATUS,
-    _CREATED,
-    _STARTED,
-    _COMPLETED,
-    _QUEUED,
-    _DURATION,
-    _ARTIFACTS,
-    _ARTIFACT_INFO,
-    _ARTIFACT_DURATION,
-    _ARTIFACT_ERROR,
-    _ARTIFACTS_OMITTED,
-    _BUILD_ERROR,
-    _LAST_POLL_SUCCESS,
-    _LAST_POLL_SUCCESS_TIMESTAMP,
-    _LAST_POLL_ERROR,
-) = _PREFIXES
-BUILD_FAMILY_COUNT = len(_PREFIXES)
-# The families before this index are about a build's answer; the rest about its polls.
-POLL_FAMILIES_START = _PREFIXES.index(_LAST_POLL_SUCCESS)
+BUILD_FAMILY_COUNT = len(BUILD_FAMILIES)
 _ONE = " 1.0\n"
 _ZERO = " 0.0\n"
 # Counts are small whole numbers; their formatted values are made once.
 _COUNTS = tuple(f" {floatToGoString(float(count))}\n" for count in range(256))  # type: ignore[no-untyped-call]
-
-
-# The end of each status line after 'status="', by the build's current status.
-_STATUS_ENDINGS = {
-    current: [
-        f'{status}"}}{_ONE if status == current else _ZERO}'
-        for status in (*BUILD_STATUSES, *((UNKNOWN,) if current == UNKNOWN else ()))
-    ]
-    for current in (*BUILD_STATUSES, UNKNOWN)
-}
-# The end of an artifact count line after 'status="', for the documented statuses.
-_COUNT_ENDINGS = {
-    (status, count): f'{status}"}}{ending}'
-    for status in (*BUILD_STATUSES, UNKNOWN)
-    for count, ending in enumerate(_COUNTS[:64])
-}
 
 
 def _escape(value: str) -> str:
@@ -174,6 +150,8 @@ def _value(value: float) -> str:
     # repr with a dot. Infinities and NaN have none; floatToGoString formats those.
     if value.__class__ is not float:
         value = float(value)
+    if value == 1.0:
+        return _ONE
     text = repr(value)
     dot = text.find(".")
     if dot > 6 and value > 0:
@@ -201,135 +179,402 @@ class BuildLines(NamedTuple):
     lengths: tuple[array[int], ...]
 
 
-class _BuildLines:
-    """The sample lines of every build family for a run of builds, family by family: each
-    build adds exactly one string (maybe empty) to each family, so string ``i`` of every
-    family is build ``i``'s."""
+# -- labels --
+#
+# A line's labels are its scope's (the build's, the artifact's) and its family's own, sorted by
+# name. A subject's scope labels are escaped and written once, as one text: an artifact's are
+# its own, then its build's text. Wherever a family puts a label of its own among a scope's
+# labels, that text is also kept cut in two there, so that every line is still one f-string.
 
-    def __init__(self, max_artifacts_per_build: int) -> None:
-        self._max_artifacts_per_build = max_artifacts_per_build
-        self.lines: list[list[str]] = [[] for _ in range(BUILD_FAMILY_COUNT)]
+# Marks a cut in a label text; escaped values hold no newline. str.partition at the newline
+# leaves the text before the cut ending in a comma, and the text after it beginning with one.
+_CUT = ",\n,"
 
-    def add(self, record: BuildRecord, *, polls_only: bool = False) -> None:
-        """Add one build's lines; with ``polls_only``, those of its answer are left empty."""
-        lines = self.lines
+
+def _family_cuts(scope: Scope[Any]) -> set[int]:
+    """Where the families of ``scope`` put labels of their own among its labels: positions in
+    their sorted names, neither first nor last."""
+    names = sorted(scope.all_labels)
+    return {
+        cut
+        for family in BUILD_FAMILIES
+        if family.scope is scope
+        for label in family.extra_labels
+        if 0 < (cut := bisect.bisect(names, label)) < len(names)
+    }
+
+
+@dataclass(frozen=True)
+class _ScopeText:
+    """How a scope's label values become each subject's label text."""
+
+    # All the scope's labels, sorted by name: its own, then its outer scope's.
+    names: tuple[str, ...]
+    # The cuts its texts carry: positions in ``names``.
+    cuts: tuple[int, ...]
+    # A %-template of the text of its own labels over their values sorted by name, and how to
+    # sort them from their declared order (None: they are in it).
+    template: str
+    sort: Callable[[tuple[str, ...]], tuple[str, ...]] | None
+    # What joins that text to the outer scope's, and whether cuts fall inside it.
+    separator: str
+    cut_inside: bool
+
+    def text(self, values: tuple[str, ...]) -> str:
+        """The text, with its cuts, of a subject's own labels, from their values in the
+        scope's declared order."""
+        # One scan of the joined values finds the common case: nothing to escape.
+        joined = "".join(values)
+        if "\\" in joined or "\n" in joined or '"' in joined:
+            values = tuple(map(_escape, values))
+        return self.template % (values if self.sort is None else self.sort(values))
+
+    def within(
+        self, values: tuple[str, ...], outer_cut_text: str, outer_text: str
+    ) -> tuple[str, str]:
+        """The text with its cuts, and without, of a subject of a scope within another, from
+        its own labels' values and the outer subject's texts."""
+        joined = "".join(values)
+        if "\\" in joined or "\n" in joined or '"' in joined:
+            values = tuple(map(_escape, values))
+        own = self.template % (values if self.sort is None else self.sort(values))
+        text = own.replace("\n,", "") if self.cut_inside else own
+        return f"{own}{self.separator}{outer_cut_text}", f"{text},{outer_text}"
+
+
+def _scope_texts(scopes: tuple[Scope[Any], ...]) -> dict[Scope[Any], _ScopeText]:
+    """Each scope's text. The text of a scope within another carries the outer scope's text,
+    so the outer one carries the cuts of both."""
+    cuts = {scope: _family_cuts(scope) for scope in scopes}
+    for scope in scopes:
+        if scope.within is not None:
+            if scope.labels and max(scope.labels) > min(scope.within.labels):
+                raise ValueError(f"{scope.labels} must sort before the labels of their outer scope")
+            own = len(scope.labels)
+            cuts[scope.within] |= {cut - own for cut in cuts[scope] if cut > own}
+    texts = {}
+    for scope in scopes:
+        declared = scope.labels
+        order = sorted(range(len(declared)), key=declared.__getitem__)
+        names = tuple(declared[index] for index in order)
+        own_cuts = cuts[scope]
+        separator = ""
+        if scope.within is not None:
+            outer = cuts[scope.within]
+            own_cuts = {cut for cut in own_cuts if cut <= len(names)}
+            separator = _CUT if len(names) in own_cuts else ","
+            own_cuts |= {len(names) + cut for cut in outer}
+            names += tuple(sorted(scope.within.labels))
+        template = "".join(
+            ("" if index == 0 else _CUT if index in own_cuts else ",") + f'{name}="%s"'
+            for index, name in enumerate(names[: len(declared)])
+        )
+        texts[scope] = _ScopeText(
+            names,
+            tuple(sorted(own_cuts)),
+            template,
+            None if order == sorted(order) else itemgetter(*order),
+            separator,
+            any(0 < cut < len(declared) for cut in own_cuts),
+        )
+    return texts
+
+
+_SCOPES = (ANSWER, SHOWN, ARTIFACT, POLL)
+_TEXTS = _scope_texts(_SCOPES)
+
+
+class _Rows(NamedTuple, Generic[S]):
+    """A scope's subjects in a run of builds, each with its label text, or None where a build
+    has none. With ``ends``, a build may have several: build ``i``'s end before ``ends[i]``."""
+
+    subjects: list[S | None]
+    # The label text with its cuts, and without (the same list where it has none).
+    cut_texts: list[str]
+    texts: list[str]
+    ends: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """Where a family's own label goes among its scope's: position ``at`` in their sorted
+    names, which number ``last``."""
+
+    at: int
+    last: int
+    # The scope's inner cuts.
+    inner: tuple[int, ...]
+
+    def around(self, rows: _Rows[Any]) -> Iterable[tuple[str, str, str]]:
+        """Each subject's label text before the cut (ending in a comma, or empty), anything,
+        and after it (beginning with a comma, or empty)."""
+        count = len(rows.texts)
+        if self.at == 0:
+            return zip(
+                repeat("", count), repeat("", count), map(",".__add__, rows.texts), strict=True
+            )
+        if self.at == self.last:
+            texts = rows.texts
+            return zip(
+                map(str.__add__, texts, repeat(",")),
+                repeat("", count),
+                repeat("", count),
+                strict=True,
+            )
+        if len(self.inner) == 1:
+            return map(str.partition, rows.cut_texts, repeat("\n"))
+        # Each piece after the first begins with the comma that ends the one before.
+        cuts = self.inner.index(self.at) + 1
+        pieces = [text.split("\n") for text in rows.cut_texts]
+        return [
+            (
+                "".join([split[0], *(piece[1:] for piece in split[1:cuts])]),
+                "",
+                "".join([split[cuts], *(piece[1:] for piece in split[cuts + 1 :])])
+                if len(split) > cuts
+                else "",
+            )
+            for split in pieces
+        ]
+
+
+class _Subjects(NamedTuple):
+    """Every scope's subjects in a run of builds, in the order of ``_SCOPES``."""
+
+    answers: _Rows[Build]
+    shown: _Rows[ShownArtifacts]
+    artifacts: _Rows[Artifact]
+    polls: _Rows[BuildRecord]
+
+    @classmethod
+    def of_builds(
+        cls, records: Sequence[BuildRecord], max_artifacts_per_build: int, *, answers: bool
+    ) -> _Subjects:
+        """The subjects of these builds; without ``answers``, only their polls'."""
+        answer, artifact = _TEXTS[ANSWER], _TEXTS[ARTIFACT]
         # As in exporter.metrics: a retired build has no series of its own.
-        if record.retired:
-            for family in lines:
-                family.append("")
-            return
-        if record.build is None or polls_only:
-            for family in lines[:POLL_FAMILIES_START]:
-                family.append("")
-        else:
-            self._add_build(record.build)
-        for family, line in zip(lines[POLL_FAMILIES_START:], _poll_lines(record), strict=True):
-            family.append(line)
-
-    def _add_build(self, build: Build) -> None:
-        lines = self.lines
-        build_id = f'build_id="{_escape(build.id)}"'
-        image = f'image_name="{_escape(build.image_name)}",image_tag="{_escape(build.image_tag)}"'
-        labels = f"{build_id},{image}"
-        lines[0].append(f"{_INFO}{labels}}}{_ONE}")
-        status_prefix = f'{_STATUS}{labels},status="'
-        # All of a build's status lines at once: the prefix joins precomputed endings.
-        lines[1].append(status_prefix + status_prefix.join(_STATUS_ENDINGS[build.status_label]))
-        lines[2].append(f"{_CREATED}{labels}}}{_value(build.created_at)}")
-        started, completed = build.started_at, build.completed_at
-        queued, duration = build.queued_seconds, build.duration_seconds
-        closed = f"{labels}}}"
-        lines[3].append("" if started is None else f"{_STARTED}{closed}{_value(started)}")
-        lines[4].append("" if completed is None else f"{_COMPLETED}{closed}{_value(completed)}")
-        lines[5].append("" if queued is None else f"{_QUEUED}{closed}{_value(queued)}")
-        lines[6].append("" if duration is None else f"{_DURATION}{closed}{_value(duration)}")
-        counts = []
-        for artifact_type, by_status in artifact_counts(build.artifacts).items():
-            # Type and status labels are documented names or UNKNOWN: nothing to escape.
-            prefix = f'{_ARTIFACTS}artifact_type="{artifact_type}",{labels},status="'
-            endings = [
-                _COUNT_ENDINGS.get(status_count) or f'{status_count[0]}"}}{_count(status_count[1])}'
-                for status_count in by_status.items()
-            ]
-            counts.append(prefix + prefix.join(endings))
-        lines[7].append("".join(counts))
-        shown, omitted = shown_artifacts(build.artifacts, self._max_artifacts_per_build)
-        infos = []
-        durations = []
-        errors = []
-        for artifact in shown:
-            artifact_labels = (
-                f'artifact_id="{_escape(artifact.id)}",'
-                f'artifact_type="{_escape(artifact.type_label)}",{build_id}'
-            )
-            path = _escape(artifact.full_image_path or "")
-            infos.append(
-                f'{_ARTIFACT_INFO}{artifact_labels},full_image_path="{path}",{image}}}{_ONE}'
-            )
-            duration = artifact.duration_seconds
-            if duration is not None:
-                durations.append(
-                    f"{_ARTIFACT_DURATION}{artifact_labels},{image}}}{_value(duration)}"
-                )
-            if artifact.error_message:
-                message = _escape(artifact.error_message)
-                errors.append(
-                    f'{_ARTIFACT_ERROR}{artifact_labels},error_message="{message}",{image}}}{_ONE}'
-                )
-        lines[8].append("".join(infos))
-        lines[9].append("".join(durations))
-        lines[10].append("".join(errors))
-        lines[11].append(f"{_ARTIFACTS_OMITTED}{labels}}}{_count(omitted)}" if omitted else "")
-        build_error = build.error_message
-        lines[12].append(
-            f'{_BUILD_ERROR}{build_id},error_message="{_escape(build_error)}",{image}}}{_ONE}'
-            if build_error
-            else ""
+        builds = [None if record.retired or not answers else record.build for record in records]
+        cut_texts = ["" if build is None else answer.text(ANSWER.values(build)) for build in builds]
+        texts = [text.replace("\n,", "") for text in cut_texts] if answer.cuts else cut_texts
+        shown = [
+            None if build is None else shown_artifacts(build.artifacts, max_artifacts_per_build)
+            for build in builds
+        ]
+        artifacts: list[Artifact | None] = [
+            one
+            for artifact_set in shown
+            if artifact_set is not None
+            for one in artifact_set.artifacts
+        ]
+        artifact_texts = [
+            artifact.within(ARTIFACT.values(one), cut_text, text)
+            for artifact_set, cut_text, text in zip(shown, cut_texts, texts, strict=True)
+            if artifact_set is not None
+            for one in artifact_set.artifacts
+        ]
+        return cls(
+            _Rows(builds, cut_texts, texts),
+            _within(_TEXTS[SHOWN], SHOWN, shown, cut_texts, texts),
+            _Rows(
+                artifacts,
+                [cut_text for cut_text, _ in artifact_texts],
+                [text for _, text in artifact_texts],
+                list(accumulate(0 if one is None else len(one.artifacts) for one in shown)),
+            ),
+            _poll_rows(records),
         )
 
-    def pieces(self) -> BuildLines:
-        """Each family's bytes, and the length in bytes of each build's lines in it."""
-        pieces = []
-        lengths = []
-        builds = len(self.lines[0])
-        for strings in self.lines:
-            if not any(strings):
-                pieces.append(b"")
-                lengths.append(array("I", [0]) * builds)
+
+def _per_build(lines: list[str], ends: list[int]) -> list[str]:
+    """Lines of subjects that a build may have several of, joined build by build."""
+    if not any(lines):
+        return [""] * len(ends)
+    # Each build's lines start where the one before ends (the first at 0).
+    return ["".join(lines[start:end]) for start, end in zip([0, *ends], ends, strict=False)]
+
+
+def _within(
+    text: _ScopeText,
+    scope: Scope[S],
+    subjects: list[S | None],
+    outer_cut_texts: list[str],
+    outer_texts: list[str],
+) -> _Rows[S]:
+    """The rows of a scope with one subject per outer subject."""
+    if not scope.labels:
+        # Named by the outer scope's labels alone, its subjects have the outer ones' texts.
+        return _Rows(subjects, outer_cut_texts, outer_texts)
+    texts = [
+        ("", "") if subject is None else text.within(scope.values(subject), cut_text, outer)
+        for subject, cut_text, outer in zip(subjects, outer_cut_texts, outer_texts, strict=True)
+    ]
+    return _Rows(subjects, [cut_text for cut_text, _ in texts], [text for _, text in texts])
+
+
+def _poll_rows(records: Iterable[BuildRecord]) -> _Rows[BuildRecord]:
+    """The builds' polls; none for a retired build, which has no series of its own."""
+    scope = _TEXTS[POLL]
+    polls = [None if record.retired else record for record in records]
+    cut_texts = ["" if record is None else scope.text(POLL.values(record)) for record in polls]
+    texts = [text.replace("\n,", "") for text in cut_texts] if scope.cuts else cut_texts
+    return _Rows(polls, cut_texts, texts)
+
+
+# -- families --
+
+_Writer = Callable[[_Rows[S]], list[str]]
+
+
+def _writer(family: BuildFamily[S]) -> _Writer[S]:
+    """What writes the lines of ``family``: one string (maybe empty) per subject."""
+    prefix = family.sample_name + "{"
+    samples = family.samples
+    if isinstance(samples, Value):
+        return _value_lines(prefix, samples.of)
+    if isinstance(samples, One):
+        return lambda rows: [
+            "" if subject is None else f"{prefix}{text}}}{_ONE}"
+            for subject, text in zip(rows.subjects, rows.texts, strict=True)
+        ]
+    scope = _TEXTS[family.scope]
+    names = scope.names
+    # Where the family's first label of its own goes among the scope's.
+    cut = _Cut(bisect.bisect(names, family.extra_labels[0]), len(names), scope.cuts)
+    if isinstance(samples, Labelled):
+        return _labelled_lines(prefix, cut, samples)
+    if isinstance(samples, OneHot):
+        return _one_hot_lines(prefix, cut, samples)
+    if max(family.extra_labels) != family.extra_labels[1] or max(names) > samples.labels[1]:
+        raise ValueError(f"{family.name}: the second label of counts must sort last")
+    return _count_lines(prefix, cut, samples)
+
+
+def _value_lines(prefix: str, of: Callable[[S], float | None]) -> _Writer[S]:
+    return lambda rows: [
+        ""
+        if subject is None or (value := of(subject)) is None
+        else f"{prefix}{text}}}{_value(value)}"
+        for subject, text in zip(rows.subjects, rows.texts, strict=True)
+    ]
+
+
+def _labelled_lines(prefix: str, cut: _Cut, samples: Labelled[S]) -> _Writer[S]:
+    of = samples.of
+    opening = f'{samples.label}="'
+
+    def lines(rows: _Rows[S]) -> list[str]:
+        labels = [None if subject is None else of(subject) for subject in rows.subjects]
+        # Many such families (errors) have no line at all: their texts need no cutting.
+        if labels.count(None) == len(labels):
+            return [""] * len(labels)
+        return [
+            "" if label is None else f'{prefix}{head}{opening}{_escape(label)}"{tail}}}{_ONE}'
+            for label, (head, _, tail) in zip(labels, cut.around(rows), strict=True)
+        ]
+
+    return lines
+
+
+def _one_hot_lines(prefix: str, cut: _Cut, samples: OneHot[S]) -> _Writer[S]:
+    of = samples.of
+    opening = f'{samples.label}="'
+    known = tuple(_escape(value) for value in samples.values)
+
+    def endings(current: str, closing: str) -> list[str]:
+        # What follows 'label="' in each line: every value's, then the current one's if it is
+        # not among them.
+        ends = [
+            f"{text}{closing}{_ONE if value == current else _ZERO}"
+            for value, text in zip(samples.values, known, strict=True)
+        ]
+        if current not in samples.values:
+            ends.append(f"{_escape(current)}{closing}{_ONE}")
+        return ends
+
+    # Where nothing follows the label but the brace, its lines end alike for every subject.
+    kept = {current: endings(current, '"}') for current in samples.values}
+
+    def lines(rows: _Rows[S]) -> list[str]:
+        written = []
+        for subject, (head, _, tail) in zip(rows.subjects, cut.around(rows), strict=True):
+            if subject is None:
+                written.append("")
                 continue
-            text = "".join(strings)
-            data = text.encode()
-            pieces.append(data)
-            if len(data) == len(text):
-                lengths.append(array("I", map(len, strings)))
-            else:
-                lengths.append(array("I", [len(string.encode()) for string in strings]))
-        return BuildLines(tuple(pieces), tuple(lengths))
+            current = of(subject)
+            ends = endings(current, f'"{tail}}}') if tail else kept.get(current)
+            if ends is None:
+                ends = endings(current, '"}')
+            start = f"{prefix}{head}{opening}"
+            written.append(start + start.join(ends))
+        return written
+
+    return lines
 
 
-def _poll_lines(record: BuildRecord) -> tuple[str, str, str]:
-    # The poll families' lines of a build that is not retired, in family order.
-    build_id = _escape(record.build_id)
-    ok = _ONE if record.last_poll_ok else _ZERO
-    success = record.last_success_time
-    error = record.last_error
-    return (
-        f'{_LAST_POLL_SUCCESS}build_id="{build_id}"}}{ok}',
-        ""
-        if success is None
-        else f'{_LAST_POLL_SUCCESS_TIMESTAMP}build_id="{build_id}"}}{_value(success)}',
-        ""
-        if error is None
-        else f'{_LAST_POLL_ERROR}build_id="{build_id}",reason="{_escape(error.value)}"}}{_ONE}',
-    )
+def _count_lines(prefix: str, cut: _Cut, samples: Counts[S]) -> _Writer[S]:
+    of = samples.of
+    outer_opening = f'{samples.labels[0]}="'
+    inner_opening = f',{samples.labels[1]}="'
+
+    def lines(rows: _Rows[S]) -> list[str]:
+        # What follows each 'label="' of the second label in the lines of one first label, by
+        # its counts: the same for every subject, as that label sorts last, and few differ.
+        kept: dict[tuple[tuple[str, int], ...], list[str]] = {}
+        written = []
+        for subject, (head, _, tail) in zip(rows.subjects, cut.around(rows), strict=True):
+            if subject is None:
+                written.append("")
+                continue
+            counts = []
+            for outer, by_inner in of(subject).items():
+                start = f'{prefix}{head}{outer_opening}{_escape(outer)}"{tail}{inner_opening}'
+                items = tuple(by_inner.items())
+                ends = kept.get(items)
+                if ends is None:
+                    ends = kept[items] = [
+                        f'{_escape(inner)}"}}{_count(count)}' for inner, count in items
+                    ]
+                counts.append(start + start.join(ends))
+            written.append("".join(counts))
+        return written
+
+    return lines
 
 
-def render_poll_lines(record: BuildRecord) -> tuple[bytes, ...]:
-    """One build's lines in each poll family (from POLL_FAMILIES_START on), as
+# What writes each family's lines, and where its scope's rows stand in _Subjects.
+_PLAN: tuple[tuple[_Writer[Any], int], ...] = tuple(
+    (_writer(family), next(index for index, scope in enumerate(_SCOPES) if scope is family.scope))
+    for family in BUILD_FAMILIES
+)
+_POLL_WRITERS = tuple(write for write, _ in _PLAN[POLL_FAMILIES_START:])
+
+
+def _pieces(columns: list[list[str]], builds: int) -> BuildLines:
+    """Each family's bytes, and the length in bytes of each build's lines in it."""
+    pieces = []
+    lengths = []
+    # Never changed in place: families without lines share it.
+    zeros = array("I", [0]) * builds
+    for strings in columns:
+        if not any(strings):
+            pieces.append(b"")
+            lengths.append(zeros)
+            continue
+        text = "".join(strings)
+        data = text.encode()
+        pieces.append(data)
+        if len(data) == len(text):
+            lengths.append(array("I", map(len, strings)))
+        else:
+            lengths.append(array("I", [len(string.encode()) for string in strings]))
+    return BuildLines(tuple(pieces), tuple(lengths))
+
+
+def render_poll_lines(records: Sequence[BuildRecord]) -> list[list[bytes]]:
+    """Per poll family (from POLL_FAMILIES_START on), each build's lines in it, as
     ``render_build_lines`` writes them."""
-    if record.retired:
-        return (b"",) * (BUILD_FAMILY_COUNT - POLL_FAMILIES_START)
-    return tuple(line.encode() for line in _poll_lines(record))
+    polls = _poll_rows(records)
+    return [[line.encode() for line in write(polls)] for write in _POLL_WRITERS]
 
 
 def render_build_lines(
@@ -341,7 +586,11 @@ def render_build_lines(
     Byte for byte what prometheus_client writes for the same families, in either format:
     ``primeintellect_image_build_info{build_id="b1",image_name="app",image_tag="v1"} 1.0``
     """
-    lines = _BuildLines(max_artifacts_per_build)
-    for record in records:
-        lines.add(record, polls_only=polls_only)
-    return lines.pieces()
+    subjects = _Subjects.of_builds(list(records), max_artifacts_per_build, answers=not polls_only)
+    columns = [
+        write(rows)
+        if (rows := subjects[scope]).ends is None
+        else _per_build(write(rows), rows.ends)
+        for write, scope in _PLAN
+    ]
+    return _pieces(columns, len(subjects.polls.subjects))

@@ -22,6 +22,7 @@ from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import NamedTuple
 
 from isal import isal_zlib
 
@@ -32,12 +33,12 @@ from prometheus_client.core import Metric
 from exporter.exposition import (
     BUILD_FAMILY_COUNT,
     OPENMETRICS_EOF,
-    POLL_FAMILIES_START,
     ExpositionFormat,
     render,
     render_build_lines,
     render_poll_lines,
 )
+from exporter.families import POLL_FAMILIES_START
 from exporter.metrics import per_build_families, summary_families
 from exporter.store import BuildRecord, FinishedBuilds, Snapshot
 
@@ -356,11 +357,12 @@ class ExpositionCache:
             for build_id in changed:
                 index = max(0, bisect.bisect_right(previous.starts, build_id) - 1)
                 dirty.setdefault(index, []).append(build_id)
+            replacements = self._replacements(chunks, dirty, snapshot)
             # From the last chunk back, so replacing one chunk by several or none leaves the
             # indices still to visit where they were.
             for index in sorted(dirty, reverse=True):
                 chunk = chunks[index] if chunks else None
-                replacement = self._changed(chunk, dirty[index], snapshot)
+                replacement = replacements[index]
                 if chunk is None or len(replacement) != 1:
                     touched = None
                 elif touched is not None:
@@ -392,33 +394,93 @@ class ExpositionCache:
         self._builds = builds
         return builds
 
-    def _changed(
-        self, chunk: _Chunk | None, build_ids: list[str], snapshot: Snapshot
-    ) -> list[_Chunk]:
-        """What replaces ``chunk`` once these of its builds changed: itself updated, split in
-        two past two chunks' worth, or nothing once empty."""
-        if chunk is not None:
-            polled = self._polled_anew(chunk, build_ids, snapshot.records)
-            if polled is not None:
-                return [polled]
-        records = dict(chunk.records) if chunk else {}
-        members_changed = False
-        for build_id in build_ids:
-            record = snapshot.records.get(build_id)
-            if record is None:
-                members_changed |= records.pop(build_id, None) is not None
+    def _replacements(
+        self, chunks: list[_Chunk], dirty: dict[int, list[str]], snapshot: Snapshot
+    ) -> dict[int, list[_Chunk]]:
+        """What replaces each chunk (by index) once these of its builds changed: itself
+        updated, split in two past two chunks' worth, or nothing once empty.
+
+        The usual changes, builds polled or answered anew, are rendered in one go for every
+        chunk: a render of one build costs nearly as much as one of a few.
+        """
+        replacements: dict[int, list[_Chunk]] = {}
+        polled: list[_Update] = []
+        answered: list[_Update] = []
+        for index, build_ids in dirty.items():
+            chunk = chunks[index] if chunks else None
+            if chunk is not None:
+                fresh = _polled_again(chunk, build_ids, snapshot.records)
+                if fresh is not None:
+                    if fresh:
+                        records = dict(chunk.records)
+                        records.update((record.build_id, record) for record in fresh)
+                        polled.append(_Update(index, chunk, records, fresh))
+                    else:
+                        replacements[index] = [chunk]
+                    continue
+            records = dict(chunk.records) if chunk else {}
+            members_changed = False
+            for build_id in build_ids:
+                record = snapshot.records.get(build_id)
+                if record is None:
+                    members_changed |= records.pop(build_id, None) is not None
+                else:
+                    members_changed |= build_id not in records
+                    records[build_id] = record
+            if members_changed:
+                records = dict(sorted(records.items()))
+            if chunk is None or len(records) > 2 * CHUNK_SIZE:
+                replacements[index] = self._chunks_of(
+                    list(records.values()), chunk.start if chunk else ""
+                )
+            elif not records:
+                replacements[index] = []
+            elif members_changed:
+                replacements[index] = [self._rebuilt(chunk, records)]
             else:
-                members_changed |= build_id not in records
-                records[build_id] = record
-        if members_changed:
-            records = dict(sorted(records.items()))
-        if chunk is None or len(records) > 2 * CHUNK_SIZE:
-            return self._chunks_of(list(records.values()), chunk.start if chunk else "")
-        if not records:
-            return []
-        if members_changed:
-            return [self._rebuilt(chunk, records)]
-        return [self._answered_anew(chunk, records, sorted(build_ids))]
+                old = chunk.records
+                fresh = [
+                    records[build_id]
+                    for build_id in sorted(build_ids)
+                    if old[build_id] is not records[build_id]
+                ]
+                answered.append(_Update(index, chunk, records, fresh))
+        if polled:
+            # Only the poll families can read differently; the others are kept whole.
+            poll_lines = render_poll_lines([record for update in polled for record in update.fresh])
+            self._apply(polled, poll_lines, POLL_FAMILIES_START, replacements)
+        if answered:
+            lines = render_build_lines(
+                [record for update in answered for record in update.fresh],
+                self._max_artifacts_per_build,
+            )
+            per_build = [_split(piece, lengths) for piece, lengths in zip(*lines, strict=True)]
+            self._apply(answered, per_build, 0, replacements)
+        return replacements
+
+    def _apply(
+        self,
+        updates: list[_Update],
+        lines: Sequence[Sequence[bytes]],
+        first: int,
+        replacements: dict[int, list[_Chunk]],
+    ) -> None:
+        """Each update's chunk with its builds' new ``lines`` (per family from ``first`` on,
+        each build's, the updates' builds one after another)."""
+        start = 0
+        for update in updates:
+            end = start + len(update.fresh)
+            positions = update.chunk.positions()
+            replacements[update.chunk_index] = [
+                self._with_lines(
+                    update.chunk,
+                    update.records,
+                    [positions[record.build_id] for record in update.fresh],
+                    [family[start:end] for family in lines],
+                    first,
+                )
+            ]
+            start = end
 
     def _chunks_of(self, records: Sequence[BuildRecord], start: str) -> list[_Chunk]:
         """Builds in ID order as chunks; one chunk unless there are more than two chunks' worth."""
@@ -438,62 +500,6 @@ class ExpositionCache:
                 )
             )
         return chunks
-
-    def _polled_anew(
-        self, chunk: _Chunk, build_ids: list[str], current: Mapping[str, BuildRecord]
-    ) -> _Chunk | None:
-        """The chunk with these of its builds polled again, if each brought the same answer
-        (the same object, as the store keeps it); else None.
-
-        The usual change, so kept lean: only the poll families can read differently, and the
-        answer families are kept whole, without a look.
-        """
-        old = chunk.records
-        fresh = []
-        for build_id in sorted(build_ids):
-            record = current.get(build_id)
-            before = old.get(build_id)
-            if (
-                record is None
-                or before is None
-                or record.build is not before.build
-                or record.retired != before.retired
-            ):
-                return None
-            if record is not before:
-                fresh.append(record)
-        if not fresh:
-            return chunk
-        records = dict(old)
-        for record in fresh:
-            records[record.build_id] = record
-        positions = chunk.positions()
-        return self._with_lines(
-            chunk,
-            records,
-            [positions[record.build_id] for record in fresh],
-            list(zip(*map(render_poll_lines, fresh), strict=True)),
-            POLL_FAMILIES_START,
-        )
-
-    def _answered_anew(
-        self, chunk: _Chunk, records: dict[str, BuildRecord], changed: list[str]
-    ) -> _Chunk:
-        """The chunk with the same builds, some of them answered anew (``changed``, in ID
-        order): only those are rendered, and only pieces whose bytes changed are replaced."""
-        old = chunk.records
-        fresh_ids = [build_id for build_id in changed if old[build_id] is not records[build_id]]
-        lines = render_build_lines(
-            [records[build_id] for build_id in fresh_ids], self._max_artifacts_per_build
-        )
-        positions = chunk.positions()
-        return self._with_lines(
-            chunk,
-            records,
-            [positions[build_id] for build_id in fresh_ids],
-            [_split(piece, lengths) for piece, lengths in zip(*lines, strict=True)],
-            0,
-        )
 
     @staticmethod
     def _with_lines(
@@ -698,6 +704,40 @@ class ExpositionCache:
             segments.append(kept.data)
             previous = piece
         return tuple(segments)
+
+
+class _Update(NamedTuple):
+    """A chunk whose builds are the same, some of them (``fresh``, in ID order) changed."""
+
+    chunk_index: int
+    chunk: _Chunk
+    records: dict[str, BuildRecord]
+    fresh: list[BuildRecord]
+
+
+def _polled_again(
+    chunk: _Chunk, build_ids: list[str], current: Mapping[str, BuildRecord]
+) -> list[BuildRecord] | None:
+    """The records, in ID order, of these builds of ``chunk`` polled again, if each brought the
+    same answer (the same object, as the store keeps it); else None.
+
+    The usual change, so kept lean: only the poll families can read differently.
+    """
+    old = chunk.records
+    fresh = []
+    for build_id in sorted(build_ids):
+        record = current.get(build_id)
+        before = old.get(build_id)
+        if (
+            record is None
+            or before is None
+            or record.build is not before.build
+            or record.retired != before.retired
+        ):
+            return None
+        if record is not before:
+            fresh.append(record)
+    return fresh
 
 
 def _segment_of(chunk: _Chunk, family: int, piece: bytes, previous: bytes) -> _Segment:

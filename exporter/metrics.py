@@ -1,6 +1,7 @@
 """Metric families from store snapshots and telemetry, as prometheus_client families.
 
 They are the reference for every byte of ``/metrics``: ``exporter.exposition`` renders them.
+The build families are made from their declarations in ``exporter.families``.
 """
 
 from __future__ import annotations
@@ -17,191 +18,97 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from exporter import __version__
-from exporter.models import BUILD_STATUSES, UNKNOWN, Artifact, Build, Outcome
+from exporter.families import (
+    ANSWER,
+    ARTIFACT,
+    BUILD_FAMILIES,
+    INFO,
+    POLL,
+    SHOWN,
+    AnyBuildFamily,
+    BuildFamily,
+    Labelled,
+    One,
+    OneHot,
+    S,
+    Value,
+    in_scope,
+    shown_artifacts,
+)
+from exporter.models import BUILD_STATUSES, UNKNOWN, Outcome
 from exporter.store import BuildRecord, Inventory, Snapshot
 from exporter.telemetry import Histogram, TelemetrySnapshot
-
-BUILD_LABELS = ("build_id", "image_name", "image_tag")
-ARTIFACT_LABELS = (*BUILD_LABELS, "artifact_id", "artifact_type")
-
-
-class _BuildFamilies:
-    """Every build-scoped family, filled one build at a time."""
-
-    def __init__(self, max_artifacts_per_build: int) -> None:
-        self.max_artifacts_per_build = max_artifacts_per_build
-        self.info = InfoMetricFamily(
-            "primeintellect_image_build",
-            "A tracked image build; always 1.",
-            labels=BUILD_LABELS,
-        )
-        self.status = GaugeMetricFamily(
-            "primeintellect_image_build_status",
-            "1 for the build's current status, 0 for the others; UNKNOWN for an undocumented one.",
-            labels=(*BUILD_LABELS, "status"),
-        )
-        self.created = _build_gauge(
-            "primeintellect_image_build_created_timestamp_seconds", "When the build was created."
-        )
-        self.started = _build_gauge(
-            "primeintellect_image_build_started_timestamp_seconds", "When the build started."
-        )
-        self.completed = _build_gauge(
-            "primeintellect_image_build_completed_timestamp_seconds", "When the build completed."
-        )
-        self.queued = _build_gauge(
-            "primeintellect_image_build_queued_seconds", "Time from creation to start."
-        )
-        self.duration = _build_gauge(
-            "primeintellect_image_build_duration_seconds",
-            "Time from start to completion, for finished builds.",
-        )
-        self.artifacts = GaugeMetricFamily(
-            "primeintellect_image_build_artifacts",
-            "Artifacts of the build by type and status.",
-            labels=(*BUILD_LABELS, "artifact_type", "status"),
-        )
-        self.artifact_info = InfoMetricFamily(
-            "primeintellect_image_build_artifact",
-            "An artifact of a build and its output reference; always 1.",
-            labels=(*ARTIFACT_LABELS, "full_image_path"),
-        )
-        self.artifact_duration = GaugeMetricFamily(
-            "primeintellect_image_build_artifact_duration_seconds",
-            "Time from the artifact's start to its completion.",
-            labels=ARTIFACT_LABELS,
-        )
-        self.artifact_error = InfoMetricFamily(
-            "primeintellect_image_build_artifact_error",
-            "The error message of an artifact, while it has one; always 1.",
-            labels=(*ARTIFACT_LABELS, "error_message"),
-        )
-        self.artifacts_omitted = _build_gauge(
-            "primeintellect_image_build_artifacts_omitted",
-            "Artifacts without per-artifact series, beyond metrics.max_artifacts_per_build.",
-        )
-        self.build_error = InfoMetricFamily(
-            "primeintellect_image_build_error",
-            "The error message of the build itself, while it has one; always 1.",
-            labels=(*BUILD_LABELS, "error_message"),
-        )
-        self.last_poll_success = GaugeMetricFamily(
-            "primeintellect_image_build_last_poll_success",
-            "1 if the last poll of this build succeeded.",
-            labels=("build_id",),
-        )
-        self.last_poll_success_timestamp = GaugeMetricFamily(
-            "primeintellect_image_build_last_poll_success_timestamp_seconds",
-            "When this build was last polled successfully.",
-            labels=("build_id",),
-        )
-        self.last_poll_error = GaugeMetricFamily(
-            "primeintellect_image_build_last_poll_error",
-            "1 while the last poll of this build failed, with the reason.",
-            labels=("build_id", "reason"),
-        )
-
-    def add(self, record: BuildRecord) -> None:
-        build_id = record.build_id
-        self.last_poll_success.add_metric((build_id,), 1.0 if record.last_poll_ok else 0.0)
-        if record.last_success_time is not None:
-            self.last_poll_success_timestamp.add_metric((build_id,), record.last_success_time)
-        if record.last_error is not None:
-            self.last_poll_error.add_metric((build_id, record.last_error.value), 1.0)
-        if record.build is not None:
-            self._add_build(record.build)
-
-    def _add_build(self, build: Build) -> None:
-        labels = (build.id, build.image_name, build.image_tag)
-        self.info.add_metric(labels, {})
-        current = build.status_label
-        for status in BUILD_STATUSES:
-            self.status.add_metric((*labels, status), 1.0 if status == current else 0.0)
-        if current == UNKNOWN:
-            self.status.add_metric((*labels, UNKNOWN), 1.0)
-        self.created.add_metric(labels, build.created_at)
-        _add_if_known(self.started, labels, build.started_at)
-        _add_if_known(self.completed, labels, build.completed_at)
-        _add_if_known(self.queued, labels, build.queued_seconds)
-        _add_if_known(self.duration, labels, build.duration_seconds)
-        for artifact_type, by_status in artifact_counts(build.artifacts).items():
-            for status, count in by_status.items():
-                self.artifacts.add_metric((*labels, artifact_type, status), float(count))
-        shown, omitted = shown_artifacts(build.artifacts, self.max_artifacts_per_build)
-        if omitted:
-            self.artifacts_omitted.add_metric(labels, omitted)
-        for artifact in shown:
-            artifact_labels = (*labels, artifact.id, artifact.type_label)
-            self.artifact_info.add_metric((*artifact_labels, artifact.full_image_path or ""), {})
-            _add_if_known(self.artifact_duration, artifact_labels, artifact.duration_seconds)
-            if artifact.error_message:
-                self.artifact_error.add_metric((*artifact_labels, artifact.error_message), {})
-        if build.error_message:
-            self.build_error.add_metric((*labels, build.error_message), {})
-
-    def families(self) -> list[Metric]:
-        return [
-            self.info,
-            self.status,
-            self.created,
-            self.started,
-            self.completed,
-            self.queued,
-            self.duration,
-            self.artifacts,
-            self.artifact_info,
-            self.artifact_duration,
-            self.artifact_error,
-            self.artifacts_omitted,
-            self.build_error,
-            self.last_poll_success,
-            self.last_poll_success_timestamp,
-            self.last_poll_error,
-        ]
-
-
-def artifact_counts(artifacts: Sequence[Artifact]) -> dict[str, dict[str, int]]:
-    """Counts for the artifacts family, by type (in name order) and status: every documented
-    status of each type present, zeros included, then any other status seen."""
-    counts: dict[str, dict[str, int]] = {}
-    for artifact in artifacts:
-        artifact_type = artifact.type_label
-        by_status = counts.get(artifact_type)
-        if by_status is None:
-            by_status = counts[artifact_type] = _NO_ARTIFACTS.copy()
-        status = artifact.status_label
-        by_status[status] = by_status.get(status, 0) + 1
-    if len(counts) < 2:
-        return counts
-    return {artifact_type: counts[artifact_type] for artifact_type in sorted(counts)}
-
-
-_NO_ARTIFACTS = dict.fromkeys(BUILD_STATUSES, 0)
-
-
-def shown_artifacts(
-    artifacts: tuple[Artifact, ...], limit: int
-) -> tuple[tuple[Artifact, ...], int]:
-    """The artifacts that get series of their own, and how many are left out past ``limit``.
-
-    Artifacts with an error message matter most; they are kept first.
-    """
-    if len(artifacts) <= limit:
-        return artifacts, 0
-    shown = tuple(sorted(artifacts, key=lambda artifact: artifact.error_message is None))[:limit]
-    return shown, len(artifacts) - len(shown)
 
 
 def per_build_families(
     records: Iterable[BuildRecord], max_artifacts_per_build: int = 64
 ) -> list[Metric]:
-    """The build-scoped families of these builds; always the same families, in one order."""
-    per_build = _BuildFamilies(max_artifacts_per_build)
+    """The build families (``exporter.families``) of these builds; always the same families, in
+    one order."""
+    metrics = [_empty_family(family) for family in BUILD_FAMILIES]
     for record in records:
         # Past metrics.finished_build_retention: tracked, never polled, no series of its own.
-        if not record.retired:
-            per_build.add(record)
-    return per_build.families()
+        if record.retired:
+            continue
+        build = record.build
+        shown = None if build is None else shown_artifacts(build.artifacts, max_artifacts_per_build)
+        for family, metric in zip(BUILD_FAMILIES, metrics, strict=True):
+            if in_scope(family, POLL):
+                _add_samples(metric, family, POLL.values(record), record)
+            elif build is None or shown is None:
+                continue
+            elif in_scope(family, ANSWER):
+                _add_samples(metric, family, ANSWER.values(build), build)
+            elif in_scope(family, SHOWN):
+                _add_samples(metric, family, ANSWER.values(build), shown)
+            elif in_scope(family, ARTIFACT):
+                for artifact in shown.artifacts:
+                    labels = (*ANSWER.values(build), *ARTIFACT.values(artifact))
+                    _add_samples(metric, family, labels, artifact)
+    return list(metrics)
+
+
+def _empty_family(family: AnyBuildFamily) -> GaugeMetricFamily | InfoMetricFamily:
+    if family.type == INFO:
+        return InfoMetricFamily(family.name, family.documentation, labels=family.labels)
+    return GaugeMetricFamily(family.name, family.documentation, labels=family.labels)
+
+
+def _add_samples(
+    metric: GaugeMetricFamily | InfoMetricFamily,
+    family: BuildFamily[S],
+    labels: tuple[str, ...],
+    subject: S,
+) -> None:
+    """The samples ``family`` carries for one subject, named by ``labels`` (its scope's)."""
+    samples = family.samples
+    if isinstance(samples, Value):
+        value = samples.of(subject)
+        if value is not None:
+            _add(metric, labels, value)
+    elif isinstance(samples, One):
+        _add(metric, labels, 1.0)
+    elif isinstance(samples, Labelled):
+        label = samples.of(subject)
+        if label is not None:
+            _add(metric, (*labels, label), 1.0)
+    elif isinstance(samples, OneHot):
+        current = samples.of(subject)
+        for known in samples.values:
+            _add(metric, (*labels, known), 1.0 if known == current else 0.0)
+        if current not in samples.values:
+            _add(metric, (*labels, current), 1.0)
+    else:
+        for outer, by_inner in samples.of(subject).items():
+            for inner, count in by_inner.items():
+                _add(metric, (*labels, outer, inner), float(count))
+
+
+def _add(metric: GaugeMetricFamily | InfoMetricFamily, labels: Sequence[str], value: float) -> None:
+    if isinstance(metric, InfoMetricFamily):
+        metric.add_metric(labels, {})
+    else:
+        metric.add_metric(labels, value)
 
 
 def summary_families(snapshot: Snapshot) -> list[Metric]:
@@ -312,10 +219,6 @@ def exporter_families(
         ),
         shard,
     ]
-
-
-def _build_gauge(name: str, documentation: str) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, documentation, labels=BUILD_LABELS)
 
 
 def _add_if_known(family: GaugeMetricFamily, labels: Sequence[str], value: float | None) -> None:
