@@ -28,7 +28,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "exporter.store",
         "exporter.state exporter.api",
         "exporter.budget",
-        "exporter.poller",
+        "exporter.poller exporter.families",
         "exporter.discovery exporter.metrics",
         "exporter.exposition",
         "exporter.exposition_cache exporter.web.auth exporter.web.connections",
