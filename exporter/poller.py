@@ -14,7 +14,7 @@ import heapq
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -115,6 +115,9 @@ class Poller:
         self._time = clock or SystemClock()
         self._clock = self._time.monotonic
         self._jitter = jitter
+        # The configured builds, and those only build discovery brought: one tracked set.
+        self._configured: list[str] = []
+        self._discovered: set[str] = set()
         self._tracked: set[str] = set()
         # Tracked builds whose last answer was 403: when that is all of them, the key is
         # taken as rejected, as for a 401.
@@ -151,13 +154,60 @@ class Poller:
         self._wakeup.set()
 
     def set_builds(self, build_ids: Iterable[str]) -> tuple[list[str], list[str]]:
-        """Track exactly these builds: new ones are polled at once, removed ones forgotten.
+        """Track exactly these configured builds, besides those discovery brought: new ones are
+        polled at once, removed ones forgotten.
 
         Returns the added and the removed build IDs.
         """
-        wanted = list(build_ids)
-        added, removed = self._store.track(wanted)
-        self._tracked = set(wanted)
+        self._configured = list(build_ids)
+        return self._track()
+
+    def listed(self, builds: Sequence[Build], *, complete: bool, hold: float) -> None:
+        """A listing pass's builds (within its window, this replica's share), each an answer.
+
+        They are tracked: exactly these besides the configured ones when the pass was
+        ``complete``, else added to those discovered before (a pass cut short removes
+        nothing; discovery never drops a configured build). Each counts as a successful poll
+        of its build, which then needs no request of its own for ``hold`` seconds (the next
+        pass answers for it) or its cadence gap, whichever is longer.
+        """
+        listed = {build.id for build in builds}
+        self._discovered = listed if complete else self._discovered | listed
+        self._track()
+        now = self._clock()
+        wall = self._wall_clock()
+        polling = set(self._in_flight.values())
+        for build in builds:
+            if build.id in polling:
+                continue  # its own answer is on the way
+            self._forbidden.discard(build.id)
+            self._parked.discard(build.id)
+            transition = self._store.record_success(build.id, build, wall)
+            self._failures.pop(build.id, None)
+            if transition is None:
+                continue
+            _log_success(transition)
+            self._due.pop(build.id, None)
+            self._entries.pop(build.id, None)
+            if not build.finished:
+                gap = self._gap(transition.after.last_change_time, wall)
+                self._schedule(build.id, now + max(gap, hold))
+        self._wakeup.set()
+
+    def forget_discovered(self) -> None:
+        """Discovery is off: only the configured builds stay tracked."""
+        self._discovered = set()
+        self._track()
+
+    @property
+    def discovered_count(self) -> int:
+        """Tracked builds that only discovery brought."""
+        return len(self._discovered.difference(self._configured))
+
+    def _track(self) -> tuple[list[str], list[str]]:
+        added, removed = self._store.track(self._configured, self._discovered)
+        self._tracked = {*self._configured, *self._discovered}
+        self._telemetry.set_builds_discovered(self.discovered_count)
         self._forbidden &= self._tracked
         for build_id in removed:
             self._due.pop(build_id, None)

@@ -77,6 +77,8 @@ class TelemetrySnapshot:
     poll_lag_seconds: float = 0.0
     poll_demand_ratio: float = 0.0
     state_restored_builds: int = 0
+    # Tracked builds that only build discovery brought.
+    builds_discovered: int = 0
     # By endpoint (build_status always; image_list once it was asked).
     requests_by_endpoint: Mapping[str, Mapping[Outcome, int]] = field(
         default_factory=lambda: MappingProxyType({})
@@ -118,6 +120,7 @@ class Telemetry:
         self._poll_lag_seconds = 0.0
         self._poll_demand_ratio = 0.0
         self._state_restored_builds = 0
+        self._builds_discovered = 0
         self._snapshot: TelemetrySnapshot | None = None
 
     def observe_request(
@@ -162,6 +165,11 @@ class Telemetry:
             self._state_restored_builds = count
             self._snapshot = None
 
+    def set_builds_discovered(self, count: int) -> None:
+        with self._lock:
+            self._builds_discovered = count
+            self._snapshot = None
+
     def set_config_reload_successful(self, source: str, successful: bool) -> None:
         with self._lock:
             self._config_reload_successful[source] = successful
@@ -188,6 +196,7 @@ class Telemetry:
                     poll_lag_seconds=self._poll_lag_seconds,
                     poll_demand_ratio=self._poll_demand_ratio,
                     state_restored_builds=self._state_restored_builds,
+                    builds_discovered=self._builds_discovered,
                     requests_by_endpoint=MappingProxyType(
                         {
                             endpoint: MappingProxyType(dict(counts))
