@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from exporter.models import Build, Outcome, parse_build
-from exporter.store import BuildState, BuildStore
+from exporter.store import BuildRecord, BuildState, BuildStore
 from exporter.telemetry import Histogram
 from tests.helpers.support import EPOCH
 
