@@ -194,6 +194,11 @@ class Poller:
                 self._schedule(build.id, now + max(gap, hold))
         self._wakeup.set()
 
+    def restore_discovered(self, build_ids: Iterable[str]) -> None:
+        """Before the first ``set_builds``: builds discovery had brought before a restart,
+        tracked again with their saved answers until the next complete pass says otherwise."""
+        self._discovered = set(build_ids)
+
     def forget_discovered(self) -> None:
         """Discovery is off: only the configured builds stay tracked."""
         self._discovered = set()
@@ -245,8 +250,17 @@ class Poller:
         await self._dispatch(once=False)
 
     async def poll_once(self) -> bool:
-        """Poll every tracked build once, for at most ONCE_DEADLINE seconds; True if every
-        poll succeeded. Builds it could not poll in time are reported as rate limited."""
+        """Poll every tracked build without a good answer yet (a listing pass may have given
+        one) once, for at most ONCE_DEADLINE seconds; True if every build has a good answer.
+        Builds it could not poll in time are reported as rate limited."""
+        records = self._store.snapshot().records
+        now = self._clock()
+        for build_id in list(self._due):
+            record = records.get(build_id)
+            if record is not None and record.last_poll_ok:
+                del self._due[build_id], self._entries[build_id]
+            else:
+                self._schedule(build_id, now, urgent=True)
         await self._dispatch(once=True)
         self._store.mark_unpolled(Outcome.RATE_LIMITED)
         snapshot = self._store.snapshot()
