@@ -281,12 +281,13 @@ class Poller:
                 ):
                     return
                 wait = self._next_dispatch_wait(now)
+                listing_wait = self._budget.queued_delay(now)
+                # Builds first, unless a listing has waited too long for them.
+                if listing_wait <= 0 and (wait > 0 or self._budget.queued_overdue(now)):
+                    self._budget.grant_queued(now)
+                    continue
                 if wait <= 0:
                     self._start_next_poll(now, once=once)
-                    continue
-                listing_wait = self._budget.queued_delay(now)
-                if listing_wait <= 0:
-                    self._budget.grant_queued(now)
                     continue
                 await self._time.wait(self._wakeup, min(wait, listing_wait, TICK))
         finally:

@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 
 from exporter.api import Answer
+from exporter.budget import LISTING_PATIENCE, RequestBudget
 from exporter.demo.simulator import BuildPlan
 from exporter.models import Build, Outcome, parse_build
 from exporter.poller import Poller, PollSettings
@@ -45,21 +46,33 @@ class CountingFetcher:
 class Harness:
     """A poller on a driven clock, run on this thread's event loop without I/O."""
 
-    def __init__(self) -> None:
+    def __init__(self, requests_per_second: float = 128) -> None:
         self.clock = DrivenClock()
         self.fetcher = CountingFetcher()
         self.store = BuildStore()
         self.telemetry = Telemetry(self.clock.monotonic)
+        settings = PollSettings(
+            interval=INTERVAL,
+            stale_after=900,
+            requests_per_second=requests_per_second,
+            max_concurrency=4,
+        )
+        self.budget = RequestBudget(
+            self.fetcher,
+            self.telemetry,
+            settings.budget,
+            wall_clock=self.clock.wall,
+            clock=self.clock,
+        )
         self.poller = Poller(
             self.fetcher,
             self.store,
             self.telemetry,
-            PollSettings(
-                interval=INTERVAL, stale_after=900, requests_per_second=100, max_concurrency=4
-            ),
+            settings,
             wall_clock=self.clock.wall,
             clock=self.clock,
             jitter=lambda: 0.5,
+            budget=self.budget,
         )
 
     def run(self, steps: Callable[[Harness], object]) -> None:
@@ -207,5 +220,29 @@ def test_a_configured_build_polled_once_then_covered_by_listings_is_not_polled_a
             await h.advance(INTERVAL - 5)
             h.poller.listed([building("configured")], complete=True, hold=HOLD)
         assert h.fetcher.calls == {"configured": 1}
+
+    harness.run(steps)
+
+
+def test_a_listing_request_waits_for_due_builds_at_most_its_patience() -> None:
+    # Four requests a second and forty builds due: ten seconds of polls ahead of the listing.
+    harness = Harness(requests_per_second=4)
+
+    async def steps(h: Harness) -> None:
+        h.poller.set_builds([f"b{n:02}" for n in range(40)])
+        slots = h.budget.listing("build listing")
+        granted: list[tuple[float, int]] = []
+
+        async def one_page() -> None:
+            await slots.listing_slot()
+            granted.append((h.clock.elapsed(), sum(h.fetcher.calls.values())))
+            slots.listing_done(None)
+
+        page = asyncio.create_task(one_page())
+        await h.turn()
+        await h.advance(2, step=0.25)
+        await page
+        # Builds went first for a second (polls at 0, 0.25, 0.5 and 0.75 s), then the page.
+        assert granted == [(LISTING_PATIENCE, 4)]
 
     harness.run(steps)
