@@ -138,6 +138,8 @@ class RequestBudget:
         self._rate_limit_pause_until = 0.0
         self._consecutive_rate_limits = 0
         self._key_pause_until = 0.0
+        # When the last pause ended: waiting through a pause is not waiting for builds.
+        self._resumed_at = 0.0
         self._key_rejections = 0
         self._key_accepted: bool | None = None
         self._rejected_generation: int | None = None
@@ -165,10 +167,12 @@ class RequestBudget:
         early."""
         if self._rate_limit_pause_until and now >= self._rate_limit_pause_until:
             self._rate_limit_pause_until = 0.0
+            self._resumed_at = now
             self._telemetry.set_rate_limited_until(0.0)
             log.info("rate limit pause over, polling resumes")
         if self._key_pause_until and now >= self._key_pause_until:
             self._key_pause_until = 0.0
+            self._resumed_at = now
         if (
             self._key_pause_until
             and self._credentials.credentials_generation() != self._rejected_generation
@@ -215,8 +219,10 @@ class RequestBudget:
 
     def queued_overdue(self, now: float) -> bool:
         """Whether the first queued request has waited LISTING_PATIENCE for builds to go
-        first: then it goes before them."""
-        return bool(self._queued) and now - self._queued[0][0] >= LISTING_PATIENCE
+        first (since it queued, or since the last pause ended): then it goes before them."""
+        if not self._queued:
+            return False
+        return now - max(self._queued[0][0], self._resumed_at) >= LISTING_PATIENCE
 
     def grant_queued(self, now: float) -> None:
         """Start the first queued request now (``queued_delay`` said it may)."""
@@ -284,6 +290,7 @@ class RequestBudget:
             return False
         log.info("retrying at once after the API key was rejected", extra={"reason": reason})
         self._key_pause_until = 0.0
+        self._resumed_at = self._clock()
         # A new key gets a fresh start, and its own log line if it is rejected too.
         self._key_rejections = 0
         self._key_accepted = None

@@ -246,3 +246,28 @@ def test_a_listing_request_waits_for_due_builds_at_most_its_patience() -> None:
         assert granted == [(LISTING_PATIENCE, 4)]
 
     harness.run(steps)
+
+
+def test_waiting_through_a_pause_does_not_put_a_listing_before_due_builds() -> None:
+    harness = Harness(requests_per_second=4)
+
+    async def steps(h: Harness) -> None:
+        h.poller.set_builds([f"b{n:02}" for n in range(40)])
+        slots = h.budget.listing("build listing")
+        h.budget.answered(Answer(Outcome.RATE_LIMITED, retry_after=5.0), {"build_id": "b00"})
+        granted: list[tuple[float, int]] = []
+
+        async def one_page() -> None:
+            await slots.listing_slot()
+            granted.append((h.clock.elapsed(), sum(h.fetcher.calls.values())))
+            slots.listing_done(None)
+
+        page = asyncio.create_task(one_page())
+        await h.turn()
+        polled = sum(h.fetcher.calls.values())
+        await h.advance(7, step=0.25)
+        await page
+        # The pause ends at 5 s: builds first for a second again, then the page.
+        assert granted == [(5 + LISTING_PATIENCE, polled + 4)]
+
+    harness.run(steps)
