@@ -1017,6 +1017,118 @@ def measure_image_listing(images: int, requests_per_second: float) -> list[Row]:
     ]
 
 
+BUILDS_LISTED = "\nprimeintellect_exporter_build_list_last_success_timestamp_seconds "
+
+
+def _requests_by_endpoint(text: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("primeintellect_exporter_api_requests_total{"):
+            endpoint = line.split('endpoint="', 1)[1].split('"', 1)[0]
+            counts[endpoint] = counts.get(endpoint, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+def measure_build_discovery_requests(count: int, interval: float, window: float) -> list[Row]:
+    """Requests per hour to keep ``count`` unfinished builds fresh: each polled on its own,
+    against the build listing answering a hundred at a time (both at ``interval``)."""
+    plans = held_plans(count, prefix="busy")
+    per_hour: dict[bool, float] = {}
+    with simulator_process(plans) as base_url, tempfile.TemporaryDirectory() as work:
+        Path(work, "builds.txt").write_text("\n".join(plan.build_id for plan in plans))
+        for discovery in (False, True):
+            url = "http://127.0.0.1:19897"
+            config = Path(work, f"config-{discovery}.yaml")
+            config.write_text(
+                f"api:\n  base_url: {base_url}\n  requests_per_second: 10000\n"
+                f"  max_concurrency: 16\npolling:\n  interval: {interval:g}s\n"
+                f"{'' if discovery else 'build_files: [builds.txt]'}\n"
+                "web:\n  listen_address: 127.0.0.1:19897\n"
+                f"discovery:\n  builds:\n    enabled: {str(discovery).lower()}\n"
+                f"    interval: {interval:g}s\n"
+            )
+            process, _ = _start_daemon(config, url)
+            try:
+                deadline = time.monotonic() + 120
+                while _unpolled(process, url) or (
+                    discovery and BUILDS_LISTED not in httpx.get(url + "/metrics").text
+                ):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the builds were not all answered in 120 s")
+                    time.sleep(0.1)
+                before = sum(_requests_by_endpoint(httpx.get(url + "/metrics").text).values())
+                time.sleep(window)
+                after = sum(_requests_by_endpoint(httpx.get(url + "/metrics").text).values())
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+            # Scaled to the default 30 s interval: both make their requests once per interval.
+            per_hour[discovery] = (after - before) / window * 3600 * interval / 30
+    return [
+        Row(
+            f"API requests per hour to keep {count:,} unfinished builds fresh at a 30s "
+            f"interval (measured at {interval:g}s), with build discovery",
+            f"{per_hour[True]:,.0f}",
+            f"each build polled {per_hour[False]:,.0f}",
+            f"1/{per_hour[False] / max(per_hour[True], 1):.0f}",
+            "at most 1/20",
+        )
+    ]
+
+
+def measure_build_discovery_start(count: int, requests_per_second: float) -> list[Row]:
+    """From start to every one of ``count`` builds in the window shown, at the key's budget,
+    and what the discovered builds add to memory."""
+    now = time.time()
+    plans = [
+        BuildPlan(f"cmdisc{n:05}", f"image-{n % 100:02}", "v1", now - 60 - n, 5, 5, 5)
+        for n in range(count)
+    ]
+    measured: dict[bool, tuple[float, int, float]] = {}
+    with simulator_process(plans) as base_url, tempfile.TemporaryDirectory() as work:
+        for discovery in (False, True):
+            url = "http://127.0.0.1:19897"
+            config = Path(work, f"config-{discovery}.yaml")
+            config.write_text(
+                f"api:\n  base_url: {base_url}\n  requests_per_second: {requests_per_second}\n"
+                "web:\n  listen_address: 127.0.0.1:19897\n"
+                f"discovery:\n  builds:\n    enabled: {str(discovery).lower()}\n"
+                f"    interval: 1h\n    max_pages: {count // 100 + 1}\n"
+            )
+            started = time.monotonic()
+            process, _ = _start_daemon(config, url)
+            try:
+                text = httpx.get(url + "/metrics", timeout=60).text
+                deadline = started + 600
+                while discovery and BUILDS_LISTED not in text:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("no complete build listing in 600 s")
+                    time.sleep(0.05)
+                    text = httpx.get(url + "/metrics", timeout=60).text
+                seconds = time.monotonic() - started
+                requests = _requests_by_endpoint(text).get("build_list", 0)
+                measured[discovery] = (seconds, requests, rss_kib(process.pid) / 1024)
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+    seconds, requests, rss = measured[True]
+    rss_off = measured[False][2]
+    return [
+        Row(
+            f"build discovery of {count:,} builds in the window at {requests_per_second:g} "
+            "requests/s: every build shown",
+            f"{seconds:.1f} s after start, {requests} requests",
+            f"{-(-count // 100)} pages of 100",
+        ),
+        Row(
+            "resident memory with those builds discovered",
+            f"{rss:.1f} MiB",
+            f"{rss_off:.1f} MiB without",
+            f"+{(rss - rss_off) * 1024 / count:.1f} KiB per discovered build",
+        ),
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Benchmark the exporter; prints one table.")
     parser.add_argument("--scrapes", type=int, default=21)
@@ -1053,6 +1165,12 @@ def main() -> int:
         lambda: measure_state_writes(sizes[-1], batch=100),
         lambda: measure_stale_builds(100, speed=120 if arguments.quick else 60),
         lambda: measure_image_listing(1_000 if arguments.quick else 5_000, requests_per_second=2),
+        lambda: measure_build_discovery_requests(
+            1_000, interval=10, window=10 if arguments.quick else 30
+        ),
+        lambda: measure_build_discovery_start(
+            1_000 if arguments.quick else 10_000, requests_per_second=2
+        ),
     ]
     for step in steps:
         rows.extend(step())

@@ -21,12 +21,13 @@ from exporter import __version__
 from exporter.api import ApiClient
 from exporter.blocking import in_daemon_thread
 from exporter.budget import Clock, RequestBudget
+from exporter.build_discovery import BuildDiscovery
 from exporter.config.schema import Config
 from exporter.discovery import ImageDiscovery
 from exporter.exposition import ExpositionFormat
 from exporter.exposition_cache import ExpositionCache
-from exporter.metrics import exporter_families, inventory_families
-from exporter.poller import Poller, PollSettings
+from exporter.metrics import build_list_families, exporter_families, inventory_families
+from exporter.poller import ONCE_DEADLINE, Poller, PollSettings
 from exporter.reload import Applier, Reloader, create_client
 from exporter.state import Restored, StateSync, open_state
 from exporter.store import BuildStore, ImageInventory, Inventory
@@ -65,18 +66,20 @@ def poll_settings(config: Config) -> PollSettings:
 
 
 class PerScrapeFamilies:
-    """The families collected on every scrape: the exporter's own, the image inventory's
-    (with discovery on) and the process's."""
+    """The families collected on every scrape: the exporter's own, the build listing's (with
+    build discovery on), the image inventory's (with image discovery on) and the process's."""
 
     def __init__(
         self,
         telemetry: Telemetry,
         inventory: ImageInventory | None = None,
         discovery_enabled: Callable[[], bool] = lambda: False,
+        build_discovery_enabled: Callable[[], bool] = lambda: False,
     ) -> None:
         self._telemetry = telemetry
         self._inventory = inventory or ImageInventory()
         self._discovery_enabled = discovery_enabled
+        self._build_discovery_enabled = build_discovery_enabled
         self._inventory_from: Inventory | None = None
         self._inventory_families: list[Metric] = []
         # A private registry: the process, platform and garbage-collector metrics.
@@ -86,6 +89,7 @@ class PerScrapeFamilies:
         GCCollector(registry=self._runtime)
         self._made_from: TelemetrySnapshot | None = None
         self._made_for_shard = (0, 1)
+        self._made_with_listing = False
         self._own: list[Metric] = []
 
     def collect(self, shard_index: int = 0, shard_count: int = 1) -> list[Metric]:
@@ -93,9 +97,17 @@ class PerScrapeFamilies:
         shard = (shard_index, shard_count)
         # The same snapshot object means nothing changed: the families stay the same objects,
         # which the render cache recognises without comparing their samples.
-        if telemetry is not self._made_from or shard != self._made_for_shard:
+        listing = self._build_discovery_enabled()
+        if (
+            telemetry is not self._made_from
+            or shard != self._made_for_shard
+            or listing != self._made_with_listing
+        ):
             self._own = exporter_families(telemetry, shard_index, shard_count)
+            if listing:
+                self._own += build_list_families(telemetry)
             self._made_from, self._made_for_shard = telemetry, shard
+            self._made_with_listing = listing
         if not self._discovery_enabled():
             return [*self._own, *self._runtime.collect()]
         inventory = self._inventory.snapshot()
@@ -136,7 +148,10 @@ class Exporter:
         self.telemetry = Telemetry(clock.monotonic if clock is not None else time.monotonic)
         self.inventory = ImageInventory()
         self._per_scrape = PerScrapeFamilies(
-            self.telemetry, self.inventory, lambda: self.discovers_images
+            self.telemetry,
+            self.inventory,
+            lambda: self.discovers_images,
+            lambda: self.discovers_builds,
         )
         client = create_client(config)
         settings = poll_settings(config)
@@ -154,6 +169,12 @@ class Exporter:
             on_internal_error=self.internal_error,
             budget=self.budget,
         )
+        if config.file.discovery.builds.enabled:
+            self.poller.restore_discovered(
+                build_id
+                for build_id in self.store.restored_discovered()
+                if config.shard.owns(build_id)
+            )
         self.poller.set_builds(config.owned_build_ids)
         self.telemetry.set_state_restored_builds(
             sum(
@@ -177,12 +198,24 @@ class Exporter:
             clock=clock,
         )
         self._discovery_task: asyncio.Task[None] | None = None
+        self.build_discovery = BuildDiscovery(
+            lambda: self.client,
+            self.budget.listing("build listing"),
+            self.poller,
+            self.telemetry,
+            config.file.discovery.builds,
+            owns=lambda build_id: self.config.shard.owns(build_id),
+            wall_clock=wall_clock,
+            clock=clock,
+        )
+        self._build_discovery_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.applier = Applier(
             config,
             client,
             self.poller,
             self.discovery,
+            self.build_discovery,
             self.cache,
             poll_settings=poll_settings,
             in_background=self._in_background,
@@ -288,7 +321,9 @@ class Exporter:
         try:
             await stop.wait()
         finally:
-            discovery = [] if self._discovery_task is None else [self._discovery_task]
+            discovery = [
+                task for task in (self._discovery_task, self._build_discovery_task) if task
+            ]
             for task in (self._poller_task, watcher, saver, *discovery, *self._background):
                 task.cancel()
             await asyncio.gather(
@@ -305,12 +340,31 @@ class Exporter:
             log.info("stopped")
 
     async def poll_once(self) -> tuple[bool, bytes]:
-        """Poll every build once; whether all succeeded, and the text exposition."""
+        """One listing pass with build discovery on, then a poll of every build it did not
+        answer; whether every build has a good answer, and the text exposition."""
         try:
+            if self.discovers_builds:
+                await self._list_builds_once()
             succeeded = await self.poller.poll_once()
         finally:
             await self.client.aclose()
         return succeeded, self.cache.body(ExpositionFormat.TEXT, gzip=False).join()
+
+    async def _list_builds_once(self) -> None:
+        # The poller's loop grants the listing its requests (and polls the configured builds
+        # meanwhile); a pass that the budget holds up past the deadline is given up.
+        dispatcher = asyncio.create_task(self.poller.run(), name="poller")
+        try:
+            async with asyncio.timeout(ONCE_DEADLINE):
+                await self.build_discovery.list_once()
+        except TimeoutError:
+            log.warning(
+                "the build listing took too long for --once; polling the builds known so far",
+                extra={"deadline_seconds": ONCE_DEADLINE},
+            )
+        finally:
+            dispatcher.cancel()
+            await asyncio.gather(dispatcher, return_exceptions=True)
 
     # -- reload ---------------------------------------------------------------------------------
 
@@ -332,16 +386,27 @@ class Exporter:
         each image is exposed once."""
         return self.config.file.discovery.images.enabled and self.config.shard.index == 0
 
+    @property
+    def discovers_builds(self) -> bool:
+        """Whether this replica lists the key's builds (every replica does, for its share)."""
+        return self.config.file.discovery.builds.enabled
+
     def _start_or_stop_discovery(self) -> None:
-        enabled = self.discovers_images
-        running = self._discovery_task is not None and not self._discovery_task.done()
-        if enabled and not running:
-            self._discovery_task = asyncio.create_task(
-                self._supervise_discovery(), name="discovery"
-            )
-        elif not enabled and running and self._discovery_task is not None:
-            self._discovery_task.cancel()
-            self._discovery_task = None
+        self._discovery_task = _started_or_stopped(
+            self._discovery_task,
+            self.discovers_images,
+            lambda: self._supervise_discovery(self.discovery.run),
+            "discovery",
+        )
+        running = self._build_discovery_task is not None
+        self._build_discovery_task = _started_or_stopped(
+            self._build_discovery_task,
+            self.discovers_builds,
+            lambda: self._supervise_discovery(self.build_discovery.run),
+            "build-discovery",
+        )
+        if running and self._build_discovery_task is None:
+            self.poller.forget_discovered()
 
     # -- background work ------------------------------------------------------------------------
 
@@ -387,10 +452,10 @@ class Exporter:
         self._state_sync.close()
         self._state_sync = None
 
-    async def _supervise_discovery(self) -> None:
+    async def _supervise_discovery(self, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
         while True:
             try:
-                await self.discovery.run()
+                await run()
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
                 self.internal_error(Component.DISCOVERY, error)
                 await asyncio.sleep(POLLER_RESTART_DELAY)
@@ -403,3 +468,19 @@ class Exporter:
                 # Never stop updating silently: count, log, and start the loop again.
                 self.internal_error(Component.POLLER, error)
                 await asyncio.sleep(POLLER_RESTART_DELAY)
+
+
+def _started_or_stopped(
+    task: asyncio.Task[None] | None,
+    enabled: bool,
+    start: Callable[[], Coroutine[Any, Any, None]],
+    name: str,
+) -> asyncio.Task[None] | None:
+    """A background loop running exactly while ``enabled``: the task to keep, or None."""
+    running = task is not None and not task.done()
+    if enabled and not running:
+        return asyncio.create_task(start(), name=name)
+    if not enabled and task is not None:
+        task.cancel()
+        return None
+    return task

@@ -28,6 +28,10 @@ MIN_RATE_LIMIT_PAUSE = 1.0
 MAX_RATE_LIMIT_PAUSE = 600.0
 DEFAULT_RATE_LIMIT_PAUSES = (10.0, 30.0, 60.0)
 FIRST_KEY_REJECTED_PAUSE = 30.0
+# Builds go first, but a listing request waits for them at most this long: when more builds
+# are due than the budget allows, listings still get about every third request (and one
+# listing page answers for up to a hundred builds).
+LISTING_PATIENCE = 1.0
 
 
 class Clock(Protocol):
@@ -128,11 +132,14 @@ class RequestBudget:
         self.wakeup = asyncio.Event()
         self._bucket = TokenBucket(settings.requests_per_second, now=self._clock())
         self._in_flight = 0
-        self._queued: deque[asyncio.Future[None]] = deque()
+        # Listing requests waiting for a slot, each with the time it began to wait.
+        self._queued: deque[tuple[float, asyncio.Future[None]]] = deque()
         # Every request waits for both pauses: after a 429, and after the key was rejected.
         self._rate_limit_pause_until = 0.0
         self._consecutive_rate_limits = 0
         self._key_pause_until = 0.0
+        # When the last pause ended: waiting through a pause is not waiting for builds.
+        self._resumed_at = 0.0
         self._key_rejections = 0
         self._key_accepted: bool | None = None
         self._rejected_generation: int | None = None
@@ -160,10 +167,12 @@ class RequestBudget:
         early."""
         if self._rate_limit_pause_until and now >= self._rate_limit_pause_until:
             self._rate_limit_pause_until = 0.0
+            self._resumed_at = now
             self._telemetry.set_rate_limited_until(0.0)
             log.info("rate limit pause over, polling resumes")
         if self._key_pause_until and now >= self._key_pause_until:
             self._key_pause_until = 0.0
+            self._resumed_at = now
         if (
             self._key_pause_until
             and self._credentials.credentials_generation() != self._rejected_generation
@@ -192,7 +201,7 @@ class RequestBudget:
     async def slot(self) -> None:
         """Queue for a request slot, granted by the dispatcher; ``end`` must follow."""
         slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queued.append(slot)
+        self._queued.append((self._clock(), slot))
         self.wakeup.set()
         try:
             await slot
@@ -204,14 +213,21 @@ class RequestBudget:
 
     def queued_delay(self, now: float) -> float:
         """Seconds until the first queued request may start; infinite if none is queued."""
-        while self._queued and self._queued[0].done():
+        while self._queued and self._queued[0][1].done():
             self._queued.popleft()
         return self.delay(now) if self._queued else math.inf
+
+    def queued_overdue(self, now: float) -> bool:
+        """Whether the first queued request has waited LISTING_PATIENCE for builds to go
+        first (since it queued, or since the last pause ended): then it goes before them."""
+        if not self._queued:
+            return False
+        return now - max(self._queued[0][0], self._resumed_at) >= LISTING_PATIENCE
 
     def grant_queued(self, now: float) -> None:
         """Start the first queued request now (``queued_delay`` said it may)."""
         self.start(now)
-        self._queued.popleft().set_result(None)
+        self._queued.popleft()[1].set_result(None)
 
     def listing(self, name: str) -> ListingSlots:
         """The request slots of one kind of listing, reported under ``name`` in the logs."""
@@ -274,6 +290,7 @@ class RequestBudget:
             return False
         log.info("retrying at once after the API key was rejected", extra={"reason": reason})
         self._key_pause_until = 0.0
+        self._resumed_at = self._clock()
         # A new key gets a fresh start, and its own log line if it is rejected too.
         self._key_rejections = 0
         self._key_accepted = None

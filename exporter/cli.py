@@ -172,14 +172,17 @@ def _run_with(arguments: argparse.Namespace, simulator: Simulator | None) -> int
 
 
 def demo_config(simulator: Simulator) -> Config:
-    """A config that watches every simulated build, plus one the API does not know, and
-    lists the simulated team's images."""
+    """A config that discovers every simulated build from the API's listing, names one build
+    the API does not know, and lists the simulated team's images."""
     file = ConfigFile.model_validate(
         {
             "api": {"base_url": simulator.base_url, "requests_per_second": 5},
             "polling": {"interval": "3s", "stale_after": "1m"},
-            "builds": [*simulator.build_ids, DEMO_MISSING_BUILD],
-            "discovery": {"images": {"enabled": True, "interval": "30s", "team_id": DEMO_TEAM}},
+            "builds": [DEMO_MISSING_BUILD],
+            "discovery": {
+                "builds": {"enabled": True, "interval": "10s"},
+                "images": {"enabled": True, "interval": "30s", "team_id": DEMO_TEAM},
+            },
         }
     )
     return Config(

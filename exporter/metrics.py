@@ -312,3 +312,35 @@ def _image_gauge(name: str, documentation: str) -> GaugeMetricFamily:
     return GaugeMetricFamily(
         name, f"The latest artifact row's {documentation}", labels=IMAGE_LABELS
     )
+
+
+def build_list_families(telemetry: TelemetrySnapshot) -> list[Metric]:
+    """The build listing's health (discovery.builds), exposed while it is on.
+
+    Sample: ``primeintellect_exporter_build_list_last_error{reason="truncated"} 1.0``
+    """
+    last_success = GaugeMetricFamily(
+        "primeintellect_exporter_build_list_last_success_timestamp_seconds",
+        "End of the last complete build listing pass; absent before the first.",
+    )
+    pages = GaugeMetricFamily(
+        "primeintellect_exporter_build_list_pages",
+        "Pages the last complete build listing pass read; absent before the first.",
+    )
+    if telemetry.build_list_last_success is not None:
+        last_success.add_metric((), telemetry.build_list_last_success)
+        pages.add_metric((), telemetry.build_list_pages)
+    last_error = GaugeMetricFamily(
+        "primeintellect_exporter_build_list_last_error",
+        "1 while the last build listing pass failed, by reason; unavailable: the API does not"
+        " serve the listing; truncated: cut short by discovery.builds.max_pages.",
+        labels=("reason",),
+    )
+    if telemetry.build_list_last_error is not None:
+        last_error.add_metric((telemetry.build_list_last_error,), 1.0)
+    discovered = GaugeMetricFamily(
+        "primeintellect_exporter_builds_discovered",
+        "Tracked builds that only discovery brought (not configured).",
+        value=telemetry.builds_discovered,
+    )
+    return [last_success, last_error, pages, discovered]

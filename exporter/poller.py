@@ -14,7 +14,7 @@ import heapq
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -115,6 +115,9 @@ class Poller:
         self._time = clock or SystemClock()
         self._clock = self._time.monotonic
         self._jitter = jitter
+        # The configured builds, and those only build discovery brought: one tracked set.
+        self._configured: list[str] = []
+        self._discovered: set[str] = set()
         self._tracked: set[str] = set()
         # Tracked builds whose last answer was 403: when that is all of them, the key is
         # taken as rejected, as for a 401.
@@ -151,13 +154,65 @@ class Poller:
         self._wakeup.set()
 
     def set_builds(self, build_ids: Iterable[str]) -> tuple[list[str], list[str]]:
-        """Track exactly these builds: new ones are polled at once, removed ones forgotten.
+        """Track exactly these configured builds, besides those discovery brought: new ones are
+        polled at once, removed ones forgotten.
 
         Returns the added and the removed build IDs.
         """
-        wanted = list(build_ids)
-        added, removed = self._store.track(wanted)
-        self._tracked = set(wanted)
+        self._configured = list(build_ids)
+        return self._track()
+
+    def listed(self, builds: Sequence[Build], *, complete: bool, hold: float) -> None:
+        """A listing pass's builds (within its window, this replica's share), each an answer.
+
+        They are tracked: exactly these besides the configured ones when the pass was
+        ``complete``, else added to those discovered before (a pass cut short removes
+        nothing; discovery never drops a configured build). Each counts as a successful poll
+        of its build, which then needs no request of its own for ``hold`` seconds (the next
+        pass answers for it) or its cadence gap, whichever is longer.
+        """
+        listed = {build.id for build in builds}
+        self._discovered = listed if complete else self._discovered | listed
+        self._track()
+        now = self._clock()
+        wall = self._wall_clock()
+        polling = set(self._in_flight.values())
+        for build in builds:
+            if build.id in polling:
+                continue  # its own answer is on the way
+            self._forbidden.discard(build.id)
+            self._parked.discard(build.id)
+            transition = self._store.record_success(build.id, build, wall)
+            self._failures.pop(build.id, None)
+            if transition is None:
+                continue
+            _log_success(transition)
+            self._due.pop(build.id, None)
+            self._entries.pop(build.id, None)
+            if not build.finished:
+                gap = self._gap(transition.after.last_change_time, wall)
+                self._schedule(build.id, now + max(gap, hold))
+        self._wakeup.set()
+
+    def restore_discovered(self, build_ids: Iterable[str]) -> None:
+        """Before the first ``set_builds``: builds discovery had brought before a restart,
+        tracked again with their saved answers until the next complete pass says otherwise."""
+        self._discovered = set(build_ids)
+
+    def forget_discovered(self) -> None:
+        """Discovery is off: only the configured builds stay tracked."""
+        self._discovered = set()
+        self._track()
+
+    @property
+    def discovered_count(self) -> int:
+        """Tracked builds that only discovery brought."""
+        return len(self._discovered.difference(self._configured))
+
+    def _track(self) -> tuple[list[str], list[str]]:
+        added, removed = self._store.track(self._configured, self._discovered)
+        self._tracked = {*self._configured, *self._discovered}
+        self._telemetry.set_builds_discovered(self.discovered_count)
         self._forbidden &= self._tracked
         for build_id in removed:
             self._due.pop(build_id, None)
@@ -195,8 +250,17 @@ class Poller:
         await self._dispatch(once=False)
 
     async def poll_once(self) -> bool:
-        """Poll every tracked build once, for at most ONCE_DEADLINE seconds; True if every
-        poll succeeded. Builds it could not poll in time are reported as rate limited."""
+        """Poll every tracked build without a good answer yet (a listing pass may have given
+        one) once, for at most ONCE_DEADLINE seconds; True if every build has a good answer.
+        Builds it could not poll in time are reported as rate limited."""
+        records = self._store.snapshot().records
+        now = self._clock()
+        for build_id in list(self._due):
+            record = records.get(build_id)
+            if record is not None and record.last_poll_ok:
+                del self._due[build_id], self._entries[build_id]
+            else:
+                self._schedule(build_id, now, urgent=True)
         await self._dispatch(once=True)
         self._store.mark_unpolled(Outcome.RATE_LIMITED)
         snapshot = self._store.snapshot()
@@ -217,12 +281,13 @@ class Poller:
                 ):
                     return
                 wait = self._next_dispatch_wait(now)
+                listing_wait = self._budget.queued_delay(now)
+                # Builds first, unless a listing has waited too long for them.
+                if listing_wait <= 0 and (wait > 0 or self._budget.queued_overdue(now)):
+                    self._budget.grant_queued(now)
+                    continue
                 if wait <= 0:
                     self._start_next_poll(now, once=once)
-                    continue
-                listing_wait = self._budget.queued_delay(now)
-                if listing_wait <= 0:
-                    self._budget.grant_queued(now)
                     continue
                 await self._time.wait(self._wakeup, min(wait, listing_wait, TICK))
         finally:

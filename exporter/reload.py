@@ -16,6 +16,7 @@ from typing import Any
 
 from exporter.api import ApiClient
 from exporter.blocking import in_daemon_thread
+from exporter.build_discovery import BuildDiscovery
 from exporter.config.loading import build_files_fingerprint, collect_build_ids
 from exporter.config.schema import Config
 from exporter.config.wording import ConfigError
@@ -44,7 +45,7 @@ def create_client(config: Config) -> ApiClient:
 
 class Applier:
     """Puts a validated configuration into effect on the running parts: the API client, the
-    poller, image discovery, the exposition cache and the builds polled.
+    poller, image and build discovery, the exposition cache and the builds polled.
 
     ``config`` and ``client`` are those in use now. ``poll_settings`` is the poller's view of
     a configuration; ``in_background`` runs a coroutine as a task the exporter cancels at
@@ -57,6 +58,7 @@ class Applier:
         client: ApiClient,
         poller: Poller,
         discovery: ImageDiscovery,
+        build_discovery: BuildDiscovery,
         cache: ExpositionCache,
         *,
         poll_settings: Callable[[Config], PollSettings],
@@ -67,6 +69,7 @@ class Applier:
         self.client = client
         self._poller = poller
         self._discovery = discovery
+        self._build_discovery = build_discovery
         self._cache = cache
         self._poll_settings = poll_settings
         self._in_background = in_background
@@ -87,6 +90,7 @@ class Applier:
             self._in_background(self._close_later(old_client, old.api.timeout + 1))
         self._poller.update(self._poll_settings(config), self.client)
         self._discovery.update(config.file.discovery.images)
+        self._build_discovery.update(config.file.discovery.builds)
         self._cache.set_max_artifacts_per_build(config.metrics.max_artifacts_per_build)
         added, removed = self._poller.set_builds(config.owned_build_ids)
         if config.web != old.web:

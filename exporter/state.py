@@ -27,7 +27,8 @@ from exporter.store import BuildRecord, Snapshot
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# 2 added `discovered`; a file of schema 1 gains the column, every build configured.
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS builds (
     build_id TEXT PRIMARY KEY,
@@ -40,14 +41,16 @@ CREATE TABLE IF NOT EXISTS builds (
     last_poll_time REAL,
     last_success_time REAL,
     last_change_time REAL,
-    retired INTEGER NOT NULL
+    retired INTEGER NOT NULL,
+    discovered INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID
 """
+_ADD_DISCOVERED = "ALTER TABLE builds ADD COLUMN discovered INTEGER NOT NULL DEFAULT 0"
 _UPSERT = """
 INSERT OR REPLACE INTO builds (
     build_id, answer, finished, seen_unfinished, polled, last_poll_ok, last_error,
-    last_poll_time, last_success_time, last_change_time, retired
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    last_poll_time, last_success_time, last_change_time, retired, discovered
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 _TIMESTAMP_FIELDS = ("createdAt", "startedAt", "completedAt")
 
@@ -217,8 +220,10 @@ def _connect(path: Path) -> sqlite3.Connection:
         connection.execute("PRAGMA journal_mode=WAL")
         # WAL with synchronous=NORMAL: a power cut may lose the last moments, never the file.
         connection.execute("PRAGMA synchronous=NORMAL")
-        _check_schema(connection)
+        version = _check_schema(connection)
         connection.execute(_SCHEMA)
+        if version == 1:
+            connection.execute(_ADD_DISCOVERED)
         connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         connection.execute("SELECT count(*) FROM builds").fetchone()
         connection.isolation_level = "DEFERRED"
@@ -228,12 +233,14 @@ def _connect(path: Path) -> sqlite3.Connection:
     return connection
 
 
-def _check_schema(connection: sqlite3.Connection) -> None:
-    version = connection.execute("PRAGMA user_version").fetchone()[0]
+def _check_schema(connection: sqlite3.Connection) -> int:
+    """The file's schema version (0 for a new file); raises for a newer one."""
+    version: int = connection.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise _NewerSchemaError(
             f"written by a newer exporter (schema {version}; this one reads {SCHEMA_VERSION})"
         )
+    return version
 
 
 def encode_build(build: Build) -> str:
@@ -265,6 +272,7 @@ def _row_from_record(record: BuildRecord) -> tuple[object, ...]:
         record.last_success_time,
         record.last_change_time,
         int(record.retired),
+        int(record.discovered),
     )
 
 
@@ -281,6 +289,7 @@ def _record_from_row(row: tuple[Any, ...]) -> BuildRecord:
         last_success_time,
         last_change_time,
         retired,
+        discovered,
     ) = row
     if not isinstance(build_id, str):
         raise TypeError("build_id")
@@ -303,6 +312,7 @@ def _record_from_row(row: tuple[Any, ...]) -> BuildRecord:
         last_change_time=_optional_float(last_change_time),
         restored=True,
         retired=retired,
+        discovered=bool(discovered),
     )
 
 

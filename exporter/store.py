@@ -52,6 +52,8 @@ class BuildRecord:
     restored: bool = False
     # Finished longer than metrics.finished_build_retention ago: its answer is dropped.
     retired: bool = False
+    # Tracked because build discovery listed it, not because the configuration names it.
+    discovered: bool = False
 
     @property
     def state(self) -> BuildState:
@@ -157,22 +159,38 @@ class BuildStore:
         self._changes = ChangeLog(0)
         self._snapshot = Snapshot(0, MappingProxyType({}), MappingProxyType({}))
 
-    def track(self, build_ids: Iterable[str]) -> tuple[list[str], list[str]]:
-        """Track exactly these builds, keeping what is known of retained ones.
+    def track(
+        self, build_ids: Iterable[str], discovered: Iterable[str] = ()
+    ) -> tuple[list[str], list[str]]:
+        """Track exactly these builds, the configured ones and those only discovery brought,
+        keeping what is known of retained ones.
 
         Returns the added and the removed build IDs.
         """
-        wanted = dict.fromkeys(build_ids)
+        wanted = dict.fromkeys(build_ids, False)
+        for build_id in discovered:
+            wanted.setdefault(build_id, True)
         with self._lock:
             removed = [build_id for build_id in self._records if build_id not in wanted]
             added = [build_id for build_id in wanted if build_id not in self._records]
-            if added or removed:
+            moved = [
+                build_id
+                for build_id, record in self._records.items()
+                if build_id in wanted and record.discovered != wanted[build_id]
+            ]
+            if added or removed or moved:
                 self._version += 1
             for build_id in removed:
                 self._count_state(self._writable_records().pop(build_id), -1)
                 self._log_change(build_id)
+            for build_id in moved:
+                record = self._records[build_id]
+                self._put(replace(record, discovered=wanted[build_id]))
             if added:
-                new = {b: self._restored.get(b) or BuildRecord(b) for b in added}
+                new = {
+                    b: replace(self._restored.get(b) or BuildRecord(b), discovered=wanted[b])
+                    for b in added
+                }
                 for build_id, record in new.items():
                     self._count_state(record, 1)
                     self._log_change(build_id)
@@ -182,6 +200,12 @@ class BuildStore:
             # Only what the first tracked set holds comes back; later additions are new builds.
             self._restored.clear()
         return added, removed
+
+    def restored_discovered(self) -> list[str]:
+        """Builds the state file brought back that discovery had brought, before the first
+        ``track``: they are tracked again at start while discovery is on."""
+        with self._lock:
+            return [build_id for build_id, record in self._restored.items() if record.discovered]
 
     def record_success(self, build_id: str, build: Build, now: float) -> Transition | None:
         """Store a good answer; counts the build as finished if this process saw it unfinished."""

@@ -15,10 +15,15 @@ from exporter.models import API_DOWN_OUTCOMES, Outcome
 # What a reload reads: each has its own config_last_reload_successful series.
 RELOAD_SOURCES = ("config", "build_files")
 REQUEST_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-# The API's endpoints, the `endpoint` label of the request metrics: a build's status, and the
-# image listing (discovery.images).
+# The API's endpoints, the `endpoint` label of the request metrics: a build's status, the
+# image listing (discovery.images) and the build listing (discovery.builds).
 BUILD_STATUS_ENDPOINT = "build_status"
 IMAGE_LIST_ENDPOINT = "image_list"
+BUILD_LIST_ENDPOINT = "build_list"
+# The reasons of build_list_last_error beyond the outcomes: an API without the build listing
+# (404 or 405), and a pass cut short by discovery.builds.max_pages (applied, flagged).
+BUILD_LIST_UNAVAILABLE = "unavailable"
+BUILD_LIST_TRUNCATED = "truncated"
 # How long unusable answers (401, 5xx, transport failures) must keep coming, with no usable
 # one among them, before api_up reads 0: one failing build among good ones never flips it.
 API_DOWN_AFTER_SECONDS = 60.0
@@ -36,7 +41,7 @@ class Component(StrEnum):
     RELOAD = "reload"
     # Writing the state file, periodically or at shutdown: the next write tries again.
     STATE = "state"
-    # The image discovery loop (discovery.images): started again after a pause.
+    # A discovery loop (discovery.images, discovery.builds): started again after a pause.
     DISCOVERY = "discovery"
     # The HTTP server: a request answered 500, or a check of the --web.config.file.
     SERVER = "server"
@@ -84,6 +89,13 @@ class TelemetrySnapshot:
     request_durations_by_endpoint: Mapping[str, Histogram] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    # discovery.builds: when the last complete listing pass ended and how many pages it read
+    # (None and 0 before the first), why the last pass failed or was cut short (None after a
+    # complete one), and the tracked builds only discovery brought.
+    build_list_last_success: float | None = None
+    build_list_pages: int = 0
+    build_list_last_error: str | None = None
+    builds_discovered: int = 0
 
     @property
     def requests(self) -> dict[Outcome, int]:
@@ -118,6 +130,10 @@ class Telemetry:
         self._poll_lag_seconds = 0.0
         self._poll_demand_ratio = 0.0
         self._state_restored_builds = 0
+        self._build_list_last_success: float | None = None
+        self._build_list_pages = 0
+        self._build_list_last_error: str | None = None
+        self._builds_discovered = 0
         self._snapshot: TelemetrySnapshot | None = None
 
     def observe_request(
@@ -162,6 +178,29 @@ class Telemetry:
             self._state_restored_builds = count
             self._snapshot = None
 
+    def build_list_succeeded(self, finished_at: float, pages: int) -> None:
+        """A complete build listing pass ended at wall-clock ``finished_at``: its error goes."""
+        with self._lock:
+            self._build_list_last_success = finished_at
+            self._build_list_pages = pages
+            self._build_list_last_error = None
+            self._snapshot = None
+
+    def build_list_failed(self, reason: str) -> None:
+        """The last build listing pass failed, or was cut short (BUILD_LIST_TRUNCATED): an
+        Outcome's value, BUILD_LIST_UNAVAILABLE or BUILD_LIST_TRUNCATED."""
+        with self._lock:
+            if reason != self._build_list_last_error:
+                self._build_list_last_error = reason
+                self._snapshot = None
+
+    def set_builds_discovered(self, count: int) -> None:
+        """Tracked builds that only discovery.builds brought (not configured)."""
+        with self._lock:
+            if count != self._builds_discovered:
+                self._builds_discovered = count
+                self._snapshot = None
+
     def set_config_reload_successful(self, source: str, successful: bool) -> None:
         with self._lock:
             self._config_reload_successful[source] = successful
@@ -197,5 +236,9 @@ class Telemetry:
                     request_durations_by_endpoint=MappingProxyType(
                         dict(self._durations_by_endpoint)
                     ),
+                    build_list_last_success=self._build_list_last_success,
+                    build_list_pages=self._build_list_pages,
+                    build_list_last_error=self._build_list_last_error,
+                    builds_discovered=self._builds_discovered,
                 )
             return self._snapshot

@@ -29,7 +29,8 @@ log = logging.getLogger(__package__)
 
 BASE_URL_ENV = "PRIME_API_BASE_URL"
 BASE_URL_ENV_ALIASES = ("PRIME_BASE_URL",)
-# The team whose images discovery lists when the file names none, as for the official CLI.
+# The team whose images (and builds) discovery lists when the file names none, as for the
+# official CLI.
 TEAM_ID_ENV = "PRIME_TEAM_ID"
 
 
@@ -141,17 +142,25 @@ def load_config(path: Path, environ: Mapping[str, str], *, require_api_key: bool
 def _with_team_from_environment(
     path: Path, file: ConfigFile, environ: Mapping[str, str]
 ) -> ConfigFile:
-    """The file's discovery.images.team_id, else PRIME_TEAM_ID's, checked as the file's is."""
-    images = file.discovery.images
+    """PRIME_TEAM_ID, checked as the file's values are, as the team of each discovery
+    (discovery.images, discovery.builds) whose team_id the file leaves empty."""
     team_id = environ.get(TEAM_ID_ENV, "").strip()
-    if images.team_id or not team_id:
+    discovery = file.discovery
+    unset = {
+        name: section
+        for name, section in (("images", discovery.images), ("builds", discovery.builds))
+        if not section.team_id
+    }
+    if not team_id or not unset:
         return file
     try:
         validate_team_id(team_id)
     except ValueError as error:
         raise ConfigError(f"{path}: {TEAM_ID_ENV}: {error}") from None
-    discovery = file.discovery.model_copy(
-        update={"images": images.model_copy(update={"team_id": team_id})}
+    discovery = discovery.model_copy(
+        update={
+            name: section.model_copy(update={"team_id": team_id}) for name, section in unset.items()
+        }
     )
     return file.model_copy(update={"discovery": discovery})
 
@@ -167,7 +176,7 @@ def collect_build_ids(file: ConfigFile, base_directory: Path) -> tuple[str, ...]
             "duplicate build IDs ignored",
             extra={"count": len(listed) - len(unique), "build_ids": ",".join(repeated[:10])},
         )
-    if not unique and not file.discovery.images.enabled:
+    if not unique and not (file.discovery.images.enabled or file.discovery.builds.enabled):
         # Healthy and ready, yet watching nothing: worth a word at every load.
         log.warning(
             "no builds to watch: list build IDs under builds or in the files build_files names",

@@ -154,6 +154,10 @@ class WebSettings(_Strict):
         return value
 
 
+def _check_team_id(value: str) -> str:
+    return validate_team_id(value) if value else value
+
+
 class ImageDiscoverySettings(_Strict):
     """``discovery.images``: every image of the key's scope (a team's), no build IDs needed."""
 
@@ -164,22 +168,41 @@ class ImageDiscoverySettings(_Strict):
     search: str = Field(default="", max_length=256)
     team_id: str = ""
 
-    @field_validator("team_id")
-    @classmethod
-    def _check_team_id(cls, value: str) -> str:
-        return validate_team_id(value) if value else value
+    _team_id = field_validator("team_id")(_check_team_id)
+
+
+class BuildDiscoverySettings(_Strict):
+    """``discovery.builds``: every build of the key from the build listing, no build IDs
+    needed (tests/contract/BUILDS_LIST.md)."""
+
+    enabled: bool = Field(default=False, strict=True)
+    # One listing pass per interval, counted from the end of the previous one.
+    interval: Annotated[Duration, duration_within(10, 86400)] = 30.0
+    # Builds created within this window are tracked; a pass reads back this far.
+    window: Annotated[Duration, duration_within(3600, 365 * 86400)] = 7 * 86400.0
+    # Pages of 100 builds read per pass at most; a pass cut there is flagged "truncated".
+    max_pages: int = Field(default=100, ge=1, le=10_000, strict=True)
+    # Sent as teamId when set; the spec does not publish it (ignored, honoured or refused).
+    team_id: str = ""
+
+    _team_id = field_validator("team_id")(_check_team_id)
 
 
 class DiscoverySettings(_Strict):
     """The ``discovery`` section."""
 
     images: ImageDiscoverySettings = ImageDiscoverySettings()
+    builds: BuildDiscoverySettings = BuildDiscoverySettings()
 
     @model_validator(mode="before")
     @classmethod
-    def _empty_images_means_defaults(cls, data: object) -> object:
-        if isinstance(data, dict) and data.get("images", {}) is None:
-            return {**data, "images": {}}
+    def _empty_subsections_mean_defaults(cls, data: object) -> object:
+        # "images:" with nothing under it is YAML null, as an empty top-level section is.
+        if isinstance(data, dict):
+            return {
+                key: {} if key in {"images", "builds"} and value is None else value
+                for key, value in data.items()
+            }
         return data
 
 

@@ -314,6 +314,12 @@ class Simulator:
         with self._lock:
             self._plans[plan.build_id] = plan
 
+    def remove(self, build_id: str) -> None:
+        """Forget a build: it is neither listed nor answered (404) any more."""
+        with self._lock:
+            self._plans.pop(build_id, None)
+            self._overrides.pop(build_id, None)
+
     def set_payload(self, build_id: str, payload: dict[str, Any] | None) -> None:
         """Answer this build with exactly ``payload`` (``None`` returns to its plan)."""
         with self._lock:

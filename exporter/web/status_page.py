@@ -288,6 +288,7 @@ def render_build_page(context: PageContext, build_id: str) -> str | None:
     selector = f'{{build_id="{_promql_string(build_id)}"}}'
     facts: list[tuple[str, str]] = [
         ("Build ID", html.escape(build_id)),
+        ("Tracked", "listed by build discovery" if record.discovered else "in the configuration"),
         ("Problem", _badge(problem, "none")),
     ]
     artifacts = ""
@@ -378,7 +379,8 @@ def _summary(
 ) -> str:
     statuses = Counter(record.build.status_label for record in records if record.build)
     unpolled = sum(1 for record in records if not record.polled)
-    parts = [f"{len(records)} builds"]
+    discovered = sum(1 for record in records if record.discovered)
+    parts = [f"{len(records)} builds" + (f" ({discovered} discovered)" if discovered else "")]
     parts += [f"{count} {html.escape(status)}" for status, count in sorted(statuses.items())]
     if unpolled:
         parts.append(f"{unpolled} not yet polled")
@@ -452,6 +454,8 @@ def _options(choices: Iterable[tuple[str, str]], selected: str) -> str:
 def _status_row(record: BuildRecord, problem: Problem, now: float) -> str:
     build = record.build
     link = f'<a href="/build/{quote(record.build_id, safe="")}">{html.escape(record.build_id)}</a>'
+    if record.discovered:
+        link += ' <span class="quiet" title="listed by build discovery">discovered</span>'
     if build is None:
         cells = [link, "", "", _badge(problem, ""), "", "", "", "", "", _last_poll(record, now), ""]
     else:

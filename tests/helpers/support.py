@@ -81,9 +81,10 @@ def make_config(
     shard: tuple[int, int] | None = None,
     finished_build_retention: str | None = None,
     discovery: dict[str, object] | None = None,
+    build_discovery: dict[str, object] | None = None,
 ) -> Config:
     """A valid config pointing at a loopback API, with the key given directly; ``discovery``
-    is the ``discovery.images`` section."""
+    is the ``discovery.images`` section, ``build_discovery`` the ``discovery.builds`` one."""
     polling = {"interval": interval, "stale_after": stale_after}
     if max_interval is not None:
         polling["max_interval"] = max_interval
@@ -94,8 +95,9 @@ def make_config(
         extra["shard"] = {"index": shard[0], "count": shard[1]}
     if finished_build_retention is not None:
         extra["metrics"] = {"finished_build_retention": finished_build_retention}
-    if discovery is not None:
-        extra["discovery"] = {"images": discovery}
+    sections = {"images": discovery, "builds": build_discovery}
+    if any(section is not None for section in sections.values()):
+        extra["discovery"] = {name: s for name, s in sections.items() if s is not None}
     file = ConfigFile.model_validate(
         {
             **extra,

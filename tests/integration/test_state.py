@@ -185,6 +185,46 @@ def test_a_state_file_from_a_newer_exporter_is_set_aside(tmp_path: Path) -> None
     assert len(list(tmp_path.glob("state.db.unreadable-*"))) == 1
 
 
+# The table as schema 1 made it, before builds could be discovered.
+SCHEMA_1 = """
+CREATE TABLE builds (
+    build_id TEXT PRIMARY KEY, answer TEXT, finished INTEGER NOT NULL,
+    seen_unfinished INTEGER NOT NULL, polled INTEGER NOT NULL, last_poll_ok INTEGER NOT NULL,
+    last_error TEXT, last_poll_time REAL, last_success_time REAL, last_change_time REAL,
+    retired INTEGER NOT NULL
+) WITHOUT ROWID
+"""
+
+
+def test_a_state_file_of_schema_1_is_taken_up_with_every_build_configured(tmp_path: Path) -> None:
+    state_path = tmp_path / "state.db"
+    done = finished_plan(1)
+    build = record_of(done).build
+    assert build is not None
+    with sqlite3.connect(state_path) as connection:
+        connection.execute(SCHEMA_1)
+        connection.execute(
+            "INSERT INTO builds VALUES (?, ?, 1, 1, 1, 1, NULL, ?, ?, ?, 0)",
+            (done.build_id, encode_build(build), EPOCH, EPOCH, EPOCH),
+        )
+        connection.execute("PRAGMA user_version=1")
+    state, restored = open_state(state_path)
+    assert state is not None
+    try:
+        record = restored.records[done.build_id]
+        assert record.finished
+        assert not record.discovered
+        state.save([dataclasses.replace(record, discovered=True)])
+    finally:
+        state.close()
+    reopened, again = open_state(state_path)
+    assert reopened is not None
+    reopened.close()
+    assert again.records[done.build_id].discovered
+    with sqlite3.connect(state_path) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
 def test_a_state_file_held_by_another_process_is_left_alone(
     simulator: Simulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -258,7 +298,8 @@ def test_every_field_of_a_record_survives_a_restart(tmp_path: Path) -> None:
         last_poll_time=EPOCH + 1,
         seen_unfinished=True,
     )
-    records = [record_of(finished_plan(1)), record_of(unfinished_plan(2)), failing]
+    discovered = dataclasses.replace(record_of(finished_plan(3)), discovered=True)
+    records = [record_of(finished_plan(1)), record_of(unfinished_plan(2)), failing, discovered]
     writer = StateFile.open(state_path)
     writer.save(records)
     writer.close()

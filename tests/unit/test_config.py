@@ -12,7 +12,7 @@ from pydantic import BaseModel, SecretStr
 from exporter.config.credentials import ApiKeySource
 from exporter.config.grammar import parse_duration, validate_build_id
 from exporter.config.loading import load_config
-from exporter.config.schema import ConfigFile
+from exporter.config.schema import BuildDiscoverySettings, ConfigFile
 from exporter.config.wording import ConfigError, quoted
 from tests.helpers.support import CANARY_API_KEY, REPOSITORY
 
@@ -294,7 +294,53 @@ INVALID_CASES: list[tuple[str, Mapping[str, str], tuple[str, ...]]] = [
     (
         "discovery_unknown_key.yaml",
         WITH_KEY,
-        ("{file}: discovery.image: unknown key", "(allowed: images)"),
+        ("{file}: discovery.image: unknown key", "(allowed: images, builds)"),
+    ),
+    (
+        "discovery_builds_enabled_not_boolean.yaml",
+        WITH_KEY,
+        ("{file}: discovery.builds.enabled: must be true or false",),
+    ),
+    (
+        "discovery_builds_interval_too_short.yaml",
+        WITH_KEY,
+        ("{file}: discovery.builds.interval: must be at least 10s",),
+    ),
+    (
+        "discovery_builds_window_too_short.yaml",
+        WITH_KEY,
+        ("{file}: discovery.builds.window: must be at least 1h",),
+    ),
+    (
+        "discovery_builds_window_too_long.yaml",
+        WITH_KEY,
+        ("{file}: discovery.builds.window: must be at most 1y",),
+    ),
+    (
+        "discovery_builds_max_pages_zero.yaml",
+        WITH_KEY,
+        ("{file}: discovery.builds.max_pages: Input should be greater than or equal to 1 (got 0)",),
+    ),
+    (
+        "discovery_builds_max_pages_quoted.yaml",
+        WITH_KEY,
+        ("{file}: discovery.builds.max_pages: Input should be a valid integer (got '100')",),
+    ),
+    (
+        "discovery_builds_team_id_invalid.yaml",
+        WITH_KEY,
+        (
+            "{file}: discovery.builds.team_id: '../team' is not a team ID "
+            "(letters, digits, '.', '_' or '-')",
+        ),
+    ),
+    (
+        "discovery_builds_unknown_key.yaml",
+        WITH_KEY,
+        (
+            "{file}: discovery.builds.page_size: unknown key "
+            "(allowed: enabled, interval, window, max_pages, team_id)",
+        ),
     ),
 ]
 
@@ -1144,6 +1190,68 @@ def test_a_bad_prime_team_id_is_a_config_error_naming_the_variable(tmp_path: Pat
 
 
 def test_empty_discovery_sections_mean_the_defaults(tmp_path: Path) -> None:
-    for text in ("discovery:\n", "discovery:\n  images:\n"):
+    for text in ("discovery:\n", "discovery:\n  images:\n", "discovery:\n  builds:\n"):
         config = load_config(write(tmp_path / "c.yaml", "builds: [b1]\n" + text), WITH_KEY)
         assert config.file.discovery.images.enabled is False
+        assert config.file.discovery.builds == BuildDiscoverySettings()
+
+
+def test_build_discovery_is_off_by_default_and_reads_a_week_every_thirty_seconds(
+    tmp_path: Path,
+) -> None:
+    config = load_config(write(tmp_path / "c.yaml", "builds: [b1]\n"), WITH_KEY)
+    builds = config.file.discovery.builds
+    assert (builds.enabled, builds.interval, builds.window, builds.max_pages, builds.team_id) == (
+        False,
+        30.0,
+        7 * 86400.0,
+        100,
+        "",
+    )
+
+
+def test_build_discovery_takes_its_bounds_inclusive(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "c.yaml",
+        "discovery:\n  builds:\n    enabled: true\n    interval: 10s\n    window: 1h\n"
+        "    max_pages: 10000\n    team_id: team-1\n",
+    )
+    builds = load_config(path, WITH_KEY).file.discovery.builds
+    assert (builds.enabled, builds.interval, builds.window, builds.max_pages, builds.team_id) == (
+        True,
+        10.0,
+        3600.0,
+        10000,
+        "team-1",
+    )
+    longest = write(
+        tmp_path / "d.yaml", "discovery:\n  builds:\n    interval: 1d\n    window: 1y\n"
+    )
+    builds = load_config(longest, WITH_KEY).file.discovery.builds
+    assert (builds.interval, builds.window) == (86400.0, 365 * 86400.0)
+
+
+def test_prime_team_id_fills_each_discovery_whose_team_the_file_leaves_empty(
+    tmp_path: Path,
+) -> None:
+    environ = {**WITH_KEY, "PRIME_TEAM_ID": "team-env"}
+    plain = write(tmp_path / "plain.yaml", "discovery:\n  builds:\n    enabled: true\n")
+    discovery = load_config(plain, environ).file.discovery
+    assert (discovery.images.team_id, discovery.builds.team_id) == ("team-env", "team-env")
+    named = write(
+        tmp_path / "named.yaml",
+        "discovery:\n  builds:\n    enabled: true\n    team_id: team-file\n",
+    )
+    discovery = load_config(named, environ).file.discovery
+    assert (discovery.images.team_id, discovery.builds.team_id) == ("team-env", "team-file")
+    assert load_config(plain, WITH_KEY).file.discovery.builds.team_id == ""
+
+
+def test_a_config_without_build_ids_but_with_build_discovery_is_not_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path / "c.yaml", "discovery:\n  builds:\n    enabled: true\n")
+    load_config(path, WITH_KEY)
+    assert "no builds to watch" not in caplog.text
+    load_config(write(tmp_path / "d.yaml", "builds: []\n"), WITH_KEY)
+    assert "no builds to watch" in caplog.text

@@ -17,6 +17,7 @@ from exporter.cli import build_parser
 from exporter.config.schema import ConfigFile
 from exporter.exposition import ExpositionFormat, render
 from exporter.metrics import (
+    build_list_families,
     exporter_families,
     inventory_families,
     per_build_families,
@@ -155,6 +156,11 @@ def every_family() -> list[Metric]:
             )
         ),
         *inventory_families(Inventory()),
+        *build_list_families(
+            TelemetrySnapshot(
+                api_up=None, rate_limited_until=0.0, config_reload_successful={}, internal_errors={}
+            )
+        ),
     ]
 
 

@@ -29,7 +29,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "exporter.state exporter.api",
         "exporter.budget",
         "exporter.poller exporter.families",
-        "exporter.discovery exporter.metrics",
+        "exporter.discovery exporter.build_discovery exporter.metrics",
         "exporter.exposition",
         "exporter.exposition_cache exporter.web.auth exporter.web.connections",
         "exporter.web.webconfig exporter.web.status_page",

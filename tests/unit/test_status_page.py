@@ -9,8 +9,15 @@ import pytest
 
 from exporter.demo.simulator import BuildPlan
 from exporter.models import Outcome, parse_build
-from exporter.store import BuildRecord
-from exporter.web.status_page import Problem, problem_of
+from exporter.store import BuildRecord, BuildStore
+from exporter.web.status_page import (
+    PageContext,
+    PageQuery,
+    Problem,
+    problem_of,
+    render_build_page,
+    render_status_page,
+)
 from tests.helpers.support import EPOCH
 
 HOUR = 3600.0
@@ -75,3 +82,22 @@ def test_an_unfinished_build_without_a_good_poll_for_ten_minutes_is_stale() -> N
     # A finished build's last answer never goes stale: it cannot change.
     done = record(COMPLETED, EPOCH + 60)
     assert problem_of(done, EPOCH + 60 + 7 * 24 * HOUR) is Problem.NONE
+
+
+def test_the_page_says_which_builds_discovery_brought() -> None:
+    store = BuildStore()
+    store.track(["configured"], ["found"])
+    for plan in (BuildPlan("configured", "app", "v1", EPOCH, 10, 10, 10), BUILDING_FOUND):
+        store.record_success(plan.build_id, record(plan, EPOCH + 60).build, EPOCH + 60)  # type: ignore[arg-type]
+    context = PageContext(store.snapshot(), None, EPOCH + 60, 2.0)
+    page = render_status_page(context, PageQuery())
+    assert "2 builds (1 discovered)" in page
+    found_row = page[page.index('data-build="found"') :].split("</tr>")[0]
+    configured_row = page[page.index('data-build="configured"') :].split("</tr>")[0]
+    assert "discovered" in found_row
+    assert "discovered" not in configured_row
+    assert "listed by build discovery" in (render_build_page(context, "found") or "")
+    assert "in the configuration" in (render_build_page(context, "configured") or "")
+
+
+BUILDING_FOUND = BuildPlan("found", "app", "v2", EPOCH, 10, 10, math.inf)

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from exporter.models import Build, Outcome, parse_build
-from exporter.store import BuildState, BuildStore
+from exporter.store import BuildRecord, BuildState, BuildStore
 from exporter.telemetry import Histogram
 from tests.helpers.support import EPOCH
 
@@ -196,3 +196,17 @@ def test_counts_by_state_follow_every_change() -> None:
         recounted[record.state] += 1
     assert dict(snapshot.states) == recounted
     assert recounted[BuildState.UNPOLLED] == 1  # "e", added after the pause began
+
+
+def test_builds_discovery_brought_come_back_from_the_state_marked_and_only_until_tracked() -> None:
+    restored = {
+        "configured": BuildRecord("configured", restored=True),
+        "found": BuildRecord("found", restored=True, discovered=True),
+    }
+    store = BuildStore(restored)
+    assert store.restored_discovered() == ["found"]
+    store.track(["configured"], ["found"])
+    records = store.snapshot().records
+    assert (records["configured"].discovered, records["found"].discovered) == (False, True)
+    assert records["found"].restored
+    assert store.restored_discovered() == []

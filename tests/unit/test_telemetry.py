@@ -1,4 +1,5 @@
-"""The exporter's own health: when the API counts as up, on a clock the test drives."""
+"""The exporter's own health: when the API counts as up, on a clock the test drives, and how
+the build listing goes."""
 
 from __future__ import annotations
 
@@ -6,9 +7,18 @@ import itertools
 
 import pytest
 
+from exporter.exposition import ExpositionFormat, render
+from exporter.metrics import build_list_families
 from exporter.models import API_DOWN_OUTCOMES, Outcome
-from exporter.telemetry import API_DOWN_AFTER_SECONDS, Component, Telemetry
+from exporter.telemetry import (
+    API_DOWN_AFTER_SECONDS,
+    BUILD_LIST_TRUNCATED,
+    BUILD_LIST_UNAVAILABLE,
+    Component,
+    Telemetry,
+)
 from tests.helpers.clock import DrivenClock
+from tests.helpers.support import parse_samples
 
 
 @pytest.fixture
@@ -94,3 +104,58 @@ def test_every_component_counts_internal_errors_from_zero() -> None:
     assert telemetry.record_internal_error(Component.SERVER, RuntimeError("boom"))
     assert not telemetry.record_internal_error(Component.SERVER, RuntimeError("again"))
     assert telemetry.snapshot().internal_errors[Component.SERVER] == 2
+
+
+def test_the_build_listing_health_starts_empty_and_follows_each_pass() -> None:
+    telemetry = Telemetry()
+    before = telemetry.snapshot()
+    assert (before.build_list_last_success, before.build_list_pages) == (None, 0)
+    assert (before.build_list_last_error, before.builds_discovered) == (None, 0)
+    telemetry.build_list_failed(BUILD_LIST_UNAVAILABLE)
+    telemetry.set_builds_discovered(7)
+    failed = telemetry.snapshot()
+    assert (failed.build_list_last_error, failed.builds_discovered) == ("unavailable", 7)
+    assert failed.build_list_last_success is None
+    telemetry.build_list_succeeded(1_700_000_000.0, 3)
+    done = telemetry.snapshot()
+    assert (done.build_list_last_success, done.build_list_pages) == (1_700_000_000.0, 3)
+    assert done.build_list_last_error is None
+    telemetry.build_list_failed(BUILD_LIST_TRUNCATED)
+    truncated = telemetry.snapshot()
+    # A truncated pass is no complete one: the last complete pass's end and pages stay.
+    assert (truncated.build_list_last_success, truncated.build_list_pages) == (1_700_000_000.0, 3)
+    assert truncated.build_list_last_error == "truncated"
+
+
+def test_an_unchanged_build_listing_health_keeps_the_same_snapshot() -> None:
+    telemetry = Telemetry()
+    telemetry.build_list_failed(Outcome.SERVER_ERROR.value)
+    telemetry.set_builds_discovered(2)
+    snapshot = telemetry.snapshot()
+    telemetry.build_list_failed(Outcome.SERVER_ERROR.value)
+    telemetry.set_builds_discovered(2)
+    assert telemetry.snapshot() is snapshot
+
+
+def build_list_samples(telemetry: Telemetry) -> dict[str, float]:
+    """The build listing families' samples, by name and label text."""
+    text = render(build_list_families(telemetry.snapshot()), ExpositionFormat.TEXT).decode()
+    return {
+        name + "".join(f"{{{key}={value!r}}}" for key, value in sorted(labels)): sample
+        for (name, labels), sample in parse_samples(text).items()
+    }
+
+
+def test_the_build_listing_families_show_the_last_pass() -> None:
+    telemetry = Telemetry()
+    telemetry.set_builds_discovered(4)
+    # Before the first complete pass nothing is said about it, and nothing failed.
+    assert build_list_samples(telemetry) == {"primeintellect_exporter_builds_discovered": 4.0}
+    telemetry.build_list_succeeded(1_700_000_000.0, 3)
+    telemetry.build_list_failed(BUILD_LIST_TRUNCATED)
+    assert build_list_samples(telemetry) == {
+        "primeintellect_exporter_build_list_last_success_timestamp_seconds": 1_700_000_000.0,
+        "primeintellect_exporter_build_list_pages": 3.0,
+        "primeintellect_exporter_build_list_last_error{reason='truncated'}": 1.0,
+        "primeintellect_exporter_builds_discovered": 4.0,
+    }
