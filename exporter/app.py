@@ -351,9 +351,9 @@ class Exporter:
         return succeeded, self.cache.body(ExpositionFormat.TEXT, gzip=False).join()
 
     async def _list_builds_once(self) -> None:
-        # The poller's loop grants the listing its requests (and polls the configured builds
-        # meanwhile); a pass that the budget holds up past the deadline is given up.
-        dispatcher = asyncio.create_task(self.poller.run(), name="poller")
+        # The pass comes first, so that no build it answers is polled; one that the budget
+        # holds up past the deadline is given up.
+        dispatcher = asyncio.create_task(self.poller.grant_listings(), name="listings")
         try:
             async with asyncio.timeout(ONCE_DEADLINE):
                 await self.build_discovery.list_once()

@@ -266,6 +266,19 @@ class Poller:
         snapshot = self._store.snapshot()
         return all(record.last_poll_ok for record in snapshot.records.values())
 
+    async def grant_listings(self) -> None:
+        """Start only the listings' queued requests, within the budget, until cancelled: the
+        listing pass of a ``--once`` run, before its polls."""
+        while True:
+            self._wakeup.clear()
+            now = self._clock()
+            self._budget.refresh(now)
+            wait = self._budget.queued_delay(now)
+            if wait <= 0:
+                self._budget.grant_queued(now)
+                continue
+            await self._time.wait(self._wakeup, min(wait, TICK))
+
     async def _dispatch(self, *, once: bool) -> None:
         deadline = self._clock() + ONCE_DEADLINE
         try:

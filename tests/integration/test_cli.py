@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import resource
@@ -17,7 +18,7 @@ import httpx
 import pytest
 
 from exporter import __version__
-from exporter.demo.simulator import Fault, Simulator
+from exporter.demo.simulator import BuildPlan, Fault, Simulator
 from tests.helpers.pki import Pki, tls_section
 from tests.helpers.support import (
     CANARY_API_KEY,
@@ -511,3 +512,32 @@ def test_simulator_runs_on_its_own() -> None:
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+def test_once_with_build_discovery_lists_first_then_polls_only_what_the_listing_left(
+    tmp_path: Path, simulator: Simulator
+) -> None:
+    now = time.time()
+    for build_id in ("b1", "b2"):
+        simulator.add(BuildPlan(build_id, "app", "v1", now - 60, 5, 5, math.inf))
+    # Configured, but created before the window: the listing leaves it to a poll of its own.
+    old = now - 2 * 86400
+    simulator.add(BuildPlan("old", "app", "v0", old, 10, 10, 10))
+    config = write_config(
+        tmp_path,
+        simulator.base_url,
+        ["b1", "old"],
+        "discovery:\n  builds:\n    enabled: true\n    window: 1d\n",
+    )
+    result = run_script(
+        "--config.file", str(config), "--once", env=environment(PRIME_API_KEY=CANARY_API_KEY)
+    )
+    assert result.returncode == 0, result.stderr
+    for build_id in ("b1", "b2", "old"):
+        assert f'primeintellect_image_build_last_poll_success{{build_id="{build_id}"}} 1.0' in (
+            result.stdout
+        )
+    assert [(r.path, r.build_id) for r in simulator.requests()] == [
+        ("/api/v1/images/builds", ""),
+        ("/api/v1/images/build/old", "old"),
+    ]
