@@ -938,3 +938,11 @@ def test_readme_kubernetes_section_is_the_deployment_pages_install() -> None:
     with the same values, so what that page's test renders is what the README installs."""
     readme = docs.section(docs.README.read_text(), "Kubernetes")
     assert helm_commands(readme) == helm_commands(kubernetes_section())[:1]
+
+
+def test_notes_ask_for_builds_only_when_there_are_none_and_no_discovery() -> None:
+    nothing = {"apiKey": {"existingSecret": "key"}, "config": {"builds": []}}
+    assert "config.builds is empty" in render_chart(nothing).notes
+    for discovery in ("builds", "images"):
+        values = {**nothing, "config": {"builds": [], "discovery": {discovery: {"enabled": True}}}}
+        assert "config.builds is empty" not in render_chart(values).notes, discovery
