@@ -115,20 +115,19 @@ def test_every_build_of_the_key_within_the_window_is_shown_without_a_configured_
         first_pass(running, clock, 250)
         assert len(tracked(running)) == 250
         assert set(tracked(running).values()) == {True}
+        samples = running.samples()
         for plan in plans[:250]:
             status = simulator.payload(plan.build_id)["status"]  # type: ignore[index]
-            assert (
-                running.value(
-                    "primeintellect_image_build_status",
-                    build_id=plan.build_id,
-                    image_name=plan.image_name,
-                    image_tag=plan.image_tag,
-                    status=status,
-                )
-                == 1
-            ), plan.build_id
-        assert running.value("primeintellect_exporter_builds_discovered") == 250
-        assert running.value("primeintellect_exporter_build_list_pages") == 3
+            labels = {
+                "build_id": plan.build_id,
+                "image_name": plan.image_name,
+                "image_tag": plan.image_tag,
+                "status": status,
+            }
+            key = ("primeintellect_image_build_status", frozenset(labels.items()))
+            assert samples.get(key) == 1, plan.build_id
+        assert samples[("primeintellect_exporter_builds_discovered", frozenset())] == 250
+        assert samples[("primeintellect_exporter_build_list_pages", frozenset())] == 3
         assert per_build_requests(simulator) == 0
 
 
