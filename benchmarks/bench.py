@@ -56,6 +56,7 @@ API_KEY = "pk-bench"
 TEAM = "bench-team"
 # The sample line of a complete image listing (not its HELP line).
 LISTED = "\nprimeintellect_exporter_image_list_last_success_timestamp_seconds "
+BUILDS_LISTED = "\nprimeintellect_exporter_build_list_last_success_timestamp_seconds "
 SCRIPT = Path(sys.executable).parent / "primeintellect-build-exporter"
 PROMETHEUS_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
 
@@ -937,6 +938,17 @@ def measure_stale_builds(count: int, speed: float) -> list[Row]:
     ]
 
 
+def _metrics_once_shown(url: str, marker: str, *, deadline: float) -> str:
+    """The exporter's /metrics once it holds ``marker`` (at once for an empty one)."""
+    text = httpx.get(url + "/metrics", timeout=60).text
+    while marker not in text:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{marker.strip()!r} not in /metrics in time")
+        time.sleep(0.05)
+        text = httpx.get(url + "/metrics", timeout=60).text
+    return text
+
+
 def measure_image_listing(images: int, requests_per_second: float) -> list[Row]:
     """A listing of ``images`` builds' worth of rows (two artifact types each): the requests and
     time of the first complete listing, and what the inventory adds to memory and /metrics."""
@@ -969,13 +981,7 @@ def measure_image_listing(images: int, requests_per_second: float) -> list[Row]:
             started = time.monotonic()
             process, _ = _start_daemon(config, url)
             try:
-                deadline = started + 300
-                text = httpx.get(url + "/metrics", timeout=60).text
-                while discovery and LISTED not in text:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("no complete image listing in 300 s")
-                    time.sleep(0.05)
-                    text = httpx.get(url + "/metrics", timeout=60).text
+                text = _metrics_once_shown(url, LISTED if discovery else "", deadline=started + 300)
                 seconds = time.monotonic() - started
                 requests = sum(
                     int(float(line.rsplit(" ", 1)[1]))
@@ -1015,9 +1021,6 @@ def measure_image_listing(images: int, requests_per_second: float) -> list[Row]:
             f"{size_off / 1e3:.0f} kB without",
         ),
     ]
-
-
-BUILDS_LISTED = "\nprimeintellect_exporter_build_list_last_success_timestamp_seconds "
 
 
 def _requests_by_endpoint(text: str) -> dict[str, int]:
@@ -1098,13 +1101,8 @@ def measure_build_discovery_start(count: int, requests_per_second: float) -> lis
             started = time.monotonic()
             process, _ = _start_daemon(config, url)
             try:
-                text = httpx.get(url + "/metrics", timeout=60).text
-                deadline = started + 600
-                while discovery and BUILDS_LISTED not in text:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("no complete build listing in 600 s")
-                    time.sleep(0.05)
-                    text = httpx.get(url + "/metrics", timeout=60).text
+                marker = BUILDS_LISTED if discovery else ""
+                text = _metrics_once_shown(url, marker, deadline=started + 600)
                 seconds = time.monotonic() - started
                 requests = _requests_by_endpoint(text).get("build_list", 0)
                 measured[discovery] = (seconds, requests, rss_kib(process.pid) / 1024)

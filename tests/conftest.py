@@ -144,6 +144,15 @@ StartExporter = Callable[..., RunningExporter]
 
 
 @pytest.fixture
+def stopping() -> Iterator[list[RunningExporter]]:
+    """Exporters a test started itself, each stopped after the test."""
+    started: list[RunningExporter] = []
+    yield started
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture
 def start_exporter() -> Iterator[StartExporter]:
     """Start in-process exporters over real HTTP; each is stopped after the test."""
     started: list[RunningExporter] = []

@@ -30,14 +30,6 @@ def golden_exporter() -> Iterator[RunningExporter]:
         yield running
 
 
-@pytest.fixture
-def stopping() -> Iterator[list[RunningExporter]]:
-    started: list[RunningExporter] = []
-    yield started
-    for running in started:
-        running.stop()
-
-
 def test_exposition_passes_promtool_check_metrics(golden_exporter: RunningExporter) -> None:
     promtool = find_binary("promtool")
     result = subprocess.run(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -28,14 +27,6 @@ BUILD_PATH = "/api/v1/images/build/"
 @pytest.fixture
 def clock() -> DrivenClock:
     return DrivenClock(start=NOW)
-
-
-@pytest.fixture
-def stopping() -> Iterator[list[RunningExporter]]:
-    started: list[RunningExporter] = []
-    yield started
-    for running in started:
-        running.stop()
 
 
 def simulator_on(clock: DrivenClock, plans: list[BuildPlan], **options: object) -> Simulator:

@@ -5,10 +5,7 @@ listing's 429 pausing build polls too."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from exporter.demo.simulator import BuildPlan, Fault, Simulator
 from exporter.models import Outcome, parse_image_page
@@ -29,14 +26,6 @@ from tests.helpers.support import (
 # a wait that ends a rounding error after a deadline would never be woken by the driven clock.
 SLOTS_PER_SECOND = 4
 SLOT = 1 / SLOTS_PER_SECOND
-
-
-@pytest.fixture
-def stopping() -> Iterator[list[RunningExporter]]:
-    started: list[RunningExporter] = []
-    yield started
-    for running in started:
-        running.stop()
 
 
 def samples(running: RunningExporter) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

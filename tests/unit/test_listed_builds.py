@@ -224,21 +224,22 @@ def test_a_configured_build_polled_once_then_covered_by_listings_is_not_polled_a
     harness.run(steps)
 
 
+async def one_page(h: Harness, granted: list[tuple[float, int]]) -> None:
+    """One listing request: when it was granted, and how many polls were made by then."""
+    slots = h.budget.listing("build listing")
+    await slots.listing_slot()
+    granted.append((h.clock.elapsed(), sum(h.fetcher.calls.values())))
+    slots.listing_done(None)
+
+
 def test_a_listing_request_waits_for_due_builds_at_most_its_patience() -> None:
     # Four requests a second and forty builds due: ten seconds of polls ahead of the listing.
     harness = Harness(requests_per_second=4)
 
     async def steps(h: Harness) -> None:
         h.poller.set_builds([f"b{n:02}" for n in range(40)])
-        slots = h.budget.listing("build listing")
         granted: list[tuple[float, int]] = []
-
-        async def one_page() -> None:
-            await slots.listing_slot()
-            granted.append((h.clock.elapsed(), sum(h.fetcher.calls.values())))
-            slots.listing_done(None)
-
-        page = asyncio.create_task(one_page())
+        page = asyncio.create_task(one_page(h, granted))
         await h.turn()
         await h.advance(2, step=0.25)
         await page
@@ -253,16 +254,9 @@ def test_waiting_through_a_pause_does_not_put_a_listing_before_due_builds() -> N
 
     async def steps(h: Harness) -> None:
         h.poller.set_builds([f"b{n:02}" for n in range(40)])
-        slots = h.budget.listing("build listing")
         h.budget.answered(Answer(Outcome.RATE_LIMITED, retry_after=5.0), {"build_id": "b00"})
         granted: list[tuple[float, int]] = []
-
-        async def one_page() -> None:
-            await slots.listing_slot()
-            granted.append((h.clock.elapsed(), sum(h.fetcher.calls.values())))
-            slots.listing_done(None)
-
-        page = asyncio.create_task(one_page())
+        page = asyncio.create_task(one_page(h, granted))
         await h.turn()
         polled = sum(h.fetcher.calls.values())
         await h.advance(7, step=0.25)
