@@ -464,11 +464,19 @@ def test_demo_serves_simulated_builds_without_an_api_key(daemons: list[Daemon]) 
     url = daemon.wait_for_url()
     assert httpx.get(url + "/-/ready").status_code == 200
     missing = 'primeintellect_image_build_last_poll_error{build_id="cmdemo0gone0009"'
+    listed = "\nprimeintellect_exporter_build_list_last_success_timestamp_seconds "
     metrics = wait_until(
-        lambda: (text := httpx.get(url + "/metrics").text) and missing in text and text,
-        message="every demo build polled",
+        lambda: (
+            (text := httpx.get(url + "/metrics").text)
+            and missing in text
+            and listed in text
+            and text
+        ),
+        message="the demo's builds discovered and its unknown one polled",
     )
-    assert 'image_name="inference-server"' in metrics
+    assert re.search(
+        r'^primeintellect_image_build_info\{[^}]*image_name="inference-server"', metrics, re.M
+    ), metrics[:2000]
     assert f'{missing},reason="not_found"}} 1.0' in metrics
     returncode, _, _ = daemon.stop()
     assert returncode == 0
