@@ -7,8 +7,10 @@ import math
 from pathlib import Path
 from typing import Literal
 
+import httpx
 import pytest
 
+from exporter.config.schema import Config
 from exporter.demo.simulator import BuildListing, BuildPlan, Fault, Simulator
 from tests.helpers.clock import DrivenClock
 from tests.helpers.support import CANARY_API_KEY, RunningExporter, make_config, wait_until
@@ -275,3 +277,32 @@ def test_a_restart_from_state_shows_discovered_finished_builds_at_once_without_a
         clock.settle(second.exporter)
         assert per_build_requests(simulator) == 0
         assert [r.path for r in simulator.requests()[before:]] == ["/api/v1/images/builds"]
+
+
+def test_a_reload_that_turns_discovery_off_keeps_only_the_configured_builds(
+    clock: DrivenClock, stopping: list[RunningExporter]
+) -> None:
+    configured, found = building_plan(1, age=60), building_plan(2, age=60)
+    with simulator_on(clock, [configured, found]) as simulator:
+        settings: dict[str, object] = {"enabled": True, "interval": "30s"}
+
+        def load() -> Config:
+            return make_config(
+                simulator.base_url,
+                [configured.build_id],
+                requests_per_second=REQUESTS_PER_SECOND,
+                build_discovery=dict(settings),
+            )
+
+        running = RunningExporter(
+            load(), clock=clock, load_config=load, enable_lifecycle=True
+        ).start()
+        stopping.append(running)
+        first_pass(running, clock, 2)
+        assert running.value("primeintellect_exporter_builds_discovered") == 1
+        settings["enabled"] = False
+        assert httpx.post(running.url + "/-/reload", timeout=30).status_code == 200
+        assert set(running.exporter.store.snapshot().records) == {configured.build_id}
+        names = {name for name, _ in running.samples()}
+        assert "primeintellect_exporter_builds_discovered" not in names
+        assert "primeintellect_exporter_build_list_pages" not in names
