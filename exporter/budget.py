@@ -150,6 +150,11 @@ class RequestBudget:
         return max(self._rate_limit_pause_until, self._key_pause_until)
 
     @property
+    def key_rejected(self) -> bool:
+        """Whether requests wait because the API rejected the key."""
+        return bool(self._key_pause_until)
+
+    @property
     def requests_in_flight(self) -> int:
         """Requests under way, build polls and listing pages: 0 when none is."""
         return self._in_flight

@@ -289,8 +289,10 @@ class Poller:
                 if once and (
                     not (self._due or self._in_flight)
                     or now >= deadline
-                    # A pause that outlasts the deadline is not sat out.
+                    # A pause that outlasts the deadline is not sat out, nor a rejected key:
+                    # only another key could make the next request succeed.
                     or self._budget.paused_until >= deadline
+                    or self._budget.key_rejected
                 ):
                     return
                 wait = self._next_dispatch_wait(now)

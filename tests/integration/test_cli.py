@@ -248,6 +248,30 @@ def test_once_does_not_sit_out_a_long_rate_limit_pause(
     )
 
 
+def test_once_with_a_rejected_key_ends_at_once_with_every_build_unauthorized(
+    tmp_path: Path, simulator: Simulator
+) -> None:
+    for build_id in ("b1", "b2"):
+        simulator.add(forever_building(build_id))
+    config = write_config(tmp_path, simulator.base_url, ["b1", "b2"])
+    # One request at a time: the first answer (a 401) comes before any other request.
+    one_at_a_time = "  requests_per_second: 50\n  max_concurrency: 1\n"
+    config.write_text(config.read_text().replace("  requests_per_second: 50\n", one_at_a_time))
+    started = time.monotonic()
+    result = run_script(
+        "--config.file", str(config), "--once", env=environment(PRIME_API_KEY="pk-wrong-key")
+    )
+    # The 30 s key pause is not sat out; real time is the point: about 1 s on a quiet
+    # machine, ten times that on a busy one.
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1
+    assert len(simulator.requests()) == 1
+    for build_id in ("b1", "b2"):
+        error = f'last_poll_error{{build_id="{build_id}",reason="unauthorized"}} 1.0'
+        assert f"primeintellect_image_build_{error}" in result.stdout
+    assert result.stderr.count("API key rejected") == 1
+
+
 @pytest.mark.parametrize(
     "signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"]
 )
