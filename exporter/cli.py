@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import resource
 import secrets
@@ -32,6 +33,8 @@ PROGRAM = "primeintellect-build-exporter"
 DEMO_MISSING_BUILD = "cmdemo0gone0009"
 # The simulated team whose image listing the demo reads (discovery.images).
 DEMO_TEAM = "demo-team"
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,10 +197,22 @@ def demo_config(simulator: Simulator) -> Config:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# From the first stop signal to the exit, these are ignored: a second SIGTERM or a SIGHUP
+# after the event loop closed would otherwise kill the process by that signal (exit 143 or
+# 129 instead of 0), or find the loop's wake-up pipe closed and print a traceback.
+FOLLOW_UP_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
+
+
+def _ignore_further_signals(loop: asyncio.AbstractEventLoop | None = None) -> None:
+    for signal_number in FOLLOW_UP_SIGNALS:
+        if loop is not None:
+            loop.remove_signal_handler(signal_number)
+        signal.signal(signal_number, signal.SIG_IGN)
 
 
 def _poll_once(exporter: Exporter) -> int:
     def interrupt(signal_number: int, frame: object) -> None:
+        _ignore_further_signals()
         raise KeyboardInterrupt
 
     # SIGTERM and Ctrl-C end a one-shot run alike: one line, no traceback. Outside the event
@@ -205,6 +220,8 @@ def _poll_once(exporter: Exporter) -> int:
     # halfway through a request's code.
     for signal_number in STOP_SIGNALS:
         signal.signal(signal_number, interrupt)
+    # A one-shot run has no configuration to reload.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         result = asyncio.run(_poll_once_until_signalled(exporter))
     except KeyboardInterrupt:
@@ -226,6 +243,9 @@ async def _poll_once_until_signalled(exporter: Exporter) -> tuple[bool, bytes] |
     signalled: list[int] = []
 
     def stop(signal_number: int) -> None:
+        if signalled:
+            return
+        _ignore_further_signals(loop)
         signalled.append(signal_number)
         run.cancel()
 
@@ -277,7 +297,18 @@ async def _serve_until_signalled(
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def stop_once(signal_number: int) -> None:
+        if stop.is_set():
+            return  # a second signal that reached the loop before the first was handled
+        _ignore_further_signals(loop)
+        log.info(
+            "stopping; further signals are ignored until exit",
+            extra={"signal": signal.Signals(signal_number).name},
+        )
+        stop.set()
+
     for signal_number in STOP_SIGNALS:
-        loop.add_signal_handler(signal_number, stop.set)
+        loop.add_signal_handler(signal_number, stop_once, signal_number)
     loop.add_signal_handler(signal.SIGHUP, exporter.request_reload)
     await exporter.serve(stop, server, announce)
