@@ -29,6 +29,8 @@ _TLS_HANDSHAKE_RECORD = b"\x16"
 # unread data would reset the connection, and the client could lose the answer.
 _LINGER = 1.0
 _END_OF_HEAD = b"\r\n\r\n"
+# The first line of the preface an HTTP/2 client sends with prior knowledge (RFC 9113, 3.4).
+_HTTP2_PREFACE_LINE = b"PRI * HTTP/2.0\r\n"
 # Accepting stops for this long when the process runs out of file descriptors.
 _ACCEPT_BACKOFF = 0.1
 # A refused or failed accept is logged at warning level at most this often.
@@ -77,6 +79,10 @@ HEAD_TOO_LARGE = _canned_response(
 TOO_MANY_CONNECTIONS = _canned_response(
     503, "Service Unavailable", "Too many connections; try again\n", "Retry-After: 1"
 )
+# What Go's HTTP/1 server answers to HTTP/2 with prior knowledge, with the way out.
+HTTP2_NOT_SERVED = _canned_response(
+    505, "HTTP Version Not Supported", "HTTP/2 is not served here; use HTTP/1.1.\n"
+)
 # What Go's servers answer to plain HTTP on a TLS port.
 PLAIN_HTTP_ON_TLS_PORT = _canned_response(
     400, "Bad Request", "Client sent an HTTP request to an HTTPS server.\n"
@@ -121,6 +127,8 @@ class GuardedConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         # Bytes of the request head being received, and whether its end has been seen.
         self._head_bytes = 0
+        # The head's first bytes, as many as it takes to tell an HTTP/2 preface.
+        self._head_start = b""
         self._head_started = False
         self._head_complete = False
         self._tail = b""
@@ -158,6 +166,12 @@ class GuardedConnection(asyncio.Protocol):
             self._expect_head()
         if self._head_deadline is not None and not self._head_complete:
             self._head_started = True
+            if len(self._head_start) < len(_HTTP2_PREFACE_LINE):
+                self._head_start = (self._head_start + data)[: len(_HTTP2_PREFACE_LINE)]
+                if self._head_start == _HTTP2_PREFACE_LINE:
+                    # aiohttp would pause on it and answer an odd 400, or nothing at all.
+                    self._refuse(HTTP2_NOT_SERVED)
+                    return
             end = (self._tail + data).find(_END_OF_HEAD)
             if end < 0:
                 self._head_bytes += len(data)
@@ -228,6 +242,7 @@ class GuardedConnection(asyncio.Protocol):
         # Part of the next request may be waiting in aiohttp's buffer already.
         pipelined = self._overflowed or (self._unparsed > 0 and not had_body)
         self._head_bytes = 0
+        self._head_start = b""
         self._head_started = pipelined
         self._head_complete = False
         self._tail = b""

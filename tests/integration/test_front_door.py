@@ -456,6 +456,35 @@ def test_a_head_over_the_cap_is_answered_431() -> None:
         assert (status, headers["connection"]) == (431, "close")
 
 
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# An empty SETTINGS frame: what an HTTP/2 client sends right after the preface.
+HTTP2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [HTTP2_PREFACE, HTTP2_PREFACE + HTTP2_SETTINGS, HTTP2_PREFACE[:16], b"PRI * HTTP/2.0\r\n"],
+    ids=["preface", "preface_and_settings", "request_line_and_blank", "request_line"],
+)
+def test_http2_prior_knowledge_is_refused_with_505_over_http1(sent: bytes) -> None:
+    with serve() as served, connect(served.url) as client:
+        client.sendall(sent)
+        status, headers, body = read_response(client)
+        assert (status, headers["connection"]) == (505, "close")
+        assert b"HTTP/1.1" in body
+        # The connection is then closed by the server, once the client is done sending.
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(100) == b""
+
+
+def test_a_preface_after_a_request_on_the_same_connection_is_refused_too() -> None:
+    with serve() as served, connect(served.url) as client:
+        client.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(client)[0] == 200
+        client.sendall(HTTP2_PREFACE + HTTP2_SETTINGS)
+        assert read_response(client)[0] == 505
+
+
 def test_a_body_over_the_cap_is_answered_413() -> None:
     with serve() as served, connect(served.url) as client:
         client.sendall(b"POST /-/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
