@@ -17,8 +17,14 @@ import yaml
 
 from exporter.models import API_DOWN_OUTCOMES, Outcome
 from exporter.store import FINISHED_DURATION_BUCKETS, BuildState
-from exporter.telemetry import API_DOWN_AFTER_SECONDS
-from tests.helpers.docs import documented_metric_names, documented_metrics
+from exporter.telemetry import API_DOWN_AFTER_SECONDS, REQUEST_DURATION_BUCKETS
+from tests.helpers.docs import (
+    ALERTS_REFERENCE,
+    documented_metric_names,
+    documented_metrics,
+    section,
+    table_rows,
+)
 from tests.helpers.support import REPOSITORY
 
 DASHBOARD_FILE = REPOSITORY / "monitoring" / "dashboard.json"
@@ -501,3 +507,27 @@ def test_poll_health_follows_the_image_variable_by_each_builds_last_known_image(
         r'\{[^}]*image_name!~"\$image"\}\[1d\]\)',
         target["expr"],
     )
+
+
+def test_the_documents_panel_table_lists_every_row_and_panel_in_the_dashboards_order() -> None:
+    table = section(ALERTS_REFERENCE.read_text(), "The panels")
+    _header, *rows = table_rows(table)
+    documented = [row[0] for row in rows]
+    shown = [
+        f"**{panel['title']}**" if panel["type"] == "row" else panel["title"]
+        for panel in all_panels(load())
+    ]
+    assert documented == shown
+
+
+def test_quantile_panels_state_the_exporters_bucket_ranges() -> None:
+    first, *_, last = FINISHED_DURATION_BUCKETS
+    finished = panel_titled("Duration of builds finished in the last hour, by image")
+    assert f"({human_duration(first)} to {human_duration(last)};" in finished["description"]
+    assert (
+        f"beyond {human_duration(last)} it reads {human_duration(last)}"
+        in (finished["description"])
+    )
+    first, *_, last = REQUEST_DURATION_BUCKETS
+    requests = panel_titled("API request latency")
+    assert f"({first * 1000:g} ms to {last:g} s;" in requests["description"]
