@@ -3,7 +3,9 @@ Alertmanager → a webhook, and every dashboard query against that Prometheus.
 
 Prometheus and Alertmanager are the real Debian binaries, started once for the module. The
 shipped rules keep their real thresholds, so the builds are laid out to trigger alerts that
-fire at once: a build that FAILED minutes ago, and one held in BUILDING since hours ago.
+fire at once: a build that FAILED minutes ago, and one held in BUILDING since hours ago. Two
+more FAILED builds carry the build's own error message, one of them an artifact's too, so the
+dashboard's failed-builds table has each kind of reason.
 """
 
 from __future__ import annotations
@@ -21,17 +23,22 @@ from typing import Any
 import pytest
 import yaml
 
-from exporter.demo.simulator import Simulator
+from exporter.demo.simulator import ArtifactPlan, BuildPlan, Simulator
 from tests.helpers.prometheus import (
+    DASHBOARD_FILE,
     DEADLINE,
     FAILED_ERROR,
     RULES_FILE,
     Prometheus,
+    dashboard_query,
+    dashboard_targets,
     find_alertmanager,
     finish,
     plans,
+    resolve_variables,
     start_prometheus,
     start_service,
+    substitute,
     wait_for,
     wait_for_every_dashboard_query_to_return_data,
     wait_for_finished_total,
@@ -52,6 +59,37 @@ JOB = "primeintellect-builds"
 TEAM = "e2e-team"
 DISCOVERY: dict[str, object] = {"enabled": True, "interval": "30s", "team_id": TEAM}
 MISSING_BUILD = "e2e-missing"
+# FAILED builds with the build's own error message (the API's top-level errorMessage): one
+# whose artifacts have none, one whose artifact has one too.
+BUILD_ERROR = "build exceeded its 2h time limit"
+BOTH_ERRORS_BUILD_ERROR = "1 of 1 artifacts failed"
+BOTH_ERRORS_ARTIFACT_ERROR = "push to registry: 503 Service Unavailable"
+
+
+def failed_with_build_errors(now: float) -> list[tuple[BuildPlan, str]]:
+    """The FAILED builds whose answer has a build-level error message, with that message."""
+    return [
+        (
+            BuildPlan(
+                "e2e-build-error", "eval", "nightly", now - 900, 10, 20, 100, outcome="FAILED"
+            ),
+            BUILD_ERROR,
+        ),
+        (
+            BuildPlan(
+                "e2e-both-errors",
+                "eval",
+                "both",
+                now - 900,
+                10,
+                20,
+                100,
+                outcome="FAILED",
+                artifacts=(ArtifactPlan("CONTAINER_IMAGE", BOTH_ERRORS_ARTIFACT_ERROR),),
+            ),
+            BOTH_ERRORS_BUILD_ERROR,
+        ),
+    ]
 
 
 class WebhookReceiver:
@@ -121,9 +159,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     prometheus_binary = find_binary("prometheus")
     alertmanager = find_alertmanager()
     directory = tmp_path_factory.mktemp("e2e")
-    build_plans = plans(time.time())
+    now = time.time()
+    build_plans = plans(now)
+    with_build_errors = failed_with_build_errors(now)
+    build_plans += [plan for plan, _ in with_build_errors]
     with ExitStack() as cleanup:
         simulator = cleanup.enter_context(Simulator(CANARY_API_KEY, build_plans, team_id=TEAM))
+        for plan, message in with_build_errors:
+            simulator.set_payload(plan.build_id, plan.payload(now) | {"errorMessage": message})
         build_ids = [plan.build_id for plan in build_plans] + [MISSING_BUILD]
         config = make_config(simulator.base_url, build_ids, discovery=DISCOVERY)
         exporter = RunningExporter(config).start()
@@ -246,9 +289,12 @@ def test_a_failed_image_of_the_team_alerts_with_its_error_and_no_build_id_config
     def arrived() -> list[dict[str, Any]]:
         return stack.webhook.firing("PrimeIntellectImageFailed")
 
+    def arrived_for_canary() -> list[dict[str, Any]]:
+        return [alert for alert in arrived() if alert["labels"]["image_tag"] == "canary"]
+
     [alert] = wait_for(
-        arrived,
-        "PrimeIntellectImageFailed at the webhook",
+        arrived_for_canary,
+        "PrimeIntellectImageFailed for eval:canary at the webhook",
         lambda: str(stack.prometheus.active_alerts("PrimeIntellectImageFailed")),
     )
     labels = alert["labels"]
@@ -274,8 +320,17 @@ def test_only_the_failed_build_raises_the_failed_alert(stack: Stack) -> None:
     at_webhook = {
         alert["labels"]["build_id"] for alert in stack.webhook.firing("PrimeIntellectBuildFailed")
     }
-    assert in_prometheus == {"e2e-failing"}
-    assert at_webhook == {"e2e-failing"}
+    failed = {"e2e-failing", *(plan.build_id for plan, _ in failed_with_build_errors(0))}
+    wait_for(
+        lambda: (
+            {a["labels"]["build_id"] for a in stack.webhook.firing("PrimeIntellectBuildFailed")}
+            == failed
+        ),
+        "PrimeIntellectBuildFailed for every failed build at the webhook",
+        lambda: str(stack.webhook.firing("PrimeIntellectBuildFailed")),
+    )
+    assert in_prometheus == failed
+    assert at_webhook <= failed
 
 
 def test_build_held_in_building_for_hours_raises_the_stuck_alert(stack: Stack) -> None:
@@ -298,3 +353,43 @@ def test_build_held_in_building_for_hours_raises_the_stuck_alert(stack: Stack) -
 
 def test_every_dashboard_query_returns_data(stack: Stack) -> None:
     wait_for_every_dashboard_query_to_return_data(stack.prometheus)
+
+
+def test_failed_builds_table_gives_each_failed_build_the_builds_error_or_else_its_artifacts(
+    stack: Stack,
+) -> None:
+    query = dashboard_query(stack.prometheus, "Failed builds in the selected range")
+    rows = {
+        (
+            row["metric"]["build_id"],
+            row["metric"].get("source", ""),
+            row["metric"].get("artifact_type", ""),
+            row["metric"]["error_message"],
+        )
+        for row in stack.prometheus.query(query)
+    }
+    assert rows == {
+        ("e2e-failing", "artifact", "CONTAINER_IMAGE", FAILED_ERROR),
+        ("e2e-build-error", "build", "", BUILD_ERROR),
+        # The build's own message says why; its artifact's is on the build's page.
+        ("e2e-both-errors", "build", "", BOTH_ERRORS_BUILD_ERROR),
+    }
+
+
+def test_tracked_builds_panel_shows_every_state_unpolled_included(stack: Stack) -> None:
+    query = dashboard_query(stack.prometheus, "Tracked builds")
+    states = {row["metric"]["state"]: row["value"][1] for row in stack.prometheus.query(query)}
+    assert set(states) == {"active", "finished", "failing", "unpolled"}
+
+
+def test_every_legend_names_labels_its_query_returns(stack: Stack) -> None:
+    wait_for_every_dashboard_query_to_return_data(stack.prometheus)
+    dashboard = json.loads(DASHBOARD_FILE.read_text())
+    values = resolve_variables(stack.prometheus, dashboard)
+    unlabelled = []
+    for name, target in dashboard_targets(dashboard):
+        named = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
+        for series in stack.prometheus.query(substitute(target["expr"], values)):
+            if missing := named - set(series["metric"]):
+                unlabelled.append(f"{name}: {series['metric']} lacks {sorted(missing)}")
+    assert unlabelled == []

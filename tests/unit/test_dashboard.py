@@ -7,16 +7,29 @@ tests/deployment/test_end_to_end.py runs every query of it against a real Promet
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.helpers.docs import documented_metric_names
+from exporter.models import API_DOWN_OUTCOMES, Outcome
+from exporter.store import FINISHED_DURATION_BUCKETS, BuildState
+from exporter.telemetry import API_DOWN_AFTER_SECONDS, REQUEST_DURATION_BUCKETS
+from tests.helpers.docs import (
+    ALERTS_REFERENCE,
+    documented_metric_names,
+    documented_metrics,
+    section,
+    table_rows,
+)
 from tests.helpers.support import REPOSITORY
 
 DASHBOARD_FILE = REPOSITORY / "monitoring" / "dashboard.json"
+ALERTS_FILE = REPOSITORY / "monitoring" / "alerts.yaml"
+SELECTOR = 'job=~"$job", instance=~"$instance"'
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Variables Grafana itself provides to queries.
 BUILTIN_VARIABLES = {"__rate_interval", "__interval", "__range"}
@@ -189,7 +202,7 @@ def test_expressions_use_only_metrics_the_exporter_documents() -> None:
     assert used <= documented, f"undocumented metrics: {sorted(used - documented)}"
 
 
-def test_failed_builds_table_shows_image_tag_artifact_and_error_message() -> None:
+def test_failed_builds_table_shows_the_builds_error_or_else_its_artifacts_errors() -> None:
     (table,) = (
         panel
         for panel in query_panels(load())
@@ -201,3 +214,320 @@ def test_failed_builds_table_shows_image_tag_artifact_and_error_message() -> Non
     assert "[$__range]" in target["expr"]
     for label in ("image_name", "image_tag", "artifact_id", "artifact_type", "error_message"):
         assert label in target["expr"], label
+    # The build's own message first; an artifact's only for a build without one.
+    build_error = target["expr"].index("primeintellect_image_build_error_info")
+    artifact_error = target["expr"].index("primeintellect_image_build_artifact_error_info")
+    assert build_error < artifact_error
+    between = target["expr"][build_error:artifact_error]
+    assert re.search(r"\bor on \(build_id\)", between)
+    (organize,) = table["transformations"]
+    assert set(organize["options"]["indexByName"]) >= {"error_message", "source", "artifact_type"}
+
+
+# --- what each panel says it shows ------------------------------------------------------------
+
+# Labels every series has from its scrape target; the Prometheus Operator adds the others.
+TARGET_LABELS = frozenset({"job", "instance"})
+SCRAPE_PATH_LABELS = frozenset({"service", "endpoint"})
+HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
+# Units that say "per time": Grafana's requests per second, or a custom "per hour" suffix.
+RATE_UNIT = re.compile(r"reqps|ops|suffix:.+/(s|min|h)")
+# A window that follows the zoom: a count over it grows and shrinks as one zooms.
+ZOOMED_WINDOW = re.compile(r"\bincrease\([^()]*\[\$(__rate_interval|__interval)\]\)")
+LEGEND_LABEL = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+
+
+def family_labels(name: str) -> frozenset[str] | None:
+    """The labels of the metric ``name`` as a query sees them (its family's, the target's and a
+    bucket's ``le``); None when the exporter has no such metric."""
+    if name == "up":
+        return TARGET_LABELS
+    families = documented_metrics()
+    if name in families:
+        return families[name].labels | TARGET_LABELS
+    for suffix in HISTOGRAM_SUFFIXES:
+        base = name.removesuffix(suffix)
+        if base != name and base in families and families[base].type == "histogram":
+            le = {"le"} if suffix == "_bucket" else set()
+            return families[base].labels | TARGET_LABELS | le
+    return None
+
+
+def matching_paren(text: str, start: int) -> int:
+    """The index of the ``)`` closing the ``(`` at ``start``."""
+    depth = 0
+    for index in range(start, len(text)):
+        if text[index] == "(":
+            depth += 1
+        elif text[index] == ")":
+            depth -= 1
+            if depth == 0:
+                return index
+    raise AssertionError(f"unbalanced parentheses: {text[start:]}")
+
+
+def labels_in(expression: str) -> frozenset[str]:
+    """Every label the series of ``expression`` may carry: its metrics' labels and the labels
+    label_replace or label_join add."""
+    labels: set[str] = set()
+    for name in re.findall(r"\b([a-z_]+)\{", expression):
+        labels |= family_labels(name) or set()
+    labels |= set(re.findall(r'\)\s*,\s*"(\w+)"\s*,', expression))
+    return frozenset(labels)
+
+
+def unknown_labels(expression: str) -> list[str]:
+    """What names a label its metrics lack: a matcher of a selector, a grouping or matching
+    clause (an aggregation's ``by`` against the metrics it aggregates)."""
+    problems = []
+    for name, matchers in re.findall(r"\b([a-z_]+)\{([^}]*)\}", expression):
+        labels = family_labels(name)
+        if labels is None:
+            problems.append(f"{name}: no such metric")
+            continue
+        for label in re.findall(r'(\w+)\s*(?:=~|!~|!=|=)\s*"', matchers):
+            if label not in labels:
+                problems.append(f"{name} has no label {label}")
+    everywhere = labels_in(expression)
+    for match in re.finditer(
+        r"\b(by|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", expression
+    ):
+        clause, named = match.group(1), {label.strip() for label in match.group(2).split(",")}
+        named.discard("")
+        scope = everywhere
+        if clause == "by":
+            start = expression.index("(", match.end())
+            scope = labels_in(expression[start : matching_paren(expression, start) + 1])
+        problems += [f"{clause} ({label}): no metric there has it" for label in named - scope]
+    for match in re.finditer(r"\bwithout\s*\(([^)]*)\)", expression):
+        named = {label.strip() for label in match.group(1).split(",")}
+        problems += [f"without ({label})" for label in named - everywhere - SCRAPE_PATH_LABELS]
+    return problems
+
+
+def targets(panel: dict[str, Any]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = panel["targets"]
+    return found
+
+
+def test_the_images_row_comes_first_where_a_discovery_only_user_sees_it() -> None:
+    first, *_ = load()["panels"]
+    assert first["type"] == "row"
+    assert "discovery.images" in first["title"]
+    assert first["gridPos"]["y"] == 0
+    assert not first["collapsed"]
+
+
+def test_every_panel_has_a_description_and_a_unit() -> None:
+    for panel in query_panels(load()):
+        assert panel.get("description", "").strip(), panel["title"]
+        unit = panel["fieldConfig"]["defaults"].get("unit")
+        assert isinstance(unit, str), panel["title"]
+        assert unit.strip(), panel["title"]
+
+
+def test_titles_and_descriptions_name_only_metrics_the_exporter_exposes() -> None:
+    # docs/metrics.md is held to the exporter's families by tests/unit/test_docs.py.
+    for panel in all_panels(load()):
+        text = f"{panel['title']} {panel.get('description', '')}"
+        for name in re.findall(r"\bprimeintellect_\w+", text):
+            assert family_labels(name) is not None, f"{panel['title']}: {name}"
+
+
+def test_a_query_naming_a_label_its_metric_lacks_is_caught() -> None:
+    assert unknown_labels('sum by (reason) (primeintellect_exporter_api_up{job=~"$job"})') == [
+        "by (reason): no metric there has it"
+    ]
+    assert unknown_labels('primeintellect_exporter_builds{status="active"}') == [
+        "primeintellect_exporter_builds has no label status"
+    ]
+    assert unknown_labels("primeintellect_image_build_nothing{}") == [
+        "primeintellect_image_build_nothing: no such metric"
+    ]
+    assert (
+        unknown_labels(
+            'label_replace(max by (build_id) (primeintellect_image_build_info{job="x"}), "source",'
+            ' "build", "", "") or on (source) up{job="x"}'
+        )
+        == []
+    )
+
+
+@pytest.mark.parametrize("expression", expressions(load()))
+def test_every_query_uses_only_labels_its_metrics_have(expression: str) -> None:
+    assert unknown_labels(expression) == []
+
+
+def test_every_legend_and_table_column_is_a_label_of_its_query() -> None:
+    for panel in query_panels(load()):
+        exprs = " ".join(target["expr"] for target in targets(panel))
+        labels = labels_in(exprs)
+        for target in targets(panel):
+            named = set(LEGEND_LABEL.findall(target.get("legendFormat", "")))
+            assert named <= labels, f"{panel['title']}: {named - labels}"
+        for transformation in panel.get("transformations", []):
+            columns = set(transformation["options"].get("indexByName", {}))
+            columns = {column for column in columns if not column.startswith("Value")}
+            assert columns <= labels, f"{panel['title']}: {columns - labels}"
+
+
+def test_the_series_of_one_panel_are_split_by_the_same_labels() -> None:
+    # A count beside per-reason sums reads as one more reason.
+    for panel in query_panels(load()):
+        legends = {
+            frozenset(LEGEND_LABEL.findall(target.get("legendFormat", "")))
+            for target in targets(panel)
+        }
+        assert len(legends) == 1, f"{panel['title']}: {legends}"
+
+
+def test_no_chart_draws_one_series_per_build() -> None:
+    # At hundreds of builds a line or bar each is unreadable: per-build values are top-N tables.
+    for panel in query_panels(load()):
+        for target in targets(panel):
+            if panel["type"] != "table":
+                assert "build_id" not in LEGEND_LABEL.findall(target.get("legendFormat", ""))
+            elif "build_id" in target["expr"] and "topk" not in target["expr"]:
+                # The other build tables list only the failed or the unfinished builds.
+                statuses = re.findall(
+                    r'primeintellect_image_build_status\{[^}]*status=~?"([^"]+)"', target["expr"]
+                )
+                assert statuses, panel["title"]
+                assert all("COMPLETED" not in status for status in statuses), panel["title"]
+
+
+def test_rates_are_shown_in_a_unit_per_time() -> None:
+    for panel in query_panels(load()):
+        exprs = [target["expr"] for target in targets(panel)]
+        says_rate = re.search(r"\brate\b|per (second|minute|hour)\b", panel["title"], re.I)
+        if says_rate or any("rate(" in e and "histogram_quantile" not in e for e in exprs):
+            unit = panel["fieldConfig"]["defaults"]["unit"]
+            assert RATE_UNIT.fullmatch(unit), f"{panel['title']}: {unit}"
+
+
+def test_no_count_is_taken_over_a_window_that_follows_the_zoom() -> None:
+    for panel in query_panels(load()):
+        for target in targets(panel):
+            assert not ZOOMED_WINDOW.search(target["expr"]), panel["title"]
+            if panel["type"] == "timeseries":
+                assert "$__range" not in target["expr"], panel["title"]
+
+
+def duration_bars() -> dict[str, Any]:
+    (panel,) = (
+        panel
+        for panel in query_panels(load())
+        if panel["type"] == "bargauge"
+        and all("builds_finished_duration_seconds_bucket" in t["expr"] for t in targets(panel))
+    )
+    return panel
+
+
+def human_duration(seconds: float) -> str:
+    return f"{seconds / 3600:g}h" if seconds >= 3600 else f"{seconds / 60:g}m"
+
+
+def test_duration_bars_are_the_exporters_buckets_each_named_by_its_bounds() -> None:
+    bounds = [*FINISHED_DURATION_BUCKETS, math.inf]
+    panel = duration_bars()
+    assert len(targets(panel)) == len(bounds)
+    lower = None
+    for target, upper in zip(targets(panel), bounds, strict=True):
+        used = sorted(float(le) for le in re.findall(r'le="([^"]+)"', target["expr"]))
+        if lower is None:
+            assert target["legendFormat"] == f"≤ {human_duration(upper)}"
+            assert used == [upper]
+        else:
+            # One bucket alone: the cumulative count up to its upper bound, less the one below.
+            assert re.fullmatch(r"sum \(.*\)\n-\nsum \(.*\)", target["expr"], re.DOTALL)
+            assert used == [lower, upper]
+            expected = (
+                f"> {human_duration(lower)}"
+                if upper == math.inf
+                else f"{human_duration(lower)}\N{EN DASH}{human_duration(upper)}"
+            )
+            assert target["legendFormat"] == expected
+        lower = upper
+    assert "cumulative" in panel["description"]
+
+
+def panel_titled(title: str) -> dict[str, Any]:
+    (panel,) = (panel for panel in query_panels(load()) if panel["title"] == title)
+    return panel
+
+
+def test_api_up_is_described_by_the_exporters_window_and_what_counts_as_unusable() -> None:
+    description = panel_titled("API up")["description"]
+    assert f"{API_DOWN_AFTER_SECONDS:g} s" in description
+    assert re.findall(r"\b\d\d\d\b", description) == ["401", "403", "404", "429"]
+    statuses = {"401": Outcome.UNAUTHORIZED, "403": Outcome.FORBIDDEN}
+    statuses |= {"404": Outcome.NOT_FOUND, "429": Outcome.RATE_LIMITED}
+    unusable = description.split("unusable:")[1].split(";")[0]
+    for status, outcome in statuses.items():
+        assert (status in unusable) == (outcome in API_DOWN_OUTCOMES), status
+
+
+def test_tracked_builds_names_every_state() -> None:
+    description = panel_titled("Tracked builds")["description"]
+    for state in BuildState:
+        assert f"{state.value} (" in description or f"{state.value}," in description, state
+
+
+def test_stale_builds_are_counted_as_the_stale_alert_counts_them() -> None:
+    rules = yaml.safe_load(ALERTS_FILE.read_text())
+    (rule,) = (
+        rule
+        for group in rules["groups"]
+        for rule in group["rules"]
+        if rule.get("alert") == "PrimeIntellectBuildDataStale"
+    )
+    (threshold,) = re.findall(r"last_poll_success_timestamp_seconds\) > (\d+)", rule["expr"])
+    panel = panel_titled("Stale unfinished builds")
+    (target,) = targets(panel)
+    assert f"timestamp_seconds{{{SELECTOR}}}) > {threshold}\n" in target["expr"]
+    assert f"for {int(threshold) // 60} minutes" in panel["description"]
+    assert target["legendFormat"] == f"stale for {int(threshold) // 60}m"
+
+
+def test_each_config_source_is_shown_so_one_success_cannot_hide_a_failure() -> None:
+    (target,) = targets(panel_titled("Config reload"))
+    assert target["expr"].startswith("min by (instance, source) (")
+    assert "{{source}}" in target["legendFormat"]
+
+
+@pytest.mark.parametrize(
+    "title", ["Stale unfinished builds", "Builds whose last poll failed, by reason"]
+)
+def test_poll_health_follows_the_image_variable_by_each_builds_last_known_image(title: str) -> None:
+    # Poll series carry only build_id. Leaving out builds known to be of other images keeps
+    # the builds that never answered (no image at all) under every choice, All included.
+    (target,) = targets(panel_titled(title))
+    assert re.search(
+        r"unless on \(job, instance, build_id\)\s+last_over_time\(primeintellect_image_build_info"
+        r'\{[^}]*image_name!~"\$image"\}\[1d\]\)',
+        target["expr"],
+    )
+
+
+def test_the_documents_panel_table_lists_every_row_and_panel_in_the_dashboards_order() -> None:
+    table = section(ALERTS_REFERENCE.read_text(), "The panels")
+    _header, *rows = table_rows(table)
+    documented = [row[0] for row in rows]
+    shown = [
+        f"**{panel['title']}**" if panel["type"] == "row" else panel["title"]
+        for panel in all_panels(load())
+    ]
+    assert documented == shown
+
+
+def test_quantile_panels_state_the_exporters_bucket_ranges() -> None:
+    first, *_, last = FINISHED_DURATION_BUCKETS
+    finished = panel_titled("Duration of builds finished in the last hour, by image")
+    assert f"({human_duration(first)} to {human_duration(last)};" in finished["description"]
+    assert (
+        f"beyond {human_duration(last)} it reads {human_duration(last)}"
+        in (finished["description"])
+    )
+    first, *_, last = REQUEST_DURATION_BUCKETS
+    requests = panel_titled("API request latency")
+    assert f"({first * 1000:g} ms to {last:g} s;" in requests["description"]
