@@ -90,14 +90,12 @@ def test_a_helm_upgrade_adding_a_build_and_changing_config_applies_in_the_runnin
             response.raise_for_status()
             return response.text
 
+        def polled(*build_ids: str) -> bool:
+            text = metrics()
+            return all(f'last_poll_success{{build_id="{b}"}} 1.0' in text for b in build_ids)
+
         with client:
-            for build_id in ("done", "running"):
-                wait_until(
-                    lambda build_id=build_id: (
-                        f'last_poll_success{{build_id="{build_id}"}} 1.0' in metrics()
-                    ),
-                    message=f"{build_id} to be polled",
-                )
+            wait_until(lambda: polled("done", "running"), message="the builds to be polled")
             assert "primeintellect_image_build_artifact_info{" in metrics()
             assert polls(simulator, "done") == 1
 
@@ -109,10 +107,7 @@ def test_a_helm_upgrade_adding_a_build_and_changing_config_applies_in_the_runnin
             updated = ["build-ids", "config", *(["web-config"] if basic_auth else [])]
             assert sorted(volumes.update(render_chart(second))) == updated
 
-            wait_until(
-                lambda: 'last_poll_success{build_id="added"} 1.0' in metrics(),
-                message="the added build to be polled",
-            )
+            wait_until(lambda: polled("added"), message="the added build to be polled")
             wait_until(
                 lambda: "primeintellect_image_build_artifact_info{" not in metrics(),
                 message="the changed config to apply",
