@@ -121,9 +121,9 @@ class PerScrapeFamilies:
 class Exporter:
     """The exporter for one configuration: build it, then ``serve`` or ``poll_once``.
 
-    ``load_config`` reads the configuration again on reload (SIGHUP, ``POST /-/reload``);
-    without it a reload re-applies the current one. With ``use_state`` and ``state.path``
-    the state file is opened and loaded here, before anything is served.
+    ``load_config`` reads the configuration again on reload (SIGHUP, ``POST /-/reload``, a
+    changed config file); without it a reload re-applies the current one. With ``use_state``
+    and ``state.path`` the state file is opened and loaded here, before anything is served.
     """
 
     def __init__(
@@ -315,7 +315,7 @@ class Exporter:
         if on_listening is not None:
             on_listening(server.url)
         self._poller_task = asyncio.create_task(self._supervise_poller(), name="poller")
-        watcher = asyncio.create_task(self.reloader.watch_build_files(), name="build-files")
+        watcher = asyncio.create_task(self.reloader.watch_files(), name="config-files")
         saver = asyncio.create_task(self._save_state(), name="state")
         self._start_or_stop_discovery()
         try:

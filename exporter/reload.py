@@ -1,6 +1,7 @@
 """Every way the configuration changes, through one path.
 
-SIGHUP, ``POST /-/reload`` and a changed build file each produce a new ``Config``; one lock
+SIGHUP, ``POST /-/reload``, a changed config file and a changed build file each produce a
+new ``Config``; one lock
 orders them, one ``Applier`` puts them into effect on the running parts, and a bad one keeps
 the running configuration.
 """
@@ -17,7 +18,7 @@ from typing import Any
 from exporter.api import ApiClient
 from exporter.blocking import in_daemon_thread
 from exporter.build_discovery import BuildDiscovery
-from exporter.config.loading import build_files_fingerprint, collect_build_ids
+from exporter.config.loading import build_files_fingerprint, collect_build_ids, file_identity
 from exporter.config.schema import Config
 from exporter.config.wording import ConfigError
 from exporter.discovery import ImageDiscovery
@@ -27,9 +28,10 @@ from exporter.telemetry import Component, Telemetry
 
 log = logging.getLogger(__name__)
 
-# How long build files must look the same before a change is read: a shell's `>` truncates
-# a file before the new text is written, and a generating script may take a moment.
-BUILD_FILES_SETTLE_SECONDS = 1.0
+# How long the config and build files must look the same before a change is read: a shell's
+# `>` truncates a file before the new text is written, and a generating script may take a
+# moment.
+FILES_SETTLE_SECONDS = 1.0
 
 
 def create_client(config: Config) -> ApiClient:
@@ -119,8 +121,8 @@ class Applier:
 
 
 class Reloader:
-    """Reads a new configuration when asked, or when the build files change, and has the
-    ``applier`` put it into effect.
+    """Reads a new configuration when asked, or when the config file or the build files
+    change, and has the ``applier`` put it into effect.
 
     ``load_config`` makes the configuration again, such as a ``ConfigLoader``.
     """
@@ -137,75 +139,116 @@ class Reloader:
         self._telemetry = telemetry
         self._internal_error = internal_error
         self._lock = asyncio.Lock()
+        # The files as last read, whatever came of it: a change is read once, so a bad file
+        # is reported once, not at every check.
+        self._read = _look(applier.config)
 
     async def reload(self) -> str | None:
         """Read the config file (and its build files) again; the error, or None."""
-        return await self._reload("config", self._load_config)
+        async with self._lock:
+            return await self._reload_config()
 
-    async def watch_build_files(self) -> None:
-        """Reload the build files whenever they change; runs until cancelled.
+    async def watch_files(self) -> None:
+        """Reload the config file or the build files whenever they change; runs until
+        cancelled.
 
-        A change is read once the files have looked the same for BUILD_FILES_SETTLE_SECONDS,
-        and a read during which they changed again is not used: a file truncated and
-        rewritten in place never drops its builds for a moment.
+        Files are compared by inode, modification time and size, following symlinks, so a
+        file replaced by a rename, or a Kubernetes volume whose ``..data`` link moves to a
+        new directory, counts as changed. A change is read once the files have looked the
+        same for FILES_SETTLE_SECONDS, and a build file read during which they changed again
+        is not used: a file truncated and rewritten in place never drops its builds for a
+        moment. A changed config file is read whole (source ``config``); changed build files
+        alone, with the running config (source ``build_files``).
         """
         loop = asyncio.get_running_loop()
-        applied: tuple[object, ...] | None = None
-        changing: tuple[object, ...] | None = None
+        changing: _Files | None = None
         changed_at = 0.0
         while True:
             try:
                 config = self._applier.config
                 current = await in_daemon_thread(
-                    functools.partial(_fingerprint, config), "build-files-check"
+                    functools.partial(_look, config), "config-files-check"
                 )
-                if applied is None:
-                    applied = current
-                elif current == applied:
+                if current == self._read:
                     changing = None
                 elif current != changing:
                     changing, changed_at = current, loop.time()
-                elif loop.time() - changed_at >= BUILD_FILES_SETTLE_SECONDS:
-                    read = functools.partial(_read_build_files, config, current)
+                elif loop.time() - changed_at >= FILES_SETTLE_SECONDS:
                     changing = None
-                    await self._reload("build_files", read)
-                    applied = current
+                    async with self._lock:
+                        await self._read_changed(current)
             except _ChangedWhileReadError:
                 pass  # read again once they settle
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
                 self._internal_error(Component.RELOAD, error)
             await asyncio.sleep(self._applier.config.polling.build_files_refresh_interval)
 
+    async def _read_changed(self, current: _Files) -> None:
+        if current.config_file != self._read.config_file:
+            await self._reload_config()
+        elif current.build_files != self._read.build_files:
+            config = self._applier.config
+            read = functools.partial(_read_build_files, config, current.build_files)
+            await self._reload("build_files", read)
+            self._read = dataclasses.replace(self._read, build_files=current.build_files)
+
+    async def _reload_config(self) -> str | None:
+        # Taken before the read, so that a change made during it is seen at the next check.
+        # The build files are compared with the old config's globs: if the new one names
+        # others, they look changed and are read once more, which changes nothing.
+        before = await in_daemon_thread(
+            functools.partial(_look, self._applier.config), "config-files-check"
+        )
+        error = await self._reload("config", self._load_config)
+        # A bad config file leaves the build files to be read with the running config.
+        self._read = (
+            before
+            if error is None
+            else dataclasses.replace(self._read, config_file=before.config_file)
+        )
+        return error
+
     async def _reload(self, source: str, load: Callable[[], Config]) -> str | None:
-        async with self._lock:
-            try:
-                # A hung read must not hold up shutdown: the thread is left behind if need be.
-                config = await in_daemon_thread(load, f"reload-{source}")
-                added, removed = self._applier.apply(config)
-            except _ChangedWhileReadError:
-                raise
-            except ConfigError as error:
-                self._telemetry.set_config_reload_successful(source, False)
-                log.error(
-                    "reload failed; the running configuration stays",
-                    extra={"source": source, "error": str(error)},
-                )
-                return str(error)
-            except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
-                self._telemetry.set_config_reload_successful(source, False)
-                self._internal_error(Component.RELOAD, error)
-                return "unexpected error; see the exporter's log"
-            self._telemetry.set_config_reload_successful(source, True)
-            log.info(
-                "configuration reloaded",
-                extra={
-                    "source": source,
-                    "builds": len(config.owned_build_ids),
-                    "added": added,
-                    "removed": removed,
-                },
+        try:
+            # A hung read must not hold up shutdown: the thread is left behind if need be.
+            config = await in_daemon_thread(load, f"reload-{source}")
+            added, removed = self._applier.apply(config)
+        except _ChangedWhileReadError:
+            raise
+        except ConfigError as error:
+            self._telemetry.set_config_reload_successful(source, False)
+            log.error(
+                "reload failed; the running configuration stays",
+                extra={"source": source, "error": str(error)},
             )
-            return None
+            return str(error)
+        except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
+            self._telemetry.set_config_reload_successful(source, False)
+            self._internal_error(Component.RELOAD, error)
+            return "unexpected error; see the exporter's log"
+        self._telemetry.set_config_reload_successful(source, True)
+        log.info(
+            "configuration reloaded",
+            extra={
+                "source": source,
+                "builds": len(config.owned_build_ids),
+                "added": added,
+                "removed": removed,
+            },
+        )
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Files:
+    """What the config file and the build files look like at one moment."""
+
+    config_file: object
+    build_files: tuple[object, ...]
+
+
+def _look(config: Config) -> _Files:
+    return _Files(file_identity(config.source), _fingerprint(config))
 
 
 def _fingerprint(config: Config) -> tuple[object, ...]:

@@ -185,16 +185,26 @@ def collect_build_ids(file: ConfigFile, base_directory: Path) -> tuple[str, ...]
     return unique
 
 
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """The file's inode, modification time and size, through symlinks; None if unreadable.
+
+    A file replaced by a rename, as a Kubernetes volume's ``..data`` link is, has a new inode.
+    """
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
 def build_files_fingerprint(patterns: list[str], base_directory: Path) -> tuple[object, ...]:
     """What the build files look like now; a different value means they changed."""
     fingerprint: list[object] = []
     for pattern in patterns:
         for name in _glob_build_files(pattern, base_directory):
-            try:
-                stat = Path(name).stat()
-            except OSError:
-                continue
-            fingerprint.append((name, stat.st_ino, stat.st_mtime_ns, stat.st_size))
+            identity = file_identity(Path(name))
+            if identity is not None:
+                fingerprint.append((name, *identity))
     return tuple(fingerprint)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import helm_python as helm
 import kubernetes_validate  # type: ignore[import-untyped]  # ships no type information
 import pytest
@@ -25,11 +26,13 @@ from pydantic import BaseModel, ValidationError
 
 from exporter import __version__
 from exporter.config.schema import ConfigFile
+from exporter.web.webconfig import _BCRYPT_HASH
 from tests.helpers import docs
 from tests.helpers.chart import (
     CASES,
     CHART,
     FULLNAME,
+    MINIMAL_VALUES,
     NAMESPACE,
     RELEASE,
     Rendered,
@@ -39,7 +42,9 @@ from tests.helpers.chart import (
     selects,
     values_of,
 )
-from tests.helpers.support import REPOSITORY, SCRIPT, environment
+from tests.helpers.pki import bcrypt_hash, make_pki
+from tests.helpers.pod import PodVolumes, container_arguments
+from tests.helpers.support import CANARY_API_KEY, REPOSITORY, SCRIPT, environment
 
 API_KEY_FILE = "/etc/primeintellect-build-exporter/secrets/api-key"
 ALERTS = REPOSITORY / "monitoring" / "alerts.yaml"
@@ -56,18 +61,17 @@ CORE_KINDS = {
 }
 
 
-def checksums(rendered: Rendered) -> dict[str, str]:
-    annotations: dict[str, str] = rendered.workload()["spec"]["template"]["metadata"]["annotations"]
-    return {key: value for key, value in annotations.items() if key.startswith("checksum/")}
-
-
 def test_ci_values_files_cover_every_scenario() -> None:
     assert set(CASES) == {
-        "defaults",
+        "minimal",
         "all-features",
         "existing-secret",
         "shards",
         "no-servicemonitor",
+        "no-persistence",
+        "tls",
+        "basic-auth",
+        "tls-basic-auth",
     }
 
 
@@ -79,41 +83,40 @@ def test_chart_lints_without_warnings_or_errors(case: str) -> None:
     assert [message for message in report["messages"] if message["severity"] >= 2] == []
 
 
-EXPECTED_KINDS = {
-    "defaults": {"Deployment": 1, "Service": 1, "ConfigMap": 1, "Secret": 1, "ServiceAccount": 1},
+# Every install has the config and builds ConfigMaps; the PersistentVolumeClaim unless
+# persistence is off or the shards' StatefulSet makes claims itself.
+BASE_KINDS = {"Service": 1, "ConfigMap": 2, "ServiceAccount": 1}
+EXPECTED_KINDS: dict[str, dict[str, int]] = {
+    "minimal": {"Deployment": 1, "Secret": 1, "PersistentVolumeClaim": 1},
     "all-features": {
         "Deployment": 1,
         "PersistentVolumeClaim": 1,
-        "Service": 1,
-        "ConfigMap": 2,
+        "ConfigMap": 3,
         "Secret": 1,
-        "ServiceAccount": 1,
         "ServiceMonitor": 1,
         "PrometheusRule": 1,
         "NetworkPolicy": 1,
     },
-    "existing-secret": {"Deployment": 1, "Service": 1, "ConfigMap": 1, "ServiceAccount": 1},
-    "shards": {
-        "StatefulSet": 1,
-        "Service": 2,
-        "ConfigMap": 1,
-        "ServiceAccount": 1,
-        "ServiceMonitor": 1,
-    },
+    "existing-secret": {"Deployment": 1, "PersistentVolumeClaim": 1},
+    "shards": {"StatefulSet": 1, "Service": 2, "ServiceMonitor": 1},
     "no-servicemonitor": {
         "Deployment": 1,
-        "Service": 1,
-        "ConfigMap": 2,
+        "ConfigMap": 3,
         "Secret": 1,
-        "ServiceAccount": 1,
         "PrometheusRule": 1,
+        "PersistentVolumeClaim": 1,
     },
+    "no-persistence": {"Deployment": 1},
+    # The web config Secret; with basic-auth, the key's Secret too.
+    "tls": {"Deployment": 1, "PersistentVolumeClaim": 1, "Secret": 1, "ServiceMonitor": 1},
+    "basic-auth": {"Deployment": 1, "PersistentVolumeClaim": 1, "Secret": 2, "ServiceMonitor": 1},
+    "tls-basic-auth": {"StatefulSet": 1, "Service": 2, "Secret": 1, "ServiceMonitor": 1},
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_chart_renders_exactly_the_objects_each_scenario_needs(case: str) -> None:
-    assert render_case(case).kinds() == Counter(EXPECTED_KINDS[case])
+    assert render_case(case).kinds() == Counter({**BASE_KINDS, **EXPECTED_KINDS[case]})
 
 
 def kubernetes_versions() -> list[str]:
@@ -211,7 +214,7 @@ def test_api_key_reaches_the_pod_only_as_a_mounted_file(case: str) -> None:
         assert variable["name"] != "PRIME_API_KEY"
     key = values_of(case).get("apiKey", {}).get("value")
     if key:
-        secret = rendered.one("Secret")
+        secret = rendered.one("Secret")  # the key's, named after the release
         assert base64.b64decode(secret["data"]["api-key"]).decode() == key
         for obj in rendered.objects:
             assert all(key not in text for text in walk_strings(obj)), obj["kind"]
@@ -224,7 +227,9 @@ def test_config_points_at_the_file_the_secret_is_mounted_as(case: str) -> None:
     values = values_of(case).get("apiKey", {})
     config = yaml.safe_load(rendered.config_text())
     assert config["api"]["api_key_file"] == API_KEY_FILE
-    secret_volumes = [volume for volume in rendered.pod_spec()["volumes"] if "secret" in volume]
+    secret_volumes = [
+        volume for volume in rendered.pod_spec()["volumes"] if volume["name"] == "api-key"
+    ]
     assert len(secret_volumes) == 1
     secret = secret_volumes[0]["secret"]
     expected_secret = values.get("existingSecret") or FULLNAME
@@ -245,22 +250,28 @@ def test_config_points_at_the_file_the_secret_is_mounted_as(case: str) -> None:
         assert rendered.one("Secret")["data"].keys() == {"api-key"}
 
 
+def outside_objects(directory: Path) -> dict[str, dict[str, str]]:
+    """The ConfigMaps and Secrets the ci values name but the chart does not make: the key's
+    Secret, the TLS Secret (a certificate for localhost), an empty ConfigMap of build files."""
+    pki = make_pki(directory)
+    return {
+        "primeintellect-api-key": {"api-key": CANARY_API_KEY, "token": CANARY_API_KEY},
+        "builds-exporter-tls": {
+            "tls.crt": pki.server.cert.read_text(),
+            "tls.key": pki.server.key.read_text(),
+        },
+        "primeintellect-builds": {},
+    }
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_rendered_config_passes_the_exporters_own_config_check(case: str, tmp_path: Path) -> None:
     rendered = render_case(case)
-    text = rendered.config_text()
-    assert text.count(API_KEY_FILE) == 1
-    key_file = tmp_path / "api-key"
-    key_file.write_text("pk-config-check\n")
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(text.replace(API_KEY_FILE, str(key_file)))
-    # The container's own arguments, with the config file and the pod name of the
+    assert rendered.config_text().count(API_KEY_FILE) == 1
+    volumes = PodVolumes(rendered, tmp_path / "pod", outside_objects(tmp_path))
+    # The container's own arguments (the web config file's too), with the pod name of the
     # third StatefulSet pod put in as Kubernetes would.
-    arguments = []
-    for argument in rendered.container()["args"]:
-        if argument.startswith("--config.file="):
-            argument = f"--config.file={config_file}"
-        arguments.append(argument.replace("$(POD_NAME)", f"{FULLNAME}-2"))
+    arguments = container_arguments(rendered, volumes, f"{FULLNAME}-2")
     result = subprocess.run(
         [SCRIPT, *arguments, "--config.check"],
         capture_output=True,
@@ -278,7 +289,7 @@ def test_rendered_config_passes_the_exporters_own_config_check(case: str, tmp_pa
 
 
 def test_a_single_exporter_runs_as_a_deployment_without_shard_flags() -> None:
-    rendered = render_case("defaults")
+    rendered = render_case("minimal")
     deployment = rendered.one("Deployment")
     assert deployment["spec"]["replicas"] == 1
     assert not [arg for arg in rendered.container()["args"] if arg.startswith("--shard.")]
@@ -350,12 +361,25 @@ def test_state_file_lives_on_the_state_volume(case: str) -> None:
     assert "readOnly" not in mounts["state"]
 
 
-def test_state_is_an_empty_dir_by_default_which_survives_container_restarts() -> None:
-    rendered = render_case("defaults")
+def test_state_is_kept_on_a_claim_by_default_so_a_new_pod_starts_from_it() -> None:
+    rendered = render_case("minimal")
+    claim = rendered.one("PersistentVolumeClaim", f"{FULLNAME}-state")
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": "1Gi"}},
+    }
+    volumes = {volume["name"]: volume for volume in rendered.pod_spec()["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"] == {"claimName": f"{FULLNAME}-state"}
+    assert rendered.workload()["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_without_persistence_the_state_is_an_empty_dir_which_survives_container_restarts() -> None:
+    rendered = render_case("no-persistence")
     volumes = {volume["name"]: volume for volume in rendered.pod_spec()["volumes"]}
     assert volumes["state"] == {"name": "state", "emptyDir": {"sizeLimit": "256Mi"}}
     assert "strategy" not in rendered.workload()["spec"]
     assert rendered.all("PersistentVolumeClaim") == []
+    assert "a new pod polls every build again" in rendered.notes
 
 
 def test_persistent_state_of_one_exporter_is_a_claim_and_pods_never_overlap() -> None:
@@ -382,7 +406,7 @@ def test_persistent_state_of_shards_is_a_claim_per_pod() -> None:
 
 
 def test_probes_use_the_exporters_health_and_readiness_endpoints() -> None:
-    container = render_case("defaults").container()
+    container = render_case("minimal").container()
     assert container["livenessProbe"]["httpGet"] == {"path": "/-/healthy", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/-/ready", "port": "http"}
     assert [port["name"] for port in container["ports"]] == ["http"]
@@ -422,7 +446,11 @@ def test_prometheus_rule_carries_the_repository_alerts_with_only_the_job_selecto
     )
 
 
-WITH_MONITORING = {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}
+WITH_MONITORING = {
+    **MINIMAL_VALUES,
+    "serviceMonitor": {"enabled": True},
+    "prometheusRule": {"enabled": True},
+}
 
 
 @pytest.mark.parametrize(
@@ -489,27 +517,211 @@ def test_packaged_chart_holds_the_linked_files_as_regular_files(tmp_path: Path) 
         assert extracted.read().decode() == ALERTS.read_text()
         assert not [name for name in tar.getnames() if "/ci/" in name]
     with helm.Chart.load(archive) as chart:
-        manifests = chart.render({"prometheusRule": {"enabled": True}}, name=RELEASE)
+        manifests = chart.render(
+            {**MINIMAL_VALUES, "prometheusRule": {"enabled": True}}, name=RELEASE
+        )
     [rule] = [text for name, text in manifests.items() if name.endswith("prometheusrule.yaml")]
     assert yaml.safe_load(rule)["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
 
 
-def test_checksum_annotations_change_with_the_config_and_the_key_only() -> None:
-    base_values: dict[str, Any] = {"apiKey": {"value": "pk-one"}, "config": {"builds": ["b1"]}}
-    base = checksums(render_chart(base_values))
-    assert base.keys() == {"checksum/config", "checksum/secret"}
-    new_config = checksums(render_chart({**base_values, "config": {"builds": ["b1", "b2"]}}))
-    assert new_config["checksum/config"] != base["checksum/config"]
-    assert new_config["checksum/secret"] == base["checksum/secret"]
-    new_interval = checksums(
-        render_chart({**base_values, "config": {"polling": {"interval": "1m"}}})
+def pod_template(values: dict[str, Any]) -> str:
+    """The workload's pod template as Kubernetes compares it: any change replaces the pods."""
+    return yaml.safe_dump(render_chart(values).workload()["spec"]["template"])
+
+
+UPGRADE_BASE: dict[str, Any] = {
+    "apiKey": {"value": "pk-one"},
+    "config": {"builds": ["b1"], "polling": {"interval": "30s"}},
+}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"config": {"builds": ["b1", "b2"]}}, id="a-build-added"),
+        pytest.param({"config": {"builds": []}}, id="every-build-removed"),
+        pytest.param({"config": {"polling": {"interval": "1m"}}}, id="polling-interval"),
+        pytest.param({"config": {"api": {"requests_per_second": 0.5}}}, id="request-budget"),
+        pytest.param({"config": {"discovery": {"builds": {"enabled": True}}}}, id="discovery"),
+        pytest.param({"apiKey": {"value": "pk-two"}}, id="the-key"),
+        pytest.param(
+            {"webConfig": {"basicAuthUsers": {"other": bcrypt_hash()}}},
+            id="basic-auth-users-changed",
+        ),
+    ],
+)
+def test_an_upgrade_changing_what_the_exporter_rereads_keeps_the_pod(
+    change: dict[str, Any],
+) -> None:
+    base = merged(UPGRADE_BASE, {"webConfig": {"basicAuthUsers": {"one": bcrypt_hash()}}})
+    assert pod_template(merged(base, change)) == pod_template(base)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"containerPort": 9999}, id="listen-port"),
+        pytest.param({"log": {"level": "debug"}}, id="log-level"),
+        pytest.param({"extraArgs": ["--web.enable-lifecycle"]}, id="flags"),
+        pytest.param({"webConfig": {"tls": {"secretName": "tls"}}}, id="tls-on"),
+        pytest.param({"webConfig": {"basicAuthUsers": {"one": bcrypt_hash()}}}, id="basic-auth-on"),
+        pytest.param({"persistence": {"enabled": False}}, id="state-volume"),
+    ],
+)
+def test_an_upgrade_changing_what_needs_a_restart_replaces_the_pod(change: dict[str, Any]) -> None:
+    assert pod_template(merged(UPGRADE_BASE, change)) != pod_template(UPGRADE_BASE)
+
+
+def test_pod_template_carries_no_checksum_of_the_configmaps_or_secrets() -> None:
+    for case in CASES:
+        annotations = render_case(case).workload()["spec"]["template"]["metadata"]
+        assert not [key for key in annotations.get("annotations", {}) if "checksum" in key], case
+
+
+def test_build_ids_have_a_configmap_of_their_own_read_as_a_build_file() -> None:
+    rendered = render_case("all-features")
+    config = yaml.safe_load(rendered.config_text())
+    assert "builds" not in config
+    assert config["build_files"] == [
+        "/etc/primeintellect-build-exporter/builds.d/*.txt",
+        "/etc/primeintellect-build-exporter/builds/builds.txt",
+    ]
+    text = rendered.one("ConfigMap", f"{FULLNAME}-builds")["data"]["builds.txt"]
+    ids = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert ids == ["cmf3k2x0c0001", "012345"]
+    mounts = {mount["name"]: mount for mount in rendered.container()["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in rendered.pod_spec()["volumes"]}
+    assert volumes["build-ids"]["configMap"] == {"name": f"{FULLNAME}-builds"}
+    assert mounts["build-ids"]["mountPath"] == "/etc/primeintellect-build-exporter/builds"
+    # Every mount is a directory: the kubelet never updates a subPath mount.
+    assert all("subPath" not in mount for mount in mounts.values())
+    assert mounts["config"]["mountPath"] == "/etc/primeintellect-build-exporter/config"
+    assert (
+        "--config.file=/etc/primeintellect-build-exporter/config/config.yaml"
+        in (rendered.container()["args"])
     )
-    assert new_interval["checksum/config"] != base["checksum/config"]
-    new_key = checksums(render_chart({**base_values, "apiKey": {"value": "pk-two"}}))
-    assert new_key["checksum/secret"] != base["checksum/secret"]
-    assert new_key["checksum/config"] == base["checksum/config"]
-    unrelated = checksums(render_chart({**base_values, "podAnnotations": {"a": "b"}}))
-    assert unrelated == base
+
+
+def test_relative_build_files_still_start_where_the_config_file_used_to_be() -> None:
+    values = {**MINIMAL_VALUES, "config": {"build_files": ["builds.d/*.txt", "/abs/*.txt"]}}
+    config = yaml.safe_load(render_chart(values).config_text())
+    assert config["build_files"] == [
+        "/etc/primeintellect-build-exporter/builds.d/*.txt",
+        "/abs/*.txt",
+        "/etc/primeintellect-build-exporter/builds/builds.txt",
+    ]
+
+
+def test_chart_refuses_to_render_without_an_api_key_and_says_which_value_to_set() -> None:
+    for values in ({}, {"apiKey": {"value": "", "existingSecret": ""}}):
+        with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError) as refused:
+            chart.render(values, name=RELEASE, namespace=NAMESPACE)
+        assert "no Prime Intellect API key" in str(refused.value)
+        assert "apiKey.existingSecret" in str(refused.value)
+        assert "apiKey.value" in str(refused.value)
+
+
+def web_config_of(rendered: Rendered) -> dict[str, Any]:
+    secret = rendered.one("Secret", f"{FULLNAME}-web")
+    loaded: dict[str, Any] = yaml.safe_load(base64.b64decode(secret["data"]["web-config.yml"]))
+    return loaded
+
+
+def test_without_web_config_the_exporter_serves_plain_http_with_http_probes() -> None:
+    rendered = render_case("minimal")
+    assert not [arg for arg in rendered.container()["args"] if arg.startswith("--web.config")]
+    assert not rendered.all("Secret")[1:]
+    container = rendered.container()
+    assert "scheme" not in container["livenessProbe"]["httpGet"]
+
+
+def test_tls_serves_https_from_the_tls_secret_with_https_probes_and_scrapes() -> None:
+    rendered = render_case("tls")
+    container = rendered.container()
+    assert (
+        "--web.config.file=/etc/primeintellect-build-exporter/web/web-config.yml"
+        in (container["args"])
+    )
+    assert web_config_of(rendered) == {
+        "tls_server_config": {
+            "cert_file": "/etc/primeintellect-build-exporter/tls/tls.crt",
+            "key_file": "/etc/primeintellect-build-exporter/tls/tls.key",
+        }
+    }
+    assert "probe-password" not in rendered.one("Secret", f"{FULLNAME}-web")["data"]
+    volumes = {volume["name"]: volume for volume in rendered.pod_spec()["volumes"]}
+    assert volumes["web-tls"]["secret"]["secretName"] == "builds-exporter-tls"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS"
+    [endpoint] = rendered.one("ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"]["ca"]["secret"] == {"name": "builds-exporter-tls", "key": "ca.crt"}
+
+
+@pytest.mark.parametrize("case", ["basic-auth", "tls-basic-auth"])
+def test_basic_auth_probes_log_in_from_a_mounted_file_with_no_password_in_the_pod_spec(
+    case: str,
+) -> None:
+    rendered = render_case(case)
+    secret = rendered.one("Secret", f"{FULLNAME}-web")
+    password = base64.b64decode(secret["data"]["probe-password"]).decode()
+    assert len(password) == 32
+    users = web_config_of(rendered)["basic_auth_users"]
+    assert set(users) == {"prometheus", "kubernetes-probe"}
+    assert bcrypt.checkpw(password.encode(), users["kubernetes-probe"].encode())
+    scheme = "https" if "tls" in case else "http"
+    container = rendered.container()
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    for probe, path in (("livenessProbe", "/-/healthy"), ("readinessProbe", "/-/ready")):
+        assert "httpGet" not in container[probe]
+        assert container[probe]["exec"]["command"] == [
+            "/opt/venv/bin/python",
+            "-m",
+            "exporter.probe",
+            f"{scheme}://127.0.0.1:9862{path}",
+            "--user",
+            "kubernetes-probe",
+            "--password-file",
+            "/etc/primeintellect-build-exporter/web/probe-password",
+        ]
+        timing = {key: value for key, value in defaults[probe].items() if key != "httpGet"}
+        assert {key: container[probe][key] for key in timing} == timing
+    for obj in rendered.objects:
+        if obj["kind"] != "Secret":
+            assert all(password not in text for text in walk_strings(obj)), obj["kind"]
+    [endpoint] = rendered.one("ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == scheme
+    assert endpoint["basicAuth"]["password"] == {"name": "prometheus-scrape", "key": "password"}
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        (
+            {"webConfig": {"basicAuthUsers": {"kubernetes-probe": bcrypt_hash()}}},
+            "kubernetes-probe is the chart's own probe user",
+        ),
+        (
+            {
+                "webConfig": {"basicAuthUsers": {"prometheus": bcrypt_hash()}},
+                "serviceMonitor": {"enabled": True},
+            },
+            "set serviceMonitor.basicAuth",
+        ),
+    ],
+)
+def test_chart_refuses_basic_auth_it_could_not_serve(
+    values: dict[str, Any], complaint: str
+) -> None:
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError, match=complaint):
+        chart.render({**MINIMAL_VALUES, **values}, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_values_schema_takes_the_bcrypt_hashes_the_exporter_takes() -> None:
+    pattern = load_schema()["properties"]["webConfig"]["properties"]["basicAuthUsers"][
+        "additionalProperties"
+    ]["pattern"]
+    assert pattern == f"^{_BCRYPT_HASH.pattern}$"
 
 
 @pytest.mark.parametrize(
@@ -591,11 +803,44 @@ def test_chart_readme_documents_every_value() -> None:
     assert schema_leaves(load_schema()) - {"global"} == documented
 
 
+def leaf_values(values: dict[str, Any], schema: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Each documented value of values.yaml (the schema's leaves) with its default."""
+    leaves: dict[str, Any] = {}
+    for key, value in values.items():
+        node = schema.get("properties", {}).get(key, {})
+        if isinstance(value, dict) and "properties" in node:
+            leaves |= leaf_values(value, node, f"{prefix}{key}.")
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+def test_chart_readme_gives_each_values_default_as_values_yaml_sets_it() -> None:
+    readme = (CHART / "README.md").read_text()
+    cells = dict(re.findall(r"^\| `([^`]+)` \| (.*?) \|", readme, flags=re.MULTILINE))
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    wrong = []
+    for key, value in leaf_values(values, load_schema()).items():
+        code = re.fullmatch(r"`([^`]*)`", cells[key])
+        if code is None:
+            # Prose, for a default too long for the table: only for non-empty structures.
+            assert isinstance(value, dict | list), f"{key}: {cells[key]}"
+            assert value, f"{key}: {cells[key]}"
+            continue
+        text = code.group(1)
+        documented = (
+            ("" if text == '""' else text) if isinstance(value, str) else yaml.safe_load(text)
+        )
+        if documented != value:
+            wrong.append(f"{key}: README {cells[key]}, values.yaml {value!r}")
+    assert wrong == []
+
+
 def test_chart_app_version_is_the_exporters_version() -> None:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert chart["apiVersion"] == "v2"
     assert chart["appVersion"] == __version__
-    assert render_case("defaults").container()["image"].endswith(f":{__version__}")
+    assert render_case("minimal").container()["image"].endswith(f":{__version__}")
 
 
 def test_image_digest_wins_over_the_tag() -> None:
@@ -618,12 +863,6 @@ def test_network_policy_admits_scrapes_and_lets_out_only_dns_and_the_api() -> No
         (port["port"], port["protocol"]) for rule in policy["egress"] for port in rule["ports"]
     ]
     assert sorted(egress_ports) == [(53, "TCP"), (53, "UDP"), (443, "TCP")]
-
-
-def test_notes_warn_when_no_api_key_is_configured() -> None:
-    assert "WARNING: no API key is configured" in render_case("defaults").notes
-    for case in ("all-features", "existing-secret", "shards"):
-        assert "WARNING" not in render_case(case).notes, case
 
 
 # The Prometheus Operator's objects: checked against the Operator's own schemas, its CRDs as
@@ -870,7 +1109,9 @@ def set_value(values: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def helm_set_value(text: str) -> Any:
-    """``--set``'s typing of a value: booleans and integers, else a string."""
+    """``--set``'s typing of a value: booleans, integers and ``{a,b}`` lists, else a string."""
+    if text.startswith("{") and text.endswith("}"):
+        return [helm_set_value(item) for item in text[1:-1].split(",")]
     if text in {"true", "false"}:
         return text == "true"
     return int(text) if text.isdigit() else text
@@ -894,7 +1135,7 @@ def helm_commands(section: str) -> list[tuple[str, dict[str, Any]]]:
         ]
         values: dict[str, Any] = yaml.safe_load(heredoc.group(1))
         for flag, assignment in zip(words[8::2], words[9::2], strict=True):
-            key, _, text = assignment.partition("=")
+            key, _, text = assignment.strip("'").partition("=")
             assert flag in {"--set", "--set-string"}, flag
             set_value(values, key, text if flag == "--set-string" else helm_set_value(text))
         commands.append((" ".join(words), values))
@@ -925,24 +1166,46 @@ def test_deployment_kubernetes_section_says_what_the_chart_renders() -> None:
 
     state_path = yaml.safe_load(installed.config_text())["state"]["path"]
     assert f"`{state_path}`" in section
-    assert "emptyDir" in section
     volumes = {volume["name"]: volume for volume in installed.pod_spec()["volumes"]}
+    assert "persistentVolumeClaim" in volumes["state"]
+    assert installed.kinds()["PersistentVolumeClaim"] == 1
+    assert "--set persistence.enabled=false" in section
+    ephemeral = render_chart({**commands[0][1], "persistence": {"enabled": False}})
+    volumes = {volume["name"]: volume for volume in ephemeral.pod_spec()["volumes"]}
     assert "emptyDir" in volumes["state"]
-    assert "--set persistence.enabled=true" in section
-    persistent = render_chart({**commands[0][1], "persistence": {"enabled": True}})
-    assert persistent.kinds()["PersistentVolumeClaim"] == 1
 
 
 def test_readme_kubernetes_section_is_the_deployment_pages_install() -> None:
     """The README's short Kubernetes section runs the first command of docs/deployment.md,
     with the same values, so what that page's test renders is what the README installs."""
     readme = docs.section(docs.README.read_text(), "Kubernetes")
-    assert helm_commands(readme) == helm_commands(kubernetes_section())[:1]
+    assert helm_commands(readme)[:1] == helm_commands(kubernetes_section())[:1]
 
 
-def test_notes_ask_for_builds_only_when_there_are_none_and_no_discovery() -> None:
+def test_readme_upgrade_adds_a_build_without_replacing_the_pod() -> None:
+    readme = docs.section(docs.README.read_text(), "Kubernetes")
+    (_, installed), (upgrade, upgraded) = helm_commands(readme)
+    assert upgrade.split()[1] == "upgrade"
+    before, after = render_chart(installed), render_chart(upgraded)
+    added = set(upgraded["config"]["builds"]) - set(installed["config"]["builds"])
+    assert len(added) == 1
+    assert set(installed["config"]["builds"]) < set(upgraded["config"]["builds"])
+    assert yaml.safe_dump(before.workload()["spec"]["template"]) == yaml.safe_dump(
+        after.workload()["spec"]["template"]
+    )
+    changed = [obj["metadata"]["name"] for obj in after.objects if obj not in before.objects]
+    assert changed == [f"{FULLNAME}-builds"]
+    assert added <= set(after.one("ConfigMap", f"{FULLNAME}-builds")["data"]["builds.txt"].split())
+
+
+def test_notes_say_which_builds_are_watched_and_ask_for_some_only_when_there_are_none() -> None:
     nothing = {"apiKey": {"existingSecret": "key"}, "config": {"builds": []}}
-    assert "config.builds is empty" in render_chart(nothing).notes
-    for discovery in ("builds", "images"):
+    assert "none yet" in render_chart(nothing).notes
+    listed = render_chart({**nothing, "config": {"builds": ["a", "b"]}}).notes
+    assert f"2 build ID(s) from config.builds (ConfigMap {FULLNAME}-builds)" in listed
+    assert "none yet" not in listed
+    for discovery, said in (("builds", "every build of the API key"), ("images", "the images")):
         values = {**nothing, "config": {"builds": [], "discovery": {discovery: {"enabled": True}}}}
-        assert "config.builds is empty" not in render_chart(values).notes, discovery
+        notes = render_chart(values).notes
+        assert "none yet" not in notes, discovery
+        assert said in notes, discovery

@@ -357,8 +357,8 @@ class Daemon:
             if not line:
                 break
             self.stderr_lines.append(line)
-            match = re.search(r"url=(http://\S+)", line) or re.search(
-                r'"url": "(http://[^"]+)"', line
+            match = re.search(r"url=(https?://\S+)", line) or re.search(
+                r'"url": "(https?://[^"]+)"', line
             )
             if match:
                 self.url = match.group(1)

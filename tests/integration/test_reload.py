@@ -1,4 +1,5 @@
-"""Changing the tracked builds without a restart: SIGHUP, POST /-/reload, build files, key files."""
+"""Changing the tracked builds without a restart: SIGHUP, POST /-/reload, a changed config file,
+build files, key files."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from exporter.config.schema import Config
 from exporter.demo.simulator import BuildPlan, Simulator
 from tests.conftest import StartExporter
 from tests.helpers.clock import DrivenClock
+from tests.helpers.kubelet import KubeletVolume
 from tests.helpers.support import (
     CANARY_API_KEY,
     EPOCH,
@@ -249,6 +251,113 @@ def test_a_good_build_file_read_never_hides_a_broken_config_file(
 
     assert running.value(RELOADED, source="build_files") == 1
     assert running.value(RELOADED, source="config") == 0
+
+
+def test_a_changed_config_file_applies_without_a_reload(
+    tmp_path: Path, simulator_with_builds: Simulator, start_exporter: StartExporter
+) -> None:
+    simulator = simulator_with_builds
+    path = write_config(tmp_path / "config.yaml", simulator.base_url, ["a", "finished"])
+    running = start_exporter(loader(path)(), load_config=loader(path))
+    running.wait_until_all_polled()
+
+    write_config(path, simulator.base_url, ["a", "finished", "b"], requests_per_second=50)
+
+    wait_until(
+        lambda: sorted(tracked(running)) == ["a", "b", "finished"],
+        message="the config change",
+    )
+    wait_until(lambda: polls(simulator, "b") >= 1, message="the added build to be polled")
+    assert running.exporter.config.api.requests_per_second == 50
+    assert running.value(RELOADED, source="config") == 1
+    assert polls(simulator, "finished") == 1
+
+
+def test_a_bad_config_file_keeps_the_running_config_is_logged_once_and_blocks_no_build_file(
+    tmp_path: Path,
+    simulator_with_builds: Simulator,
+    start_exporter: StartExporter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    simulator = simulator_with_builds
+    builds_file, path = config_with_a_build_file(tmp_path, simulator.base_url, "a\n")
+    running = start_exporter(loader(path)(), load_config=loader(path))
+    running.wait_until_all_polled()
+
+    write_config(path, simulator.base_url, ["b"], extra=BUILD_FILES + "polling_interval: 5s\n")
+    wait_until(
+        lambda: running.value(RELOADED, source="config") == 0, message="the failed config read"
+    )
+    # The build file's change is read with the running config, a settle time after the
+    # watcher has seen it: by then the broken config file has been checked again and again.
+    builds_file.write_text("a\nc\n")
+    wait_until(lambda: tracked(running) == ["a", "c"], message="the build file change")
+
+    failures = [
+        record
+        for record in caplog.records
+        if record.getMessage() == "reload failed; the running configuration stays"
+    ]
+    assert [getattr(record, "source", "") for record in failures] == ["config"]
+    assert "polling_interval" in getattr(failures[0], "error", "")
+    assert running.value(RELOADED, source="build_files") == 1
+
+    write_config(path, simulator.base_url, ["b"], extra=BUILD_FILES)
+    wait_until(lambda: sorted(tracked(running)) == ["a", "b", "c"], message="the fixed config")
+    assert running.value(RELOADED, source="config") == 1
+
+
+def test_a_reload_over_http_is_not_read_again_by_the_file_watch(
+    tmp_path: Path,
+    simulator_with_builds: Simulator,
+    start_exporter: StartExporter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    simulator = simulator_with_builds
+    builds_file, path = config_with_a_build_file(tmp_path, simulator.base_url, "a\n")
+    running = start_exporter(loader(path)(), load_config=loader(path), enable_lifecycle=True)
+    running.wait_until_all_polled()
+
+    write_config(path, simulator.base_url, ["b"], extra=BUILD_FILES)
+    assert reload_over_http(running).status_code == 200
+    # A later change, read by the watch: by then it has compared the config file many times.
+    builds_file.write_text("a\nc\n")
+    wait_until(lambda: reloads(caplog, "build_files"), message="the build file change")
+
+    assert len(reloads(caplog, "config")) == 1
+    assert sorted(tracked(running)) == ["a", "b", "c"]
+
+
+def test_kubelet_volume_updates_of_the_config_and_build_files_apply_without_a_restart(
+    tmp_path: Path, simulator_with_builds: Simulator, start_exporter: StartExporter
+) -> None:
+    simulator = simulator_with_builds
+    builds = KubeletVolume(tmp_path / "builds", {"builds.txt": "a\nfinished\n"})
+    extra = f"build_files: [{builds.path('builds.txt')}]\n"
+    text = write_config(tmp_path / "config.txt", simulator.base_url, [], extra=extra).read_text()
+    volume = KubeletVolume(tmp_path / "config", {"config.yaml": text})
+    path = volume.path("config.yaml")
+    running = start_exporter(loader(path)(), load_config=loader(path))
+    running.wait_until_all_polled()
+    assert polls(simulator, "finished") == 1
+
+    builds.update({"builds.txt": "a\nfinished\nb\n"})
+    wait_until(
+        lambda: sorted(tracked(running)) == ["a", "b", "finished"],
+        message="the new build list",
+    )
+    assert running.value(RELOADED, source="build_files") == 1
+
+    volume.update(
+        {"config.yaml": text.replace("requests_per_second: 100", "requests_per_second: 50")}
+    )
+    wait_until(
+        lambda: running.exporter.config.api.requests_per_second == 50,
+        message="the new config file",
+    )
+    assert running.value(RELOADED, source="config") == 1
+    wait_until(lambda: polls(simulator, "b") >= 1, message="the added build to be polled")
+    assert polls(simulator, "finished") == 1
 
 
 def test_sighup_reloads_the_config_file(

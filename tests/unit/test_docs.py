@@ -23,6 +23,7 @@ from exporter.metrics import (
     per_build_families,
     summary_families,
 )
+from exporter.reload import FILES_SETTLE_SECONDS
 from exporter.store import Inventory, Snapshot
 from exporter.telemetry import Component, TelemetrySnapshot
 from tests.helpers.docs import (
@@ -272,3 +273,12 @@ def test_development_reference_describes_every_module_and_no_other() -> None:
         if path.name != "__init__.py"
     }
     assert documented == modules
+
+
+def test_configuration_reference_says_how_long_changed_files_must_settle() -> None:
+    text = section(
+        CONFIGURATION_REFERENCE.read_text(), "Changing the tracked builds without a restart"
+    )
+    stated = re.search(r"looked the same for (\d+(?:\.\d+)?)s", " ".join(text.split()))
+    assert stated, "the settle time is not stated"
+    assert float(stated.group(1)) == FILES_SETTLE_SECONDS

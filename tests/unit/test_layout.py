@@ -18,7 +18,7 @@ PACKAGE = REPOSITORY / "exporter"
 LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(layer.split())
     for layer in (
-        "exporter exporter.logs exporter.blocking exporter.demo exporter.web",
+        "exporter exporter.logs exporter.blocking exporter.demo exporter.web exporter.probe",
         "exporter.models exporter.config exporter.config.wording",
         "exporter.config.grammar",
         "exporter.config.credentials",
