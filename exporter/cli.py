@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import resource
@@ -269,8 +270,9 @@ def _serve(exporter: Exporter, web_config_file: Path | None, *, demo: bool) -> i
     try:
         server = exporter.create_server(web_config_file)
     except OSError as error:
+        address = exporter.config.web.listen_address
         print(
-            f"error: cannot listen on {exporter.config.web.listen_address}: {error.strerror}",
+            f"error: cannot listen on {address}: {listen_problem(error, demo=demo)}",
             file=sys.stderr,
         )
         return 1
@@ -279,6 +281,22 @@ def _serve(exporter: Exporter, web_config_file: Path | None, *, demo: bool) -> i
         return 1
     asyncio.run(_serve_until_signalled(exporter, server, announce))
     return 0
+
+
+def listen_problem(error: OSError, *, demo: bool) -> str:
+    """Why the listen address could not be bound, and how to pick another."""
+    reason = {
+        errno.EADDRINUSE: "the address is already in use by another program",
+        errno.EACCES: "permission denied (ports below 1024 need privileges)",
+        errno.EADDRNOTAVAIL: "no network interface of this machine has that address",
+    }.get(error.errno or 0, error.strerror or str(error))
+    # The demo reads no config file: the flag is its only way.
+    where = (
+        "--web.listen-address"
+        if demo
+        else ("--web.listen-address or the config key web.listen_address")
+    )
+    return f"{reason}; pick another address with {where}"
 
 
 def _raise_open_file_limit() -> None:

@@ -506,7 +506,9 @@ def test_demo_serves_simulated_builds_without_an_api_key(daemons: list[Daemon]) 
     assert returncode == 0
 
 
-def test_address_in_use_is_a_clear_error(simulator: Simulator, tmp_path: Path) -> None:
+def test_address_in_use_names_the_flag_and_the_config_key_to_pick_another(
+    simulator: Simulator, tmp_path: Path
+) -> None:
     with socket.socket() as occupied:
         occupied.bind(("127.0.0.1", 0))
         occupied.listen()
@@ -518,7 +520,25 @@ def test_address_in_use_is_a_clear_error(simulator: Simulator, tmp_path: Path) -
             "--config.file", str(config), env=environment(PRIME_API_KEY=CANARY_API_KEY)
         )
     assert result.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port}: the address is already in use by another "
+        "program; pick another address with --web.listen-address or the config key "
+        "web.listen_address"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_address_in_use_with_demo_names_the_flag_alone() -> None:
+    with socket.socket() as occupied:
+        occupied.bind(("127.0.0.1", 0))
+        occupied.listen()
+        port = occupied.getsockname()[1]
+        result = run_script("--demo", "--web.listen-address", f"127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port}: the address is already in use by another "
+        "program; pick another address with --web.listen-address"
+    )
 
 
 def test_simulator_runs_on_its_own() -> None:
