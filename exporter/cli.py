@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from exporter import __version__
 from exporter.app import Exporter
 from exporter.config.credentials import ApiKeySource
-from exporter.config.loading import ConfigLoader
+from exporter.config.loading import ConfigLoader, check_state_path
 from exporter.config.schema import Config, ConfigFile
 from exporter.config.wording import ConfigError
 from exporter.demo.simulator import Simulator, demo_plans
@@ -147,7 +147,10 @@ def _run_with(arguments: argparse.Namespace, simulator: Simulator | None) -> int
     )
     web_config_file = Path(arguments.web_config_file) if arguments.web_config_file else None
     try:
-        config = load()
+        config = load(starting=True)
+        if not arguments.once:
+            # --once never opens the state file.
+            check_state_path(config)
         notes = () if web_config_file is None else load_web_config(web_config_file).notes
     except (ConfigError, WebConfigError) as error:
         print(f"error: {error}", file=sys.stderr)

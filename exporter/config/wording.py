@@ -47,6 +47,19 @@ def quoted_url(value: str) -> str:
     )
 
 
+def unreadable(error: OSError | UnicodeDecodeError) -> str:
+    """Why a file could not be read, in words and without Python's errno text."""
+    if isinstance(error, UnicodeDecodeError):
+        return "it is not UTF-8 text"
+    if isinstance(error, FileNotFoundError):
+        return "it does not exist"
+    if isinstance(error, IsADirectoryError):
+        return "it is a directory: name a file"
+    if isinstance(error, PermissionError):
+        return "permission denied: give the exporter's user read access to it"
+    return (error.strerror or type(error).__name__).lower()
+
+
 class BuildIdNotStringError(ValueError):
     """YAML read a build ID as a number, boolean, date or null."""
 

@@ -188,10 +188,121 @@ def test_config_check_fails_without_an_api_key(tmp_path: Path) -> None:
     assert "PRIME_API_KEY" in result.stderr
 
 
-def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
-    result = run_script("--config.file", str(tmp_path / "absent.yaml"), "--config.check")
-    assert result.returncode == 1
-    assert "cannot read the config file" in result.stderr
+@pytest.mark.parametrize("check", [True, False], ids=["config_check", "start"])
+def test_missing_config_file_names_the_flag_and_the_demo(tmp_path: Path, check: bool) -> None:
+    result = run_script(
+        "--config.file", str(tmp_path / "absent.yaml"), *(["--config.check"] if check else [])
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1,
+        "",
+        f"error: {tmp_path / 'absent.yaml'}: the config file does not exist: point "
+        "--config.file at yours, or try the exporter without one with --demo\n",
+    )
+
+
+def test_a_config_file_that_is_a_directory_says_so_without_errno_text(tmp_path: Path) -> None:
+    result = run_script("--config.file", str(tmp_path), "--config.check")
+    assert (result.returncode, result.stderr) == (
+        1,
+        f"error: {tmp_path}: cannot read the config file: it is a directory: name a file\n",
+    )
+
+
+MISSING_BUILD_FILES = {
+    "a_named_file": (
+        "build_files:\n  - teams.txt\n",
+        "build_files[0]: {dir}/teams.txt does not exist: create it, or correct or remove the entry",
+    ),
+    "a_glob_in_a_missing_directory": (
+        "build_files:\n  - builds.d/*.txt\n",
+        "build_files[0]: builds.d/*.txt looks in {dir}/builds.d, which does not exist: create the "
+        "directory (an empty one is fine), or correct the pattern",
+    ),
+}
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["config_check", "start"])
+@pytest.mark.parametrize(
+    ("extra", "problem"), MISSING_BUILD_FILES.values(), ids=MISSING_BUILD_FILES.keys()
+)
+def test_a_missing_build_file_or_glob_directory_fails_the_check_and_the_start(
+    tmp_path: Path, check: bool, extra: str, problem: str
+) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"], extra)
+    result = run_script(
+        "--config.file",
+        str(config),
+        *(["--config.check"] if check else []),
+        env=environment(PRIME_API_KEY="k"),
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1,
+        "",
+        f"error: {config}: {problem.format(dir=tmp_path)}\n",
+    )
+
+
+def test_config_check_accepts_a_glob_that_matches_nothing_in_an_existing_directory(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "builds.d").mkdir()
+    config = write_config(
+        tmp_path, "https://api.primeintellect.ai", ["b1"], "build_files:\n  - builds.d/*.txt\n"
+    )
+    result = run_script(
+        "--config.file", str(config), "--config.check", env=environment(PRIME_API_KEY="k")
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["config_check", "start"])
+def test_a_state_path_in_a_missing_directory_is_refused_and_never_created(
+    tmp_path: Path, check: bool
+) -> None:
+    state = tmp_path / "typo" / "state.db"
+    config = write_config(
+        tmp_path, "https://api.primeintellect.ai", ["b1"], f"state:\n  path: {state}\n"
+    )
+    result = run_script(
+        "--config.file",
+        str(config),
+        *(["--config.check"] if check else []),
+        env=environment(PRIME_API_KEY="k"),
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1,
+        "",
+        f"error: {config}: state.path: the directory {tmp_path / 'typo'} does not exist: create "
+        "it, or correct the path (the exporter does not create it, so that a typo cannot start "
+        "an empty state)\n",
+    )
+    assert not state.parent.exists()
+
+
+def test_a_state_path_naming_a_directory_is_refused_with_a_file_to_name(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, "https://api.primeintellect.ai", ["b1"], f"state:\n  path: {tmp_path}\n"
+    )
+    result = run_script(
+        "--config.file", str(config), "--config.check", env=environment(PRIME_API_KEY="k")
+    )
+    assert (result.returncode, result.stderr) == (
+        1,
+        f"error: {config}: state.path: {tmp_path} is a directory: name a file in it, such as "
+        f"{tmp_path / 'state.db'}\n",
+    )
+
+
+def test_once_ignores_a_state_path_it_never_opens(tmp_path: Path, simulator: Simulator) -> None:
+    simulator.add(forever_building("b1"))
+    state = tmp_path / "not-here" / "state.db"
+    config = write_config(tmp_path, simulator.base_url, ["b1"], f"state:\n  path: {state}\n")
+    result = run_script(
+        "--config.file", str(config), "--once", env=environment(PRIME_API_KEY=CANARY_API_KEY)
+    )
+    assert result.returncode == 0, result.stderr
+    assert not state.parent.exists()
 
 
 def test_once_prints_the_exposition_and_exits_zero_when_every_poll_succeeds(

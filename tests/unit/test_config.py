@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +14,7 @@ from exporter.config.credentials import ApiKeySource
 from exporter.config.grammar import parse_duration, validate_build_id
 from exporter.config.loading import load_config
 from exporter.config.schema import BuildDiscoverySettings, ConfigFile
-from exporter.config.wording import ConfigError, quoted
+from exporter.config.wording import ConfigError, quoted, unreadable
 from tests.helpers.support import CANARY_API_KEY, REPOSITORY
 
 CONFIGS = REPOSITORY / "tests" / "configs"
@@ -593,10 +594,31 @@ def test_an_empty_file_without_a_key_in_the_environment_is_rejected() -> None:
     assert f"{path}: no API key" in message
 
 
-def test_a_config_file_that_does_not_exist_is_a_config_error(tmp_path: Path) -> None:
+def test_a_config_file_gone_on_reload_is_a_config_error_without_first_run_advice(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "missing.yaml"
-    message = config_error(path, WITH_KEY)
-    assert f"{path}: cannot read the config file" in message
+    assert config_error(path, WITH_KEY) == f"{path}: the config file does not exist"
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (
+            PermissionError(errno.EACCES, "Permission denied"),
+            "permission denied: give the exporter's user read access to it",
+        ),
+        (IsADirectoryError(errno.EISDIR, "Is a directory"), "it is a directory: name a file"),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory"), "it does not exist"),
+        (OSError(errno.EIO, "Input/output error"), "input/output error"),
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "it is not UTF-8 text"),
+    ],
+    ids=["permission", "directory", "missing", "other", "not_utf8"],
+)
+def test_an_unreadable_file_is_described_without_python_errno_text(
+    error: OSError | UnicodeDecodeError, reason: str
+) -> None:
+    assert unreadable(error) == reason
 
 
 # --- build files ---------------------------------------------------------------------------------
@@ -678,12 +700,55 @@ def test_a_yaml_build_file_that_is_not_a_list_is_rejected(tmp_path: Path) -> Non
     assert f"{build_file}: expected a YAML list of build IDs" in message
 
 
-def test_a_build_file_glob_that_matches_nothing_is_fine(tmp_path: Path) -> None:
+@pytest.mark.parametrize("starting", [True, False], ids=["at_start", "on_reload"])
+def test_a_build_file_glob_that_matches_nothing_in_an_existing_directory_is_fine(
+    tmp_path: Path, starting: bool
+) -> None:
+    (tmp_path / "builds.d").mkdir()
     path = write(
         tmp_path / "config.yaml",
-        "builds:\n  - trainer-v1\nbuild_files:\n  - nothing-here/*.txt\n  - absent.txt\n",
+        "builds:\n  - trainer-v1\nbuild_files:\n  - builds.d/*.txt\n  - none-*.txt\n",
     )
-    assert load_config(path, WITH_KEY).build_ids == ("trainer-v1",)
+    assert load_config(path, WITH_KEY, starting=starting).build_ids == ("trainer-v1",)
+
+
+@pytest.mark.parametrize("starting", [True, False], ids=["at_start", "on_reload"])
+@pytest.mark.parametrize(
+    ("pattern", "looks_in"),
+    [("nothing-here/*.txt", "nothing-here"), ("teams/*/ids.txt", "teams")],
+)
+def test_a_build_file_glob_in_a_missing_directory_is_an_error_naming_the_key_and_directory(
+    tmp_path: Path, starting: bool, pattern: str, looks_in: str
+) -> None:
+    path = write(
+        tmp_path / "config.yaml", f"builds: [b1]\nbuild_files:\n  - ids.txt\n  - {pattern}\n"
+    )
+    write(tmp_path / "ids.txt", "b2\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, WITH_KEY, starting=starting)
+    assert str(caught.value) == (
+        f"{path}: build_files[1]: {pattern} looks in {tmp_path / looks_in}, which does not "
+        "exist: create the directory (an empty one is fine), or correct the pattern"
+    )
+
+
+def test_a_build_file_glob_whose_directory_is_a_file_is_an_error(tmp_path: Path) -> None:
+    write(tmp_path / "builds.d", "b1\n")
+    path = write(tmp_path / "config.yaml", "build_files:\n  - builds.d/*.txt\n")
+    assert config_error(path, WITH_KEY) == (
+        f"{path}: build_files[0]: builds.d/*.txt looks in {tmp_path / 'builds.d'}, which is not "
+        "a directory: create the directory (an empty one is fine), or correct the pattern"
+    )
+
+
+def test_a_literal_build_file_that_does_not_exist_is_an_error_at_start(tmp_path: Path) -> None:
+    path = write(tmp_path / "config.yaml", "builds: [b1]\nbuild_files:\n  - typo.txt\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, WITH_KEY, starting=True)
+    assert str(caught.value) == (
+        f"{path}: build_files[0]: {tmp_path / 'typo.txt'} does not exist: create it, "
+        "or correct or remove the entry"
+    )
 
 
 def test_build_files_are_found_when_the_config_directory_has_glob_characters(
@@ -1029,13 +1094,15 @@ def test_a_key_file_with_two_lines_is_rejected(tmp_path: Path) -> None:
     assert "pk-one" not in message
 
 
-def test_a_literal_build_file_that_does_not_exist_is_logged(
+def test_a_literal_build_file_gone_on_reload_is_logged_and_its_builds_dropped(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = write(tmp_path / "config.yaml", "builds: [b1]\nbuild_files:\n  - typo.txt\n")
     with caplog.at_level("WARNING", logger="exporter.config"):
         assert load_config(path, WITH_KEY).build_ids == ("b1",)
-    assert [record.getMessage() for record in caplog.records] == ["build file not found"]
+    (record,) = caplog.records
+    assert record.getMessage() == "build file not found"
+    assert record.__dict__["path"] == str(tmp_path / "typo.txt")
 
 
 # --- the shipped example -------------------------------------------------------------------------
