@@ -24,11 +24,11 @@ from exporter.app import Exporter
 from exporter.config.credentials import ApiKeySource
 from exporter.config.loading import ConfigLoader, check_state_path
 from exporter.config.schema import Config, ConfigFile
-from exporter.config.wording import ConfigError
+from exporter.config.wording import ConfigError, counted
 from exporter.demo.simulator import Simulator, demo_plans
 from exporter.logs import LEVELS, configure_logging
 from exporter.web.server import MetricsServer
-from exporter.web.webconfig import WebConfigError, load_web_config
+from exporter.web.webconfig import WebConfig, WebConfigError, load_web_config
 
 PROGRAM = "primeintellect-build-exporter"
 DEMO_MISSING_BUILD = "cmdemo0gone0009"
@@ -151,20 +151,12 @@ def _run_with(arguments: argparse.Namespace, simulator: Simulator | None) -> int
         if not arguments.once:
             # --once never opens the state file.
             check_state_path(config)
-        notes = () if web_config_file is None else load_web_config(web_config_file).notes
+        web_config = None if web_config_file is None else load_web_config(web_config_file)
     except (ConfigError, WebConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if arguments.config_check:
-        for note in notes:
-            print(f"warning: {web_config_file}: {note}", file=sys.stderr)
-        shard = config.shard
-        share = (
-            f" ({len(config.owned_build_ids)} in shard {shard.index} of {shard.count})"
-            if shard.count > 1
-            else ""
-        )
-        print(f"{config.source}: OK, {len(config.build_ids)} builds{share}")
+        _report_check(config, web_config)
         return 0
     exporter = Exporter(
         config,
@@ -176,6 +168,27 @@ def _run_with(arguments: argparse.Namespace, simulator: Simulator | None) -> int
     if arguments.once:
         return _poll_once(exporter)
     return _serve(exporter, web_config_file, demo=simulator is not None)
+
+
+def _report_check(config: Config, web_config: WebConfig | None) -> None:
+    """What --config.check found valid: one line per file, warnings on stderr."""
+    shard = config.shard
+    share = (
+        f" ({len(config.owned_build_ids)} in shard {shard.index} of {shard.count})"
+        if shard.count > 1
+        else ""
+    )
+    discovery = config.file.discovery
+    found = "".join(
+        f", {name} discovery on"
+        for name, section in (("build", discovery.builds), ("image", discovery.images))
+        if section.enabled
+    )
+    print(f"{config.source}: OK, {counted(len(config.build_ids), 'build')}{share}{found}")
+    if web_config is not None:
+        for note in web_config.notes:
+            print(f"warning: {web_config.source}: {note}", file=sys.stderr)
+        print(f"web config {web_config.source}: OK, {web_config.summary}")
 
 
 def demo_config(simulator: Simulator) -> Config:

@@ -117,7 +117,12 @@ def generic_problem(error_type: str) -> str | None:
 def more_problems(count: int) -> str:
     """`` (and N more problems)`` after the first of ``count``, or nothing."""
     more = count - 1
-    return f" (and {more} more problem{'s' if more > 1 else ''})" if more > 0 else ""
+    return f" (and {counted(more, 'more problem')})" if more > 0 else ""
+
+
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """``1 build``, ``2 builds``: a count with its noun in the right number."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
 def unknown_key_hint(root: type[BaseModel], location: Sequence[int | str]) -> str:

@@ -18,8 +18,9 @@ import httpx
 import pytest
 
 from exporter import __version__
+from exporter.config.schema import ShardSettings
 from exporter.demo.simulator import BuildPlan, Fault, Simulator
-from tests.helpers.pki import Pki, tls_section
+from tests.helpers.pki import Pki, bcrypt_hash, tls_section
 from tests.helpers.support import (
     CANARY_API_KEY,
     SCRIPT,
@@ -68,8 +69,85 @@ def test_config_check_exits_zero_for_a_valid_config(tmp_path: Path) -> None:
     result = run_script(
         "--config.file", str(config), "--config.check", env=environment(PRIME_API_KEY="k")
     )
-    assert result.returncode == 0, result.stderr
-    assert "OK, 2 builds" in result.stdout
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"{config}: OK, 2 builds\n", "")
+
+
+@pytest.mark.parametrize(
+    ("extra", "line"),
+    [
+        ("", "OK, 1 build"),
+        ("discovery:\n  builds:\n    enabled: true\n", "OK, 1 build, build discovery on"),
+        ("shard:\n  count: 2\n  index: 1\n", "OK, 1 build ({owned} in shard 1 of 2)"),
+    ],
+    ids=["alone", "with_build_discovery", "sharded"],
+)
+def test_config_check_counts_one_build_in_the_singular(
+    tmp_path: Path, extra: str, line: str
+) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"], extra)
+    result = run_script(
+        "--config.file", str(config), "--config.check", env=environment(PRIME_API_KEY="k")
+    )
+    owned = int(ShardSettings(count=2, index=1).owns("b1"))
+    assert (result.returncode, result.stdout) == (0, f"{config}: {line.format(owned=owned)}\n")
+
+
+def test_config_check_reports_the_web_config_it_checked(tmp_path: Path, pki: Pki) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1", "b2"])
+    web_config = tmp_path / "web.yml"
+    web_config.write_text(
+        tls_section(pki, client_auth_type="RequireAndVerifyClientCert", client_ca_file=str(pki.ca))
+        + f"basic_auth_users:\n  prometheus: '{bcrypt_hash()}'\n"
+    )
+    result = run_script(
+        "--config.file",
+        str(config),
+        "--web.config.file",
+        str(web_config),
+        "--config.check",
+        env=environment(PRIME_API_KEY="k"),
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.splitlines() == [
+        f"{config}: OK, 2 builds",
+        f"web config {web_config}: OK, TLS on with client certificates "
+        "(RequireAndVerifyClientCert), basic auth for 1 user",
+    ]
+
+
+def test_config_check_reports_a_web_config_without_tls_or_users(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"])
+    web_config = tmp_path / "web.yml"
+    web_config.write_text("http_server_config:\n  headers:\n    X-Frame-Options: deny\n")
+    result = run_script(
+        "--config.file",
+        str(config),
+        "--web.config.file",
+        str(web_config),
+        "--config.check",
+        env=environment(PRIME_API_KEY="k"),
+    )
+    assert (result.returncode, result.stdout.splitlines()[-1]) == (
+        0,
+        f"web config {web_config}: OK, TLS off, basic auth off",
+    )
+
+
+def test_config_check_fails_on_a_bad_web_config_naming_its_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"])
+    web_config = tmp_path / "web.yml"
+    web_config.write_text("basic_auth_users:\n  prometheus: hunter2\n")
+    result = run_script(
+        "--config.file",
+        str(config),
+        "--web.config.file",
+        str(web_config),
+        "--config.check",
+        env=environment(PRIME_API_KEY="k"),
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith(f"error: {web_config}: basic_auth_users.prometheus: ")
+    assert "hunter2" not in result.stderr
 
 
 def test_config_check_warns_about_curves_it_cannot_restrict(tmp_path: Path, pki: Pki) -> None:
@@ -154,7 +232,7 @@ ODD_CONFIGS = {
         "builds: [a]\n",
         {"PRIME_API_KEY": "Bearer pk-abc"},
         0,
-        "OK, 1 builds",
+        "OK, 1 build\n",
     ),
 }
 

@@ -14,7 +14,7 @@ from exporter.config.credentials import ApiKeySource
 from exporter.config.grammar import parse_duration, validate_build_id
 from exporter.config.loading import load_config
 from exporter.config.schema import BuildDiscoverySettings, ConfigFile
-from exporter.config.wording import ConfigError, quoted, unreadable
+from exporter.config.wording import ConfigError, counted, more_problems, quoted, unreadable
 from tests.helpers.support import CANARY_API_KEY, REPOSITORY
 
 CONFIGS = REPOSITORY / "tests" / "configs"
@@ -619,6 +619,19 @@ def test_an_unreadable_file_is_described_without_python_errno_text(
     error: OSError | UnicodeDecodeError, reason: str
 ) -> None:
     assert unreadable(error) == reason
+
+
+@pytest.mark.parametrize(("count", "text"), [(0, "0 builds"), (1, "1 build"), (2, "2 builds")])
+def test_a_count_takes_its_noun_in_the_right_number(count: int, text: str) -> None:
+    assert counted(count, "build") == text
+
+
+def test_more_problems_than_one_are_counted_in_the_right_number() -> None:
+    assert (more_problems(1), more_problems(2), more_problems(3)) == (
+        "",
+        " (and 1 more problem)",
+        " (and 2 more problems)",
+    )
 
 
 # --- build files ---------------------------------------------------------------------------------

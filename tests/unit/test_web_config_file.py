@@ -529,9 +529,21 @@ def test_invalid_web_config_is_rejected_naming_the_key(
         assert secret not in message
 
 
-def test_missing_web_config_file_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(WebConfigError, match="cannot read the web config file"):
+def test_missing_web_config_file_is_an_error_naming_the_flag(tmp_path: Path) -> None:
+    with pytest.raises(WebConfigError) as raised:
         load_web_config(tmp_path / "absent.yml")
+    assert str(raised.value) == (
+        f"{tmp_path / 'absent.yml'}: the web config file does not exist: point "
+        "--web.config.file at yours"
+    )
+
+
+def test_a_web_config_file_that_is_a_directory_is_said_in_words(tmp_path: Path) -> None:
+    with pytest.raises(WebConfigError) as raised:
+        load_web_config(tmp_path)
+    assert str(raised.value) == (
+        f"{tmp_path}: cannot read the web config file: it is a directory: name a file"
+    )
 
 
 def test_encrypted_key_is_an_error_not_a_prompt(
