@@ -31,9 +31,25 @@ def quoted(value: object) -> str:
         return repr(value)
     if not isinstance(value, str):
         return f"a YAML {type(value).__name__}"
-    if len(value) > _LONGEST_QUOTED or _SECRET_LOOKING.search(value):
+    if not may_repeat(value):
         return f"a {len(value)}-character value (not repeated: it may be a secret)"
     return repr(value)
+
+
+def may_repeat(text: str) -> bool:
+    """Whether a message may show ``text``: short, and nothing in it looks like a key."""
+    return len(text) <= _LONGEST_QUOTED and not _SECRET_LOOKING.search(text)
+
+
+def quoted_pasted_url(value: str) -> str | None:
+    """A URL where a name was expected, as ``a URL (https://host/…)``: its scheme and host
+    only, the host too if it looks like a secret; None if ``value`` is no URL."""
+    parts = urlsplit(value.strip())
+    if not parts.scheme or not parts.netloc or "/" in parts.scheme:
+        return None
+    host = parts.hostname or ""
+    shown = f"{parts.scheme}://{host}" if host and may_repeat(host) else f"{parts.scheme}://…"
+    return f"a URL ({shown}/…)"
 
 
 def quoted_url(value: str) -> str:

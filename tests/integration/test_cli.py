@@ -266,6 +266,23 @@ def test_config_check_fails_without_an_api_key(tmp_path: Path) -> None:
     assert "PRIME_API_KEY" in result.stderr
 
 
+def test_a_dashboard_url_pasted_as_a_build_id_gets_the_id_it_holds_suggested(
+    tmp_path: Path,
+) -> None:
+    url = "https://app.primeintellect.ai/dashboard/sandboxes/images/builds/cmf3k2x0c0001"
+    config = write_config(tmp_path, "https://api.primeintellect.ai", [f"'{url}'"])
+    result = run_script(
+        "--config.file", str(config), "--config.check", env=environment(PRIME_API_KEY="k")
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1,
+        "",
+        f"error: {config}: builds[0]: build ID a URL (https://app.primeintellect.ai/…) is "
+        "invalid: use 1 to 128 letters, digits, '-', '_' or '.', and not '.' or '..'; did you "
+        "mean 'cmf3k2x0c0001'?\n",
+    )
+
+
 @pytest.mark.parametrize("check", [True, False], ids=["config_check", "start"])
 def test_missing_config_file_names_the_flag_and_the_demo(tmp_path: Path, check: bool) -> None:
     result = run_script(

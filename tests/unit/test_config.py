@@ -1048,6 +1048,75 @@ def test_validate_build_id_rejects_unsafe_ids(build_id: str) -> None:
         validate_build_id(build_id)
 
 
+SHAPE = "use 1 to 128 letters, digits, '-', '_' or '.', and not '.' or '..'"
+PASTED_BUILD_IDS = {
+    "a_dashboard_url": (
+        "https://app.primeintellect.ai/dashboard/builds/cmf3k2x0c0001",
+        f"build ID a URL (https://app.primeintellect.ai/…) is invalid: {SHAPE}; did you mean "
+        "'cmf3k2x0c0001'?",
+    ),
+    "a_url_that_goes_on_after_the_id": (
+        "https://app.primeintellect.ai/builds/cmf3k2x0c0001/logs?tab=2",
+        f"build ID a URL (https://app.primeintellect.ai/…) is invalid: {SHAPE}; did you mean "
+        "'cmf3k2x0c0001'?",
+    ),
+    "the_api_path": (
+        "/api/v1/images/build/cmf3k2x0c0001",
+        f"build ID '/api/v1/images/build/cmf3k2x0c0001' is invalid: {SHAPE}; did you mean "
+        "'cmf3k2x0c0001'?",
+    ),
+    "a_stray_space": (
+        "cmf3k2x0c0001 ",
+        f"build ID 'cmf3k2x0c0001 ' is invalid: {SHAPE}; did you mean 'cmf3k2x0c0001'?",
+    ),
+    "two_ids_on_one_line": (
+        "cmf3k2x0c0001 cmf3k2x0c0002",
+        f"build ID 'cmf3k2x0c0001 cmf3k2x0c0002' is invalid: {SHAPE}; list each build ID as an "
+        "item (or a line) of its own",
+    ),
+    "a_url_with_no_id": (
+        "https://app.primeintellect.ai/dashboard/images",
+        f"build ID a URL (https://app.primeintellect.ai/…) is invalid: {SHAPE}",
+    ),
+    "a_key_where_the_id_would_be": (
+        f"https://app.primeintellect.ai/builds/{CANARY_API_KEY}",
+        f"build ID a URL (https://app.primeintellect.ai/…) is invalid: {SHAPE}; did you mean the "
+        f"{len(CANARY_API_KEY)}-character ID in it (not repeated: it may be a secret)?",
+    ),
+    "a_key_in_the_query": (
+        f"https://app.primeintellect.ai/builds/?token={CANARY_API_KEY}",
+        f"build ID a URL (https://app.primeintellect.ai/…) is invalid: {SHAPE}",
+    ),
+    "a_key_like_host": (
+        f"https://{CANARY_API_KEY}.example/builds/c1",
+        f"build ID a URL (https://…/…) is invalid: {SHAPE}; did you mean 'c1'?",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), PASTED_BUILD_IDS.values(), ids=PASTED_BUILD_IDS.keys()
+)
+def test_a_pasted_url_or_path_as_a_build_id_says_the_shape_and_the_id_it_holds(
+    value: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match="is invalid: use 1 to 128") as raised:
+        validate_build_id(value)
+    assert str(raised.value) == message
+    assert CANARY_API_KEY[:24] not in str(raised.value)
+
+
+def test_a_pasted_url_in_a_build_file_names_the_file_and_line(tmp_path: Path) -> None:
+    build_file = write(
+        tmp_path / "ids.txt", "trainer-v1\nhttps://app.primeintellect.ai/builds/cmf3k2x0c0001\n"
+    )
+    path = write(tmp_path / "config.yaml", "build_files:\n  - ids.txt\n")
+    assert config_error(path, WITH_KEY) == (
+        f"{build_file}:2: build ID a URL (https://app.primeintellect.ai/…) is invalid: {SHAPE}; "
+        "did you mean 'cmf3k2x0c0001'?"
+    )
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
