@@ -287,10 +287,7 @@ def _serve(exporter: Exporter, web_config_file: Path | None, *, demo: bool) -> i
         server = exporter.create_server(web_config_file)
     except OSError as error:
         address = exporter.config.web.listen_address
-        print(
-            f"error: cannot listen on {address}: {listen_problem(error, demo=demo)}",
-            file=sys.stderr,
-        )
+        print(f"error: {listen_error(address, error, demo=demo)}", file=sys.stderr)
         return 1
     except WebConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -299,7 +296,7 @@ def _serve(exporter: Exporter, web_config_file: Path | None, *, demo: bool) -> i
     return 0
 
 
-def listen_problem(error: OSError, *, demo: bool) -> str:
+def listen_error(address: str, error: OSError, *, demo: bool) -> str:
     """Why the listen address could not be bound, and how to pick another."""
     reason = {
         errno.EADDRINUSE: "the address is already in use by another program",
@@ -312,7 +309,7 @@ def listen_problem(error: OSError, *, demo: bool) -> str:
         if demo
         else ("--web.listen-address or the config key web.listen_address")
     )
-    return f"{reason}; pick another address with {where}"
+    return f"cannot listen on {address}: {reason}; pick another address with {where}"
 
 
 def _raise_open_file_limit() -> None:

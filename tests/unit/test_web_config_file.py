@@ -556,3 +556,20 @@ def test_encrypted_key_is_an_error_not_a_prompt(
     )
     with pytest.raises(WebConfigError, match=r"tls_server_config\.key_file: .* is encrypted"):
         load_web_config(path)
+
+
+def test_the_summary_says_what_the_file_turns_on(
+    certificates: CertificateFiles, write: Callable[[str], Path]
+) -> None:
+    tls = f"tls_server_config:\n  cert_file: {certificates.cert}\n  key_file: {certificates.key}\n"
+    users = f"basic_auth_users:\n  alice: '{bcrypt_hash()}'\n  bob: '{bcrypt_hash()}'\n"
+    summaries = [
+        load_web_config(write(text)).summary
+        for text in ("", tls, users, tls + "basic_auth_users:\n  alice: " + f"'{bcrypt_hash()}'\n")
+    ]
+    assert summaries == [
+        "TLS off, basic auth off",
+        "TLS on, basic auth off",
+        "TLS off, basic auth for 2 users",
+        "TLS on, basic auth for 1 user",
+    ]
