@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import resource
@@ -21,13 +22,13 @@ from pydantic import SecretStr
 from exporter import __version__
 from exporter.app import Exporter
 from exporter.config.credentials import ApiKeySource
-from exporter.config.loading import ConfigLoader
+from exporter.config.loading import ConfigLoader, check_state_path
 from exporter.config.schema import Config, ConfigFile
-from exporter.config.wording import ConfigError
+from exporter.config.wording import ConfigError, counted
 from exporter.demo.simulator import Simulator, demo_plans
 from exporter.logs import LEVELS, configure_logging
 from exporter.web.server import MetricsServer
-from exporter.web.webconfig import WebConfigError, load_web_config
+from exporter.web.webconfig import WebConfig, WebConfigError, load_web_config
 
 PROGRAM = "primeintellect-build-exporter"
 DEMO_MISSING_BUILD = "cmdemo0gone0009"
@@ -146,21 +147,16 @@ def _run_with(arguments: argparse.Namespace, simulator: Simulator | None) -> int
     )
     web_config_file = Path(arguments.web_config_file) if arguments.web_config_file else None
     try:
-        config = load()
-        notes = () if web_config_file is None else load_web_config(web_config_file).notes
+        config = load(starting=True)
+        if not arguments.once:
+            # --once never opens the state file.
+            check_state_path(config)
+        web_config = None if web_config_file is None else load_web_config(web_config_file)
     except (ConfigError, WebConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if arguments.config_check:
-        for note in notes:
-            print(f"warning: {web_config_file}: {note}", file=sys.stderr)
-        shard = config.shard
-        share = (
-            f" ({len(config.owned_build_ids)} in shard {shard.index} of {shard.count})"
-            if shard.count > 1
-            else ""
-        )
-        print(f"{config.source}: OK, {len(config.build_ids)} builds{share}")
+        _report_check(config, web_config)
         return 0
     exporter = Exporter(
         config,
@@ -172,6 +168,27 @@ def _run_with(arguments: argparse.Namespace, simulator: Simulator | None) -> int
     if arguments.once:
         return _poll_once(exporter)
     return _serve(exporter, web_config_file, demo=simulator is not None)
+
+
+def _report_check(config: Config, web_config: WebConfig | None) -> None:
+    """What --config.check found valid: one line per file, warnings on stderr."""
+    shard = config.shard
+    share = (
+        f" ({len(config.owned_build_ids)} in shard {shard.index} of {shard.count})"
+        if shard.count > 1
+        else ""
+    )
+    discovery = config.file.discovery
+    found = "".join(
+        f", {name} discovery on"
+        for name, section in (("build", discovery.builds), ("image", discovery.images))
+        if section.enabled
+    )
+    print(f"{config.source}: OK, {counted(len(config.build_ids), 'build')}{share}{found}")
+    if web_config is not None:
+        for note in web_config.notes:
+            print(f"warning: {web_config.source}: {note}", file=sys.stderr)
+        print(f"web config {web_config.source}: OK, {web_config.summary}")
 
 
 def demo_config(simulator: Simulator) -> Config:
@@ -269,16 +286,30 @@ def _serve(exporter: Exporter, web_config_file: Path | None, *, demo: bool) -> i
     try:
         server = exporter.create_server(web_config_file)
     except OSError as error:
-        print(
-            f"error: cannot listen on {exporter.config.web.listen_address}: {error.strerror}",
-            file=sys.stderr,
-        )
+        address = exporter.config.web.listen_address
+        print(f"error: {listen_error(address, error, demo=demo)}", file=sys.stderr)
         return 1
     except WebConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     asyncio.run(_serve_until_signalled(exporter, server, announce))
     return 0
+
+
+def listen_error(address: str, error: OSError, *, demo: bool) -> str:
+    """Why the listen address could not be bound, and how to pick another."""
+    reason = {
+        errno.EADDRINUSE: "the address is already in use by another program",
+        errno.EACCES: "permission denied (ports below 1024 need privileges)",
+        errno.EADDRNOTAVAIL: "no network interface of this machine has that address",
+    }.get(error.errno or 0, error.strerror or str(error))
+    # The demo reads no config file: the flag is its only way.
+    where = (
+        "--web.listen-address"
+        if demo
+        else ("--web.listen-address or the config key web.listen_address")
+    )
+    return f"cannot listen on {address}: {reason}; pick another address with {where}"
 
 
 def _raise_open_file_limit() -> None:

@@ -83,8 +83,10 @@ class StateFile:
         if path.exists() and not path.is_file():
             raise StateUnavailableError("it is not a regular file")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # Its directory is never created: a typo in the path must not start a fresh state.
             lock_file = os.open(_lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            raise StateUnavailableError(f"its directory {path.parent} does not exist") from None
         except OSError as error:
             raise StateUnavailableError(f"cannot create it: {error.strerror}") from None
         try:

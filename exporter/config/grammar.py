@@ -10,7 +10,13 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator
 
-from exporter.config.wording import BuildIdNotStringError, quoted, quoted_url
+from exporter.config.wording import (
+    BuildIdNotStringError,
+    may_repeat,
+    quoted,
+    quoted_pasted_url,
+    quoted_url,
+)
 
 DEFAULT_BASE_URL = "https://api.primeintellect.ai"
 
@@ -105,12 +111,40 @@ def validate_build_id(value: object) -> str:
     """Check that a build ID is a string that is safe as one URL path segment."""
     if not isinstance(value, str):
         raise BuildIdNotStringError(value)
-    if not _BUILD_ID.fullmatch(value) or value in {".", ".."}:
+    if not _is_build_id(value):
         raise ValueError(
-            f"build ID {quoted(value)} is invalid: use 1 to 128 letters, digits, '-', '_' or '.', "
-            "and not '.' or '..'"
+            f"build ID {quoted_pasted_url(value) or quoted(value)} is invalid: use 1 to 128 "
+            f"letters, digits, '-', '_' or '.', and not '.' or '..'{_meant_build_id(value)}"
         )
     return value
+
+
+def _is_build_id(value: str) -> bool:
+    return _BUILD_ID.fullmatch(value) is not None and value not in {".", ".."}
+
+
+def _meant_build_id(value: str) -> str:
+    """``; did you mean 'ID'?`` for what holds one build ID (a URL or path pasted whole, a
+    stray space), or what to do with several; nothing if no ID is to be seen."""
+    words = value.split()
+    if len(words) > 1 and all(_is_build_id(word) for word in words):
+        return "; list each build ID as an item (or a line) of its own"
+    segments = [segment for segment in urlsplit(value.strip()).path.split("/") if segment]
+    # A dashboard's URL names the build after a "builds" segment, and may go on after it.
+    after = [
+        segments[index + 1]
+        for index, segment in enumerate(segments[:-1])
+        if segment.lower() in {"build", "builds"}
+    ]
+    candidate = after[-1] if after else segments[-1] if segments else ""
+    if not _is_build_id(candidate) or candidate == value or not any(c.isdigit() for c in candidate):
+        return ""
+    if not may_repeat(candidate):
+        return (
+            f"; did you mean the {len(candidate)}-character ID in it (not repeated: it may be "
+            "a secret)?"
+        )
+    return f"; did you mean {candidate!r}?"
 
 
 def validate_team_id(value: str) -> str:

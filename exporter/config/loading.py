@@ -21,6 +21,7 @@ from exporter.config.wording import (
     BuildIdNotStringError,
     ConfigError,
     describe_validation_error,
+    unreadable,
     written_scalar,
 )
 
@@ -46,12 +47,16 @@ class ConfigLoader:
     shard_count: int | None = None
     shard_index: str | None = None
 
-    def __call__(self) -> Config:
-        """The configuration as it stands now; a ConfigError says what is wrong."""
+    def __call__(self, *, starting: bool = False) -> Config:
+        """The configuration as it stands now; a ConfigError says what is wrong.
+
+        ``starting`` is for the start and ``--config.check`` (see ``load_config``); a reload
+        calls it without.
+        """
         if isinstance(self.source, Config):
             config = self.source
         else:
-            config = load_config(self.source, self.environ)
+            config = load_config(self.source, self.environ, starting=starting)
         return config.with_overrides(
             listen_address=self.listen_address,
             shard_count=self.shard_count,
@@ -102,12 +107,30 @@ def load_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: {error}") from None
 
 
-def load_config(path: Path, environ: Mapping[str, str], *, require_api_key: bool = True) -> Config:
-    """Read and validate the config file, apply the environment and read the build files."""
+def load_config(
+    path: Path,
+    environ: Mapping[str, str],
+    *,
+    require_api_key: bool = True,
+    starting: bool = False,
+) -> Config:
+    """Read and validate the config file, apply the environment and read the build files.
+
+    ``starting``: the exporter is starting, or checking the config, so a file that
+    ``build_files`` names without wildcards must exist (on a reload a vanished one is a
+    warning: its builds are dropped), and a missing config file gets the first run's advice.
+    """
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        advice = (
+            ": point --config.file at yours, or try the exporter without one with --demo"
+            if starting
+            else ""
+        )
+        raise ConfigError(f"{path}: the config file does not exist{advice}") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read the config file: {error}") from None
+        raise ConfigError(f"{path}: cannot read the config file: {unreadable(error)}") from None
     data = load_yaml(text, str(path))
     if data is None:
         data = {}
@@ -134,9 +157,35 @@ def load_config(path: Path, environ: Mapping[str, str], *, require_api_key: bool
     file = _with_team_from_environment(path, file, environ)
 
     api_key = api_key_source(path, file.api.api_key_file, environ, require_api_key=require_api_key)
-    return Config(
-        source=path, file=file, api_key=api_key, build_ids=collect_build_ids(file, path.parent)
-    )
+    try:
+        build_ids = collect_build_ids(file, path.parent, starting=starting)
+    except _BuildFilesEntryError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return Config(source=path, file=file, api_key=api_key, build_ids=build_ids)
+
+
+def check_state_path(config: Config) -> None:
+    """Refuse a ``state.path`` whose directory is missing, before the state file is opened.
+
+    The directory is never created: a typo in the path would otherwise start an empty state,
+    every finished build requested again, and no one told.
+    """
+    path = config.state_path
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(
+            f"{config.source}: state.path: {path} is a directory: name a file in it, "
+            f"such as {path / 'state.db'}"
+        )
+    directory = path.parent
+    if not directory.is_dir():
+        problem = "is not a directory" if directory.exists() else "does not exist"
+        raise ConfigError(
+            f"{config.source}: state.path: the directory {directory} {problem}: create it, "
+            "or correct the path (the exporter does not create it, so that a typo cannot "
+            "start an empty state)"
+        )
 
 
 def _with_team_from_environment(
@@ -165,9 +214,11 @@ def _with_team_from_environment(
     return file.model_copy(update={"discovery": discovery})
 
 
-def collect_build_ids(file: ConfigFile, base_directory: Path) -> tuple[str, ...]:
+def collect_build_ids(
+    file: ConfigFile, base_directory: Path, *, starting: bool = False
+) -> tuple[str, ...]:
     """``builds`` then the build files' IDs, in order, each once (repeats logged)."""
-    listed = [*file.builds, *read_build_files(file.build_files, base_directory)]
+    listed = [*file.builds, *read_build_files(file.build_files, base_directory, starting=starting)]
     counts = Counter(listed)
     unique = tuple(counts)
     if len(unique) < len(listed):
@@ -208,16 +259,52 @@ def build_files_fingerprint(patterns: list[str], base_directory: Path) -> tuple[
     return tuple(fingerprint)
 
 
-def read_build_files(patterns: list[str], base_directory: Path) -> list[str]:
-    """Read build IDs from files matching the globs: one ID per line, or a YAML list."""
+class _BuildFilesEntryError(ConfigError):
+    """An entry of ``build_files`` names what is not there; said of the config file."""
+
+
+def read_build_files(
+    patterns: list[str], base_directory: Path, *, starting: bool = False
+) -> list[str]:
+    """Read build IDs from files matching the globs: one ID per line, or a YAML list.
+
+    A glob whose directory does not exist is an error: a typo must not read as "no builds",
+    while an existing directory without a match (an empty ``builds.d``) is fine. A file named
+    without wildcards must exist when ``starting``; later it may have gone (a warning).
+    """
     build_ids: list[str] = []
-    for pattern in patterns:
+    for index, pattern in enumerate(patterns):
         names = _glob_build_files(pattern, base_directory)
-        if not names and not glob.has_magic(pattern):
-            log.warning("build file not found", extra={"build_file": pattern})
+        if not names:
+            _check_nothing_matched(f"build_files[{index}]", pattern, base_directory, starting)
         for name in names:
             build_ids.extend(read_build_file(Path(name)))
     return build_ids
+
+
+def _check_nothing_matched(key: str, pattern: str, base_directory: Path, starting: bool) -> None:
+    if not glob.has_magic(pattern):
+        path = _from_config_directory(Path(pattern).expanduser(), base_directory)
+        if starting:
+            raise _BuildFilesEntryError(
+                f"{key}: {path} does not exist: create it, or correct or remove the entry"
+            )
+        log.warning("build file not found", extra={"build_file": pattern, "path": str(path)})
+        return
+    # The directory the glob looks in: its path up to the first part with a wildcard.
+    parts = Path(pattern).expanduser().parts
+    literal = parts[: next(index for index, part in enumerate(parts) if glob.has_magic(part))]
+    directory = _from_config_directory(Path(*literal), base_directory)
+    if not directory.is_dir():
+        problem = "is not a directory" if directory.exists() else "does not exist"
+        raise _BuildFilesEntryError(
+            f"{key}: {pattern} looks in {directory}, which {problem}: create the directory "
+            "(an empty one is fine), or correct the pattern"
+        )
+
+
+def _from_config_directory(path: Path, base_directory: Path) -> Path:
+    return path if path.is_absolute() else base_directory / path
 
 
 def _glob_build_files(pattern: str, base_directory: Path) -> list[str]:
@@ -233,7 +320,7 @@ def read_build_file(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read the build file: {error}") from None
+        raise ConfigError(f"{path}: cannot read the build file: {unreadable(error)}") from None
     content_lines = [
         (number, line.strip())
         for number, line in enumerate(text.splitlines(), start=1)

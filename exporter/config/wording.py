@@ -31,9 +31,25 @@ def quoted(value: object) -> str:
         return repr(value)
     if not isinstance(value, str):
         return f"a YAML {type(value).__name__}"
-    if len(value) > _LONGEST_QUOTED or _SECRET_LOOKING.search(value):
+    if not may_repeat(value):
         return f"a {len(value)}-character value (not repeated: it may be a secret)"
     return repr(value)
+
+
+def may_repeat(text: str) -> bool:
+    """Whether a message may show ``text``: short, and nothing in it looks like a key."""
+    return len(text) <= _LONGEST_QUOTED and not _SECRET_LOOKING.search(text)
+
+
+def quoted_pasted_url(value: str) -> str | None:
+    """A URL where a name was expected, as ``a URL (https://host/…)``: its scheme and host
+    only, the host too if it looks like a secret; None if ``value`` is no URL."""
+    parts = urlsplit(value.strip())
+    if not parts.scheme or not parts.netloc or "/" in parts.scheme:
+        return None
+    host = parts.hostname or ""
+    shown = f"{parts.scheme}://{host}" if host and may_repeat(host) else f"{parts.scheme}://…"
+    return f"a URL ({shown}/…)"
 
 
 def quoted_url(value: str) -> str:
@@ -45,6 +61,19 @@ def quoted_url(value: str) -> str:
     return quoted(f"{parts.scheme}://{parts.hostname}{parts.path}") + (
         " (with a query, not repeated)" if hidden else ""
     )
+
+
+def unreadable(error: OSError | UnicodeDecodeError) -> str:
+    """Why a file could not be read, in words and without Python's errno text."""
+    if isinstance(error, UnicodeDecodeError):
+        return "it is not UTF-8 text"
+    if isinstance(error, FileNotFoundError):
+        return "it does not exist"
+    if isinstance(error, IsADirectoryError):
+        return "it is a directory: name a file"
+    if isinstance(error, PermissionError):
+        return "permission denied: give the exporter's user read access to it"
+    return (error.strerror or type(error).__name__).lower()
 
 
 class BuildIdNotStringError(ValueError):
@@ -104,7 +133,12 @@ def generic_problem(error_type: str) -> str | None:
 def more_problems(count: int) -> str:
     """`` (and N more problems)`` after the first of ``count``, or nothing."""
     more = count - 1
-    return f" (and {more} more problem{'s' if more > 1 else ''})" if more > 0 else ""
+    return f" (and {counted(more, 'more problem')})" if more > 0 else ""
+
+
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """``1 build``, ``2 builds``: a count with its noun in the right number."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
 def unknown_key_hint(root: type[BaseModel], location: Sequence[int | str]) -> str:

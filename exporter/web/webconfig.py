@@ -45,10 +45,12 @@ from pydantic import (
 
 from exporter.config.grammar import Duration
 from exporter.config.wording import (
+    counted,
     format_location,
     generic_problem,
     more_problems,
     unknown_key_hint,
+    unreadable,
 )
 from exporter.web.auth import BasicAuth, RateLimiter
 
@@ -524,6 +526,22 @@ class WebConfig:
     notes: tuple[str, ...] = ()
 
     @property
+    def summary(self) -> str:
+        """What the file turns on, as ``--config.check`` reports it."""
+        if self.tls is None:
+            tls = "TLS off"
+        elif self.tls.client_auth_type == "NoClientCert":
+            tls = "TLS on"
+        else:
+            tls = f"TLS on with client certificates ({self.tls.client_auth_type})"
+        users = (
+            "basic auth off"
+            if self.basic_auth is None
+            else f"basic auth for {counted(len(self.basic_auth.users), 'user')}"
+        )
+        return f"{tls}, {users}"
+
+    @property
     def files(self) -> tuple[Path, ...]:
         """The file itself and the certificate files it names: what a reload watches."""
         if self.tls is None:
@@ -538,9 +556,13 @@ def load_web_config(path: Path) -> WebConfig:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise WebConfigError(f"{path}: the web config file is not UTF-8 text") from None
+    except FileNotFoundError:
+        raise WebConfigError(
+            f"{path}: the web config file does not exist: point --web.config.file at yours"
+        ) from None
     except OSError as error:
         raise WebConfigError(
-            f"{path}: cannot read the web config file: {error.strerror or error}"
+            f"{path}: cannot read the web config file: {unreadable(error)}"
         ) from None
     data = _parse_yaml(text, path)
     if data is None:

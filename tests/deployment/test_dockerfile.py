@@ -610,7 +610,7 @@ def test_documented_compose_example_runs_with_basic_auth_state_and_no_privileges
 
     # The container's user owns the host files (0600 secrets, the state directory).
     assert re.fullmatch(r"\$\{EXPORTER_USER:\?[^}]*\}", service["user"])
-    assert 'printf \'EXPORTER_USER=%s:%s\\n\' "$(id -u)" "$(id -g)" > .env' in setup
+    assert "printf 'EXPORTER_USER=%s\\n' \"$EXPORTER_USER\" > .env" in setup
     assert service["read_only"] is True
     assert service["cap_drop"] == ["ALL"]
     assert "no-new-privileges:true" in service["security_opt"]
@@ -694,3 +694,86 @@ def test_documented_docker_run_example_keeps_the_state_on_a_volume() -> None:
     [(source, _, mode)] = [m for m in mounts if m[1] == str(PurePosixPath(state).parent)]
     assert mode == "", "the state directory must be writable"
     assert re.search(rf"^mkdir -p .*\b{re.escape(source)}\b", commands, re.M)
+
+
+# --- the documented setup run as a user, root included -------------------------------------
+
+# Stand-ins for what the Docker section's shell blocks call beyond the shell's own tools:
+# each records its arguments, one JSON list a line, and prints nothing.
+RECORDED_COMMANDS = ("docker", "chown", "openssl", "htpasswd", "python3")
+
+
+@dataclass(frozen=True)
+class SetupRun:
+    """What a documented shell block did: the recorded commands, and its directory."""
+
+    calls: list[list[str]]
+    directory: Path
+
+    def of(self, command: str) -> list[list[str]]:
+        return [call[1:] for call in self.calls if call[0] == command]
+
+
+def run_setup_as(block: str, directory: Path, uid: int, gid: int) -> SetupRun:
+    """Run a documented ``sh`` block as a user with ``uid``:``gid`` would: ``id`` answers for
+    that user, the commands of RECORDED_COMMANDS only record, every other one is real."""
+    shims = directory / "shims"
+    shims.mkdir()
+    calls = directory / "calls.jsonl"
+    (shims / "id").write_text(
+        f'#!/bin/sh\ncase "$1" in -u) echo {uid} ;; -g) echo {gid} ;; *) exit 2 ;; esac\n'
+    )
+    for command in RECORDED_COMMANDS:
+        (shims / command).write_text(
+            f"#!{sys.executable}\nimport json, sys\n"
+            f"with open({str(calls)!r}, 'a') as calls:\n"
+            f"    calls.write(json.dumps([{command!r}, *sys.argv[1:]]) + '\\n')\n"
+        )
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    work = directory / "work"
+    work.mkdir()
+    shutil.copy(REPOSITORY / "config.example.yaml", work)
+    environ = {
+        "PATH": f"{shims}:{os.environ['PATH']}",
+        "HOME": str(directory),
+        "PRIME_API_KEY": "pk-documented-setup",
+    }
+    subprocess.run(["/bin/sh", "-eu", "-c", block], cwd=work, env=environ, check=True, timeout=60)
+    recorded = calls.read_text().splitlines() if calls.exists() else []
+    return SetupRun([json.loads(line) for line in recorded], work)
+
+
+def image_user(dockerfile: Dockerfile) -> str:
+    return dockerfile.final.last("USER").arguments
+
+
+def documented_setup(marker: str) -> str:
+    [block] = [b for b in fenced_blocks("sh") if marker in b]
+    return block
+
+
+@pytest.mark.parametrize(("uid", "gid"), [(0, 0), (1000, 1000)], ids=["root", "a_user"])
+def test_documented_docker_run_lines_never_run_the_container_as_root(
+    dockerfile: Dockerfile, tmp_path: Path, uid: int, gid: int
+) -> None:
+    run = run_setup_as(documented_setup("docker run -d"), tmp_path, uid, gid)
+    expected = image_user(dockerfile) if uid == 0 else f"{uid}:{gid}"
+    runs = run.of("docker")
+    assert [call[0] for call in runs] == ["run", "run"]
+    for call in runs:
+        [user] = [call[i + 1] for i, word in enumerate(call) if word == "--user"]
+        assert user == expected
+        assert user.split(":")[0] != "0"
+    # Whoever the container runs as owns the key file and the state directory.
+    assert run.of("chown") == [["-R", expected, "secrets", "state"]]
+
+
+@pytest.mark.parametrize(("uid", "gid"), [(0, 0), (1000, 1000)], ids=["root", "a_user"])
+def test_documented_compose_user_is_never_root(
+    dockerfile: Dockerfile, tmp_path: Path, uid: int, gid: int
+) -> None:
+    run = run_setup_as(documented_setup(".env"), tmp_path, uid, gid)
+    expected = image_user(dockerfile) if uid == 0 else f"{uid}:{gid}"
+    assert (run.directory / ".env").read_text() == f"EXPORTER_USER={expected}\n"
+    assert run.of("chown") == [["-R", expected, "secrets", "state"]]

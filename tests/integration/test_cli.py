@@ -18,8 +18,9 @@ import httpx
 import pytest
 
 from exporter import __version__
+from exporter.config.schema import ShardSettings
 from exporter.demo.simulator import BuildPlan, Fault, Simulator
-from tests.helpers.pki import Pki, tls_section
+from tests.helpers.pki import Pki, bcrypt_hash, tls_section
 from tests.helpers.support import (
     CANARY_API_KEY,
     SCRIPT,
@@ -68,8 +69,85 @@ def test_config_check_exits_zero_for_a_valid_config(tmp_path: Path) -> None:
     result = run_script(
         "--config.file", str(config), "--config.check", env=environment(PRIME_API_KEY="k")
     )
-    assert result.returncode == 0, result.stderr
-    assert "OK, 2 builds" in result.stdout
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"{config}: OK, 2 builds\n", "")
+
+
+@pytest.mark.parametrize(
+    ("extra", "line"),
+    [
+        ("", "OK, 1 build"),
+        ("discovery:\n  builds:\n    enabled: true\n", "OK, 1 build, build discovery on"),
+        ("shard:\n  count: 2\n  index: 1\n", "OK, 1 build ({owned} in shard 1 of 2)"),
+    ],
+    ids=["alone", "with_build_discovery", "sharded"],
+)
+def test_config_check_counts_one_build_in_the_singular(
+    tmp_path: Path, extra: str, line: str
+) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"], extra)
+    result = run_script(
+        "--config.file", str(config), "--config.check", env=environment(PRIME_API_KEY="k")
+    )
+    owned = int(ShardSettings(count=2, index=1).owns("b1"))
+    assert (result.returncode, result.stdout) == (0, f"{config}: {line.format(owned=owned)}\n")
+
+
+def test_config_check_reports_the_web_config_it_checked(tmp_path: Path, pki: Pki) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1", "b2"])
+    web_config = tmp_path / "web.yml"
+    web_config.write_text(
+        tls_section(pki, client_auth_type="RequireAndVerifyClientCert", client_ca_file=str(pki.ca))
+        + f"basic_auth_users:\n  prometheus: '{bcrypt_hash()}'\n"
+    )
+    result = run_script(
+        "--config.file",
+        str(config),
+        "--web.config.file",
+        str(web_config),
+        "--config.check",
+        env=environment(PRIME_API_KEY="k"),
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.splitlines() == [
+        f"{config}: OK, 2 builds",
+        f"web config {web_config}: OK, TLS on with client certificates "
+        "(RequireAndVerifyClientCert), basic auth for 1 user",
+    ]
+
+
+def test_config_check_reports_a_web_config_without_tls_or_users(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"])
+    web_config = tmp_path / "web.yml"
+    web_config.write_text("http_server_config:\n  headers:\n    X-Frame-Options: deny\n")
+    result = run_script(
+        "--config.file",
+        str(config),
+        "--web.config.file",
+        str(web_config),
+        "--config.check",
+        env=environment(PRIME_API_KEY="k"),
+    )
+    assert (result.returncode, result.stdout.splitlines()[-1]) == (
+        0,
+        f"web config {web_config}: OK, TLS off, basic auth off",
+    )
+
+
+def test_config_check_fails_on_a_bad_web_config_naming_its_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"])
+    web_config = tmp_path / "web.yml"
+    web_config.write_text("basic_auth_users:\n  prometheus: hunter2\n")
+    result = run_script(
+        "--config.file",
+        str(config),
+        "--web.config.file",
+        str(web_config),
+        "--config.check",
+        env=environment(PRIME_API_KEY="k"),
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith(f"error: {web_config}: basic_auth_users.prometheus: ")
+    assert "hunter2" not in result.stderr
 
 
 def test_config_check_warns_about_curves_it_cannot_restrict(tmp_path: Path, pki: Pki) -> None:
@@ -154,7 +232,7 @@ ODD_CONFIGS = {
         "builds: [a]\n",
         {"PRIME_API_KEY": "Bearer pk-abc"},
         0,
-        "OK, 1 builds",
+        "OK, 1 build\n",
     ),
 }
 
@@ -188,10 +266,138 @@ def test_config_check_fails_without_an_api_key(tmp_path: Path) -> None:
     assert "PRIME_API_KEY" in result.stderr
 
 
-def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
-    result = run_script("--config.file", str(tmp_path / "absent.yaml"), "--config.check")
-    assert result.returncode == 1
-    assert "cannot read the config file" in result.stderr
+def test_a_dashboard_url_pasted_as_a_build_id_gets_the_id_it_holds_suggested(
+    tmp_path: Path,
+) -> None:
+    url = "https://app.primeintellect.ai/dashboard/sandboxes/images/builds/cmf3k2x0c0001"
+    config = write_config(tmp_path, "https://api.primeintellect.ai", [f"'{url}'"])
+    result = run_script(
+        "--config.file", str(config), "--config.check", env=environment(PRIME_API_KEY="k")
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1,
+        "",
+        f"error: {config}: builds[0]: build ID a URL (https://app.primeintellect.ai/…) is "
+        "invalid: use 1 to 128 letters, digits, '-', '_' or '.', and not '.' or '..'; did you "
+        "mean 'cmf3k2x0c0001'?\n",
+    )
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["config_check", "start"])
+def test_missing_config_file_names_the_flag_and_the_demo(tmp_path: Path, check: bool) -> None:
+    result = run_script(
+        "--config.file", str(tmp_path / "absent.yaml"), *(["--config.check"] if check else [])
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1,
+        "",
+        f"error: {tmp_path / 'absent.yaml'}: the config file does not exist: point "
+        "--config.file at yours, or try the exporter without one with --demo\n",
+    )
+
+
+def test_a_config_file_that_is_a_directory_says_so_without_errno_text(tmp_path: Path) -> None:
+    result = run_script("--config.file", str(tmp_path), "--config.check")
+    assert (result.returncode, result.stderr) == (
+        1,
+        f"error: {tmp_path}: cannot read the config file: it is a directory: name a file\n",
+    )
+
+
+MISSING_BUILD_FILES = {
+    "a_named_file": (
+        "build_files:\n  - teams.txt\n",
+        "build_files[0]: {dir}/teams.txt does not exist: create it, or correct or remove the entry",
+    ),
+    "a_glob_in_a_missing_directory": (
+        "build_files:\n  - builds.d/*.txt\n",
+        "build_files[0]: builds.d/*.txt looks in {dir}/builds.d, which does not exist: create the "
+        "directory (an empty one is fine), or correct the pattern",
+    ),
+}
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["config_check", "start"])
+@pytest.mark.parametrize(
+    ("extra", "problem"), MISSING_BUILD_FILES.values(), ids=MISSING_BUILD_FILES.keys()
+)
+def test_a_missing_build_file_or_glob_directory_fails_the_check_and_the_start(
+    tmp_path: Path, check: bool, extra: str, problem: str
+) -> None:
+    config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"], extra)
+    result = run_script(
+        "--config.file",
+        str(config),
+        *(["--config.check"] if check else []),
+        env=environment(PRIME_API_KEY="k"),
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1,
+        "",
+        f"error: {config}: {problem.format(dir=tmp_path)}\n",
+    )
+
+
+def test_config_check_accepts_a_glob_that_matches_nothing_in_an_existing_directory(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "builds.d").mkdir()
+    config = write_config(
+        tmp_path, "https://api.primeintellect.ai", ["b1"], "build_files:\n  - builds.d/*.txt\n"
+    )
+    result = run_script(
+        "--config.file", str(config), "--config.check", env=environment(PRIME_API_KEY="k")
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["config_check", "start"])
+def test_a_state_path_in_a_missing_directory_is_refused_and_never_created(
+    tmp_path: Path, check: bool
+) -> None:
+    state = tmp_path / "typo" / "state.db"
+    config = write_config(
+        tmp_path, "https://api.primeintellect.ai", ["b1"], f"state:\n  path: {state}\n"
+    )
+    result = run_script(
+        "--config.file",
+        str(config),
+        *(["--config.check"] if check else []),
+        env=environment(PRIME_API_KEY="k"),
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        1,
+        "",
+        f"error: {config}: state.path: the directory {tmp_path / 'typo'} does not exist: create "
+        "it, or correct the path (the exporter does not create it, so that a typo cannot start "
+        "an empty state)\n",
+    )
+    assert not state.parent.exists()
+
+
+def test_a_state_path_naming_a_directory_is_refused_with_a_file_to_name(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, "https://api.primeintellect.ai", ["b1"], f"state:\n  path: {tmp_path}\n"
+    )
+    result = run_script(
+        "--config.file", str(config), "--config.check", env=environment(PRIME_API_KEY="k")
+    )
+    assert (result.returncode, result.stderr) == (
+        1,
+        f"error: {config}: state.path: {tmp_path} is a directory: name a file in it, such as "
+        f"{tmp_path / 'state.db'}\n",
+    )
+
+
+def test_once_ignores_a_state_path_it_never_opens(tmp_path: Path, simulator: Simulator) -> None:
+    simulator.add(forever_building("b1"))
+    state = tmp_path / "not-here" / "state.db"
+    config = write_config(tmp_path, simulator.base_url, ["b1"], f"state:\n  path: {state}\n")
+    result = run_script(
+        "--config.file", str(config), "--once", env=environment(PRIME_API_KEY=CANARY_API_KEY)
+    )
+    assert result.returncode == 0, result.stderr
+    assert not state.parent.exists()
 
 
 def test_once_prints_the_exposition_and_exits_zero_when_every_poll_succeeds(
@@ -506,7 +712,9 @@ def test_demo_serves_simulated_builds_without_an_api_key(daemons: list[Daemon]) 
     assert returncode == 0
 
 
-def test_address_in_use_is_a_clear_error(simulator: Simulator, tmp_path: Path) -> None:
+def test_address_in_use_names_the_flag_and_the_config_key_to_pick_another(
+    simulator: Simulator, tmp_path: Path
+) -> None:
     with socket.socket() as occupied:
         occupied.bind(("127.0.0.1", 0))
         occupied.listen()
@@ -518,7 +726,25 @@ def test_address_in_use_is_a_clear_error(simulator: Simulator, tmp_path: Path) -
             "--config.file", str(config), env=environment(PRIME_API_KEY=CANARY_API_KEY)
         )
     assert result.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port}: the address is already in use by another "
+        "program; pick another address with --web.listen-address or the config key "
+        "web.listen_address"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_address_in_use_with_demo_names_the_flag_alone() -> None:
+    with socket.socket() as occupied:
+        occupied.bind(("127.0.0.1", 0))
+        occupied.listen()
+        port = occupied.getsockname()[1]
+        result = run_script("--demo", "--web.listen-address", f"127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port}: the address is already in use by another "
+        "program; pick another address with --web.listen-address"
+    )
 
 
 def test_simulator_runs_on_its_own() -> None:

@@ -391,6 +391,19 @@ def test_a_state_path_that_cannot_be_used_is_left_untouched_and_the_state_kept_i
     assert list(tmp_path.rglob("*unreadable*")) == []
 
 
+def test_a_state_file_in_a_missing_directory_is_never_created_with_its_directory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state_path = tmp_path / "typo" / "state.db"
+    with caplog.at_level(logging.ERROR, logger="exporter.state"):
+        state, restored = open_state(state_path)
+    assert (state, restored.records) == (None, {})
+    [record] = caplog.records
+    assert record.getMessage() == "state file unusable; the state stays in memory only"
+    assert record.__dict__["reason"] == f"its directory {tmp_path / 'typo'} does not exist"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_killed_exporter_leaves_a_state_file_the_next_one_takes_up(
     simulator: Simulator, tmp_path: Path
 ) -> None:

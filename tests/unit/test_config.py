@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,7 +14,7 @@ from exporter.config.credentials import ApiKeySource
 from exporter.config.grammar import parse_duration, validate_build_id
 from exporter.config.loading import load_config
 from exporter.config.schema import BuildDiscoverySettings, ConfigFile
-from exporter.config.wording import ConfigError, quoted
+from exporter.config.wording import ConfigError, counted, more_problems, quoted, unreadable
 from tests.helpers.support import CANARY_API_KEY, REPOSITORY
 
 CONFIGS = REPOSITORY / "tests" / "configs"
@@ -593,10 +594,44 @@ def test_an_empty_file_without_a_key_in_the_environment_is_rejected() -> None:
     assert f"{path}: no API key" in message
 
 
-def test_a_config_file_that_does_not_exist_is_a_config_error(tmp_path: Path) -> None:
+def test_a_config_file_gone_on_reload_is_a_config_error_without_first_run_advice(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "missing.yaml"
-    message = config_error(path, WITH_KEY)
-    assert f"{path}: cannot read the config file" in message
+    assert config_error(path, WITH_KEY) == f"{path}: the config file does not exist"
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (
+            PermissionError(errno.EACCES, "Permission denied"),
+            "permission denied: give the exporter's user read access to it",
+        ),
+        (IsADirectoryError(errno.EISDIR, "Is a directory"), "it is a directory: name a file"),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory"), "it does not exist"),
+        (OSError(errno.EIO, "Input/output error"), "input/output error"),
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "it is not UTF-8 text"),
+    ],
+    ids=["permission", "directory", "missing", "other", "not_utf8"],
+)
+def test_an_unreadable_file_is_described_without_python_errno_text(
+    error: OSError | UnicodeDecodeError, reason: str
+) -> None:
+    assert unreadable(error) == reason
+
+
+@pytest.mark.parametrize(("count", "text"), [(0, "0 builds"), (1, "1 build"), (2, "2 builds")])
+def test_a_count_takes_its_noun_in_the_right_number(count: int, text: str) -> None:
+    assert counted(count, "build") == text
+
+
+def test_more_problems_than_one_are_counted_in_the_right_number() -> None:
+    assert (more_problems(1), more_problems(2), more_problems(3)) == (
+        "",
+        " (and 1 more problem)",
+        " (and 2 more problems)",
+    )
 
 
 # --- build files ---------------------------------------------------------------------------------
@@ -678,12 +713,55 @@ def test_a_yaml_build_file_that_is_not_a_list_is_rejected(tmp_path: Path) -> Non
     assert f"{build_file}: expected a YAML list of build IDs" in message
 
 
-def test_a_build_file_glob_that_matches_nothing_is_fine(tmp_path: Path) -> None:
+@pytest.mark.parametrize("starting", [True, False], ids=["at_start", "on_reload"])
+def test_a_build_file_glob_that_matches_nothing_in_an_existing_directory_is_fine(
+    tmp_path: Path, starting: bool
+) -> None:
+    (tmp_path / "builds.d").mkdir()
     path = write(
         tmp_path / "config.yaml",
-        "builds:\n  - trainer-v1\nbuild_files:\n  - nothing-here/*.txt\n  - absent.txt\n",
+        "builds:\n  - trainer-v1\nbuild_files:\n  - builds.d/*.txt\n  - none-*.txt\n",
     )
-    assert load_config(path, WITH_KEY).build_ids == ("trainer-v1",)
+    assert load_config(path, WITH_KEY, starting=starting).build_ids == ("trainer-v1",)
+
+
+@pytest.mark.parametrize("starting", [True, False], ids=["at_start", "on_reload"])
+@pytest.mark.parametrize(
+    ("pattern", "looks_in"),
+    [("nothing-here/*.txt", "nothing-here"), ("teams/*/ids.txt", "teams")],
+)
+def test_a_build_file_glob_in_a_missing_directory_is_an_error_naming_the_key_and_directory(
+    tmp_path: Path, starting: bool, pattern: str, looks_in: str
+) -> None:
+    path = write(
+        tmp_path / "config.yaml", f"builds: [b1]\nbuild_files:\n  - ids.txt\n  - {pattern}\n"
+    )
+    write(tmp_path / "ids.txt", "b2\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, WITH_KEY, starting=starting)
+    assert str(caught.value) == (
+        f"{path}: build_files[1]: {pattern} looks in {tmp_path / looks_in}, which does not "
+        "exist: create the directory (an empty one is fine), or correct the pattern"
+    )
+
+
+def test_a_build_file_glob_whose_directory_is_a_file_is_an_error(tmp_path: Path) -> None:
+    write(tmp_path / "builds.d", "b1\n")
+    path = write(tmp_path / "config.yaml", "build_files:\n  - builds.d/*.txt\n")
+    assert config_error(path, WITH_KEY) == (
+        f"{path}: build_files[0]: builds.d/*.txt looks in {tmp_path / 'builds.d'}, which is not "
+        "a directory: create the directory (an empty one is fine), or correct the pattern"
+    )
+
+
+def test_a_literal_build_file_that_does_not_exist_is_an_error_at_start(tmp_path: Path) -> None:
+    path = write(tmp_path / "config.yaml", "builds: [b1]\nbuild_files:\n  - typo.txt\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, WITH_KEY, starting=True)
+    assert str(caught.value) == (
+        f"{path}: build_files[0]: {tmp_path / 'typo.txt'} does not exist: create it, "
+        "or correct or remove the entry"
+    )
 
 
 def test_build_files_are_found_when_the_config_directory_has_glob_characters(
@@ -970,6 +1048,75 @@ def test_validate_build_id_rejects_unsafe_ids(build_id: str) -> None:
         validate_build_id(build_id)
 
 
+SHAPE = "use 1 to 128 letters, digits, '-', '_' or '.', and not '.' or '..'"
+PASTED_BUILD_IDS = {
+    "a_dashboard_url": (
+        "https://app.primeintellect.ai/dashboard/builds/cmf3k2x0c0001",
+        f"build ID a URL (https://app.primeintellect.ai/…) is invalid: {SHAPE}; did you mean "
+        "'cmf3k2x0c0001'?",
+    ),
+    "a_url_that_goes_on_after_the_id": (
+        "https://app.primeintellect.ai/builds/cmf3k2x0c0001/logs?tab=2",
+        f"build ID a URL (https://app.primeintellect.ai/…) is invalid: {SHAPE}; did you mean "
+        "'cmf3k2x0c0001'?",
+    ),
+    "the_api_path": (
+        "/api/v1/images/build/cmf3k2x0c0001",
+        f"build ID '/api/v1/images/build/cmf3k2x0c0001' is invalid: {SHAPE}; did you mean "
+        "'cmf3k2x0c0001'?",
+    ),
+    "a_stray_space": (
+        "cmf3k2x0c0001 ",
+        f"build ID 'cmf3k2x0c0001 ' is invalid: {SHAPE}; did you mean 'cmf3k2x0c0001'?",
+    ),
+    "two_ids_on_one_line": (
+        "cmf3k2x0c0001 cmf3k2x0c0002",
+        f"build ID 'cmf3k2x0c0001 cmf3k2x0c0002' is invalid: {SHAPE}; list each build ID as an "
+        "item (or a line) of its own",
+    ),
+    "a_url_with_no_id": (
+        "https://app.primeintellect.ai/dashboard/images",
+        f"build ID a URL (https://app.primeintellect.ai/…) is invalid: {SHAPE}",
+    ),
+    "a_key_where_the_id_would_be": (
+        f"https://app.primeintellect.ai/builds/{CANARY_API_KEY}",
+        f"build ID a URL (https://app.primeintellect.ai/…) is invalid: {SHAPE}; did you mean the "
+        f"{len(CANARY_API_KEY)}-character ID in it (not repeated: it may be a secret)?",
+    ),
+    "a_key_in_the_query": (
+        f"https://app.primeintellect.ai/builds/?token={CANARY_API_KEY}",
+        f"build ID a URL (https://app.primeintellect.ai/…) is invalid: {SHAPE}",
+    ),
+    "a_key_like_host": (
+        f"https://{CANARY_API_KEY}.example/builds/c1",
+        f"build ID a URL (https://…/…) is invalid: {SHAPE}; did you mean 'c1'?",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), PASTED_BUILD_IDS.values(), ids=PASTED_BUILD_IDS.keys()
+)
+def test_a_pasted_url_or_path_as_a_build_id_says_the_shape_and_the_id_it_holds(
+    value: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match="is invalid: use 1 to 128") as raised:
+        validate_build_id(value)
+    assert str(raised.value) == message
+    assert CANARY_API_KEY[:24] not in str(raised.value)
+
+
+def test_a_pasted_url_in_a_build_file_names_the_file_and_line(tmp_path: Path) -> None:
+    build_file = write(
+        tmp_path / "ids.txt", "trainer-v1\nhttps://app.primeintellect.ai/builds/cmf3k2x0c0001\n"
+    )
+    path = write(tmp_path / "config.yaml", "build_files:\n  - ids.txt\n")
+    assert config_error(path, WITH_KEY) == (
+        f"{build_file}:2: build ID a URL (https://app.primeintellect.ai/…) is invalid: {SHAPE}; "
+        "did you mean 'cmf3k2x0c0001'?"
+    )
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
@@ -1029,13 +1176,15 @@ def test_a_key_file_with_two_lines_is_rejected(tmp_path: Path) -> None:
     assert "pk-one" not in message
 
 
-def test_a_literal_build_file_that_does_not_exist_is_logged(
+def test_a_literal_build_file_gone_on_reload_is_logged_and_its_builds_dropped(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = write(tmp_path / "config.yaml", "builds: [b1]\nbuild_files:\n  - typo.txt\n")
     with caplog.at_level("WARNING", logger="exporter.config"):
         assert load_config(path, WITH_KEY).build_ids == ("b1",)
-    assert [record.getMessage() for record in caplog.records] == ["build file not found"]
+    (record,) = caplog.records
+    assert record.getMessage() == "build file not found"
+    assert record.__dict__["path"] == str(tmp_path / "typo.txt")
 
 
 # --- the shipped example -------------------------------------------------------------------------

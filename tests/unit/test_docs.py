@@ -3,6 +3,7 @@ link leads somewhere, and the README stays a short front door."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import re
 from pathlib import Path
@@ -13,8 +14,10 @@ import yaml
 from prometheus_client.core import Metric
 from pydantic import BaseModel
 
-from exporter.cli import build_parser
+from exporter.cli import build_parser, listen_error
+from exporter.config.loading import check_state_path, load_config
 from exporter.config.schema import ConfigFile
+from exporter.config.wording import ConfigError
 from exporter.exposition import ExpositionFormat, render
 from exporter.metrics import (
     build_list_families,
@@ -26,6 +29,7 @@ from exporter.metrics import (
 from exporter.reload import FILES_SETTLE_SECONDS
 from exporter.store import Inventory, Snapshot
 from exporter.telemetry import Component, TelemetrySnapshot
+from exporter.web.webconfig import WebConfigError, load_web_config
 from tests.helpers.docs import (
     CONFIGURATION_REFERENCE,
     DEVELOPMENT_REFERENCE,
@@ -255,6 +259,52 @@ def test_readme_minimal_config_is_valid_and_lists_only_builds() -> None:
     document = yaml.safe_load(minimal)
     assert list(document) == ["builds"]
     assert ConfigFile.model_validate(document).builds
+
+
+# --- the messages troubleshooting.md quotes ------------------------------------------------------
+
+
+def start_messages(directory: Path) -> list[str]:
+    """What the exporter says, after ``error: ``, for each mistake that stops its start."""
+    environ = {"PRIME_API_KEY": "k"}
+    configs = {
+        "build_file": "build_files: [teams.txt]\n",
+        "build_glob": "build_files: ['builds.d/*.txt']\n",
+        "state_path": "builds: [b1]\nstate:\n  path: typo/state.db\n",
+        "pasted_url": "builds: ['https://app.primeintellect.ai/builds/cmf3k2x0c0001']\n",
+    }
+    messages = []
+    for name, text in configs.items():
+        path = directory / f"{name}.yaml"
+        path.write_text(text)
+        try:
+            check_state_path(load_config(path, environ, starting=True))
+        except ConfigError as error:
+            messages.append(str(error))
+    with pytest.raises(ConfigError) as missing:
+        load_config(directory / "absent.yaml", environ, starting=True)
+    with pytest.raises(WebConfigError) as missing_web:
+        load_web_config(directory / "absent.yml")
+    in_use = OSError(errno.EADDRINUSE, "Address already in use")
+    return [
+        str(missing.value),
+        listen_error(":9862", in_use, demo=False),
+        *messages,
+        str(missing_web.value),
+    ]
+
+
+def test_troubleshooting_quotes_every_start_message_as_the_exporter_words_it(
+    tmp_path: Path,
+) -> None:
+    table = section((DOCS / "troubleshooting.md").read_text(), "At start")
+    quoted = [row[0].strip("`") for row in table_rows(table)[1:]]
+    # <...> stands for a path, an address or a number of the reader's setup.
+    patterns = [re.sub(r"<[^<>]+>", ".+?", re.escape(text)) for text in quoted]
+    messages = start_messages(tmp_path)
+    assert len(messages) == len(patterns)
+    for pattern, message in zip(patterns, messages, strict=True):
+        assert re.fullmatch(pattern, message), (pattern, message)
 
 
 def test_metric_reference_explains_every_internal_error_component_and_no_other() -> None:

@@ -529,9 +529,21 @@ def test_invalid_web_config_is_rejected_naming_the_key(
         assert secret not in message
 
 
-def test_missing_web_config_file_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(WebConfigError, match="cannot read the web config file"):
+def test_missing_web_config_file_is_an_error_naming_the_flag(tmp_path: Path) -> None:
+    with pytest.raises(WebConfigError) as raised:
         load_web_config(tmp_path / "absent.yml")
+    assert str(raised.value) == (
+        f"{tmp_path / 'absent.yml'}: the web config file does not exist: point "
+        "--web.config.file at yours"
+    )
+
+
+def test_a_web_config_file_that_is_a_directory_is_said_in_words(tmp_path: Path) -> None:
+    with pytest.raises(WebConfigError) as raised:
+        load_web_config(tmp_path)
+    assert str(raised.value) == (
+        f"{tmp_path}: cannot read the web config file: it is a directory: name a file"
+    )
 
 
 def test_encrypted_key_is_an_error_not_a_prompt(
@@ -544,3 +556,20 @@ def test_encrypted_key_is_an_error_not_a_prompt(
     )
     with pytest.raises(WebConfigError, match=r"tls_server_config\.key_file: .* is encrypted"):
         load_web_config(path)
+
+
+def test_the_summary_says_what_the_file_turns_on(
+    certificates: CertificateFiles, write: Callable[[str], Path]
+) -> None:
+    tls = f"tls_server_config:\n  cert_file: {certificates.cert}\n  key_file: {certificates.key}\n"
+    users = f"basic_auth_users:\n  alice: '{bcrypt_hash()}'\n  bob: '{bcrypt_hash()}'\n"
+    summaries = [
+        load_web_config(write(text)).summary
+        for text in ("", tls, users, tls + "basic_auth_users:\n  alice: " + f"'{bcrypt_hash()}'\n")
+    ]
+    assert summaries == [
+        "TLS off, basic auth off",
+        "TLS on, basic auth off",
+        "TLS off, basic auth for 2 users",
+        "TLS on, basic auth for 1 user",
+    ]
