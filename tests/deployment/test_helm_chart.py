@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 
 from exporter import __version__
 from exporter.config.schema import ConfigFile
+from exporter.config.wording import counted
 from exporter.web.webconfig import _BCRYPT_HASH
 from tests.helpers import docs
 from tests.helpers.chart import (
@@ -282,7 +283,7 @@ def test_rendered_config_passes_the_exporters_own_config_check(case: str, tmp_pa
     )
     assert result.returncode == 0, result.stderr
     builds = values_of(case).get("config", {}).get("builds", [])
-    assert f"OK, {len(builds)} builds" in result.stdout
+    assert f"OK, {counted(len(builds), 'build')}" in result.stdout
     shards = values_of(case).get("shards", 1)
     if shards > 1:
         assert f"in shard 2 of {shards}" in result.stdout
