@@ -207,6 +207,9 @@ class _NewerSchemaError(Exception):
     pass
 
 
+_UNREADABLE_IN_PLACE = (
+    "state file unreadable and cannot be moved aside; the state stays in memory only"
+)
 _IN_MEMORY_MESSAGES = {
     StateStatus.READ_ONLY: "state file read-only: restored from it, the state stays in memory only",
     StateStatus.LOCKED: (
@@ -232,8 +235,12 @@ def _in_memory(path: Path, status: StateStatus, reason: str) -> OpenedState:
         lost = not isinstance(error, sqlite3.OperationalError | OSError)
     extra["restored_builds"] = len(restored.records)
     extra["unreadable_rows"] = restored.unreadable
-    level = logging.ERROR if status == StateStatus.UNUSABLE or lost else logging.WARNING
-    log.log(level, _IN_MEMORY_MESSAGES[status], extra=extra)
+    if lost:
+        log.error(_UNREADABLE_IN_PLACE, extra=extra)
+    elif status == StateStatus.UNUSABLE:
+        log.error(_IN_MEMORY_MESSAGES[status], extra=extra)
+    else:
+        log.warning(_IN_MEMORY_MESSAGES[status], extra=extra)
     return OpenedState(None, restored, status, lost)
 
 
@@ -275,7 +282,7 @@ def _start_fresh(path: Path, reason: str) -> OpenedState:
                 companion.replace(aside.with_name(aside.name + suffix))
     except OSError as error:
         log.error(
-            "state file unreadable and cannot be moved aside; the state stays in memory only",
+            _UNREADABLE_IN_PLACE,
             extra={"path": str(path), "reason": reason, "error": error.strerror},
         )
         return OpenedState(None, Restored({}), _status_of_os_error(error), lost=True)

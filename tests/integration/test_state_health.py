@@ -148,13 +148,7 @@ def log_lines(stderr: str, level: str) -> list[str]:
 def test_a_corrupt_state_file_is_moved_aside_and_the_loss_is_told_by_the_metrics(
     config_file: Path, state_path: Path, kind: str
 ) -> None:
-    if kind == "random_bytes":
-        state_path.write_bytes(random.Random(26).randbytes(64 * 1024))
-    else:
-        write_state(config_file, state_path)
-        whole = state_path.stat().st_size
-        with state_path.open("r+b") as file:
-            file.truncate(whole // 2)
+    corrupt(config_file, state_path, kind)
     daemon = start(config_file)
     try:
         samples = samples_of(daemon)
@@ -167,6 +161,40 @@ def test_a_corrupt_state_file_is_moved_aside_and_the_loss_is_told_by_the_metrics
     [error] = log_lines(stderr, "error")
     assert 'msg="state file unreadable: moved aside, starting with a fresh state"' in error
     assert len(list(state_path.parent.glob("state.db.unreadable-*"))) == 1
+
+
+def corrupt(config_file: Path, state_path: Path, kind: str) -> None:
+    """Random bytes, or a real exporter's state of every build cut to half its length."""
+    if kind == "random_bytes":
+        state_path.write_bytes(random.Random(26).randbytes(64 * 1024))
+        return
+    write_state(config_file, state_path)
+    whole = state_path.stat().st_size
+    with state_path.open("r+b") as file:
+        file.truncate(whole // 2)
+
+
+@pytest.mark.parametrize("kind", ["random_bytes", "cut_short"])
+def test_a_corrupt_state_file_on_a_read_only_volume_is_told_as_lost_and_read_only(
+    config_file: Path, state_path: Path, kind: str
+) -> None:
+    corrupt(config_file, state_path, kind)
+    wrapper = read_only_mount(state_path.parent)
+    daemon = start(config_file, wrapper)
+    try:
+        samples = samples_of(daemon)
+    finally:
+        _, _, stderr = daemon.stop()
+    assert state_status(samples) == ["read_only"]
+    assert value(samples, "primeintellect_exporter_state_lost_at_start") == 1
+    assert value(samples, "primeintellect_exporter_state_restored_builds") == 0
+    [error] = log_lines(stderr, "error")
+    assert (
+        'msg="state file unreadable and cannot be moved aside; the state stays in memory only"'
+        in error
+    )
+    assert log_lines(stderr, "warn") == []
+    assert list(state_path.parent.glob("state.db.unreadable-*")) == []
 
 
 def test_a_clean_start_and_a_restart_lose_nothing(config_file: Path, state_path: Path) -> None:
@@ -394,12 +422,10 @@ def test_no_state_path_is_told_as_disabled(simulator: Simulator) -> None:
     }
 
 
-def test_a_file_held_by_an_sqlite_program_is_read_without_waiting_for_it(
+def test_a_file_held_by_an_sqlite_program_is_read_and_told_as_locked(
     state_path: Path, simulator: Simulator
 ) -> None:
-    writer = StateFile.open(state_path)
     plan = finished_plan(1)
-    writer.close()
     config = make_config(simulator.base_url, [plan.build_id], state_path=state_path)
     first = RunningExporter(config).start()
     try:
@@ -418,7 +444,7 @@ def test_a_file_held_by_an_sqlite_program_is_read_without_waiting_for_it(
     assert list(opened.restored.records) == [plan.build_id]
 
 
-def test_a_daemon_stops_promptly_while_waiting_to_take_a_held_file(
+def test_a_daemon_waiting_to_take_a_held_file_stops_cleanly_on_sigterm(
     config_file: Path, state_path: Path
 ) -> None:
     holder = StateFile.open(state_path)
