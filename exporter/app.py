@@ -438,17 +438,22 @@ class Exporter:
             return
         while True:
             await asyncio.sleep(STATE_SYNC_INTERVAL)
-            sync = self._state_sync or await self._take_over_state()
-            if sync is None:
-                continue
             try:
-                await in_daemon_thread(
-                    functools.partial(sync.sync, self.store.snapshot()), "state-sync"
-                )
+                written = await self._write_state()
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
                 self.internal_error(Component.STATE, error)
-            else:
+                continue
+            if written:
                 self.telemetry.state_written(self._wall_clock())
+
+    async def _write_state(self) -> bool:
+        """Write what changed, taking a file let go by another process first; whether the
+        file now holds everything (False while it is not in use)."""
+        sync = self._state_sync or await self._take_over_state()
+        if sync is None:
+            return False
+        await in_daemon_thread(functools.partial(sync.sync, self.store.snapshot()), "state-sync")
+        return True
 
     async def _take_over_state(self) -> StateSync | None:
         """Try to take the state file another process held; its writer, once it is in use."""
