@@ -523,9 +523,9 @@ def measure_churn(count: int, changed: int, scrapes: int) -> list[Row]:
 
 
 def _state_file_of(store: BuildStore, path: Path) -> None:
-    state, restored = open_state(path)
-    assert state is not None, "the state file could not be opened"
-    sync = StateSync(state, restored)
+    opened = open_state(path)
+    assert opened.file is not None, "the state file could not be opened"
+    sync = StateSync(opened.file, opened.restored)
     sync.sync(store.snapshot())
     sync.close()
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sqlite3
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -29,9 +31,16 @@ from exporter.exposition_cache import ExpositionCache
 from exporter.metrics import build_list_families, exporter_families, inventory_families
 from exporter.poller import ONCE_DEADLINE, Poller, PollSettings
 from exporter.reload import Applier, Reloader, create_client
-from exporter.state import Restored, StateSync, open_state
+from exporter.state import (
+    OpenedState,
+    Restored,
+    StateSync,
+    StateUnavailableError,
+    open_state,
+    take_over,
+)
 from exporter.store import BuildStore, ImageInventory, Inventory
-from exporter.telemetry import Component, Telemetry, TelemetrySnapshot
+from exporter.telemetry import Component, StateStatus, Telemetry, TelemetrySnapshot
 from exporter.web.connections import ServerLimits
 from exporter.web.server import Endpoints, MetricsServer
 
@@ -138,14 +147,22 @@ class Exporter:
     ) -> None:
         self._load_config = load_config or (lambda: self.config)
         self._enable_lifecycle = enable_lifecycle
-        restored = Restored({})
-        self._state_sync: StateSync | None = None
-        if use_state and config.state_path is not None:
-            state, restored = open_state(config.state_path)
-            if state is not None:
-                self._state_sync = StateSync(state, restored)
+        self._wall_clock = wall_clock
+        opened = OpenedState(None, Restored({}), StateStatus.DISABLED)
+        self._state_path = config.state_path if use_state else None
+        if self._state_path is not None:
+            opened = open_state(self._state_path)
+        self._state_sync = None if opened.file is None else StateSync(opened.file, opened.restored)
+        # A file held by another process is taken over once it is free; the saver tries each
+        # time it wakes, and shutdown must not race a take-over in flight.
+        self._state_handoff = threading.Lock()
+        self._state_closed = False
+        restored = opened.restored
         self.store = BuildStore(restored.records)
         self.telemetry = Telemetry(clock.monotonic if clock is not None else time.monotonic)
+        self.telemetry.set_state_opened(opened.status, opened.lost, restored.unreadable)
+        if opened.file is not None:
+            self.telemetry.state_written(wall_clock())
         self.inventory = ImageInventory()
         self._per_scrape = PerScrapeFamilies(
             self.telemetry,
@@ -416,16 +433,66 @@ class Exporter:
         task.add_done_callback(self._background.discard)
 
     async def _save_state(self) -> None:
-        if self._state_sync is None:
+        waiting = self.telemetry.snapshot().state_status == StateStatus.LOCKED
+        if self._state_sync is None and not waiting:
             return
         while True:
             await asyncio.sleep(STATE_SYNC_INTERVAL)
             try:
-                await in_daemon_thread(
-                    functools.partial(self._state_sync.sync, self.store.snapshot()), "state-sync"
-                )
+                written = await self._write_state()
             except Exception as error:  # noqa: BLE001 (counted and logged by internal_error)
                 self.internal_error(Component.STATE, error)
+                continue
+            if written:
+                self.telemetry.state_written(self._wall_clock())
+
+    async def _write_state(self) -> bool:
+        """Write what changed, taking a file let go by another process first; whether the
+        file now holds everything (False while it is not in use)."""
+        sync = self._state_sync or await self._take_over_state()
+        if sync is None:
+            return False
+        await in_daemon_thread(functools.partial(sync.sync, self.store.snapshot()), "state-sync")
+        return True
+
+    async def _take_over_state(self) -> StateSync | None:
+        """Try to take the state file another process held; its writer, once it is in use."""
+        path = self._state_path
+        if path is None or self.telemetry.snapshot().state_status != StateStatus.LOCKED:
+            return None
+        try:
+            taken = await in_daemon_thread(
+                functools.partial(self._take_over_in_thread, path), "state-take-over"
+            )
+        except (StateUnavailableError, sqlite3.DatabaseError) as error:
+            status = (
+                error.status if isinstance(error, StateUnavailableError) else StateStatus.UNUSABLE
+            )
+            log.error(
+                "state file unusable; the state stays in memory only",
+                extra={"path": str(path), "status": status.value, "reason": str(error)},
+            )
+            self.telemetry.set_state_status(status)
+            return None
+        if taken is not None:
+            self.telemetry.set_state_status(StateStatus.IN_USE)
+            log.warning(
+                "state file let go by the other process: in use, written from now on",
+                extra={"path": str(path)},
+            )
+        return taken
+
+    def _take_over_in_thread(self, path: Path) -> StateSync | None:
+        taken = take_over(path)
+        if taken is None:
+            return None
+        state, on_file = taken
+        with self._state_handoff:
+            if self._state_closed:
+                state.close()
+                return None
+            self._state_sync = StateSync(state, on_file)
+            return self._state_sync
 
     async def _close_state_within_deadline(self) -> None:
         try:
@@ -443,6 +510,8 @@ class Exporter:
 
     def _close_state(self) -> None:
         """Write the last changes and let the file go, for the next process to take."""
+        with self._state_handoff:
+            self._state_closed = True
         if self._state_sync is None:
             return
         try:

@@ -37,7 +37,7 @@ from exporter.families import (
 )
 from exporter.models import BUILD_STATUSES, UNKNOWN, Outcome
 from exporter.store import BuildRecord, Inventory, Snapshot
-from exporter.telemetry import Histogram, TelemetrySnapshot
+from exporter.telemetry import Histogram, StateStatus, TelemetrySnapshot
 
 
 def per_build_families(
@@ -211,6 +211,7 @@ def exporter_families(
             "Builds whose last answer came from the state file at start.",
             value=telemetry.state_restored_builds,
         ),
+        *_state_families(telemetry),
         _reload_successful(telemetry),
         InfoMetricFamily(
             "primeintellect_exporter_build",
@@ -233,6 +234,40 @@ def _cumulative_buckets(histogram: Histogram) -> list[tuple[str, float]]:
         running += count
         buckets.append((floatToGoString(bound), float(running)))  # type: ignore[no-untyped-call]
     return buckets
+
+
+def _state_families(telemetry: TelemetrySnapshot) -> list[Metric]:
+    """The state file's health: what is done with state.path, and what was lost at start."""
+    status = GaugeMetricFamily(
+        "primeintellect_exporter_state_status",
+        "1 for what is done with state.path, 0 for the others: in_use; read_only, locked or"
+        " unusable (the state is kept in memory only); disabled (no state.path).",
+        labels=("status",),
+    )
+    for known in StateStatus:
+        status.add_metric((known.value,), 1.0 if known == telemetry.state_status else 0.0)
+    last_write = GaugeMetricFamily(
+        "primeintellect_exporter_state_last_write_success_timestamp_seconds",
+        "When the state file last held everything the exporter knew (a write, or a check that"
+        " found nothing to write); absent while the file is not in use.",
+    )
+    _add_if_known(last_write, (), telemetry.state_last_write_success)
+    return [
+        status,
+        GaugeMetricFamily(
+            "primeintellect_exporter_state_lost_at_start",
+            "1 if the state file could not be read as a whole at start (corrupt, cut short, or a"
+            " newer exporter's): it was moved aside if it could be, and every build started"
+            " afresh.",
+            value=1.0 if telemetry.state_lost_at_start else 0.0,
+        ),
+        GaugeMetricFamily(
+            "primeintellect_exporter_state_unreadable_rows",
+            "Rows of the state file that could not be read at start; their builds started afresh.",
+            value=telemetry.state_unreadable_rows,
+        ),
+        last_write,
+    ]
 
 
 def _reload_successful(telemetry: TelemetrySnapshot) -> GaugeMetricFamily:

@@ -2,13 +2,15 @@
 
 A restart loads it, so finished builds are exposed at once and never requested again, and
 unfinished ones resume their schedule. The file belongs to one process at a time (an
-exclusive lock on a file beside it). Anything wrong with the file costs its contents, never
-the start: a corrupt or newer-schema file is moved aside, a locked one is left alone, and the
-exporter then keeps its state in memory only, saying so in one log line.
+exclusive lock on a file beside it). Anything wrong with the file costs at most its contents,
+never the start: a corrupt or newer-schema file is moved aside and a fresh one begun; a file
+that cannot be written (read-only, or held by another process) is read without writing it,
+and the exporter keeps its state in memory only, saying so in one log line.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -24,6 +26,7 @@ from typing import Any
 
 from exporter.models import BUILD, Build, InvalidBuildError, Outcome, parse_build
 from exporter.store import BuildRecord, Snapshot
+from exporter.telemetry import StateStatus
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +56,16 @@ INSERT OR REPLACE INTO builds (
 ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 _TIMESTAMP_FIELDS = ("createdAt", "startedAt", "completedAt")
+# What a file or directory that may be read but not written answers a write.
+_READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class StateUnavailableError(Exception):
     """The state file cannot be used; the message says why, for one log line."""
+
+    def __init__(self, reason: str, status: StateStatus = StateStatus.UNUSABLE) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -88,20 +97,23 @@ class StateFile:
         except FileNotFoundError:
             raise StateUnavailableError(f"its directory {path.parent} does not exist") from None
         except OSError as error:
-            raise StateUnavailableError(f"cannot create it: {error.strerror}") from None
+            raise StateUnavailableError(
+                f"cannot create it: {error.strerror}", _status_of_os_error(error)
+            ) from None
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(lock_file)
             raise StateUnavailableError(
-                "another exporter process holds it; two processes must not share one state file"
+                "another exporter process holds it; two processes must not share one state file",
+                StateStatus.LOCKED,
             ) from None
         try:
             return cls(path, _connect(path), lock_file)
         except sqlite3.OperationalError as error:
             # Not the file's fault (read-only, no space, an I/O error): leave it as it is.
             os.close(lock_file)
-            raise StateUnavailableError(str(error)) from None
+            raise StateUnavailableError(str(error), _status_of_sqlite_error(error)) from None
         except BaseException:
             os.close(lock_file)
             raise
@@ -110,16 +122,7 @@ class StateFile:
         """Every saved build; a row that cannot be read is skipped (and later overwritten)."""
         with self._lock:
             rows = self._connection.execute("SELECT * FROM builds").fetchall()
-        records = {}
-        unreadable = 0
-        for row in rows:
-            try:
-                record = _record_from_row(row)
-            except (InvalidBuildError, ValueError, TypeError, KeyError):
-                unreadable += 1
-                continue
-            records[record.build_id] = record
-        return Restored(records, unreadable)
+        return _records_of(rows)
 
     def save(self, records: Iterable[BuildRecord], removed: Iterable[str] = ()) -> None:
         """Write changed records and delete removed builds, in one transaction."""
@@ -137,32 +140,36 @@ class StateFile:
             os.close(self._lock_file)
 
 
-def open_state(path: Path) -> tuple[StateFile | None, Restored]:
-    """Open and load the state file; on any problem one log line and a fresh start.
+@dataclass(frozen=True)
+class OpenedState:
+    """What became of the state file at start: the file to write (None: memory only), what it
+    gave back, what is done with it, and whether its content was lost."""
 
-    Returns no file when the state must stay in memory (the file is held by another process,
-    or cannot be created).
+    file: StateFile | None
+    restored: Restored
+    status: StateStatus
+    lost: bool = False
+
+
+def open_state(path: Path) -> OpenedState:
+    """Open and load the state file; on any problem one log line, and never a failed start.
+
+    A file that cannot be written (read-only, or held by another process) is still read: its
+    builds are restored and the state then stays in memory. One that cannot be read as a whole
+    is moved aside and a fresh one begun.
     """
     started = time.monotonic()
     try:
         state = StateFile.open(path)
     except StateUnavailableError as error:
-        log.error(
-            "state file unusable; the state stays in memory only",
-            extra={"path": str(path), "reason": str(error)},
-        )
-        return None, Restored({})
+        return _in_memory(path, error.status, str(error))
     except (sqlite3.DatabaseError, _NewerSchemaError) as error:
         return _start_fresh(path, str(error))
     try:
         restored = state.load()
     except sqlite3.OperationalError as error:
         state.close()
-        log.error(
-            "state file unusable; the state stays in memory only",
-            extra={"path": str(path), "reason": str(error)},
-        )
-        return None, Restored({})
+        return _in_memory(path, _status_of_sqlite_error(error), str(error))
     except sqlite3.DatabaseError as error:
         state.close()
         return _start_fresh(path, str(error))
@@ -176,14 +183,97 @@ def open_state(path: Path) -> tuple[StateFile | None, Restored]:
             "seconds": round(time.monotonic() - started, 3),
         },
     )
-    return state, restored
+    return OpenedState(state, restored, StateStatus.IN_USE)
+
+
+def take_over(path: Path) -> tuple[StateFile, Restored] | None:
+    """The file another process held at start, once it is free, with what it holds now (the
+    base of the next write); None while it is still held. Raises StateUnavailableError and
+    sqlite3.DatabaseError for any other problem."""
+    try:
+        state = StateFile.open(path)
+    except StateUnavailableError as error:
+        if error.status == StateStatus.LOCKED:
+            return None
+        raise
+    except _NewerSchemaError as error:
+        raise StateUnavailableError(str(error)) from None
+    try:
+        return state, state.load()
+    except BaseException:
+        state.close()
+        raise
 
 
 class _NewerSchemaError(Exception):
     pass
 
 
-def _start_fresh(path: Path, reason: str) -> tuple[StateFile | None, Restored]:
+_UNREADABLE_IN_PLACE = (
+    "state file unreadable and cannot be moved aside; the state stays in memory only"
+)
+_IN_MEMORY_MESSAGES = {
+    StateStatus.READ_ONLY: "state file read-only: restored from it, the state stays in memory only",
+    StateStatus.LOCKED: (
+        "state file held by another process: restored from it, the state stays in memory"
+        " until the other process lets it go"
+    ),
+    StateStatus.UNUSABLE: "state file unusable; the state stays in memory only",
+}
+
+
+def _in_memory(path: Path, status: StateStatus, reason: str) -> OpenedState:
+    """Restore what the file holds without writing it; the state then stays in memory."""
+    restored = Restored({})
+    lost = False
+    extra: dict[str, object] = {"path": str(path), "status": status.value, "reason": reason}
+    try:
+        restored = _read_only(path, may_be_immutable=status != StateStatus.LOCKED)
+    except FileNotFoundError:
+        pass
+    except (sqlite3.DatabaseError, _NewerSchemaError, OSError) as error:
+        extra["read_error"] = str(error)
+        # Readable bytes that are no state: it cannot be moved aside, and is lost all the same.
+        lost = not isinstance(error, sqlite3.OperationalError | OSError)
+    extra["restored_builds"] = len(restored.records)
+    extra["unreadable_rows"] = restored.unreadable
+    if lost:
+        log.error(_UNREADABLE_IN_PLACE, extra=extra)
+    elif status == StateStatus.UNUSABLE:
+        log.error(_IN_MEMORY_MESSAGES[status], extra=extra)
+    else:
+        log.warning(_IN_MEMORY_MESSAGES[status], extra=extra)
+    return OpenedState(None, restored, status, lost)
+
+
+def _read_only(path: Path, *, may_be_immutable: bool) -> Restored:
+    """Every build of a file this process may not write, read without changing it.
+
+    SQLite reads a WAL file through its shared-memory file beside it; where that cannot be
+    made (a read-only directory) the file is read as immutable, without the WAL's last
+    commits, which is safe only when no other process writes it.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    uri = path.absolute().as_uri() + "?mode=ro"
+    try:
+        return _load_read_only(uri)
+    except sqlite3.OperationalError as error:
+        if not may_be_immutable or error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_CANTOPEN:
+            raise
+    return _load_read_only(uri + "&immutable=1")
+
+
+def _load_read_only(uri: str) -> Restored:
+    connection = sqlite3.connect(uri, uri=True, timeout=1)
+    try:
+        _check_schema(connection)
+        return _records_of(connection.execute("SELECT * FROM builds").fetchall())
+    finally:
+        connection.close()
+
+
+def _start_fresh(path: Path, reason: str) -> OpenedState:
     """Move a file that cannot be read aside, keeping it for a look, and begin a new one."""
     aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}")
     try:
@@ -194,22 +284,52 @@ def _start_fresh(path: Path, reason: str) -> tuple[StateFile | None, Restored]:
                 companion.replace(aside.with_name(aside.name + suffix))
     except OSError as error:
         log.error(
-            "state file unreadable and cannot be moved aside; the state stays in memory only",
+            _UNREADABLE_IN_PLACE,
             extra={"path": str(path), "reason": reason, "error": error.strerror},
         )
-        return None, Restored({})
+        return OpenedState(None, Restored({}), _status_of_os_error(error), lost=True)
     log.error(
         "state file unreadable: moved aside, starting with a fresh state",
         extra={"path": str(path), "reason": reason, "moved_to": str(aside)},
     )
     try:
-        return StateFile.open(path), Restored({})
+        return OpenedState(StateFile.open(path), Restored({}), StateStatus.IN_USE, lost=True)
     except (StateUnavailableError, sqlite3.DatabaseError, _NewerSchemaError) as error:
         log.error(
             "fresh state file unusable; the state stays in memory only",
             extra={"path": str(path), "reason": str(error)},
         )
-        return None, Restored({})
+        status = error.status if isinstance(error, StateUnavailableError) else StateStatus.UNUSABLE
+        return OpenedState(None, Restored({}), status, lost=True)
+
+
+def _status_of_os_error(error: OSError) -> StateStatus:
+    if error.errno in _READ_ONLY_ERRNOS:
+        return StateStatus.READ_ONLY
+    return StateStatus.UNUSABLE
+
+
+def _status_of_sqlite_error(error: sqlite3.Error) -> StateStatus:
+    code = error.sqlite_errorcode & 0xFF
+    if code == sqlite3.SQLITE_READONLY:
+        return StateStatus.READ_ONLY
+    # Another program (an sqlite3 shell, a backup) holding SQLite's own lock.
+    if code in {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}:
+        return StateStatus.LOCKED
+    return StateStatus.UNUSABLE
+
+
+def _records_of(rows: Iterable[tuple[Any, ...]]) -> Restored:
+    records = {}
+    unreadable = 0
+    for row in rows:
+        try:
+            record = _record_from_row(row)
+        except (InvalidBuildError, ValueError, TypeError, KeyError):
+            unreadable += 1
+            continue
+        records[record.build_id] = record
+    return Restored(records, unreadable)
 
 
 def _lock_path(path: Path) -> Path:

@@ -47,6 +47,24 @@ class Component(StrEnum):
     SERVER = "server"
 
 
+class StateStatus(StrEnum):
+    """What the exporter does with ``state.path``: the ``status`` label of
+    ``primeintellect_exporter_state_status``. Every status but ``in_use`` and ``disabled``
+    keeps the state in memory only, after restoring what the file could give."""
+
+    # Open and locked by this process, written each second with what changed.
+    IN_USE = "in_use"
+    # Not writable (a read-only volume or file): read at start, never written.
+    READ_ONLY = "read_only"
+    # Held by another process: read at start, and taken over once that process lets it go.
+    LOCKED = "locked"
+    # Neither writable nor usable for another reason (not a regular file, an I/O error, no
+    # space, or unreadable and impossible to move aside).
+    UNUSABLE = "unusable"
+    # No state.path (or --once, which never opens it).
+    DISABLED = "disabled"
+
+
 @dataclass(frozen=True, slots=True)
 class Histogram:
     """An immutable histogram: per-bucket counts (not cumulative), plus sum and count."""
@@ -96,6 +114,13 @@ class TelemetrySnapshot:
     build_list_pages: int = 0
     build_list_last_error: str | None = None
     builds_discovered: int = 0
+    # state.path: what is done with it; whether its content was lost at this start (unreadable
+    # as a whole, so every build started afresh); the rows that could not be read; and when the
+    # file last held everything the exporter knew (None while it is not in use).
+    state_status: StateStatus = StateStatus.DISABLED
+    state_lost_at_start: bool = False
+    state_unreadable_rows: int = 0
+    state_last_write_success: float | None = None
 
     @property
     def requests(self) -> dict[Outcome, int]:
@@ -134,6 +159,10 @@ class Telemetry:
         self._build_list_pages = 0
         self._build_list_last_error: str | None = None
         self._builds_discovered = 0
+        self._state_status = StateStatus.DISABLED
+        self._state_lost_at_start = False
+        self._state_unreadable_rows = 0
+        self._state_last_write_success: float | None = None
         self._snapshot: TelemetrySnapshot | None = None
 
     def observe_request(
@@ -177,6 +206,28 @@ class Telemetry:
         with self._lock:
             self._state_restored_builds = count
             self._snapshot = None
+
+    def set_state_opened(self, status: StateStatus, lost: bool, unreadable_rows: int) -> None:
+        """What came of opening state.path at start."""
+        with self._lock:
+            self._state_status = status
+            self._state_lost_at_start = lost
+            self._state_unreadable_rows = unreadable_rows
+            self._snapshot = None
+
+    def set_state_status(self, status: StateStatus) -> None:
+        """The state file's use changed after start (a locked file taken over, or let go)."""
+        with self._lock:
+            if status != self._state_status:
+                self._state_status = status
+                self._snapshot = None
+
+    def state_written(self, at: float) -> None:
+        """The state file holds everything the exporter knew at wall-clock ``at``."""
+        with self._lock:
+            if at != self._state_last_write_success:
+                self._state_last_write_success = at
+                self._snapshot = None
 
     def build_list_succeeded(self, finished_at: float, pages: int) -> None:
         """A complete build listing pass ended at wall-clock ``finished_at``: its error goes."""
@@ -240,5 +291,9 @@ class Telemetry:
                     build_list_pages=self._build_list_pages,
                     build_list_last_error=self._build_list_last_error,
                     builds_discovered=self._builds_discovered,
+                    state_status=self._state_status,
+                    state_lost_at_start=self._state_lost_at_start,
+                    state_unreadable_rows=self._state_unreadable_rows,
+                    state_last_write_success=self._state_last_write_success,
                 )
             return self._snapshot

@@ -335,11 +335,15 @@ def environment(**extra: str) -> dict[str, str]:
 
 
 class Daemon:
-    """The console script running as a daemon, stopped and reaped after the test."""
+    """The console script running as a daemon, stopped and reaped after the test.
 
-    def __init__(self, *arguments: str, env: dict[str, str]) -> None:
+    ``wrapper`` is a command that ends by running the rest of its arguments in its own place
+    (``exec``), such as ``unshare``: signals then reach the exporter itself.
+    """
+
+    def __init__(self, *arguments: str, env: dict[str, str], wrapper: tuple[str, ...] = ()) -> None:
         self.process = subprocess.Popen(
-            [SCRIPT, *arguments],
+            [*wrapper, SCRIPT, *arguments],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -24,11 +24,13 @@ OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0
 
 
 def contract_part(exposition: str) -> str:
-    """The families whose content is fixed by the simulator's answers (not by timing)."""
+    """The families whose content is fixed by the simulator's answers and the config (not by
+    timing): the builds', and the state's (no state.path)."""
     return "".join(
         block
         for name, block in family_blocks(exposition).items()
-        if name.startswith("primeintellect_image_") or name == "primeintellect_exporter_builds"
+        if name.startswith(("primeintellect_image_", "primeintellect_exporter_state_"))
+        or name == "primeintellect_exporter_builds"
     )
 
 

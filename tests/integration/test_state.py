@@ -16,8 +16,9 @@ import pytest
 
 from exporter.demo.simulator import BuildPlan, Simulator, random_plans
 from exporter.models import Outcome, parse_build
-from exporter.state import StateFile, encode_build, open_state
+from exporter.state import Restored, StateFile, encode_build, open_state
 from exporter.store import BuildRecord
+from exporter.telemetry import StateStatus
 from tests.helpers.support import (
     CANARY_API_KEY,
     EPOCH,
@@ -142,7 +143,7 @@ def test_removed_builds_leave_the_state(simulator: Simulator, tmp_path: Path) ->
     first.stop()
     second = exporter_with_state(simulator, state_path, kept).start()
     second.stop()
-    state, restored = open_state(state_path)
+    state, restored = opened(state_path)
     assert state is not None
     state.close()
     assert sorted(restored.records) == kept
@@ -168,7 +169,7 @@ def test_a_corrupt_state_file_is_moved_aside_and_the_exporter_starts_fresh(
         "state.db.unreadable"
     ]
     # The fresh file works: a third start restores the build.
-    state, restored = open_state(state_path)
+    state, restored = opened(state_path)
     assert state is not None
     state.close()
     assert list(restored.records) == ["done-0001"]
@@ -178,7 +179,7 @@ def test_a_state_file_from_a_newer_exporter_is_set_aside(tmp_path: Path) -> None
     state_path = tmp_path / "state.db"
     with sqlite3.connect(state_path) as connection:
         connection.execute("PRAGMA user_version=99")
-    state, restored = open_state(state_path)
+    state, restored = opened(state_path)
     assert state is not None
     state.close()
     assert restored.records == {}
@@ -208,7 +209,7 @@ def test_a_state_file_of_schema_1_is_taken_up_with_every_build_configured(tmp_pa
             (done.build_id, encode_build(build), EPOCH, EPOCH, EPOCH),
         )
         connection.execute("PRAGMA user_version=1")
-    state, restored = open_state(state_path)
+    state, restored = opened(state_path)
     assert state is not None
     try:
         record = restored.records[done.build_id]
@@ -217,7 +218,7 @@ def test_a_state_file_of_schema_1_is_taken_up_with_every_build_configured(tmp_pa
         state.save([dataclasses.replace(record, discovered=True)])
     finally:
         state.close()
-    reopened, again = open_state(state_path)
+    reopened, again = opened(state_path)
     assert reopened is not None
     reopened.close()
     assert again.records[done.build_id].discovered
@@ -225,20 +226,21 @@ def test_a_state_file_of_schema_1_is_taken_up_with_every_build_configured(tmp_pa
         assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
-def test_a_state_file_held_by_another_process_is_left_alone(
+def test_a_state_file_held_by_another_process_is_read_but_never_written(
     simulator: Simulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     state_path = tmp_path / "state.db"
     holder = StateFile.open(state_path)
     try:
-        with caplog.at_level(logging.ERROR, logger="exporter.state"):
+        with caplog.at_level(logging.WARNING, logger="exporter.state"):
             exporter = exporter_with_state(simulator, state_path, ["done-0001"]).start()
             try:
                 exporter.wait_until_all_polled()
             finally:
                 exporter.stop()
         assert [record.getMessage() for record in caplog.records] == [
-            "state file unusable; the state stays in memory only"
+            "state file held by another process: restored from it, the state stays in memory"
+            " until the other process lets it go"
         ]
         assert holder.load().records == {}
     finally:
@@ -253,12 +255,18 @@ def test_unreadable_rows_are_skipped_and_the_rest_restored(tmp_path: Path) -> No
     writer.close()
     with sqlite3.connect(state_path) as connection:
         connection.execute("UPDATE builds SET answer = '{\"id\": 3' WHERE build_id = 'done-0002'")
-    state, restored = open_state(state_path)
+    state, restored = opened(state_path)
     assert state is not None
     state.close()
     assert list(restored.records) == [good.build_id]
     assert restored.unreadable == 1
     assert restored.records[good.build_id].build == good.build
+
+
+def opened(path: Path) -> tuple[StateFile | None, Restored]:
+    """The file to write (None: memory only) and what it gave back."""
+    result = open_state(path)
+    return result.file, result.restored
 
 
 def record_of(plan: BuildPlan, now: float = EPOCH + 3_000) -> BuildRecord:
@@ -303,7 +311,7 @@ def test_every_field_of_a_record_survives_a_restart(tmp_path: Path) -> None:
     writer = StateFile.open(state_path)
     writer.save(records)
     writer.close()
-    state, restored = open_state(state_path)
+    state, restored = opened(state_path)
     assert state is not None
     state.close()
     for record in records:
@@ -356,33 +364,24 @@ def test_retention_drops_exactly_the_builds_finished_longer_ago_also_after_a_res
     assert {b for b in again if b.startswith("aged-") and again[b] > polled[b]} == set()
 
 
-@pytest.mark.parametrize("problem", ["directory", "parent_is_a_file", "held_by_sqlite"])
+@pytest.mark.parametrize("problem", ["directory", "parent_is_a_file"])
 def test_a_state_path_that_cannot_be_used_is_left_untouched_and_the_state_kept_in_memory(
     tmp_path: Path, problem: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     state_path = tmp_path / "state" / "state.db"
     state_path.parent.mkdir()
-    holder = None
     if problem == "directory":
         state_path.mkdir()
-    elif problem == "parent_is_a_file":
+    else:
         state_path.parent.rmdir()
         state_path.parent.write_text("not a directory")
         state_path = state_path.parent / "state.db"
-    else:
-        StateFile.open(state_path).close()
-        # Another program (an sqlite3 shell, a backup) holding SQLite's own lock.
-        holder = sqlite3.connect(state_path, isolation_level=None)
-        holder.execute("BEGIN EXCLUSIVE")
     existed = state_path.exists()
-    try:
-        with caplog.at_level(logging.ERROR, logger="exporter.state"):
-            state, restored = open_state(state_path)
-    finally:
-        if holder is not None:
-            holder.close()
-    assert state is None
-    assert restored.records == {}
+    with caplog.at_level(logging.ERROR, logger="exporter.state"):
+        result = open_state(state_path)
+    assert result.file is None
+    assert result.status == StateStatus.UNUSABLE
+    assert result.restored.records == {}
     assert [r.getMessage() for r in caplog.records] == [
         "state file unusable; the state stays in memory only"
     ]
