@@ -531,14 +531,8 @@ def _last_poll(record: BuildRecord, now: float) -> str:
 
 
 def _error_cell_text(build: Build) -> str:
-    # The build's own message, then each artifact's: what a FAILED build failed with.
-    messages = [build.error_message] if build.error_message else []
-    messages += [
-        f"{artifact.artifact_type} {artifact.id}: {artifact.error_message}"
-        for artifact in build.artifacts
-        if artifact.error_message
-    ]
-    return html.escape("\n".join(messages))
+    # What the build failed with, as its log line says it; the build page lists each artifact.
+    return html.escape(build.failure_reason or "")
 
 
 def _artifact_table(artifacts: Iterable[Artifact]) -> str:
