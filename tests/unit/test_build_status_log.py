@@ -75,8 +75,8 @@ def test_a_failed_builds_status_line_says_the_builds_own_error_message(
 ) -> None:
     build = failed("2 of 2 artifacts failed", ("CONTAINER_IMAGE", "COPY failed"))
     record = status_change_logged(build, caplog)
-    assert record.status == "FAILED"
-    assert record.error_message == "2 of 2 artifacts failed"
+    assert record.__dict__["status"] == "FAILED"
+    assert record.__dict__["error_message"] == "2 of 2 artifacts failed"
 
 
 def test_a_failed_builds_status_line_without_its_own_message_says_its_artifacts_errors(
@@ -86,4 +86,7 @@ def test_a_failed_builds_status_line_without_its_own_message_says_its_artifacts_
         None, ("CONTAINER_IMAGE", "COPY failed: no such file"), ("VM_SANDBOX", "disk quota")
     )
     record = status_change_logged(build, caplog)
-    assert record.error_message == "container: COPY failed: no such file; vm_sandbox: disk quota"
+    assert (
+        record.__dict__["error_message"]
+        == "container: COPY failed: no such file; vm_sandbox: disk quota"
+    )
