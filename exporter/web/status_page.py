@@ -35,13 +35,19 @@ h1 { font-size: 1.4em; }
   gap: 0.3em 0.6em; }
 .summary li + li::before { content: "·"; margin-right: 0.6em; color: #777; }
 .scroll { overflow-x: auto; }
-table { border-collapse: collapse; width: 100%; }
+table { border-collapse: collapse; width: 100%; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertical-align: top;
   overflow-wrap: anywhere; }
 th, td.time, td.poll { overflow-wrap: normal; }
 th a { color: inherit; }
 select { max-width: 16em; }
-td.error { min-width: 12em; max-width: 40em; }
+/* API strings break anywhere, but not below a width their usual values fit in. */
+td.name { min-width: 6.5em; }
+td.id { min-width: 10em; }
+td.status { min-width: 6.5em; }
+td.kind { min-width: 11em; }
+td.error { min-width: 12em; }
+td.name .quiet { display: block; }
 .badge { font-weight: 600; white-space: nowrap; }
 .bad { background: #fde2e2; }
 .warn { background: #fff4d6; }
@@ -270,10 +276,10 @@ def _image_row(row: ImageRow) -> str:
     status = _badge(Problem.FAILED, "") if failed else html.escape(row.status)
     size = "" if row.size_bytes is None else f"{row.size_bytes / 1e6:.1f} MB"
     cells = (
-        ("Image", "", html.escape(row.image_name)),
-        ("Tag", "", html.escape(row.image_tag)),
-        ("Type", "", html.escape(row.artifact_type)),
-        ("Status", "", status),
+        ("Image", "name", html.escape(row.image_name)),
+        ("Tag", "name", html.escape(row.image_tag)),
+        ("Type", "kind", html.escape(row.artifact_type)),
+        ("Status", "status", status),
         ("Created", "wide time", _utc(row.created_at)),
         ("Completed", "wide time", _utc_after(row.completed_at, row.created_at)),
         ("Pushed", "wide time", _utc_after(row.pushed_at, row.created_at)),
@@ -508,10 +514,10 @@ def _table_row(css: str, data: str, cells: Iterable[tuple[str, str, str]]) -> st
 
 # Each cell's column and class in the builds table.
 _COLUMNS = (
-    ("Build", ""),
-    ("Image", ""),
-    ("Tag", ""),
-    ("Status", ""),
+    ("Build", "name id"),
+    ("Image", "name"),
+    ("Tag", "name"),
+    ("Status", "status"),
     ("Created", "wide time"),
     ("Started", "wide time"),
     ("Completed", "wide time"),
