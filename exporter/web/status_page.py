@@ -30,7 +30,7 @@ SORTS = ("problems", "build", "image", "status", "created")
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1em; color: #111; }
-h1 { font-size: 1.4em; }
+h1 { font-size: 1.4em; overflow-wrap: anywhere; }
 .summary { font-size: 1.05em; list-style: none; padding: 0; display: flex; flex-wrap: wrap;
   gap: 0.3em 0.6em; }
 .summary li + li::before { content: "·"; margin-right: 0.6em; color: #777; }

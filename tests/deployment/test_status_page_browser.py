@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 import struct
 import time
 from collections.abc import Iterator
@@ -267,6 +268,39 @@ def test_a_crowd_of_long_names_and_failure_reasons_fits_the_width_without_scroll
         failed = page.locator("#builds tbody tr.bad").first
         expect(failed.locator("td.error")).to_contain_text("container: step")
         expect(failed.locator("td.error")).to_be_in_viewport()
+        # And so does a build's own page, with every artifact's error.
+        page.goto(crowded + "/build/crowd-01-" + "x" * 119)
+        expect(page.locator("#artifacts tbody tr")).to_have_count(2)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+
+
+@pytest.mark.parametrize("width", WIDTHS[1:])
+def test_short_ids_names_and_statuses_stay_on_one_line_at_laptop_widths(
+    served: Served, browser: Browser, width: int
+) -> None:
+    with watched_page(browser, width=width, height=900) as watched:
+        watched.page.goto(served.url + "/")
+        # The lines each short cell's text takes: cells that break anywhere must still leave
+        # a word (no space, no hyphen) of up to 16 characters whole.
+        cells = ", ".join(
+            f'#{table} td[data-label="{label}"]'
+            for table, labels in (
+                ("builds", ("Build", "Image", "Tag", "Status")),
+                ("images", ("Image", "Tag", "Type", "Status")),
+            )
+            for label in labels
+        )
+        lines = watched.page.locator(cells).evaluate_all(
+            """cells => cells.map(cell => {
+                const range = document.createRange();
+                range.selectNodeContents(cell.querySelector("a") || cell);
+                const tops = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+                return [(cell.querySelector("a") || cell).innerText.trim(), tops.size];
+            })"""
+        )
+        short = [(text, count) for text, count in lines if re.fullmatch(r"[^\s-]{1,16}", text)]
+        assert len(short) > 10, lines
+        assert [(text, count) for text, count in short if count > 1] == []
 
 
 def test_the_summary_items_are_separate_and_visibly_apart(served: Served, browser: Browser) -> None:
