@@ -195,6 +195,9 @@ class BuildDiscovery:
         self._last_reason: str | None = None
         self._completed_once = False
         self._refused_logged = False
+        # The scope (team) and size of the last complete pass that was logged: a pass that
+        # changes neither logs nothing.
+        self._logged_listing: tuple[str, int] | None = None
 
     def update(self, settings: BuildDiscoverySettings) -> None:
         """New settings: a pass at once, and conditions warned about are told again."""
@@ -231,16 +234,7 @@ class BuildDiscovery:
         self._sink.listed(builds, complete=reached_end, hold=hold)
         if reached_end:
             self._telemetry.build_list_succeeded(self._wall_clock(), listing.pages)
-            if not self._completed_once or self._last_reason is not None:
-                log.info(
-                    "build listing complete",
-                    extra={
-                        "builds": len(builds),
-                        "pages": listing.pages,
-                        "order": listing.order.value if listing.order else "unknown",
-                        "team_id": settings.team_id,
-                    },
-                )
+            self._log_complete(listing, builds, settings)
             self._completed_once = True
             self._warned = None
             self._last_reason = None
@@ -355,6 +349,35 @@ class BuildDiscovery:
         else:
             log.warning("build listing failed: nothing changed", extra=extra)
         return PassResult((), listing.pages, reason, listing.order, listing.skipped)
+
+    def _log_complete(
+        self, listing: _Pass, builds: tuple[Build, ...], settings: BuildDiscoverySettings
+    ) -> None:
+        """Tell a complete pass whose scope or size changed, the first, and one after a
+        failure; a named team's pass with no build in the window is a warning."""
+        shown = (settings.team_id, len(builds))
+        if shown == self._logged_listing and self._last_reason is None:
+            return
+        previous = self._logged_listing
+        self._logged_listing = shown
+        extra: dict[str, object] = {
+            "builds": len(builds),
+            "pages": listing.pages,
+            "order": listing.order.value if listing.order else "unknown",
+            "team_id": settings.team_id,
+        }
+        if previous is not None and previous != shown:
+            extra |= {"previous_team_id": previous[0], "previous_builds": previous[1]}
+        if settings.team_id and not listing.in_window(_owns_all):
+            log.warning(
+                "build listing of team_id holds no build created within discovery.builds.window: "
+                "check that discovery.builds.team_id (or PRIME_TEAM_ID) is the team's ID, that "
+                "the API key's user is a member of the team with access to its builds, and that "
+                "the window reaches back to its latest build",
+                extra=extra | {"listed": len(listing.builds), "window_seconds": settings.window},
+            )
+            return
+        log.info("build listing complete", extra=extra)
 
     def _warn_once(self, condition: str, message: str, extra: dict[str, object]) -> None:
         level = logging.DEBUG if self._warned == condition else logging.WARNING

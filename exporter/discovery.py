@@ -70,6 +70,9 @@ class ImageDiscovery:
         self._wall_clock = wall_clock
         self._time = clock or SystemClock()
         self._wakeup = asyncio.Event()
+        # The scope (team, search) and size of the last listing that was logged: a listing
+        # that changes neither logs nothing.
+        self._logged_listing: tuple[str, str, int] | None = None
 
     def update(self, settings: ImageDiscoverySettings) -> None:
         """New settings: a changed scope or search is listed at once."""
@@ -123,14 +126,47 @@ class ImageDiscovery:
         if unusable:
             log.warning("image rows without an id or createdAt ignored", extra={"rows": unusable})
         images = latest_rows(rows)
-        before = self._inventory.snapshot()
+        recovered = self._inventory.snapshot().last_error is not None
         self._inventory.replace(images, self._wall_clock())
-        if before.last_error is not None or before.listed_at is None:
-            log.info(
-                "image listing complete",
-                extra={"images": len(images), "rows": len(rows), "team_id": settings.team_id},
-            )
+        self._log_complete(len(images), len(rows), settings, recovered=recovered)
         return True
+
+    def _log_complete(
+        self, images: int, rows: int, settings: ImageDiscoverySettings, *, recovered: bool
+    ) -> None:
+        """Tell a listing whose scope or size changed, the first, and one after a failure; a
+        named team's empty listing is a warning."""
+        shown = (settings.team_id, settings.search, images)
+        if shown == self._logged_listing and not recovered:
+            return
+        previous = self._logged_listing
+        self._logged_listing = shown
+        extra: dict[str, object] = {
+            "images": images,
+            "rows": rows,
+            "team_id": settings.team_id,
+            "search": settings.search,
+        }
+        if previous is not None and previous != shown:
+            extra |= {
+                "previous_team_id": previous[0],
+                "previous_search": previous[1],
+                "previous_images": previous[2],
+            }
+        if settings.team_id and not images:
+            message = (
+                "image listing of team_id is empty: check that discovery.images.team_id (or "
+                "PRIME_TEAM_ID) is the team's ID, and that the API key's user is a member of the "
+                "team with access to its images"
+            )
+            if settings.search:
+                message += ", and that discovery.images.search matches them"
+            log.warning(
+                message,
+                extra=extra,
+            )
+            return
+        log.info("image listing complete", extra=extra)
 
     async def _request(self, offset: int, settings: ImageDiscoverySettings) -> Answer[ImagePage]:
         await self._slots.listing_slot()

@@ -68,6 +68,8 @@ _ESCAPE_SEQUENCE = re.compile(
     r"|\x1b[@-Z\\-_]"
 )
 _ELISION = " … "
+# How a failure reason names an artifact's type: as the user says it, not as the API spells it.
+_ARTIFACT_SHORT_NAMES = {"CONTAINER_IMAGE": "container", "VM_SANDBOX": "vm_sandbox"}
 
 
 class InvalidAnswerError(ValueError):
@@ -221,6 +223,21 @@ class Build:
     @property
     def status_label(self) -> str:
         return known_or_unknown(self.status, BUILD_STATUSES)
+
+    @property
+    def failure_reason(self) -> str | None:
+        """What the build failed with, as the log line and the status page say it: its own
+        error message, else each artifact's (``container: …; vm_sandbox: …``), cleaned and
+        bounded as a label value; None while there is none."""
+        if self.error_message:
+            return self.error_message
+        reasons = [
+            f"{_ARTIFACT_SHORT_NAMES.get(artifact.artifact_type, artifact.artifact_type.lower())}:"
+            f" {artifact.error_message}"
+            for artifact in self.artifacts
+            if artifact.error_message
+        ]
+        return clean_label_text("; ".join(reasons), keep_end=True) if reasons else None
 
     @property
     def finished(self) -> bool:

@@ -517,7 +517,8 @@ def _log_success(transition: Transition) -> None:
                 "status": after.build.status,
                 "previous_status": previous_status or "",
                 "finished": after.finished,
-                "error_message": after.build.error_message or "",
+                # What it failed with: its own message, else its artifacts'.
+                "error_message": after.build.failure_reason or "",
             },
         )
 

@@ -1,6 +1,6 @@
 """Command line of the API simulator on its own: a fake Prime Intellect API to point an
-exporter, a browser or curl at. Like exporter.cli for the exporter, the only module of the
-simulator's program that prints or exits."""
+exporter, a browser or curl at, playing a team and misbehaving on request. Like exporter.cli
+for the exporter, the only module of the simulator's program that prints or exits."""
 
 from __future__ import annotations
 
@@ -8,18 +8,24 @@ import argparse
 import asyncio
 import os
 import random
+import re
 import secrets
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from exporter.demo.simulator import Simulator, demo_plans, random_plans
+from exporter.demo.simulator import BuildListing, Fault, Simulator, demo_plans, random_plans
+
+FAULT_HELP = (
+    "an HTTP status 400 to 599 (429 with --retry-after), 'invalid' (a 200 that is no JSON) "
+    "or 'slow:SECONDS' (the right answer, that late)"
+)
 
 
-def main(argv: Sequence[str] | None = None) -> NoReturn:
-    """Run the API simulator on its own (``primeintellect-build-simulator``)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The simulator's options; the development guide lists each (tests/unit/test_docs.py)."""
     parser = argparse.ArgumentParser(
         prog="primeintellect-build-simulator",
         description="A fake Prime Intellect API for trying the exporter.",
@@ -33,7 +39,84 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         help="simulate N random builds instead of the demo set",
     )
     parser.add_argument("--seed", type=int, default=1)
-    arguments = parser.parse_args(argv)
+    parser.add_argument(
+        "--team-id",
+        default="",
+        metavar="TEAM",
+        help="the builds and images are this team's: both listings answer them for "
+        "teamId=TEAM only, as the API does; the image listing without teamId is empty",
+    )
+    parser.add_argument(
+        "--status-fault",
+        action="append",
+        default=[],
+        type=_build_fault,
+        metavar="[BUILD_ID=]FAULT",
+        help=f"answer the build status of BUILD_ID (else of every build) with FAULT: {FAULT_HELP}",
+    )
+    parser.add_argument(
+        "--image-listing-fault",
+        type=_fault,
+        metavar="FAULT",
+        help="answer every page of the image listing with FAULT",
+    )
+    parser.add_argument(
+        "--build-listing-fault",
+        type=_fault,
+        metavar="FAULT",
+        help="answer every page of the build listing with FAULT",
+    )
+    parser.add_argument(
+        "--rate-limit-every",
+        type=_positive,
+        metavar="N",
+        help="answer every N-th request, of any endpoint, with a 429",
+    )
+    parser.add_argument(
+        "--retry-after",
+        default="1",
+        metavar="SECONDS",
+        help="the Retry-After of each 429 ('' for none; default 1)",
+    )
+    return parser
+
+
+# A fault is made once the Retry-After is known: each option's value is read first.
+FaultMaker = Callable[[str | None], Fault]
+
+
+def _fault(text: str) -> FaultMaker:
+    if text == "invalid":
+        return lambda retry_after: Fault.garbage()
+    slow = re.fullmatch(r"slow:(\d+(?:\.\d+)?)", text)
+    if slow:
+        seconds = float(slow.group(1))
+        return lambda retry_after: Fault.slow(seconds)
+    if not (text.isascii() and text.isdigit() and 400 <= int(text) <= 599):
+        raise argparse.ArgumentTypeError(f"{text!r} is no fault: {FAULT_HELP}")
+    status = int(text)
+    if status == 429:
+        return lambda retry_after: Fault.rate_limited(retry_after)
+    if status == 404:
+        return lambda retry_after: Fault.not_found()
+    body = f'{{"detail": "simulated HTTP {status}"}}'.encode()
+    return lambda retry_after: Fault(status=status, body=body)
+
+
+def _build_fault(text: str) -> tuple[str | None, FaultMaker]:
+    build_id, _, fault = text.rpartition("=")
+    return build_id or None, _fault(fault)
+
+
+def _positive(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Run the API simulator on its own (``primeintellect-build-simulator``)."""
+    arguments = build_parser().parse_args(argv)
     api_key = os.environ.get("PRIME_API_KEY") or secrets.token_urlsafe(24)
     now = time.time()
     plans = (
@@ -42,11 +125,35 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         else demo_plans(now)
     )
     host, _, port = arguments.listen_address.rpartition(":")
-    simulator = Simulator(api_key, plans)
+    team_id = arguments.team_id or None
+    simulator = Simulator(
+        api_key,
+        plans,
+        team_id=team_id,
+        build_listing=BuildListing(team_id="honoured") if team_id else None,
+    )
+    retry_after = arguments.retry_after or None
+    faults = []
+    for build_id, make in arguments.status_fault:
+        simulator.set_fault(build_id, make(retry_after))
+        faults.append(f"build status of {build_id or 'every build'}")
+    if arguments.image_listing_fault is not None:
+        simulator.set_listing_fault(arguments.image_listing_fault(retry_after))
+        faults.append("image listing")
+    if arguments.build_listing_fault is not None:
+        simulator.set_build_listing_fault(arguments.build_listing_fault(retry_after))
+        faults.append("build listing")
+    if arguments.rate_limit_every is not None:
+        simulator.set_rate_limit(arguments.rate_limit_every, retry_after)
+        faults.append(f"a 429 every {arguments.rate_limit_every} requests")
     simulator.start(host or "127.0.0.1", int(port))
     print(f"Simulated API at {simulator.base_url}")
     if "PRIME_API_KEY" not in os.environ:
         print(f"API key (set PRIME_API_KEY to choose one): {api_key}")
+    if team_id:
+        print(f"Team: {team_id} (the listings answer its builds and images for teamId={team_id})")
+    if faults:
+        print(f"Faults: {', '.join(faults)}")
     print("Builds:")
     for build_id in simulator.build_ids:
         print(f"  - {build_id}")

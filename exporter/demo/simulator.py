@@ -26,8 +26,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 BUILD_PATH_PREFIX = "/api/v1/images/build/"
 # The listing of a scope's images, paged by logical image (name:tag), at most 250 a page.
 IMAGES_PATH = "/api/v1/images"
-# What a fault is set on: a build ID, or a listing page's offset (None: every page).
-Key = TypeVar("Key", str, int | None)
+# What a fault is set on: a build ID, or a listing page's offset (None: every build, every
+# page).
+Key = TypeVar("Key", str | None, int | None)
 MAX_IMAGE_PAGE = 250
 # The listing of the key's builds, each item the build's status answer; no maximum page.
 BUILDS_PATH = "/api/v1/images/builds"
@@ -297,13 +298,17 @@ class Simulator:
         self._lock = threading.Lock()
         self._plans = {plan.build_id: plan for plan in plans}
         self._overrides: dict[str, dict[str, Any]] = {}
-        self._faults: dict[str, Fault] = {}
+        self._faults: dict[str | None, Fault] = {}
         self.team_id = team_id
         self._image_rows: list[dict[str, Any]] = []
         self._listing_faults: dict[int | None, Fault] = {}
         self._build_listing = build_listing or BuildListing()
         self._build_listing_faults: dict[int | None, Fault] = {}
         self._requests: list[RecordedRequest] = []
+        # Every this many requests, one is answered 429 instead (None: never).
+        self._rate_limit_every: int | None = None
+        self._rate_limit_retry_after: str | None = None
+        self._counted_for_rate_limit = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -328,10 +333,21 @@ class Simulator:
             else:
                 self._overrides[build_id] = payload
 
-    def set_fault(self, build_id: str, fault: Fault | None) -> None:
-        """Answer this build with ``fault`` (``None`` clears it)."""
+    def set_fault(self, build_id: str | None, fault: Fault | None) -> None:
+        """Answer this build (every build: None) with ``fault`` (``None`` clears it); a build's
+        own fault goes before the one of every build."""
         with self._lock:
             _put_fault(self._faults, build_id, fault)
+
+    def set_rate_limit(self, every: int | None, retry_after: str | None = "1") -> None:
+        """Answer every ``every``-th request from now on, of any endpoint, with a 429 and this
+        ``Retry-After`` (None: without one); ``every`` None stops it."""
+        if every is not None and every < 1:
+            raise ValueError("every must be 1 or more")
+        with self._lock:
+            self._rate_limit_every = every
+            self._rate_limit_retry_after = retry_after
+            self._counted_for_rate_limit = 0
 
     @property
     def build_ids(self) -> list[str]:
@@ -572,7 +588,10 @@ class Simulator:
             unquote(path[len(BUILD_PATH_PREFIX) :]) if path.startswith(BUILD_PATH_PREFIX) else ""
         )
         with self._lock:
-            if path == IMAGES_PATH:
+            limited = self._rate_limited_locked()
+            if limited is not None:
+                reply = limited
+            elif path == IMAGES_PATH:
                 reply = self._listing_locked(query, authorization)
             elif path == BUILDS_PATH:
                 reply = self._build_listing_locked(query, authorization)
@@ -583,13 +602,24 @@ class Simulator:
             )
         return reply
 
+    def _rate_limited_locked(self) -> Reply | None:
+        """The 429 that this request gets from ``set_rate_limit``, if it is its turn."""
+        if self._rate_limit_every is None:
+            return None
+        self._counted_for_rate_limit += 1
+        if self._counted_for_rate_limit % self._rate_limit_every:
+            return None
+        fault = Fault.rate_limited(self._rate_limit_retry_after)
+        return Reply(fault.status, fault.headers, fault.body)
+
     def _reply_locked(self, build_id: str, path: str, authorization: str | None) -> Reply:
         json_headers = {"Content-Type": "application/json"}
         if not path.startswith(BUILD_PATH_PREFIX) or not build_id or "/" in build_id:
             return Reply(404, json_headers, b'{"detail": "Not Found"}')
         if authorization != f"Bearer {self.api_key}":
             return Reply(401, json_headers, b'{"detail": "Invalid API key"}')
-        served, delivery = _take_fault(self._faults, build_id)
+        fault_key = build_id if build_id in self._faults else None
+        served, delivery = _take_fault(self._faults, fault_key)
         if served is not None:
             return served
         payload = self._payload_locked(build_id)

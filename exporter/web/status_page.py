@@ -30,13 +30,24 @@ SORTS = ("problems", "build", "image", "status", "created")
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1em; color: #111; }
-h1 { font-size: 1.4em; }
-.summary { font-size: 1.05em; }
+h1 { font-size: 1.4em; overflow-wrap: anywhere; }
+.summary { font-size: 1.05em; list-style: none; padding: 0; display: flex; flex-wrap: wrap;
+  gap: 0.3em 0.6em; }
+.summary li + li::before { content: "·"; margin-right: 0.6em; color: #777; }
 .scroll { overflow-x: auto; }
-table { border-collapse: collapse; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertical-align: top; }
+table { border-collapse: collapse; width: 100%; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertical-align: top;
+  overflow-wrap: anywhere; }
+th, td.time, td.poll { overflow-wrap: normal; }
 th a { color: inherit; }
-td.error { min-width: 12em; max-width: 40em; overflow-wrap: anywhere; white-space: pre-wrap; }
+select { max-width: 16em; }
+/* API strings break anywhere, but not below a width their usual values fit in. */
+td.name { min-width: 6.5em; }
+td.id { min-width: 10em; }
+td.status { min-width: 6.5em; }
+td.kind { min-width: 11em; }
+td.error { min-width: 12em; }
+td.name .quiet { display: block; }
 .badge { font-weight: 600; white-space: nowrap; }
 .bad { background: #fde2e2; }
 .warn { background: #fff4d6; }
@@ -202,7 +213,7 @@ def render_status_page(context: PageContext, query: PageQuery) -> str:
     return _page(
         "Prime Intellect build exporter",
         query.refresh,
-        f"""<p class="summary">{_summary(context, records, problems)}</p>
+        f"""<ul class="summary">{_summary(context, records, problems)}</ul>
 <p class="quiet">Version {html.escape(__version__)}. As of {_utc(context.now)}; refreshes
 every {query.refresh} s. <a href="/metrics">Metrics</a> · <a href="/-/healthy">Health</a> ·
 <a href="/-/ready">Readiness</a></p>
@@ -265,14 +276,14 @@ def _image_row(row: ImageRow) -> str:
     status = _badge(Problem.FAILED, "") if failed else html.escape(row.status)
     size = "" if row.size_bytes is None else f"{row.size_bytes / 1e6:.1f} MB"
     cells = (
-        ("Image", "", html.escape(row.image_name)),
-        ("Tag", "", html.escape(row.image_tag)),
-        ("Type", "", html.escape(row.artifact_type)),
-        ("Status", "", status),
-        ("Created", "wide", _utc(row.created_at)),
-        ("Completed", "wide", _utc_after(row.completed_at, row.created_at)),
-        ("Pushed", "wide", _utc_after(row.pushed_at, row.created_at)),
-        ("Size", "wide", size),
+        ("Image", "name", html.escape(row.image_name)),
+        ("Tag", "name", html.escape(row.image_tag)),
+        ("Type", "kind", html.escape(row.artifact_type)),
+        ("Status", "status", status),
+        ("Created", "wide time", _utc(row.created_at)),
+        ("Completed", "wide time", _utc_after(row.completed_at, row.created_at)),
+        ("Pushed", "wide time", _utc_after(row.pushed_at, row.created_at)),
+        ("Size", "wide time", size),
         ("Error", "error", html.escape(row.error_message or "")),
     )
     return _table_row("bad" if failed else "", f'data-image="{html.escape(row.id)}"', cells)
@@ -377,22 +388,25 @@ def _sort_key(
 def _summary(
     context: PageContext, records: list[BuildRecord], problems: Mapping[str, Problem]
 ) -> str:
+    """The summary's items, each a list item: the page's style sets them apart."""
     statuses = Counter(record.build.status_label for record in records if record.build)
     unpolled = sum(1 for record in records if not record.polled)
     discovered = sum(1 for record in records if record.discovered)
-    parts = [f"{len(records)} builds" + (f" ({discovered} discovered)" if discovered else "")]
-    parts += [f"{count} {html.escape(status)}" for status, count in sorted(statuses.items())]
+    items = [f"{len(records)} builds" + (f" ({discovered} discovered)" if discovered else "")]
+    items += [f"{count} {html.escape(status)}" for status, count in sorted(statuses.items())]
     if unpolled:
-        parts.append(f"{unpolled} not yet polled")
-    failing = sum(1 for problem in problems.values() if problem is Problem.POLL_FAILING)
-    stuck = sum(1 for problem in problems.values() if problem is Problem.STUCK)
-    stale = sum(1 for problem in problems.values() if problem is Problem.STALE)
-    text = ", ".join(parts) + "."
-    text += f" Polls failing: {failing}. Stuck: {stuck}. Stale: {stale}."
-    return f"{text} {_api_state(context, records)}"
+        items.append(f"{unpolled} not yet polled")
+    counted = Counter(problems.values())
+    items += [
+        f"Polls failing: {counted[Problem.POLL_FAILING]}",
+        f"Stuck: {counted[Problem.STUCK]}",
+        f"Stale: {counted[Problem.STALE]}",
+        *_api_state(context, records),
+    ]
+    return "".join(f"<li>{item}</li>" for item in items)
 
 
-def _api_state(context: PageContext, records: Iterable[BuildRecord]) -> str:
+def _api_state(context: PageContext, records: Iterable[BuildRecord]) -> list[str]:
     telemetry = context.telemetry
     refused = [
         record
@@ -407,12 +421,13 @@ def _api_state(context: PageContext, records: Iterable[BuildRecord]) -> str:
         state = '<span class="badge good">✔ API up</span>'
     else:
         state = '<span class="badge bad">✖ API down</span> (no usable answer for a minute)'
+    items = [state]
     wall_until = _rate_limited_until(telemetry, context.now)
     if wall_until is not None:
-        state += f' <span class="badge warn">⏸ rate-limited until {_utc(wall_until)}</span>'
+        items.append(f'<span class="badge warn">⏸ rate-limited until {_utc(wall_until)}</span>')
     if context.requests_per_second is not None:
-        state += f" Request budget of this replica: {context.requests_per_second:g} per second."
-    return state
+        items.append(f"Request budget of this replica: {context.requests_per_second:g} per second")
+    return items
 
 
 def _rate_limited_until(telemetry: TelemetrySnapshot | None, now: float) -> float | None:
@@ -499,16 +514,16 @@ def _table_row(css: str, data: str, cells: Iterable[tuple[str, str, str]]) -> st
 
 # Each cell's column and class in the builds table.
 _COLUMNS = (
-    ("Build", ""),
-    ("Image", ""),
-    ("Tag", ""),
-    ("Status", ""),
-    ("Created", "wide"),
-    ("Started", "wide"),
-    ("Completed", "wide"),
-    ("Queued", "wide"),
-    ("Duration", ""),
-    ("Last poll", ""),
+    ("Build", "name id"),
+    ("Image", "name"),
+    ("Tag", "name"),
+    ("Status", "status"),
+    ("Created", "wide time"),
+    ("Started", "wide time"),
+    ("Completed", "wide time"),
+    ("Queued", "wide time"),
+    ("Duration", "time"),
+    ("Last poll", "poll"),
     ("Error", "error"),
 )
 
@@ -531,14 +546,8 @@ def _last_poll(record: BuildRecord, now: float) -> str:
 
 
 def _error_cell_text(build: Build) -> str:
-    # The build's own message, then each artifact's: what a FAILED build failed with.
-    messages = [build.error_message] if build.error_message else []
-    messages += [
-        f"{artifact.artifact_type} {artifact.id}: {artifact.error_message}"
-        for artifact in build.artifacts
-        if artifact.error_message
-    ]
-    return html.escape("\n".join(messages))
+    # What the build failed with, as its log line says it; the build page lists each artifact.
+    return html.escape(build.failure_reason or "")
 
 
 def _artifact_table(artifacts: Iterable[Artifact]) -> str:

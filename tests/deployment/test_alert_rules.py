@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers.docs import ALERTS_REFERENCE, documented_metric_names, section
+from exporter.models import BUILD_STATUSES, UNKNOWN, Outcome
+from exporter.telemetry import BUILD_LIST_TRUNCATED, BUILD_LIST_UNAVAILABLE, Component
+from tests.helpers.docs import (
+    ALERTS_REFERENCE,
+    DocumentedFamily,
+    documented_metric_names,
+    documented_metrics,
+    section,
+)
 from tests.helpers.support import REPOSITORY, find_binary
 
 MONITORING = REPOSITORY / "monitoring"
@@ -20,6 +28,25 @@ RULE_TESTS = sorted((MONITORING / "tests").glob("*.yaml"))
 BUILD_GROUP = "primeintellect-builds"
 SEVERITIES = {"critical", "warning", "info"}
 BUILD_LABELS = {"build_id", "image_name", "image_tag"}
+# Labels every series has once scraped: Prometheus's target labels, and the Prometheus
+# Operator's for a ServiceMonitor's targets.
+TARGET_LABELS = {"job", "instance", "service", "endpoint"}
+# Prometheus's own series, with the labels it gives them.
+PROMETHEUS_FAMILIES = {"up": DocumentedFamily("gauge", frozenset())}
+# Labels whose values are a closed set: every value a rule matches must be one of them.
+LABEL_VALUES = {
+    "status": {*BUILD_STATUSES, UNKNOWN},
+    "outcome": {outcome.value for outcome in Outcome},
+    "reason": {outcome.value for outcome in Outcome if outcome is not Outcome.OK}
+    | {BUILD_LIST_UNAVAILABLE, BUILD_LIST_TRUNCATED},
+    "component": {component.value for component in Component},
+    "source": {"config", "build_files"},
+}
+_SELECTOR = re.compile(r"\b(primeintellect_[a-z_]+|up)\s*(?:\{([^}]*)\})?")
+_MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+_TEMPLATE_LABEL = re.compile(r"\$labels\.([a-zA-Z_][a-zA-Z0-9_]*)")
+_RESULT_LABEL = re.compile(r"\.Labels\.([a-zA-Z_][a-zA-Z0-9_]*)|sortByLabel \"([a-z_]+)\"")
 
 
 def load_rules() -> list[dict[str, Any]]:
@@ -191,3 +218,90 @@ def test_alert_reference_table_lists_exactly_the_shipped_alerts() -> None:
     alerts = section(ALERTS_REFERENCE.read_text(), "The alerts")
     in_table = re.findall(r"^\| `(PrimeIntellect[A-Za-z]+)` \|", alerts, re.MULTILINE)
     assert sorted(in_table) == sorted(alert_names())
+
+
+def known_families() -> dict[str, DocumentedFamily]:
+    """Every family a rule may name, by its sample name: the exporter's documented ones (a
+    histogram's by its series suffixes too) and Prometheus's own."""
+    families = dict(PROMETHEUS_FAMILIES)
+    for name, family in documented_metrics().items():
+        families[name] = family
+        if family.type == "histogram":
+            for suffix, extra in (("_bucket", {"le"}), ("_sum", set()), ("_count", set())):
+                families[name + suffix] = DocumentedFamily("gauge", family.labels | extra)
+    return families
+
+
+def label_problems(rule: dict[str, Any], families: dict[str, DocumentedFamily]) -> list[str]:
+    """What a rule names that does not exist: families, labels of a selector that its family
+    lacks, values outside a closed set, and grouping or template labels no family it names
+    (nor a target) has."""
+    problems: list[str] = []
+    labels_in_reach = set(TARGET_LABELS) | set(rule.get("labels", {}))
+
+    def selectors(text: str) -> set[str]:
+        named: set[str] = set()
+        for name, matchers in _SELECTOR.findall(text):
+            family = families.get(name)
+            if family is None:
+                problems.append(f"no family {name}")
+                continue
+            named.add(name)
+            for label, operator, value in _MATCHER.findall(matchers):
+                if label not in family.labels | TARGET_LABELS:
+                    problems.append(f"{name} has no label {label}")
+                if label in LABEL_VALUES and value != "%s":
+                    values = value.split("|") if operator in {"=~", "!~"} else [value]
+                    unknown = set(values) - LABEL_VALUES[label]
+                    if unknown:
+                        problems.append(f"{name}: {label} is never {sorted(unknown)}")
+        return named
+
+    expression_families = selectors(rule["expr"])
+    labels_in_reach |= {label for name in expression_families for label in families[name].labels}
+    for group in _GROUPING.findall(rule["expr"]):
+        for label in filter(None, (part.strip() for part in group.split(","))):
+            if label not in labels_in_reach:
+                problems.append(f"expr groups by {label}, which no family it names has")
+    for key, text in rule.get("annotations", {}).items():
+        queried = selectors(text)
+        for label in _TEMPLATE_LABEL.findall(text):
+            if label not in labels_in_reach:
+                problems.append(f"{key} names $labels.{label}, which the alert never has")
+        query_labels = set(TARGET_LABELS) | {
+            label for name in queried for label in families[name].labels
+        }
+        for match in _RESULT_LABEL.findall(text):
+            label = match[0] or match[1]
+            if label not in query_labels:
+                problems.append(f"{key} reads {label} from a query whose families lack it")
+    return problems
+
+
+def test_the_label_check_finds_a_made_up_family_label_and_value() -> None:
+    families = known_families()
+    rule = {
+        "alert": "Made",
+        "expr": 'max by (job, colour) (primeintellect_image_build_status{status="EXPLODED",'
+        'shade="red"}) + primeintellect_image_build_vibes',
+        "labels": {"severity": "warning"},
+        "annotations": {
+            "description": "{{ $labels.build_id }} {{ $labels.colour }}"
+            "{{ with query `primeintellect_exporter_api_up` }}{{ .Labels.build_id }}{{ end }}"
+        },
+    }
+    assert sorted(label_problems(rule, families)) == sorted(
+        [
+            "no family primeintellect_image_build_vibes",
+            "primeintellect_image_build_status has no label shade",
+            "primeintellect_image_build_status: status is never ['EXPLODED']",
+            "expr groups by colour, which no family it names has",
+            "description names $labels.colour, which the alert never has",
+            "description reads build_id from a query whose families lack it",
+        ]
+    )
+
+
+@pytest.mark.parametrize("rule", load_rules(), ids=lambda rule: str(rule["alert"]))
+def test_every_rule_names_only_families_labels_and_values_that_exist(rule: dict[str, Any]) -> None:
+    assert label_problems(rule, known_families()) == []

@@ -3,7 +3,10 @@ against the exporter and the simulator on loopback."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
+import re
 import struct
 import time
 from collections.abc import Iterator
@@ -13,7 +16,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, expect
 
-from exporter.demo.simulator import BuildPlan, Simulator
+from exporter.demo.simulator import ArtifactPlan, BuildPlan, Simulator
 from tests.helpers.browser import chromium, watched_page
 from tests.helpers.prometheus import FAILED_ERROR, finish, plans
 from tests.helpers.support import (
@@ -37,6 +40,9 @@ SCREENSHOT = REPOSITORY / "docs" / "status-page.png"
 README = REPOSITORY / "README.md"
 # Playwright's waits, in milliseconds: far above what a healthy run takes.
 WAIT_MS = 15_000
+# A phone, and the two most common laptop widths.
+WIDTHS = (375, 1280, 1440)
+CROWD = 40
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,42 @@ def served() -> Iterator[Served]:
                 message="the team's image listing",
             )
             yield Served(simulator, exporter, {plan.build_id: plan for plan in build_plans})
+        finally:
+            exporter.stop()
+
+
+def crowd_plans(now: float) -> list[BuildPlan]:
+    """Many builds with the longest names, tags and IDs the API and the config allow, and
+    long failure reasons without a space to break them at."""
+    plans = []
+    for index in range(CROWD):
+        reason = f"step{index}/" + "pip-install-" * 30 + "exit-code-1"
+        plans.append(
+            BuildPlan(
+                f"crowd-{index:02d}-" + "x" * 119,
+                f"registry-mirror-{index:02d}-" + "very-long-image-name-" * 4,
+                "release-candidate-" * 6 + str(index),
+                now - 60 - index,
+                5,
+                5,
+                10 if index % 2 else math.inf,
+                "FAILED" if index % 2 else "COMPLETED",
+                (ArtifactPlan("CONTAINER_IMAGE", reason), ArtifactPlan("VM_SANDBOX", reason)),
+            )
+        )
+    return plans
+
+
+@pytest.fixture(scope="module")
+def crowded() -> Iterator[str]:
+    """An exporter watching a crowd of long-named builds, half of them FAILED; its URL."""
+    plans = crowd_plans(time.time())
+    with Simulator(CANARY_API_KEY, plans) as simulator:
+        config = make_config(simulator.base_url, [plan.build_id for plan in plans])
+        exporter = RunningExporter(config).start()
+        try:
+            exporter.wait_until_all_polled()
+            yield exporter.url.rstrip("/")
         finally:
             exporter.stop()
 
@@ -115,8 +157,8 @@ def test_the_summary_counts_builds_by_status_and_says_the_api_is_up(
         watched.page.goto(served.url + "/")
         summary = watched.page.locator(".summary")
         expect(summary).to_contain_text("1 FAILED")
-        expect(summary).to_contain_text("Polls failing: 1.")
-        expect(summary).to_contain_text("Stuck: 1.")
+        expect(summary).to_contain_text("Polls failing: 1")
+        expect(summary).to_contain_text("Stuck: 1")
         expect(summary).to_contain_text("✔ API up")
 
 
@@ -206,6 +248,80 @@ def test_the_pages_log_no_errors_and_load_nothing_from_elsewhere(
         # A style the Content-Security-Policy refused, or any script error, would be here.
         assert watched.console_errors == []
         assert [url for url in watched.requests if not url.startswith(served.url)] == []
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_a_crowd_of_long_names_and_failure_reasons_fits_the_width_without_scrolling_sideways(
+    crowded: str, browser: Browser, width: int
+) -> None:
+    with watched_page(browser, width=width, height=900) as watched:
+        page = watched.page
+        page.goto(crowded + "/")
+        expect(page.locator("#builds tbody tr")).to_have_count(CROWD)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        # Nor does a table scroll inside its box: every column is on screen.
+        boxes = page.locator(".scroll").evaluate_all(
+            "boxes => boxes.map(box => [box.scrollWidth, box.clientWidth])"
+        )
+        assert boxes
+        assert all(scroll <= client for scroll, client in boxes), boxes
+        failed = page.locator("#builds tbody tr.bad").first
+        expect(failed.locator("td.error")).to_contain_text("container: step")
+        expect(failed.locator("td.error")).to_be_in_viewport()
+        # And so does a build's own page, with every artifact's error.
+        page.goto(crowded + "/build/crowd-01-" + "x" * 119)
+        expect(page.locator("#artifacts tbody tr")).to_have_count(2)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+
+
+@pytest.mark.parametrize("width", WIDTHS[1:])
+def test_short_ids_names_and_statuses_stay_on_one_line_at_laptop_widths(
+    served: Served, browser: Browser, width: int
+) -> None:
+    with watched_page(browser, width=width, height=900) as watched:
+        watched.page.goto(served.url + "/")
+        # The lines each short cell's text takes: cells that break anywhere must still leave
+        # a word (no space, no hyphen) of up to 16 characters whole.
+        cells = ", ".join(
+            f'#{table} td[data-label="{label}"]'
+            for table, labels in (
+                ("builds", ("Build", "Image", "Tag", "Status")),
+                ("images", ("Image", "Tag", "Type", "Status")),
+            )
+            for label in labels
+        )
+        lines = watched.page.locator(cells).evaluate_all(
+            """cells => cells.map(cell => {
+                const range = document.createRange();
+                range.selectNodeContents(cell.querySelector("a") || cell);
+                const tops = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+                return [(cell.querySelector("a") || cell).innerText.trim(), tops.size];
+            })"""
+        )
+        short = [(text, count) for text, count in lines if re.fullmatch(r"[^\s-]{1,16}", text)]
+        assert len(short) > 10, lines
+        assert [(text, count) for text, count in short if count > 1] == []
+
+
+def test_the_summary_items_are_separate_and_visibly_apart(served: Served, browser: Browser) -> None:
+    with watched_page(browser) as watched:
+        watched.page.goto(served.url + "/")
+        items = watched.page.locator(".summary li")
+        texts = items.all_inner_texts()
+        assert any(text.startswith("1 FAILED") for text in texts), texts
+        assert any(text.startswith("Polls failing: 1") for text in texts), texts
+        # Each item after the first is set off by a separator, with room on either side.
+        boxes = items.evaluate_all(
+            """items => items.map(item => {
+                const box = item.getBoundingClientRect();
+                return [box.left, box.right, box.top,
+                        getComputedStyle(item, "::before").content];
+            })"""
+        )
+        for (_, right, top, _), (left, _, next_top, separator) in itertools.pairwise(boxes):
+            assert separator not in {"none", "normal", '""'}
+            if top == next_top:
+                assert left - right >= 4, boxes
 
 
 def test_the_page_fits_a_phone_width_screen(served: Served, browser: Browser) -> None:

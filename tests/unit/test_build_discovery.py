@@ -31,6 +31,7 @@ UNAVAILABLE = (
     "configured builds are polled as before"
 )
 FAILED = "build listing failed: nothing changed"
+COMPLETE = "build listing complete"
 TRUNCATED = (
     "build listing cut short at discovery.builds.max_pages before the window's end: its builds "
     "are tracked, none is removed; raise max_pages or shorten window"
@@ -481,6 +482,74 @@ def test_a_client_error_without_a_team_is_an_ordinary_failure(
         one_pass(test)
         one_pass(test)
     assert [record.getMessage() for record in caplog.records] == [FAILED, FAILED]
+
+
+def told(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str, dict[str, object]]]:
+    """The level, message and fields of each complete pass told so far."""
+    fields = ("builds", "team_id", "previous_builds", "previous_team_id", "listed")
+    return [
+        (
+            record.levelno,
+            record.getMessage(),
+            {name: getattr(record, name) for name in fields if hasattr(record, name)},
+        )
+        for record in caplog.records
+        if record.getMessage() == COMPLETE or "holds no build" in record.getMessage()
+    ]
+
+
+def test_a_pass_is_told_when_its_team_or_its_size_changes_and_never_when_unchanged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    listing = FakeListing(every_twenty_seconds(10))
+    test = setup(listing)
+    with caplog.at_level(logging.DEBUG, logger="exporter.build_discovery"):
+        one_pass(test)
+        one_pass(test)
+        listing.items.insert(0, build("new", 0))
+        one_pass(test)
+        one_pass(test)
+        test.discovery.update(test.discovery.settings.model_copy(update={"team_id": "team-1"}))
+        one_pass(test)
+        one_pass(test)
+    assert told(caplog) == [
+        (logging.INFO, COMPLETE, {"builds": 10, "team_id": ""}),
+        (
+            logging.INFO,
+            COMPLETE,
+            {"builds": 11, "team_id": "", "previous_builds": 10, "previous_team_id": ""},
+        ),
+        (
+            logging.INFO,
+            COMPLETE,
+            {"builds": 11, "team_id": "team-1", "previous_builds": 11, "previous_team_id": ""},
+        ),
+    ]
+
+
+def test_a_named_team_with_no_build_in_the_window_is_warned_about_once_with_what_to_check(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Five builds, all created before the hour's window.
+    old = [build(f"old{index}", 2 * HOUR + index) for index in range(5)]
+    test = setup(FakeListing(list(old)), team_id="team-1")
+    with caplog.at_level(logging.DEBUG, logger="exporter.build_discovery"):
+        one_pass(test)
+        one_pass(test)
+    [(level, message, fields)] = told(caplog)
+    assert level == logging.WARNING
+    assert fields == {"builds": 0, "team_id": "team-1", "listed": 5}
+    for what in ("discovery.builds.team_id", "PRIME_TEAM_ID", "member", "discovery.builds.window"):
+        assert what in message
+
+
+def test_an_empty_pass_without_a_team_is_told_as_any_other(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    test = setup(FakeListing([]))
+    with caplog.at_level(logging.DEBUG, logger="exporter.build_discovery"):
+        one_pass(test)
+    assert told(caplog) == [(logging.INFO, COMPLETE, {"builds": 0, "team_id": ""})]
 
 
 # --- the loop ------------------------------------------------------------------------------------

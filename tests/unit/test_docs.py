@@ -18,6 +18,7 @@ from exporter.cli import build_parser, listen_error
 from exporter.config.loading import check_state_path, load_config
 from exporter.config.schema import ConfigFile
 from exporter.config.wording import ConfigError
+from exporter.demo.cli import build_parser as build_simulator_parser
 from exporter.exposition import ExpositionFormat, render
 from exporter.metrics import (
     build_list_families,
@@ -332,3 +333,17 @@ def test_configuration_reference_says_how_long_changed_files_must_settle() -> No
     stated = re.search(r"looked the same for (\d+(?:\.\d+)?)s", " ".join(text.split()))
     assert stated, "the settle time is not stated"
     assert float(stated.group(1)) == FILES_SETTLE_SECONDS
+
+
+def test_simulator_reference_lists_every_option_and_no_other() -> None:
+    table = section(DEVELOPMENT_REFERENCE.read_text(), "The simulator on its own")
+    documented = [
+        match.group(1) for row in table_rows(table) if (match := re.match(r"`(--[a-z-]+)", row[0]))
+    ]
+    options = [
+        option
+        for action in build_simulator_parser()._actions
+        for option in action.option_strings
+        if option not in {"-h", "--help"}
+    ]
+    assert sorted(documented) == sorted(options)

@@ -643,3 +643,49 @@ def test_artifacts_repeating_an_id_are_kept_once_so_series_stay_unique() -> None
     }
     build = parse_build(json.dumps(payload).encode())
     assert [(a.id, a.status) for a in build.artifacts] == [("a1", "BUILDING"), ("a2", "BUILDING")]
+
+
+def failed_with(build_message: str | None, *artifact_errors: tuple[str, str | None]) -> Build:
+    """A FAILED build with its own error message (or none) and one artifact per type given."""
+    artifacts = [
+        artifact_document(
+            id=f"artifact-{index}", artifactType=kind, status="FAILED", errorMessage=message
+        )
+        for index, (kind, message) in enumerate(artifact_errors)
+    ]
+    return parse(build_document(status="FAILED", errorMessage=build_message, artifacts=artifacts))
+
+
+def test_a_failure_reason_is_the_builds_own_message_first() -> None:
+    build = failed_with("2 of 2 artifacts failed", ("CONTAINER_IMAGE", "COPY failed"))
+    assert build.failure_reason == "2 of 2 artifacts failed"
+
+
+def test_a_failure_reason_without_the_builds_message_names_each_artifacts_error_by_type() -> None:
+    build = failed_with(
+        None,
+        ("CONTAINER_IMAGE", "COPY failed: no such file"),
+        ("VM_SANDBOX", "disk quota exceeded"),
+        ("WASM_MODULE", "bad module"),
+        ("CONTAINER_IMAGE", None),
+    )
+    assert build.failure_reason == (
+        "container: COPY failed: no such file; vm_sandbox: disk quota exceeded; "
+        "wasm_module: bad module"
+    )
+
+
+def test_a_build_without_any_error_message_has_no_failure_reason() -> None:
+    assert failed_with(None, ("CONTAINER_IMAGE", None)).failure_reason is None
+    assert failed_with(None).failure_reason is None
+
+
+def test_a_failure_reason_of_many_long_artifact_errors_is_bounded_and_keeps_its_end() -> None:
+    long = "step 1/9 " + "x" * 300 + "\x1b[31m error: exit code 1\nsee log"
+    build = failed_with(None, ("CONTAINER_IMAGE", long), ("VM_SANDBOX", long))
+    reason = build.failure_reason
+    assert reason is not None
+    assert len(reason) == MAX_LABEL_LENGTH
+    assert reason.startswith("container: step 1/9 ")
+    assert reason.endswith("error: exit code 1 see log")
+    assert reason.isprintable()

@@ -213,6 +213,8 @@ PAGE_TAGS = {
     "td",
     "span",
     "code",
+    "ul",
+    "li",
 }
 PAGE_ATTRIBUTES = {
     "lang",

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from exporter.demo.simulator import BuildPlan
+from exporter.demo.simulator import ArtifactPlan, BuildPlan
 from exporter.models import Outcome, parse_build
 from exporter.store import BuildRecord, BuildStore
 from exporter.web.status_page import (
@@ -101,3 +101,34 @@ def test_the_page_says_which_builds_discovery_brought() -> None:
 
 
 BUILDING_FOUND = BuildPlan("found", "app", "v2", EPOCH, 10, 10, math.inf)
+
+
+def error_cell(page: str, build_id: str) -> str:
+    row = page[page.index(f'data-build="{build_id}"') :].split("</tr>")[0]
+    return row.split('<td class="error" data-label="Error">', 1)[1].split("</td>")[0]
+
+
+def test_a_failed_build_shows_its_own_error_else_its_artifacts_errors_by_type() -> None:
+    artifacts = (
+        ArtifactPlan("CONTAINER_IMAGE", "COPY failed: <no such file>"),
+        ArtifactPlan("VM_SANDBOX", "disk quota exceeded"),
+    )
+    own = BuildPlan("own", "app", "v1", EPOCH, 10, 10, 10, "FAILED", artifacts)
+    by_artifact = BuildPlan("by-artifact", "app", "v1", EPOCH, 10, 10, 10, "FAILED", artifacts)
+    store = BuildStore()
+    store.track(["own", "by-artifact"], [])
+    for plan in (own, by_artifact):
+        answer = plan.payload(EPOCH + 60)
+        if plan is own:
+            answer["errorMessage"] = "2 of 2 artifacts failed"
+        store.record_success(plan.build_id, parse_build(json.dumps(answer).encode()), EPOCH + 60)
+    context = PageContext(store.snapshot(), None, EPOCH + 60)
+    page = render_status_page(context, PageQuery())
+    assert error_cell(page, "own") == "2 of 2 artifacts failed"
+    assert error_cell(page, "by-artifact") == (
+        "container: COPY failed: &lt;no such file&gt;; vm_sandbox: disk quota exceeded"
+    )
+    build_page = render_build_page(context, "by-artifact") or ""
+    assert "<th>Error</th><td>container: COPY failed: &lt;no such file&gt;; vm_sandbox: " in (
+        build_page
+    )
