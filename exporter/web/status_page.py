@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from exporter import __version__
+from exporter.config.wording import counted
 from exporter.models import BUILD_STATUSES, Artifact, Build, ImageRow, Outcome
 from exporter.store import BuildRecord, Inventory, Snapshot
 from exporter.telemetry import TelemetrySnapshot
@@ -191,7 +192,11 @@ def render_status_page(context: PageContext, query: PageQuery) -> str:
         for record in shown[:STATUS_PAGE_MAX_ROWS]
     )
     hidden = len(shown) - STATUS_PAGE_MAX_ROWS
-    more = f'<p class="quiet">and {hidden} more builds: see /metrics.</p>' if hidden > 0 else ""
+    more = (
+        f'<p class="quiet">and {counted(hidden, "more build")}: see /metrics.</p>'
+        if hidden > 0
+        else ""
+    )
     headers = "".join(
         f"<th{' class=wide' if wide else ''}>"
         + (f'<a href="{query.link(sort=sort)}">{title}</a>' if sort else title)
@@ -218,7 +223,7 @@ def render_status_page(context: PageContext, query: PageQuery) -> str:
 every {query.refresh} s. <a href="/metrics">Metrics</a> · <a href="/-/healthy">Health</a> ·
 <a href="/-/ready">Readiness</a></p>
 {_filter_form(records, query)}
-<p>Showing {min(len(shown), STATUS_PAGE_MAX_ROWS)} of {len(records)} builds.</p>
+<p>Showing {min(len(shown), STATUS_PAGE_MAX_ROWS)} of {counted(len(records), "build")}.</p>
 <div class="scroll"><table id="builds">
 <thead><tr>{headers}</tr></thead>
 <tbody>
@@ -258,8 +263,9 @@ def _images_section(context: PageContext, query: PageQuery) -> str:
     statuses = Counter(row.status_label for row in inventory.images.values())
     counts = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items()))
     body = "\n".join(_image_row(row) for row in rows[:STATUS_PAGE_MAX_ROWS])
+    images = counted(len(inventory.images), "image")
     return f"""<h2>Images of the scope</h2>
-<p>{len(inventory.images)} images (name, tag and artifact type){": " + counts if counts else ""};
+<p>{images} (name, tag and artifact type){": " + counts if counts else ""};
 {listed}.{failing}</p>
 <div class="scroll"><table id="images">
 <thead><tr><th>Image</th><th>Tag</th><th>Type</th><th>Status</th><th class="wide">Created</th>
@@ -392,15 +398,15 @@ def _summary(
     statuses = Counter(record.build.status_label for record in records if record.build)
     unpolled = sum(1 for record in records if not record.polled)
     discovered = sum(1 for record in records if record.discovered)
-    items = [f"{len(records)} builds" + (f" ({discovered} discovered)" if discovered else "")]
+    items = [counted(len(records), "build") + (f" ({discovered} discovered)" if discovered else "")]
     items += [f"{count} {html.escape(status)}" for status, count in sorted(statuses.items())]
     if unpolled:
         items.append(f"{unpolled} not yet polled")
-    counted = Counter(problems.values())
+    by_problem = Counter(problems.values())
     items += [
-        f"Polls failing: {counted[Problem.POLL_FAILING]}",
-        f"Stuck: {counted[Problem.STUCK]}",
-        f"Stale: {counted[Problem.STALE]}",
+        f"Polls failing: {by_problem[Problem.POLL_FAILING]}",
+        f"Stuck: {by_problem[Problem.STUCK]}",
+        f"Stale: {by_problem[Problem.STALE]}",
         *_api_state(context, records),
     ]
     return "".join(f"<li>{item}</li>" for item in items)
@@ -414,7 +420,8 @@ def _api_state(context: PageContext, records: Iterable[BuildRecord]) -> list[str
         if record.polled and not record.last_poll_ok and record.last_error is Outcome.UNAUTHORIZED
     ]
     if refused:
-        state = f'<span class="badge bad">✖ API key rejected</span> ({len(refused)} builds got 401)'
+        got = f"{counted(len(refused), 'build')} got 401"
+        state = f'<span class="badge bad">✖ API key rejected</span> ({got})'
     elif telemetry is None or telemetry.api_up is None:
         state = '<span class="badge">API: no answer yet</span>'
     elif telemetry.api_up:

@@ -254,7 +254,7 @@ def test_status_page_says_the_key_is_rejected(
     simulator.add(forever_building("known"))
     running = start_exporter(make_config(simulator.base_url, ["known"], api_key="pk-revoked"))
     running.wait_until_all_polled()
-    assert "✖ API key rejected</span> (1 builds got 401)" in running.get("/").text
+    assert "✖ API key rejected</span> (1 build got 401)" in running.get("/").text
 
 
 def test_status_page_says_until_when_the_api_rate_limits(

@@ -395,8 +395,9 @@ def test_a_state_file_in_a_missing_directory_is_never_created_with_its_directory
 ) -> None:
     state_path = tmp_path / "typo" / "state.db"
     with caplog.at_level(logging.ERROR, logger="exporter.state"):
-        state, restored = open_state(state_path)
-    assert (state, restored.records) == (None, {})
+        opened = open_state(state_path)
+    assert (opened.file, opened.restored.records) == (None, {})
+    assert opened.status is StateStatus.UNUSABLE
     [record] = caplog.records
     assert record.getMessage() == "state file unusable; the state stays in memory only"
     assert record.__dict__["reason"] == f"its directory {tmp_path / 'typo'} does not exist"

@@ -103,6 +103,16 @@ def test_the_page_says_which_builds_discovery_brought() -> None:
 BUILDING_FOUND = BuildPlan("found", "app", "v2", EPOCH, 10, 10, math.inf)
 
 
+def test_one_build_is_counted_in_the_singular() -> None:
+    store = BuildStore()
+    store.track(["found"], [])
+    store.record_success("found", record(BUILDING_FOUND, EPOCH + 60).build, EPOCH + 60)  # type: ignore[arg-type]
+    page = render_status_page(PageContext(store.snapshot(), None, EPOCH + 60, 2.0), PageQuery())
+    assert "<li>1 build</li>" in page
+    assert "Showing 1 of 1 build." in page
+    assert "1 builds" not in page
+
+
 def error_cell(page: str, build_id: str) -> str:
     row = page[page.index(f'data-build="{build_id}"') :].split("</tr>")[0]
     return row.split('<td class="error" data-label="Error">', 1)[1].split("</td>")[0]
