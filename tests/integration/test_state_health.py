@@ -235,16 +235,26 @@ def read_only_mount(directory: Path) -> tuple[str, ...]:
         capture_output=True,
         check=False,
     )
-    if unshare is None or probe.returncode != 0:
+    if unshare is None:
+        missing("unshare")
+    if probe.returncode != 0:
         unavailable("a read-only bind mount in a new mount namespace (unshare --mount, as root)")
     return command
 
 
-def unavailable(what: str) -> None:
-    reason = f"this machine cannot make {what}"
+def missing(binary: str) -> None:
+    """A tool .ci/run installs: missing under CI is a broken set-up, elsewhere a skip."""
+    reason = f"{binary} is not installed (Debian: util-linux, e2fsprogs)"
     if _under_ci():
-        pytest.fail(f"{reason}; CI runs as root on ext4, where it can")
+        pytest.fail(reason)
     pytest.skip(reason)
+
+
+def unavailable(what: str) -> None:
+    # The tool is there but the kernel or file system refuses (not root, a container without
+    # CAP_SYS_ADMIN, a file system without the immutable attribute): nothing to install, so
+    # a skip with the reason, under CI too.
+    pytest.skip(f"this machine cannot make {what}")
 
 
 def _under_ci() -> bool:
@@ -263,7 +273,9 @@ def immutable() -> Iterator[list[Path]]:
 def make_immutable(path: Path, made: list[Path]) -> None:
     chattr = shutil.which("chattr")
     result = subprocess.run([chattr or "chattr", "+i", str(path)], capture_output=True, check=False)
-    if chattr is None or result.returncode != 0:
+    if chattr is None:
+        missing("chattr")
+    if result.returncode != 0:
         unavailable("an immutable file (chattr +i needs root and ext4 or a like file system)")
     made.append(path)
 
