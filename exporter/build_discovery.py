@@ -7,7 +7,9 @@ it lists builds (tests/contract/BUILDS_LIST.md), so a pass learns it from ``crea
 the pages: newest first, it stops at the first page that reaches past the window; oldest
 first with a total, it reads from the end backwards; otherwise it reads until an empty page,
 the total or ``max_pages``. The builds created within the window, of this replica's share, go
-to a ``ListedBuilds`` sink. A pass that fails part-way gives it nothing.
+to a ``ListedBuilds`` sink. A pass that fails part-way gives it nothing; one cut short
+(``max_pages`` reached, a page repeated, more builds than the total: exporter.listing) gives
+it what it read, to add and update but never to remove by.
 """
 
 from __future__ import annotations
@@ -24,13 +26,9 @@ from exporter.api import Answer
 from exporter.budget import Clock, SystemClock
 from exporter.config.grammar import validate_build_id
 from exporter.config.schema import BuildDiscoverySettings
+from exporter.listing import ListingCut, PassPages
 from exporter.models import Build, BuildPage, Outcome
-from exporter.telemetry import (
-    BUILD_LIST_ENDPOINT,
-    BUILD_LIST_TRUNCATED,
-    BUILD_LIST_UNAVAILABLE,
-    Telemetry,
-)
+from exporter.telemetry import BUILD_LIST_ENDPOINT, BUILD_LIST_UNAVAILABLE, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +36,25 @@ log = logging.getLogger(__name__)
 PAGE_LIMIT = 100
 # Refused IDs named in the log line that reports them: enough to find them, never a flood.
 REFUSED_IDS_LOGGED = 3
+_CUTS = frozenset(ListingCut)
+# What a pass cut short logs: what happened, and what to do about it.
+_CUT_MESSAGES = {
+    ListingCut.TRUNCATED: (
+        "build listing cut short at discovery.builds.max_pages before the window's end: its "
+        "builds are tracked, none is removed; raise max_pages or shorten window"
+    ),
+    ListingCut.REPEATED_PAGE: (
+        "build listing answered a page it had already sent, at another offset: the API, or a "
+        "proxy before it, ignores offset; its builds are tracked, none is removed; point "
+        "api.base_url at the Prime Intellect API itself, or have the proxy pass query "
+        "parameters on"
+    ),
+    ListingCut.OVER_TOTAL: (
+        "build listing holds more builds than its total_count says: its builds are tracked, "
+        "none is removed; point api.base_url at the Prime Intellect API itself (a proxy or "
+        "cache may mix answers), and report it if it does"
+    ),
+}
 
 
 class BuildLister(Protocol):
@@ -64,7 +81,7 @@ class ListedBuilds(Protocol):
         as good as a successful poll of it (duplicates removed, the latest answer kept).
 
         ``complete``: the pass read to the window's end, so a discovered build not among
-        ``builds`` leaves. False: the pass was cut short by ``max_pages``; add and update
+        ``builds`` leaves. False: the pass was cut short (a ListingCut); add and update
         only, remove nothing. ``hold``: for how long the next pass answers for these builds.
         """
         ...
@@ -85,8 +102,8 @@ class PassResult:
     # the pass failed (the sink was given nothing).
     builds: tuple[Build, ...]
     pages: int
-    # None: complete. BUILD_LIST_TRUNCATED: applied, cut short by max_pages. Anything else:
-    # failed part-way, nothing applied (the reason of build_list_last_error).
+    # None: complete. A ListingCut: applied, cut short. Anything else: failed part-way,
+    # nothing applied (the reason of build_list_last_error).
     reason: str | None = None
     order: Order | None = None
     # Items that were no build, or whose ID the config's build-ID rule refuses.
@@ -98,7 +115,7 @@ class PassResult:
 
     @property
     def applied(self) -> bool:
-        return self.reason is None or self.reason == BUILD_LIST_TRUNCATED
+        return self.reason is None or self.reason in _CUTS
 
 
 def _owns_all(build_id: str) -> bool:
@@ -118,6 +135,8 @@ class _Pass:
     # while new builds arrive, and the later read is the more recent answer).
     builds: dict[str, Build] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
+    # What decides whether the pass is cut short by what its pages hold.
+    checked: PassPages = field(default_factory=PassPages)
 
     def add(self, page: BuildPage, *, learn_order: bool) -> int:
         """Take one page; return how many items it held (builds and skipped alike)."""
@@ -143,6 +162,11 @@ class _Pass:
             self.order = Order.NEWEST_FIRST
         elif last > self.first_created:
             self.order = Order.OLDEST_FIRST
+
+    def check(self, offset: int, page: BuildPage) -> ListingCut | None:
+        """Whether the page read at ``offset`` cuts the pass short (exporter.listing)."""
+        ids = [build.id for build in page.builds]
+        return self.checked.take(offset, ids, ids, page.total)
 
     def reaches_past_window(self, page: BuildPage) -> bool:
         return any(build.created_at < self.window_start for build in page.builds)
@@ -222,7 +246,7 @@ class BuildDiscovery:
         started = self._time.monotonic()
         listing = _Pass(window_start=self._wall_clock() - settings.window)
         try:
-            reached_end = await self._read(listing, settings)
+            cut = await self._read(listing, settings)
         except _PageFailedError as failure:
             return self._failed(failure, listing, settings)
         builds = listing.in_window(self._owns)
@@ -231,58 +255,71 @@ class BuildDiscovery:
         # The next pass starts an interval after this one ends and takes about as long: until
         # one more interval has passed on top, its answers stand in for per-build polls.
         hold = 2 * settings.interval + 2 * (self._time.monotonic() - started)
-        self._sink.listed(builds, complete=reached_end, hold=hold)
-        if reached_end:
+        # A cut pass is applied too: each build it read is a true answer for that build, but
+        # a build it did not reach may still be listed, so none is removed by it.
+        self._sink.listed(builds, complete=cut is None, hold=hold)
+        if cut is None:
             self._telemetry.build_list_succeeded(self._wall_clock(), listing.pages)
             self._log_complete(listing, builds, settings)
             self._completed_once = True
             self._warned = None
             self._last_reason = None
             return PassResult(builds, listing.pages, None, listing.order, skipped)
-        self._telemetry.build_list_failed(BUILD_LIST_TRUNCATED)
+        self._telemetry.build_list_failed(cut)
         self._warn_once(
-            BUILD_LIST_TRUNCATED,
-            "build listing cut short at discovery.builds.max_pages before the window's end: "
-            "its builds are tracked, none is removed; raise max_pages or shorten window",
-            {"pages": listing.pages, "builds": len(builds), "window_seconds": settings.window},
+            cut,
+            _CUT_MESSAGES[cut],
+            {
+                "reason": cut.value,
+                "pages": listing.pages,
+                "builds": len(builds),
+                "total": listing.checked.total,
+                "window_seconds": settings.window,
+            },
         )
-        self._last_reason = BUILD_LIST_TRUNCATED
-        return PassResult(builds, listing.pages, BUILD_LIST_TRUNCATED, listing.order, skipped)
+        self._last_reason = cut
+        return PassResult(builds, listing.pages, cut, listing.order, skipped)
 
-    async def _read(self, listing: _Pass, settings: BuildDiscoverySettings) -> bool:
-        """Read pages into ``listing``; True if the pass reached its end, False if max_pages
-        cut it short. Raises _PageFailedError."""
+    async def _read(self, listing: _Pass, settings: BuildDiscoverySettings) -> ListingCut | None:
+        """Read pages into ``listing``; None if the pass reached its end, else why it stopped
+        short. Raises _PageFailedError."""
         offset = 0
         step = PAGE_LIMIT
         while listing.pages < settings.max_pages:
             page = await self._page(offset, listing, settings)
             held = listing.add(page, learn_order=True)
+            cut = listing.check(offset, page)
+            if cut is not None:
+                return cut
             if listing.pages == 1:
                 step = _page_step(page, held)
             # A short page does not end the listing (a server may cap the limit): the next
             # page starts after the items this one held.
             offset += held
             if held == 0 or (page.total is not None and offset >= page.total):
-                return True
+                return None
             if listing.order is Order.NEWEST_FIRST and listing.reaches_past_window(page):
-                return True
+                return None
             if listing.order is Order.OLDEST_FIRST and page.total is not None:
                 return await self._read_from_the_end(listing, settings, offset, page.total, step)
-        return False
+        return ListingCut.TRUNCATED
 
     async def _read_from_the_end(
         self, listing: _Pass, settings: BuildDiscoverySettings, front: int, total: int, step: int
-    ) -> bool:
+    ) -> ListingCut | None:
         """Oldest first with a total: the newest builds are at the end. Read pages backwards
         from ``total`` until one reaches past the window or the pages read from the front."""
         # Everything from ``cursor`` to the end has been read.
         cursor = total
         while cursor > front:
             if listing.pages >= settings.max_pages:
-                return False
+                return ListingCut.TRUNCATED
             offset = max(front, cursor - step)
             page = await self._page(offset, listing, settings)
             held = listing.add(page, learn_order=False)
+            cut = listing.check(offset, page)
+            if cut is not None:
+                return cut
             if held > 0 and offset + held < cursor:
                 # The server serves fewer than asked: a gap is left below the cursor. Learn
                 # its page size and read the gap before going further down.
@@ -290,8 +327,8 @@ class BuildDiscovery:
                 continue
             cursor = offset
             if listing.reaches_past_window(page):
-                return True
-        return True
+                return None
+        return None
 
     async def _page(
         self, offset: int, listing: _Pass, settings: BuildDiscoverySettings

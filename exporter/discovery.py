@@ -19,6 +19,7 @@ from typing import Protocol
 from exporter.api import Answer
 from exporter.budget import Clock, SystemClock
 from exporter.config.schema import ImageDiscoverySettings
+from exporter.listing import ListingCut, PassPages
 from exporter.models import ImagePage, ImageRow
 from exporter.store import ImageInventory, latest_rows
 from exporter.telemetry import IMAGE_LIST_ENDPOINT, Telemetry
@@ -27,8 +28,24 @@ log = logging.getLogger(__name__)
 
 # The largest page the API serves; fewer requests for the same listing.
 PAGE_LIMIT = 250
-# A listing that goes on past this many pages is cut there (400 pages: 100,000 images).
-MAX_PAGES = 400
+# What a listing cut short logs: what happened, and what to do about it.
+_CUT_MESSAGES = {
+    ListingCut.TRUNCATED: (
+        "image listing cut short at discovery.images.max_pages: the previous complete listing "
+        "stays; raise discovery.images.max_pages, or narrow discovery.images.search"
+    ),
+    ListingCut.REPEATED_PAGE: (
+        "image listing answered a page it had already sent, at another offset: the API, or a "
+        "proxy before it, ignores offset; the previous complete listing stays; point "
+        "api.base_url at the Prime Intellect API itself, or have the proxy pass query "
+        "parameters on"
+    ),
+    ListingCut.OVER_TOTAL: (
+        "image listing holds more images than its total count says: the previous complete "
+        "listing stays; point api.base_url at the Prime Intellect API itself (a proxy or cache "
+        "may mix answers), and report it if it does"
+    ),
+}
 
 
 class ImageLister(Protocol):
@@ -73,6 +90,8 @@ class ImageDiscovery:
         # The scope (team, search) and size of the last listing that was logged: a listing
         # that changes neither logs nothing.
         self._logged_listing: tuple[str, str, int] | None = None
+        # The cut last warned about: one that repeats at every interval is told once.
+        self._warned: ListingCut | None = None
 
     def update(self, settings: ImageDiscoverySettings) -> None:
         """New settings: a changed scope or search is listed at once."""
@@ -97,11 +116,13 @@ class ImageDiscovery:
         rows: list[ImageRow] = []
         unusable = 0
         offset = 0
-        for page_number in range(1, MAX_PAGES + 1):
+        pages = PassPages()
+        for page_number in range(1, settings.max_pages + 1):
             result = await self._request(offset, settings)
             page = result.value
             if page is None:
                 self._inventory.failed(result.outcome)
+                self._warned = None
                 log.warning(
                     "image listing failed: the previous complete listing stays",
                     extra={
@@ -111,25 +132,53 @@ class ImageDiscovery:
                     },
                 )
                 return False
+            cut = pages.take(
+                offset,
+                (row.id for row in page.rows),
+                # The total counts logical images (name:tag), not rows: an image has a row
+                # per artifact type, and older rows of a rebuilt tag.
+                ((row.image_name, row.image_tag) for row in page.rows),
+                page.total_count,
+            )
+            if cut is not None:
+                return self._cut(cut, page_number, pages, settings)
             rows.extend(page.rows)
             unusable += page.unusable_rows
             offset += PAGE_LIMIT
             if not page.rows and not page.unusable_rows:
                 break
-            if page.total_count is not None and offset >= page.total_count:
+            if pages.total is not None and offset >= pages.total:
                 break
         else:
-            log.warning(
-                "image listing cut short: more pages than the exporter reads",
-                extra={"pages": MAX_PAGES, "rows": len(rows)},
-            )
+            return self._cut(ListingCut.TRUNCATED, settings.max_pages, pages, settings)
         if unusable:
             log.warning("image rows without an id or createdAt ignored", extra={"rows": unusable})
         images = latest_rows(rows)
         recovered = self._inventory.snapshot().last_error is not None
         self._inventory.replace(images, self._wall_clock())
+        self._warned = None
         self._log_complete(len(images), len(rows), settings, recovered=recovered)
         return True
+
+    def _cut(
+        self, cut: ListingCut, page_number: int, pages: PassPages, settings: ImageDiscoverySettings
+    ) -> bool:
+        """A pass that stopped before the listing's end: reported, and nothing replaced (its
+        rows are no complete view, so images it did not reach would wrongly vanish)."""
+        self._inventory.failed(cut)
+        extra: dict[str, object] = {
+            "reason": cut.value,
+            "page": page_number,
+            "images": pages.counted,
+            "total": pages.total,
+            "max_pages": settings.max_pages,
+        }
+        # A cut comes back at every interval until its cause is fixed: said once, until a
+        # complete listing or another cut.
+        level = logging.DEBUG if self._warned is cut else logging.WARNING
+        self._warned = cut
+        log.log(level, _CUT_MESSAGES[cut], extra=extra)
+        return False
 
     def _log_complete(
         self, images: int, rows: int, settings: ImageDiscoverySettings, *, recovered: bool

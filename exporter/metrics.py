@@ -368,7 +368,8 @@ def build_list_families(telemetry: TelemetrySnapshot) -> list[Metric]:
     last_error = GaugeMetricFamily(
         "primeintellect_exporter_build_list_last_error",
         "1 while the last build listing pass failed, by reason; unavailable: the API does not"
-        " serve the listing; truncated: cut short by discovery.builds.max_pages.",
+        " serve the listing; truncated, repeated_page, over_total: cut short (applied, removing"
+        " nothing).",
         labels=("reason",),
     )
     if telemetry.build_list_last_error is not None:

@@ -370,7 +370,15 @@ def parse_image_page(body: bytes) -> ImagePage:
             rows.append(IMAGE_ROW.validate_python(item))
         except ValidationError:
             continue
-    return ImagePage(tuple(rows), len(data) - len(rows), _count_or_none(document.get("totalCount")))
+    return ImagePage(tuple(rows), len(data) - len(rows), _stated_total(document))
+
+
+def _stated_total(document: dict[str, Any]) -> int | None:
+    """The total count a listing page states: ``total_count`` as the platform's schema spells
+    it, else ``totalCount`` as the image listing's SDK model reads it; None if neither is a
+    whole number."""
+    total = _count_or_none(document.get("total_count"))
+    return total if total is not None else _count_or_none(document.get("totalCount"))
 
 
 # -- the build listing (GET /api/v1/images/builds) -----------------------------------------------
@@ -411,14 +419,10 @@ def parse_build_page(body: bytes) -> BuildPage:
         # An empty id names no build that could be polled.
         if build.id:
             builds.append(build)
-    # The spec spells it total_count; the image listing's SDK model reads totalCount.
-    total = _count_or_none(document.get("total_count"))
-    if total is None:
-        total = _count_or_none(document.get("totalCount"))
     return BuildPage(
         builds=tuple(builds),
         skipped=len(data) - len(builds),
-        total=total,
+        total=_stated_total(document),
         offset=_count_or_none(document.get("offset")),
         limit=_count_or_none(document.get("limit")),
     )

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
+from exporter.listing import ListingCut
 from exporter.models import Build, ImageRow, Outcome
 from exporter.telemetry import Histogram
 
@@ -379,8 +380,8 @@ class Inventory:
     images: Mapping[ImageKey, ImageRow] = field(default_factory=lambda: MappingProxyType({}))
     # End of the last complete listing (wall clock), None before the first.
     listed_at: float | None = None
-    # Why the latest listing failed; None once one succeeds.
-    last_error: Outcome | None = None
+    # Why the latest listing failed, or was cut short; None once one succeeds.
+    last_error: Outcome | ListingCut | None = None
 
 
 class ImageInventory:
@@ -400,7 +401,7 @@ class ImageInventory:
             )
             return self._current
 
-    def failed(self, outcome: Outcome) -> Inventory:
+    def failed(self, outcome: Outcome | ListingCut) -> Inventory:
         with self._lock:
             current = self._current
             if current.last_error is not outcome:

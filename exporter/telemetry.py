@@ -20,10 +20,9 @@ REQUEST_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 BUILD_STATUS_ENDPOINT = "build_status"
 IMAGE_LIST_ENDPOINT = "image_list"
 BUILD_LIST_ENDPOINT = "build_list"
-# The reasons of build_list_last_error beyond the outcomes: an API without the build listing
-# (404 or 405), and a pass cut short by discovery.builds.max_pages (applied, flagged).
+# A reason of build_list_last_error beyond the outcomes and the cuts (exporter.listing): an API
+# without the build listing (404 or 405).
 BUILD_LIST_UNAVAILABLE = "unavailable"
-BUILD_LIST_TRUNCATED = "truncated"
 # How long unusable answers (401, 5xx, transport failures) must keep coming, with no usable
 # one among them, before api_up reads 0: one failing build among good ones never flips it.
 API_DOWN_AFTER_SECONDS = 60.0
@@ -238,8 +237,8 @@ class Telemetry:
             self._snapshot = None
 
     def build_list_failed(self, reason: str) -> None:
-        """The last build listing pass failed, or was cut short (BUILD_LIST_TRUNCATED): an
-        Outcome's value, BUILD_LIST_UNAVAILABLE or BUILD_LIST_TRUNCATED."""
+        """The last build listing pass failed, or was cut short: an Outcome's value,
+        BUILD_LIST_UNAVAILABLE or a ListingCut's value."""
         with self._lock:
             if reason != self._build_list_last_error:
                 self._build_list_last_error = reason

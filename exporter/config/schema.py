@@ -158,6 +158,11 @@ def _check_team_id(value: str) -> str:
     return validate_team_id(value) if value else value
 
 
+# Pages a listing pass reads at most, for either listing: a pass that would read more is cut
+# there and reported (reason "truncated"), never taken for the whole listing.
+MaxPages = Annotated[int, Field(ge=1, le=10_000, strict=True)]
+
+
 class ImageDiscoverySettings(_Strict):
     """``discovery.images``: every image of the key's scope (a team's), no build IDs needed."""
 
@@ -167,6 +172,9 @@ class ImageDiscoverySettings(_Strict):
     # The API's own filter: a case-insensitive substring of the name, tag or reference.
     search: str = Field(default="", max_length=256)
     team_id: str = ""
+    # Pages of 250 images read per listing at most (400: 100,000 images, the cap from before
+    # it could be set); a listing cut there fails as "truncated", the last complete one stays.
+    max_pages: MaxPages = 400
 
     _team_id = field_validator("team_id")(_check_team_id)
 
@@ -181,7 +189,7 @@ class BuildDiscoverySettings(_Strict):
     # Builds created within this window are tracked; a pass reads back this far.
     window: Annotated[Duration, duration_within(3600, 365 * 86400)] = 7 * 86400.0
     # Pages of 100 builds read per pass at most; a pass cut there is flagged "truncated".
-    max_pages: int = Field(default=100, ge=1, le=10_000, strict=True)
+    max_pages: MaxPages = 100
     # Sent as teamId when set; the spec does not publish it (ignored, honoured or refused).
     team_id: str = ""
 

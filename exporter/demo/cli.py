@@ -14,13 +14,36 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from enum import StrEnum
 from typing import NoReturn
 
-from exporter.demo.simulator import BuildListing, Fault, Simulator, demo_plans, random_plans
+from exporter.demo.simulator import (
+    BuildListing,
+    Fault,
+    ImageListing,
+    Simulator,
+    demo_plans,
+    random_plans,
+)
 
 FAULT_HELP = (
     "an HTTP status 400 to 599 (429 with --retry-after), 'invalid' (a 200 that is no JSON) "
     "or 'slow:SECONDS' (the right answer, that late)"
+)
+
+
+class Paging(StrEnum):
+    """Faults of a listing's paging, rather than of its answers."""
+
+    ENDLESS = "endless"
+    SHORT_TOTAL = "short-total"
+
+
+LISTING_FAULT_HELP = (
+    f"{FAULT_HELP}; or 'endless' (every page is the first, whatever the offset, and no total "
+    "count: a listing without end) or 'short-total' (a total count one fewer than the "
+    "listing holds)"
 )
 
 
@@ -56,15 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--image-listing-fault",
-        type=_fault,
+        type=_listing_fault,
         metavar="FAULT",
-        help="answer every page of the image listing with FAULT",
+        help=f"answer every page of the image listing with FAULT: {LISTING_FAULT_HELP}",
     )
     parser.add_argument(
         "--build-listing-fault",
-        type=_fault,
+        type=_listing_fault,
         metavar="FAULT",
-        help="answer every page of the build listing with FAULT",
+        help=f"answer every page of the build listing with FAULT: {LISTING_FAULT_HELP}",
     )
     parser.add_argument(
         "--rate-limit-every",
@@ -103,6 +126,27 @@ def _fault(text: str) -> FaultMaker:
     return lambda retry_after: Fault(status=status, body=body)
 
 
+def _listing_fault(text: str) -> FaultMaker | Paging:
+    if text in {paging.value for paging in Paging}:
+        return Paging(text)
+    try:
+        return _fault(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is no fault: {LISTING_FAULT_HELP}") from None
+
+
+def _image_paging(paging: Paging) -> ImageListing:
+    if paging is Paging.ENDLESS:
+        return ImageListing(offset="ignored", total_field="")
+    return ImageListing(total_skew=-1)
+
+
+def _build_paging(listing: BuildListing, paging: Paging) -> BuildListing:
+    if paging is Paging.ENDLESS:
+        return replace(listing, offset="ignored", total_field="")
+    return replace(listing, total_skew=-1)
+
+
 def _build_fault(text: str) -> tuple[str | None, FaultMaker]:
     build_id, _, fault = text.rpartition("=")
     return build_id or None, _fault(fault)
@@ -126,22 +170,26 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     )
     host, _, port = arguments.listen_address.rpartition(":")
     team_id = arguments.team_id or None
-    simulator = Simulator(
-        api_key,
-        plans,
-        team_id=team_id,
-        build_listing=BuildListing(team_id="honoured") if team_id else None,
-    )
+    build_listing = BuildListing(team_id="honoured") if team_id else BuildListing()
+    simulator = Simulator(api_key, plans, team_id=team_id, build_listing=build_listing)
     retry_after = arguments.retry_after or None
     faults = []
     for build_id, make in arguments.status_fault:
         simulator.set_fault(build_id, make(retry_after))
         faults.append(f"build status of {build_id or 'every build'}")
-    if arguments.image_listing_fault is not None:
-        simulator.set_listing_fault(arguments.image_listing_fault(retry_after))
+    image_fault = arguments.image_listing_fault
+    if isinstance(image_fault, Paging):
+        simulator.set_image_listing(_image_paging(image_fault))
+        faults.append(f"image listing ({image_fault})")
+    elif image_fault is not None:
+        simulator.set_listing_fault(image_fault(retry_after))
         faults.append("image listing")
-    if arguments.build_listing_fault is not None:
-        simulator.set_build_listing_fault(arguments.build_listing_fault(retry_after))
+    build_fault = arguments.build_listing_fault
+    if isinstance(build_fault, Paging):
+        simulator.set_build_listing(_build_paging(build_listing, build_fault))
+        faults.append(f"build listing ({build_fault})")
+    elif build_fault is not None:
+        simulator.set_build_listing_fault(build_fault(retry_after))
         faults.append("build listing")
     if arguments.rate_limit_every is not None:
         simulator.set_rate_limit(arguments.rate_limit_every, retry_after)

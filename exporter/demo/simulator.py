@@ -3,8 +3,9 @@
 It serves ``GET /api/v1/images/build/{build_id}`` as the published spec describes,
 ``GET /api/v1/images`` as the official client reads it (paged, searchable, team-scoped) and
 ``GET /api/v1/images/builds`` as its published spec describes, in each of the ways the spec
-leaves open (``BuildListing``). It checks the bearer token and records every request so tests
-can count them. ``--demo``, the tests and the benchmarks use it;
+leaves open (``BuildListing``); either listing can page wrongly on request (``ImageListing``,
+``BuildListing``: an offset ignored, a total that lies). It checks the bearer token and
+records every request so tests can count them. ``--demo``, the tests and the benchmarks use it;
 ``primeintellect-build-simulator`` (exporter.demo.cli) runs it on its own.
 """
 
@@ -265,6 +266,25 @@ class BuildListing:
     served: bool = True
     # Not None: a larger limit is served as this one, and the answer's ``limit`` says so.
     max_limit: int | None = None
+    # "ignored": every page is the first, whatever the offset, as from an API (or a proxy
+    # before it) that drops the offset; without a total, a listing that never ends.
+    offset: Literal["honoured", "ignored"] = "honoured"
+    # Added to the total count stated (never below 0): -1 says one build fewer than listed.
+    total_skew: int = 0
+
+
+@dataclass(frozen=True)
+class ImageListing:
+    """How the image listing pages, beside what IMAGES_LIST.md describes: the ways an API, or
+    a proxy before it, gets paging wrong."""
+
+    # Where the count of logical images goes: the SDK's key, the platform schema's, or nowhere.
+    total_field: Literal["totalCount", "total_count", ""] = "totalCount"
+    # "ignored": every page is the first, whatever the offset; without a total, a listing
+    # that never ends.
+    offset: Literal["honoured", "ignored"] = "honoured"
+    # Added to the total count stated (never below 0): -1 says one image fewer than listed.
+    total_skew: int = 0
 
 
 @dataclass(frozen=True)
@@ -290,6 +310,7 @@ class Simulator:
         monotonic: Callable[[], float] = time.monotonic,
         team_id: str | None = None,
         build_listing: BuildListing | None = None,
+        image_listing: ImageListing | None = None,
     ) -> None:
         self.api_key = api_key
         # Answers are dated by ``clock``; each request is recorded at ``monotonic``.
@@ -302,6 +323,7 @@ class Simulator:
         self.team_id = team_id
         self._image_rows: list[dict[str, Any]] = []
         self._listing_faults: dict[int | None, Fault] = {}
+        self._image_listing = image_listing or ImageListing()
         self._build_listing = build_listing or BuildListing()
         self._build_listing_faults: dict[int | None, Fault] = {}
         self._requests: list[RecordedRequest] = []
@@ -419,6 +441,11 @@ class Simulator:
         with self._lock:
             self._image_rows.extend(rows)
 
+    def set_image_listing(self, listing: ImageListing) -> None:
+        """Page the image listing this way from the next request on."""
+        with self._lock:
+            self._image_listing = listing
+
     def set_listing_fault(self, fault: Fault | None, *, offset: int | None = None) -> None:
         """Answer the listing's page at ``offset`` (every page: None) with ``fault``."""
         with self._lock:
@@ -489,14 +516,13 @@ class Simulator:
                 continue
             key = (str(row.get("imageName")), str(row.get("imageTag")))
             images.setdefault(key, []).append(row)
-        page = sorted(images)[offset : offset + limit]
-        body = {
-            "data": [row for key in page for row in images[key]],
-            "totalCount": len(images),
-            "offset": offset,
-            "limit": limit,
-            "status": "success",
-        }
+        listing = self._image_listing
+        start = 0 if listing.offset == "ignored" else offset
+        page = sorted(images)[start : start + limit]
+        body: dict[str, Any] = {"data": [row for key in page for row in images[key]]}
+        if listing.total_field:
+            body[listing.total_field] = max(0, len(images) + listing.total_skew)
+        body |= {"offset": offset, "limit": limit, "status": "success"}
         return Reply.delivered_as(delivery, 200, json_headers, json.dumps(body).encode())
 
     # -- build listing -------------------------------------------------------------------------
@@ -557,9 +583,10 @@ class Simulator:
         if listing.max_limit is not None:
             limit = min(limit, listing.max_limit)
         builds = self._listed_builds_locked(team)
-        body: dict[str, Any] = {"data": builds[offset : offset + limit]}
+        start = 0 if listing.offset == "ignored" else offset
+        body: dict[str, Any] = {"data": builds[start : start + limit]}
         if listing.total_field:
-            body[listing.total_field] = len(builds)
+            body[listing.total_field] = max(0, len(builds) + listing.total_skew)
         body |= {"offset": offset, "limit": limit, "status": "success"}
         return Reply.delivered_as(delivery, 200, json_headers, json.dumps(body).encode())
 

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
+from exporter.listing import ListingCut
 from exporter.models import BUILD_STATUSES, UNKNOWN, Outcome
-from exporter.telemetry import BUILD_LIST_TRUNCATED, BUILD_LIST_UNAVAILABLE, Component
+from exporter.telemetry import BUILD_LIST_UNAVAILABLE, Component
 from tests.helpers.docs import (
     ALERTS_REFERENCE,
     DocumentedFamily,
@@ -38,7 +39,8 @@ LABEL_VALUES = {
     "status": {*BUILD_STATUSES, UNKNOWN},
     "outcome": {outcome.value for outcome in Outcome},
     "reason": {outcome.value for outcome in Outcome if outcome is not Outcome.OK}
-    | {BUILD_LIST_UNAVAILABLE, BUILD_LIST_TRUNCATED},
+    | {BUILD_LIST_UNAVAILABLE}
+    | {cut.value for cut in ListingCut},
     "component": {component.value for component in Component},
     "source": {"config", "build_files"},
 }

@@ -19,7 +19,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
     frozenset(layer.split())
     for layer in (
         "exporter exporter.logs exporter.blocking exporter.demo exporter.web exporter.probe",
-        "exporter.models exporter.config exporter.config.wording",
+        "exporter.models exporter.listing exporter.config exporter.config.wording",
         "exporter.config.grammar",
         "exporter.config.credentials",
         "exporter.config.schema",

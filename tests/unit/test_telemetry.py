@@ -8,11 +8,11 @@ import itertools
 import pytest
 
 from exporter.exposition import ExpositionFormat, render
+from exporter.listing import ListingCut
 from exporter.metrics import build_list_families
 from exporter.models import API_DOWN_OUTCOMES, Outcome
 from exporter.telemetry import (
     API_DOWN_AFTER_SECONDS,
-    BUILD_LIST_TRUNCATED,
     BUILD_LIST_UNAVAILABLE,
     Component,
     Telemetry,
@@ -120,7 +120,7 @@ def test_the_build_listing_health_starts_empty_and_follows_each_pass() -> None:
     done = telemetry.snapshot()
     assert (done.build_list_last_success, done.build_list_pages) == (1_700_000_000.0, 3)
     assert done.build_list_last_error is None
-    telemetry.build_list_failed(BUILD_LIST_TRUNCATED)
+    telemetry.build_list_failed(ListingCut.TRUNCATED)
     truncated = telemetry.snapshot()
     # A truncated pass is no complete one: the last complete pass's end and pages stay.
     assert (truncated.build_list_last_success, truncated.build_list_pages) == (1_700_000_000.0, 3)
@@ -152,7 +152,7 @@ def test_the_build_listing_families_show_the_last_pass() -> None:
     # Before the first complete pass nothing is said about it, and nothing failed.
     assert build_list_samples(telemetry) == {"primeintellect_exporter_builds_discovered": 4.0}
     telemetry.build_list_succeeded(1_700_000_000.0, 3)
-    telemetry.build_list_failed(BUILD_LIST_TRUNCATED)
+    telemetry.build_list_failed(ListingCut.TRUNCATED)
     assert build_list_samples(telemetry) == {
         "primeintellect_exporter_build_list_last_success_timestamp_seconds": 1_700_000_000.0,
         "primeintellect_exporter_build_list_pages": 3.0,
