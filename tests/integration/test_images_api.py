@@ -47,6 +47,16 @@ def test_a_missing_or_odd_total_count_is_no_count() -> None:
     assert parse_image_page(page_of(ROW, totalCount=7)).total_count == 7
 
 
+def test_the_total_is_read_as_the_platform_spells_it_and_as_the_sdk_does() -> None:
+    assert parse_image_page(page_of(ROW, total_count=7)).total_count == 7
+    assert parse_image_page(page_of(ROW, totalCount=7)).total_count == 7
+    # Both: the platform schema's spelling; an odd one leaves the other.
+    assert parse_image_page(page_of(ROW, total_count=3, totalCount=4)).total_count == 3
+    assert parse_image_page(page_of(ROW, total_count="3", totalCount=4)).total_count == 4
+    for odd in (-1, "7", True, 1.5, None):
+        assert parse_image_page(page_of(ROW, total_count=odd)).total_count is None
+
+
 def test_a_page_with_more_rows_than_its_limit_is_taken_whole() -> None:
     rows = [{**ROW, "id": f"art-{n}"} for n in range(300)]
     assert len(parse_image_page(page_of(*rows, limit=100)).rows) == 300

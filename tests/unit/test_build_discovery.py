@@ -52,13 +52,16 @@ def every_twenty_seconds(count: int) -> list[Build | None]:
 @dataclass
 class FakeListing:
     """The build listing as a script: items in the API's order (None: an item that is no
-    build), a total or none, a server cap on the page size, failures by offset, and a hook
-    run after each answer (builds arriving between pages)."""
+    build), a total or none (or one off by ``total_skew``), a server cap on the page size, an
+    offset ignored (every page is the first), failures by offset, and a hook run after each
+    answer (builds arriving between pages)."""
 
     items: list[Build | None]
     with_total: bool = True
     cap: int | None = None
     state_limit: bool = True
+    ignore_offset: bool = False
+    total_skew: int = 0
     faults: dict[int, Answer[BuildPage]] = field(default_factory=dict)
     after_request: Callable[[FakeListing], None] | None = None
     requests: list[tuple[int, int, str]] = field(default_factory=list)
@@ -73,12 +76,13 @@ class FakeListing:
             if offset in self.faults:
                 return self.faults[offset]
             served = min(limit, self.cap) if self.cap is not None else limit
-            chunk = self.items[offset : offset + served]
+            start = 0 if self.ignore_offset else offset
+            chunk = self.items[start : start + served]
             builds = tuple(item for item in chunk if item is not None)
             page = BuildPage(
                 builds=builds,
                 skipped=len(chunk) - len(builds),
-                total=len(self.items) if self.with_total else None,
+                total=max(0, len(self.items) + self.total_skew) if self.with_total else None,
                 offset=offset,
                 limit=served if self.state_limit else None,
             )
@@ -376,6 +380,106 @@ def test_a_pass_cut_short_by_max_pages_is_applied_removing_nothing_and_flagged(
     assert (snapshot.build_list_last_success, snapshot.build_list_pages) == (None, 0)
     told = [record for record in caplog.records if record.getMessage() == TRUNCATED]
     assert [record.levelno for record in told] == [logging.WARNING, logging.DEBUG]
+
+
+@pytest.mark.parametrize(
+    ("items", "with_total", "offsets"),
+    [
+        pytest.param(every_twenty_seconds(1000), True, [0, 100], id="newest-first"),
+        pytest.param(every_twenty_seconds(1000), False, [0, 100], id="newest-first-no-total"),
+        # Page one shows the order, then the pass reads from the end: the same page again.
+        pytest.param(list(reversed(every_twenty_seconds(1000))), True, [0, 900], id="oldest-first"),
+        pytest.param(
+            [build(f"b{index}", 60.0) for index in range(1000)], False, [0, 100], id="no-order"
+        ),
+    ],
+)
+def test_a_listing_that_ignores_offset_stops_at_the_repeated_page_removing_nothing(
+    items: list[Build | None], with_total: bool, offsets: list[int]
+) -> None:
+    listing = FakeListing(items, with_total=with_total, ignore_offset=True)
+    test = setup(listing, window=24 * HOUR, max_pages=10_000)
+    result = one_pass(test)
+    # Two requests, not max_pages: the second page is the first again.
+    assert test.listing.offsets == offsets
+    assert (result.reason, result.applied, result.complete) == ("repeated_page", True, False)
+    [(ids, complete)] = test.sink.calls
+    assert not complete
+    assert sorted(ids) == sorted(build.id for build in items[:100] if build is not None)
+    assert test.telemetry.snapshot().build_list_last_error == "repeated_page"
+    assert test.telemetry.snapshot().build_list_last_success is None
+
+
+def test_a_page_that_reaches_past_the_window_completes_the_pass_even_if_offset_is_ignored() -> None:
+    # One build a minute: everything the hour holds is on page one, so no second page is needed.
+    items: list[Build | None] = [build(f"b{index}", index * 60.0) for index in range(1000)]
+    test = setup(FakeListing(items, ignore_offset=True))
+    result = one_pass(test)
+    assert test.listing.offsets == [0]
+    assert result.reason is None
+
+
+@pytest.mark.parametrize(
+    ("skew", "offsets"),
+    [pytest.param(-1, [0, 100, 200], id="one-short"), pytest.param(-200, [0], id="page-one-over")],
+)
+def test_a_listing_with_more_builds_than_its_total_stops_there_removing_nothing(
+    skew: int, offsets: list[int]
+) -> None:
+    test = setup(FakeListing(every_twenty_seconds(250), total_skew=skew), window=24 * HOUR)
+    result = one_pass(test)
+    # 249 says page three is over; 50 says page one is.
+    assert test.listing.offsets == offsets
+    assert (result.reason, result.applied, result.complete) == ("over_total", True, False)
+    assert test.sink.calls[0][1] is False
+    assert test.telemetry.snapshot().build_list_last_error == "over_total"
+
+
+def test_builds_arriving_and_leaving_between_pages_are_no_cut() -> None:
+    def churn(listing: FakeListing) -> None:
+        # Two new builds at the front, the oldest gone: the pages shift under the pass, and
+        # it reads more items than page one's total said.
+        listing.items[:0] = [build(f"new{len(listing.requests)}-{n}", 0.0) for n in range(2)]
+        del listing.items[-1:]
+
+    test = setup(FakeListing(every_twenty_seconds(250), after_request=churn), window=24 * HOUR)
+    result = one_pass(test)
+    assert test.listing.offsets == [0, 100, 200]
+    assert result.reason is None
+    assert test.sink.calls[0][1] is True
+
+
+@pytest.mark.parametrize(
+    ("listing", "message", "told"),
+    [
+        pytest.param(
+            FakeListing(every_twenty_seconds(1000), ignore_offset=True),
+            "ignores offset",
+            ("its builds are tracked, none is removed", "api.base_url"),
+            id="repeated-page",
+        ),
+        pytest.param(
+            FakeListing(every_twenty_seconds(1000), total_skew=-999),
+            "more builds than its total_count",
+            ("its builds are tracked, none is removed", "api.base_url"),
+            id="over-total",
+        ),
+    ],
+)
+def test_a_cut_pass_is_warned_about_once_with_what_to_do_until_a_pass_completes(
+    caplog: pytest.LogCaptureFixture, listing: FakeListing, message: str, told: tuple[str, ...]
+) -> None:
+    test = setup(listing, window=24 * HOUR)
+    with caplog.at_level(logging.DEBUG, logger="exporter.build_discovery"):
+        for _ in range(2):
+            one_pass(test)
+        listing.ignore_offset, listing.total_skew = False, 0
+        one_pass(test)
+        assert test.telemetry.snapshot().build_list_last_error is None
+    cuts = [record for record in caplog.records if message in record.getMessage()]
+    assert [record.levelno for record in cuts] == [logging.WARNING, logging.DEBUG]
+    for what in told:
+        assert what in cuts[0].getMessage()
 
 
 def test_max_pages_reached_at_the_windows_end_is_a_complete_pass() -> None:

@@ -318,6 +318,19 @@ INVALID_CASES: list[tuple[str, Mapping[str, str], tuple[str, ...]]] = [
         ("{file}: discovery.builds.window: must be at most 1y",),
     ),
     (
+        "discovery_max_pages_too_many.yaml",
+        WITH_KEY,
+        (
+            "{file}: discovery.images.max_pages: Input should be less than or equal to 10000 "
+            "(got 10001)",
+        ),
+    ),
+    (
+        "discovery_max_pages_quoted.yaml",
+        WITH_KEY,
+        ("{file}: discovery.images.max_pages: Input should be a valid integer (got '400')",),
+    ),
+    (
         "discovery_builds_max_pages_zero.yaml",
         WITH_KEY,
         ("{file}: discovery.builds.max_pages: Input should be greater than or equal to 1 (got 0)",),
@@ -1315,6 +1328,20 @@ def test_discovery_is_off_by_default_and_lists_every_five_minutes(tmp_path: Path
         "",
         "",
     )
+    # 400 pages of 250: 100,000 images, as before the cap could be set.
+    assert images.max_pages == 400
+
+
+def test_image_discovery_takes_the_page_caps_bounds_as_build_discovery_does(
+    tmp_path: Path,
+) -> None:
+    for pages in (1, 10_000):
+        path = write(tmp_path / "c.yaml", f"discovery:\n  images:\n    max_pages: {pages}\n")
+        assert load_config(path, WITH_KEY).file.discovery.images.max_pages == pages
+    for pages in (0, 10_001):
+        for section in ("images", "builds"):
+            path = write(tmp_path / "c.yaml", f"discovery:\n  {section}:\n    max_pages: {pages}\n")
+            assert f"discovery.{section}.max_pages: Input should be" in config_error(path, WITH_KEY)
 
 
 def test_the_team_comes_from_the_file_else_from_prime_team_id(tmp_path: Path) -> None:
