@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -223,6 +224,49 @@ def test_a_pass_failing_on_page_two_keeps_the_builds_and_shows_the_reason(
             message="the failed pass",
         )
         assert len(tracked(running)) == 150
+
+
+@pytest.mark.parametrize(
+    ("paging", "reason"),
+    [
+        # No total, and every page the first: a listing that would never end.
+        pytest.param({"offset": "ignored", "total_field": ""}, "repeated_page", id="endless"),
+        pytest.param({"total_skew": -1}, "over_total", id="short-total"),
+    ],
+)
+def test_a_pass_cut_short_removes_no_build_costs_two_requests_and_shows_the_reason(
+    clock: DrivenClock,
+    stopping: list[RunningExporter],
+    paging: dict[str, object],
+    reason: str,
+) -> None:
+    plans = [building_plan(n, age=10 * n) for n in range(150)]
+    with simulator_on(clock, plans) as simulator:
+        running = discovering(simulator, clock)
+        stopping.append(running)
+        first_pass(running, clock, 150)
+        assert len(simulator.build_listing_requests()) == 2
+        # A build the listing no longer holds: a complete pass would drop it, a cut one not.
+        gone = plans[-1].build_id
+        simulator.remove(gone)
+        simulator.set_build_listing(replace(BuildListing(), **paging))  # type: ignore[arg-type]
+        clock.run_until(
+            running.exporter,
+            lambda: running.value("primeintellect_exporter_build_list_last_error", reason=reason),
+            limit=PASS_INTERVAL + 5,
+            message=f"the pass cut short as {reason}",
+        )
+        assert len(simulator.build_listing_requests()) == 4
+        assert gone in running.exporter.store.snapshot().records
+        assert f'build_id="{gone}"' in running.metrics_text()
+        simulator.set_build_listing(BuildListing())
+        clock.run_until(
+            running.exporter,
+            lambda: gone not in running.exporter.store.snapshot().records,
+            limit=PASS_INTERVAL + 5,
+            message="the complete pass without the build",
+        )
+        assert running.value("primeintellect_exporter_build_list_last_error", reason=reason) is None
 
 
 def test_a_discovered_build_that_leaves_the_listing_leaves_metrics_a_configured_one_stays(

@@ -5,9 +5,11 @@ listing's 429 pausing build polls too."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
-from exporter.demo.simulator import BuildPlan, Fault, Simulator
+import pytest
+
+from exporter.demo.simulator import BuildPlan, Fault, ImageListing, Simulator
 from exporter.models import Outcome, parse_image_page
 from exporter.store import latest_rows
 from tests.helpers.clock import DrivenClock
@@ -167,6 +169,90 @@ def test_a_listing_that_fails_on_page_two_keeps_the_last_complete_one_and_says_w
             value(running, "primeintellect_exporter_image_list_last_error", reason="server_error")
             is None
         )
+
+
+@pytest.mark.parametrize(
+    ("paging", "reason"),
+    [
+        # No total, and every page the first: a listing that would never end.
+        pytest.param(ImageListing(offset="ignored", total_field=""), "repeated_page", id="endless"),
+        pytest.param(ImageListing(total_skew=-1), "over_total", id="short-total"),
+    ],
+)
+def test_a_listing_cut_short_keeps_the_last_complete_one_in_metrics_and_says_why(
+    stopping: list[RunningExporter], paging: ImageListing, reason: str
+) -> None:
+    clock = DrivenClock()
+    with Simulator(
+        CANARY_API_KEY,
+        team_images(300),
+        team_id=TEAM,
+        clock=clock.wall,
+        monotonic=clock.monotonic,
+    ) as simulator:
+        running = discovering(simulator, clock=clock, requests_per_second=SLOTS_PER_SECOND)
+        stopping.append(running)
+        list_two_pages(clock, "the first listing")
+        first = wait_until(lambda: listed(running), message="a complete listing")
+        complete = image_series(running)
+        # 300 images of two artifact types, each with its status set to 1.
+        assert sum(complete.values()) == 600
+        simulator.set_image_listing(paging)
+        clock.wait_for_sleep(30, message="the wait for the second listing")
+        clock.advance(30)
+        list_two_pages(clock, "the listing cut short")
+        wait_until(
+            lambda: value(running, "primeintellect_exporter_image_list_last_error", reason=reason),
+            message=f"the cut listing reported as {reason}",
+        )
+        # The cut listing stopped at page two: the next request is the next listing's, an
+        # interval later.
+        clock.wait_for_sleep(30, message="the wait for the third listing")
+        assert [r.query.split("&")[0] for r in simulator.listing_requests()] == [
+            "offset=0",
+            "offset=250",
+        ] * 2
+        assert image_series(running) == complete
+        assert (
+            value(running, "primeintellect_exporter_image_list_last_success_timestamp_seconds")
+            == first
+        )
+        assert running.exporter.inventory.snapshot().listed_at == first
+
+
+@pytest.mark.parametrize(
+    ("total_field", "offsets"),
+    [
+        pytest.param("total_count", ["offset=0", "offset=250"], id="total_count"),
+        pytest.param("totalCount", ["offset=0", "offset=250"], id="totalCount"),
+        pytest.param("", ["offset=0", "offset=250", "offset=500"], id="no-total"),
+    ],
+)
+def test_a_total_in_either_spelling_ends_the_listing_without_an_empty_page(
+    stopping: list[RunningExporter],
+    total_field: Literal["total_count", "totalCount", ""],
+    offsets: list[str],
+) -> None:
+    with Simulator(
+        CANARY_API_KEY,
+        team_images(300),
+        team_id=TEAM,
+        image_listing=ImageListing(total_field=total_field),
+    ) as simulator:
+        running = discovering(simulator)
+        stopping.append(running)
+        wait_until(lambda: listed(running), message="a complete listing")
+        assert [r.query.split("&")[0] for r in simulator.listing_requests()] == offsets
+        assert len(running.exporter.inventory.snapshot().images) == 600
+
+
+def image_series(running: RunningExporter) -> dict[frozenset[tuple[str, str]], float]:
+    """Every primeintellect_image_status sample, by its labels."""
+    return {
+        labels: sample
+        for (name, labels), sample in samples(running).items()
+        if name == "primeintellect_image_status"
+    }
 
 
 def list_two_pages(clock: DrivenClock, listing: str) -> None:

@@ -10,13 +10,22 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
-from tests.helpers.support import CANARY_API_KEY, SIMULATOR_SCRIPT, environment
+from tests.helpers.support import (
+    CANARY_API_KEY,
+    SIMULATOR_SCRIPT,
+    Daemon,
+    environment,
+    parse_samples,
+    wait_until,
+)
 
 AUTHORIZED = {"Authorization": f"Bearer {CANARY_API_KEY}"}
 DEMO_BUILDS = 8
+REPEATED_PAGE = frozenset({("reason", "repeated_page")})
 
 
 @dataclass
@@ -111,6 +120,62 @@ def test_the_simulator_answers_with_the_faults_its_command_line_names() -> None:
         garbage = running.get("/api/v1/images/builds")
         assert garbage.status_code == 200
         assert not garbage.text.startswith("{")
+
+
+def test_the_simulator_pages_its_listings_wrongly_as_its_command_line_asks() -> None:
+    with simulator(
+        "--image-listing-fault", "endless", "--build-listing-fault", "short-total"
+    ) as running:
+        assert "Faults: image listing (endless), build listing (short-total)" in running.banner
+        pages = [running.get("/api/v1/images", offset=offset).json() for offset in ("0", "250")]
+        # Every page is the first, and no total says where the listing ends.
+        assert pages[0]["data"]
+        assert pages[1]["data"] == pages[0]["data"]
+        assert not {"totalCount", "total_count"} & (pages[0].keys() | pages[1].keys())
+        builds = running.get("/api/v1/images/builds").json()
+        assert (len(builds["data"]), builds["total_count"]) == (DEMO_BUILDS, DEMO_BUILDS - 1)
+
+
+def test_an_exporter_process_against_the_simulators_endless_listings_reports_repeated_pages(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    with simulator(
+        "--image-listing-fault", "endless", "--build-listing-fault", "endless"
+    ) as running:
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            f"api:\n  base_url: {running.url}\n"
+            "web:\n  listen_address: 127.0.0.1:0\n"
+            "discovery:\n"
+            "  images:\n    enabled: true\n"
+            "  builds:\n    enabled: true\n"
+        )
+        daemon = Daemon("--config.file", str(config), env=environment(PRIME_API_KEY=CANARY_API_KEY))
+        daemons.append(daemon)
+        url = daemon.wait_for_url()
+
+        def reasons() -> dict[str, float | None]:
+            samples = parse_samples(httpx.get(url + "/metrics", timeout=10).text)
+            return {
+                name: samples.get((f"primeintellect_exporter_{name}", REPEATED_PAGE))
+                for name in ("image_list_last_error", "build_list_last_error")
+            }
+
+        wait_until(
+            lambda: reasons() == {"image_list_last_error": 1.0, "build_list_last_error": 1.0},
+            message="both listings reported as repeated_page",
+        )
+        returncode, _, stderr = daemon.stop()
+        assert returncode == 0, stderr
+        # One warning each, saying what to do.
+        for listing in ("image", "build"):
+            told = [
+                line
+                for line in stderr.splitlines()
+                if f"{listing} listing answered a page it had already sent" in line
+            ]
+            assert len(told) == 1, stderr
+            assert "api.base_url" in told[0]
 
 
 def test_the_simulator_rate_limits_every_nth_request_with_the_retry_after_given() -> None:
