@@ -273,9 +273,9 @@ class BuildDiscovery:
                 "reason": cut.value,
                 "pages": listing.pages,
                 "builds": len(builds),
-                "total": listing.checked.total,
                 "window_seconds": settings.window,
-            },
+            }
+            | ({} if listing.checked.total is None else {"total": listing.checked.total}),
         )
         self._last_reason = cut
         return PassResult(builds, listing.pages, cut, listing.order, skipped)

@@ -94,13 +94,16 @@ class ImageDiscovery:
         self._warned: ListingCut | None = None
 
     def update(self, settings: ImageDiscoverySettings) -> None:
-        """New settings: a changed scope or search is listed at once."""
-        changed = (settings.search, settings.team_id) != (
+        """New settings: a changed scope, search or page cap is listed at once, and a cut
+        warned about is told again."""
+        changed = (settings.search, settings.team_id, settings.max_pages) != (
             self.settings.search,
             self.settings.team_id,
+            self.settings.max_pages,
         )
         self.settings = settings
         if changed:
+            self._warned = None
             self._wakeup.set()
 
     async def run(self) -> None:
@@ -170,9 +173,10 @@ class ImageDiscovery:
             "reason": cut.value,
             "page": page_number,
             "images": pages.counted,
-            "total": pages.total,
             "max_pages": settings.max_pages,
         }
+        if pages.total is not None:
+            extra["total"] = pages.total
         # A cut comes back at every interval until its cause is fixed: said once, until a
         # complete listing or another cut.
         level = logging.DEBUG if self._warned is cut else logging.WARNING

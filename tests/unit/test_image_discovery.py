@@ -6,7 +6,9 @@ last complete one with the reason beside it. Scripted pages, no HTTP; a driven c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -371,3 +373,52 @@ def test_a_cut_listing_is_warned_about_once_with_what_to_do_until_a_listing_comp
     assert reason == "repeated_page"
     for what in ("previous complete listing stays", "ignores offset", "api.base_url"):
         assert what in message
+
+
+def test_a_raised_page_cap_is_listed_at_once_and_a_cut_told_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = DrivenClock()
+    images = PagedImages(600)
+    inventory = ImageInventory()
+    lister = ImageDiscovery(
+        lambda: images,
+        FreeSlots(),
+        inventory,
+        Telemetry(clock.monotonic),
+        ImageDiscoverySettings(enabled=True, max_pages=2),
+        wall_clock=clock.wall,
+        clock=clock,
+    )
+
+    async def scenario() -> None:
+        running = asyncio.create_task(lister.run())
+        try:
+            await until(lambda: len(images.offsets) == 2)
+            assert inventory.snapshot().last_error is ListingCut.TRUNCATED
+            # The same cap again changes nothing; a raised one lists without waiting for the
+            # interval (the driven clock never moves here).
+            lister.update(lister.settings.model_copy(update={"max_pages": 2}))
+            lister.update(lister.settings.model_copy(update={"max_pages": 3}))
+            await until(lambda: inventory.snapshot().listed_at is not None)
+            assert images.offsets == [0, 250, 0, 250, 500]
+            lister.update(lister.settings.model_copy(update={"max_pages": 1}))
+            await until(lambda: len(images.offsets) == 6)
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+
+    with caplog.at_level(logging.DEBUG, logger="exporter.discovery"):
+        asyncio.run(scenario())
+    cuts = [record.levelno for record in caplog.records if "max_pages" in record.getMessage()]
+    assert cuts == [logging.WARNING, logging.WARNING]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the discovery run until ``condition`` holds; it needs no driven time to get there."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    pytest.fail("the discovery never got there")
