@@ -350,7 +350,12 @@ class Poller:
         lag = 0.0 if earliest is None else now - earliest
         # Dispatch is a matter of milliseconds: under a tick late counts as on time.
         lag = lag if lag >= TICK else 0.0
-        unfinished = len(self._due) + len(self._in_flight)
+        # A poll that has just ended has its build due again before its task's done callback
+        # leaves _in_flight: counted once.
+        in_flight_only = sum(
+            1 for build_id in self._in_flight.values() if build_id not in self._due
+        )
+        unfinished = len(self._due) + in_flight_only
         demand = unfinished / settings.interval / settings.requests_per_second
         self._telemetry.set_capacity(round(lag, 3), demand)
         if demand > 1 and not self._behind:

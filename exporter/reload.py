@@ -1,9 +1,8 @@
 """Every way the configuration changes, through one path.
 
 SIGHUP, ``POST /-/reload``, a changed config file and a changed build file each produce a
-new ``Config``; one lock
-orders them, one ``Applier`` puts them into effect on the running parts, and a bad one keeps
-the running configuration.
+new ``Config``; one lock orders them, one ``Applier`` puts them into effect on the running
+parts, and a bad one keeps the running configuration.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import yaml
 
 from exporter.listing import ListingCut
 from exporter.models import BUILD_STATUSES, UNKNOWN, Outcome
-from exporter.telemetry import BUILD_LIST_UNAVAILABLE, Component
+from exporter.telemetry import BUILD_LIST_UNAVAILABLE, Component, StateStatus
 from tests.helpers.docs import (
     ALERTS_REFERENCE,
     DocumentedFamily,
@@ -43,6 +43,10 @@ LABEL_VALUES = {
     | {cut.value for cut in ListingCut},
     "component": {component.value for component in Component},
     "source": {"config", "build_files"},
+}
+# Families whose label of a common name has values of its own.
+FAMILY_LABEL_VALUES = {
+    ("primeintellect_exporter_state_status", "status"): {status.value for status in StateStatus},
 }
 _SELECTOR = re.compile(r"\b(primeintellect_[a-z_]+|up)\s*(?:\{([^}]*)\})?")
 _MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
@@ -252,9 +256,10 @@ def label_problems(rule: dict[str, Any], families: dict[str, DocumentedFamily]) 
             for label, operator, value in _MATCHER.findall(matchers):
                 if label not in family.labels | TARGET_LABELS:
                     problems.append(f"{name} has no label {label}")
-                if label in LABEL_VALUES and value != "%s":
+                known = FAMILY_LABEL_VALUES.get((name, label), LABEL_VALUES.get(label))
+                if known is not None and value != "%s":
                     values = value.split("|") if operator in {"=~", "!~"} else [value]
-                    unknown = set(values) - LABEL_VALUES[label]
+                    unknown = set(values) - known
                     if unknown:
                         problems.append(f"{name}: {label} is never {sorted(unknown)}")
         return named
