@@ -266,17 +266,15 @@ class BuildDiscovery:
             self._last_reason = None
             return PassResult(builds, listing.pages, None, listing.order, skipped)
         self._telemetry.build_list_failed(cut)
-        self._warn_once(
-            cut,
-            _CUT_MESSAGES[cut],
-            {
-                "reason": cut.value,
-                "pages": listing.pages,
-                "builds": len(builds),
-                "window_seconds": settings.window,
-            }
-            | ({} if listing.checked.total is None else {"total": listing.checked.total}),
-        )
+        extra: dict[str, object] = {
+            "reason": cut.value,
+            "pages": listing.pages,
+            "builds": len(builds),
+            "window_seconds": settings.window,
+        }
+        if listing.checked.total is not None:
+            extra["total"] = listing.checked.total
+        self._warn_once(cut, _CUT_MESSAGES[cut], extra)
         self._last_reason = cut
         return PassResult(builds, listing.pages, cut, listing.order, skipped)
 
