@@ -16,10 +16,12 @@ from pydantic import BaseModel
 
 from exporter.cli import build_parser, listen_error
 from exporter.config.loading import check_state_path, load_config
-from exporter.config.schema import ConfigFile
+from exporter.config.schema import ConfigFile, ImageDiscoverySettings
 from exporter.config.wording import ConfigError
 from exporter.demo.cli import build_parser as build_simulator_parser
+from exporter.discovery import PAGE_LIMIT as IMAGE_PAGE_LIMIT
 from exporter.exposition import ExpositionFormat, render
+from exporter.listing import ListingCut
 from exporter.metrics import (
     build_list_families,
     exporter_families,
@@ -347,3 +349,28 @@ def test_simulator_reference_lists_every_option_and_no_other() -> None:
         if option not in {"-h", "--help"}
     ]
     assert sorted(documented) == sorted(options)
+
+
+# --- listings cut short ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listing", ["image", "build"])
+def test_every_reason_a_listing_is_cut_with_is_explained_in_the_references(listing: str) -> None:
+    family = f"primeintellect_exporter_{listing}_list_last_error"
+    [row] = [row for row in table_rows(METRICS_REFERENCE.read_text()) if row[0] == f"`{family}`"]
+    symptoms = section((DOCS / "troubleshooting.md").read_text(), "Symptoms")
+    for cut in ListingCut:
+        assert f"`{cut.value}`" in row[-1], f"{family}: {cut.value}"
+        assert f'`{listing}_list_last_error{{reason="{cut.value}"}}`' in symptoms
+
+
+def test_the_image_listings_default_page_cap_is_stated_as_the_images_it_reaches() -> None:
+    text = section(CONFIGURATION_REFERENCE.read_text(), "Discovering a team's images")
+    stated = re.search(
+        r"`discovery\.images\.max_pages` pages were read \((\d+) by default: ([\d,]+) images\)",
+        " ".join(text.split()),
+    )
+    assert stated, "the default page cap is not stated"
+    cap = ImageDiscoverySettings().max_pages
+    assert int(stated.group(1)) == cap
+    assert int(stated.group(2).replace(",", "")) == cap * IMAGE_PAGE_LIMIT
