@@ -1,8 +1,10 @@
-"""What every listing pass (of images, of builds) checks of its pages: that it stops within
-its page cap, that its pages move on, and that it holds no more than the total it is told.
+"""Why a listing pass (of images, of builds) may stop short of the listing's end
+(``ListingCut``), and what its pages tell of it (``PassPages``): whether they move on, and
+whether they hold more than the total they state. The page cap is each listing's own
+``max_pages``.
 
-A pass that fails one of these is cut: what it read is no complete view of the listing, so
-the last complete one must not be replaced by it.
+What a cut pass read is no complete view of the listing: the last complete one must not be
+replaced by it.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ class ListingCut(enum.StrEnum):
 class PassPages:
     """The pages one pass read so far, as far as a cut is concerned.
 
-    A page is remembered by its items' IDs (as a hash: 400 pages of 250 images must not keep
-    a second copy of every ID); the items counted against the total are kept whole, since a
-    consistent API can never make their count pass the largest total it stated.
+    A page is remembered by a hash of its items' IDs: 400 pages of 250 images must not keep a
+    second copy of every ID. What counts against the total is kept, to be counted once: pages
+    that shift while the pass runs (items added or gone) repeat some items, but a consistent
+    API never makes the distinct ones more than the largest total it stated.
     """
 
     def __init__(self) -> None:
