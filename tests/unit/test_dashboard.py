@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from exporter.listing import ListingCut
 from exporter.models import API_DOWN_OUTCOMES, Outcome
 from exporter.store import FINISHED_DURATION_BUCKETS, BuildState
 from exporter.telemetry import API_DOWN_AFTER_SECONDS, REQUEST_DURATION_BUCKETS
@@ -531,3 +532,13 @@ def test_quantile_panels_state_the_exporters_bucket_ranges() -> None:
     first, *_, last = REQUEST_DURATION_BUCKETS
     requests = panel_titled("API request latency")
     assert f"({first * 1000:g} ms to {last:g} s;" in requests["description"]
+
+
+def test_the_image_listing_error_panel_names_every_reason_a_cut_listing_gives() -> None:
+    [panel] = [
+        panel
+        for panel in all_panels(load())
+        if "primeintellect_exporter_image_list_last_error" in panel.get("description", "")
+    ]
+    missing = [cut.value for cut in ListingCut if cut.value not in panel["description"]]
+    assert missing == []
