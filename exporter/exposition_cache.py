@@ -41,6 +41,7 @@ from exporter.exposition import (
 from exporter.families import POLL_FAMILIES_START
 from exporter.metrics import per_build_families, summary_families
 from exporter.store import BuildRecord, FinishedBuilds, Snapshot
+from exporter.telemetry import Histogram
 
 # Builds per chunk: small enough that one change re-renders little, large enough that the
 # pieces stay few and compress well.
@@ -238,7 +239,10 @@ class ExpositionCache:
         self._answer_blocks: dict[ExpositionFormat, tuple[tuple[_FamilyRun, ...], bytes]] = {}
         self._summary_segment: tuple[bytes | None, bytes] = (None, b"")
         self._summary: tuple[
-            tuple[Mapping[tuple[str, str], FinishedBuilds], tuple[int, ...]] | None,
+            tuple[
+                Mapping[tuple[str, str], FinishedBuilds], Mapping[str, Histogram], tuple[int, ...]
+            ]
+            | None,
             dict[ExpositionFormat, bytes],
         ] = (None, {})
         self._per_scrape_renders = _PerScrapeRenders()
@@ -573,11 +577,16 @@ class ExpositionCache:
         return _Chunk(chunk.start, records, tuple(pieces), tuple(lengths))
 
     def _summary_of(self, snapshot: Snapshot, format: ExpositionFormat) -> bytes:
-        # Rendered again only when a build finished or a count by state moved: with many
-        # images, the finished-duration histograms are most of the families' samples.
+        # Rendered again only when a build finished or started, or a count by state moved: with
+        # many images, the histograms are most of the families' samples.
         key, by_format = self._summary
-        current = (snapshot.finished, tuple(snapshot.states.values()))
-        if key is None or key[0] is not current[0] or key[1] != current[1]:
+        current = (snapshot.finished, snapshot.queued, tuple(snapshot.states.values()))
+        if (
+            key is None
+            or key[0] is not current[0]
+            or key[1] is not current[1]
+            or key[2] != current[2]
+        ):
             by_format = {}
             self._summary = (current, by_format)
         if format not in by_format:

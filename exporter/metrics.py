@@ -112,7 +112,7 @@ def _add(metric: GaugeMetricFamily | InfoMetricFamily, labels: Sequence[str], va
 
 
 def summary_families(snapshot: Snapshot) -> list[Metric]:
-    """Families about all builds together: finishes seen, and builds by state.
+    """Families about all builds together: finishes and starts seen, and builds by state.
 
     Sample: ``primeintellect_exporter_builds{state="failing"} 2.0``
     """
@@ -131,6 +131,13 @@ def summary_families(snapshot: Snapshot) -> list[Metric]:
         finished_durations.add_metric(
             (image_name, status), _cumulative_buckets(value.durations), value.durations.total
         )
+    queued = HistogramMetricFamily(
+        "primeintellect_image_builds_queue_duration_seconds",
+        "Queue times (startedAt - createdAt) of the builds seen to start, each counted once.",
+        labels=("image_name",),
+    )
+    for image_name, histogram in sorted(snapshot.queued.items()):
+        queued.add_metric((image_name,), _cumulative_buckets(histogram), histogram.total)
     tracked = GaugeMetricFamily(
         "primeintellect_exporter_builds",
         "Tracked builds by state: active, finished, failing (last poll failed), unpolled.",
@@ -138,7 +145,7 @@ def summary_families(snapshot: Snapshot) -> list[Metric]:
     )
     for state, count in snapshot.states.items():
         tracked.add_metric((state.value,), count)
-    return [finished, finished_durations, tracked]
+    return [finished, finished_durations, queued, tracked]
 
 
 def exporter_families(

@@ -21,6 +21,8 @@ from exporter.telemetry import Histogram
 # A change log this short is never restarted, however few builds are tracked.
 _MIN_CHANGE_LOG = 1024
 FINISHED_DURATION_BUCKETS = (60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
+# A queue is seconds when the API has room, up to an hour when it has none.
+QUEUE_DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
 
 
 class BuildState(enum.StrEnum):
@@ -44,6 +46,8 @@ class BuildRecord:
     last_error: Outcome | None = None
     last_success_time: float | None = None
     seen_unfinished: bool = False
+    # The last answer had no startedAt: its start, once seen, is observed in the queue time.
+    seen_unstarted: bool = False
     # Wall-clock times of the last poll, and of the last answer that differed from the one
     # before (the adaptive cadence polls an unchanged build less often).
     last_poll_time: float | None = None
@@ -75,6 +79,17 @@ class FinishedBuilds:
 
 
 @dataclass(frozen=True)
+class Tallies:
+    """What builds were seen to do, kept across restarts in the state file: finishes per
+    ``(image_name, status)``, and queue times of builds seen to start per ``image_name``."""
+
+    finished: Mapping[tuple[str, str], FinishedBuilds] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    queued: Mapping[str, Histogram] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
 class ChangeLog:
     """Which builds changed at which version, from ``since`` on, in version order. Only ever
     appended to; the store starts a new one when it grows too long."""
@@ -102,6 +117,12 @@ class Snapshot:
         default_factory=lambda: MappingProxyType(dict.fromkeys(BuildState, 0))
     )
     changes: ChangeLog = field(default_factory=lambda: ChangeLog(0))
+    # Per image_name: queue times of the builds seen to start. The same object until one starts.
+    queued: Mapping[str, Histogram] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def tallies(self) -> Tallies:
+        return Tallies(self.finished, self.queued)
 
     @property
     def all_polled(self) -> bool:
@@ -141,19 +162,26 @@ class Swept:
 class BuildStore:
     """Latest state of each tracked build; snapshots are built lazily, once per change.
 
-    ``restored`` records (from the state file) are taken up when their builds are tracked.
+    ``restored`` records (from the state file) are taken up when their builds are tracked;
+    ``tallies`` (from it too) go on counting.
     """
 
-    def __init__(self, restored: Mapping[str, BuildRecord] | None = None) -> None:
+    def __init__(
+        self, restored: Mapping[str, BuildRecord] | None = None, tallies: Tallies | None = None
+    ) -> None:
         self._lock = threading.Lock()
         self._records: dict[str, BuildRecord] = {}
         # Whether the latest snapshot holds ``_records`` itself: it is copied before the next
         # write, so a scrape never pays for the copy and a snapshot never changes.
         self._records_shared = False
         self._restored = dict(restored or {})
-        self._finished: dict[tuple[str, str], FinishedBuilds] = {}
+        tallies = tallies or Tallies()
+        self._finished: dict[tuple[str, str], FinishedBuilds] = dict(tallies.finished)
         # The same object until a build finishes, so readers can tell it did not change.
-        self._finished_view: Mapping[tuple[str, str], FinishedBuilds] = MappingProxyType({})
+        self._finished_view: Mapping[tuple[str, str], FinishedBuilds] = MappingProxyType(
+            self._finished
+        )
+        self._queued: Mapping[str, Histogram] = MappingProxyType(dict(tallies.queued))
         self._states = dict.fromkeys(BuildState, 0)
         self._version = 0
         self._changes = ChangeLog(0)
@@ -227,6 +255,7 @@ class BuildStore:
                 last_error=None,
                 last_success_time=now,
                 seen_unfinished=before.seen_unfinished or not finished,
+                seen_unstarted=build.started_at is None,
                 last_poll_time=now,
                 last_change_time=now
                 if changed or before.last_change_time is None
@@ -234,6 +263,8 @@ class BuildStore:
             )
             if finished and before.seen_unfinished and not before.finished:
                 self._count_finished(build)
+            if before.seen_unstarted and build.started_at is not None:
+                self._count_started(build)
             self._version += 1
             self._put(after)
         return Transition(before, after, answer_changed=changed and before.build is not None)
@@ -310,6 +341,7 @@ class BuildStore:
                     self._finished_view,
                     MappingProxyType(dict(self._states)),
                     self._changes,
+                    self._queued,
                 )
                 self._records_shared = True
             return self._snapshot
@@ -353,6 +385,17 @@ class BuildStore:
         # A new mapping: snapshots already taken keep theirs unchanged.
         self._finished = {**self._finished, key: counted}
         self._finished_view = MappingProxyType(self._finished)
+
+    def _count_started(self, build: Build) -> None:
+        queued = build.queued_seconds
+        # Clock skew on the API's side (a start before the creation): nothing to observe.
+        if queued is None:
+            return
+        previous = self._queued.get(build.image_name) or Histogram.empty(QUEUE_DURATION_BUCKETS)
+        # A new mapping: snapshots already taken keep theirs unchanged.
+        self._queued = MappingProxyType(
+            {**self._queued, build.image_name: previous.observe(queued)}
+        )
 
 
 def _failed(record: BuildRecord, outcome: Outcome, now: float | None = None) -> BuildRecord:

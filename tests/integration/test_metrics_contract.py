@@ -135,6 +135,21 @@ def test_a_build_seen_finishing_is_counted_once_with_its_duration(
     )
 
 
+def test_a_build_seen_queued_then_started_observes_its_queue_time_once(
+    golden_exporter: RunningExporter,
+) -> None:
+    samples = golden_exporter.samples()
+    trainer = frozenset({("image_name", "trainer")})
+    name = "primeintellect_image_builds_queue_duration_seconds"
+    # Created at EPOCH, pending for 10 s: startedAt - createdAt.
+    assert samples[(f"{name}_count", trainer)] == 1.0
+    assert samples[(f"{name}_sum", trainer)] == 10.0
+    assert samples[(f"{name}_bucket", trainer | {("le", "5.0")})] == 0.0
+    assert samples[(f"{name}_bucket", trainer | {("le", "15.0")})] == 1.0
+    # Builds already started at their first poll are not observed.
+    assert {labels for sample, labels in samples if sample == f"{name}_count"} == {trainer}
+
+
 def test_openmetrics_response_parses_and_ends_with_eof(golden_exporter: RunningExporter) -> None:
     response = golden_exporter.get("/metrics", headers={"Accept": OPENMETRICS})
     assert response.headers["Content-Type"].startswith("application/openmetrics-text")
