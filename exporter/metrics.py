@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
+    Exemplar,
     GaugeMetricFamily,
     HistogramMetricFamily,
     InfoMetricFamily,
@@ -234,12 +235,29 @@ def _add_if_known(family: GaugeMetricFamily, labels: Sequence[str], value: float
         family.add_metric(labels, value)
 
 
-def _cumulative_buckets(histogram: Histogram) -> list[tuple[str, float]]:
-    buckets = []
+# OpenMetrics allows an exemplar's label names and values 128 characters together; Prometheus
+# fails the whole scrape past that.
+_EXEMPLAR_LABELS_LIMIT = 128
+
+
+def _cumulative_buckets(
+    histogram: Histogram,
+) -> list[tuple[str, float] | tuple[str, float, Exemplar]]:
+    """The buckets as prometheus_client takes them, with their exemplars, which only the
+    OpenMetrics format writes."""
+    buckets: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
     running = 0
-    for bound, count in zip((*histogram.bounds, float("inf")), histogram.counts, strict=True):
+    exemplars = histogram.exemplars or (None,) * len(histogram.counts)
+    for bound, count, exemplar in zip(
+        (*histogram.bounds, float("inf")), histogram.counts, exemplars, strict=True
+    ):
         running += count
-        buckets.append((floatToGoString(bound), float(running)))  # type: ignore[no-untyped-call]
+        bucket = (floatToGoString(bound), float(running))  # type: ignore[no-untyped-call]
+        if exemplar is None or len("build_id") + len(exemplar.build_id) > _EXEMPLAR_LABELS_LIMIT:
+            buckets.append(bucket)
+        else:
+            labels = {"build_id": exemplar.build_id}
+            buckets.append((*bucket, Exemplar(labels, exemplar.value, exemplar.timestamp)))
     return buckets
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from exporter.models import Build, ImageRow, Outcome
-from exporter.telemetry import Histogram
+from exporter.telemetry import Exemplar, Histogram
 
 # A change log this short is never restarted, however few builds are tracked.
 _MIN_CHANGE_LOG = 1024
@@ -262,9 +262,9 @@ class BuildStore:
                 else before.last_change_time,
             )
             if finished and before.seen_unfinished and not before.finished:
-                self._count_finished(build)
+                self._count_finished(build, now)
             if before.seen_unstarted and build.started_at is not None:
-                self._count_started(build)
+                self._count_started(build, now)
             self._version += 1
             self._put(after)
         return Transition(before, after, answer_changed=changed and before.build is not None)
@@ -370,14 +370,14 @@ class BuildStore:
             self._changes = ChangeLog(self._version)
         self._changes.append(self._version, build_id)
 
-    def _count_finished(self, build: Build) -> None:
+    def _count_finished(self, build: Build, now: float) -> None:
         key = (build.image_name, build.status_label)
         previous = self._finished.get(key, FinishedBuilds())
         duration = build.duration_seconds
         counted = FinishedBuilds(
             count=previous.count + 1,
             durations=(
-                previous.durations.observe(duration)
+                previous.durations.observe(duration, Exemplar(build.id, duration, now))
                 if duration is not None and duration >= 0
                 else previous.durations
             ),
@@ -386,7 +386,7 @@ class BuildStore:
         self._finished = {**self._finished, key: counted}
         self._finished_view = MappingProxyType(self._finished)
 
-    def _count_started(self, build: Build) -> None:
+    def _count_started(self, build: Build, now: float) -> None:
         queued = build.queued_seconds
         # Clock skew on the API's side (a start before the creation): nothing to observe.
         if queued is None:
@@ -394,7 +394,10 @@ class BuildStore:
         previous = self._queued.get(build.image_name) or Histogram.empty(QUEUE_DURATION_BUCKETS)
         # A new mapping: snapshots already taken keep theirs unchanged.
         self._queued = MappingProxyType(
-            {**self._queued, build.image_name: previous.observe(queued)}
+            {
+                **self._queued,
+                build.image_name: previous.observe(queued, Exemplar(build.id, queued, now)),
+            }
         )
 
 

@@ -159,6 +159,28 @@ def test_openmetrics_response_parses_and_ends_with_eof(golden_exporter: RunningE
     assert {"primeintellect_image_build", "primeintellect_exporter_api_requests"} <= names
 
 
+def test_openmetrics_buckets_carry_the_build_of_their_last_observation_and_text_none(
+    golden_exporter: RunningExporter,
+) -> None:
+    response = golden_exporter.get("/metrics", headers={"Accept": OPENMETRICS})
+    exemplars = {
+        (sample.name, sample.labels["le"]): sample.exemplar
+        for family in openmetrics_families(response.text)  # type: ignore[no-untyped-call]
+        for sample in family.samples
+        if sample.exemplar is not None
+    }
+    finished = "primeintellect_image_builds_finished_duration_seconds_bucket"
+    queued = "primeintellect_image_builds_queue_duration_seconds_bucket"
+    assert set(exemplars) == {(finished, "600.0"), (queued, "15.0")}
+    build = {"build_id": golden.FINISHING.build_id}
+    assert exemplars[(finished, "600.0")].labels == build
+    assert exemplars[(finished, "600.0")].value == 320.0
+    assert exemplars[(queued, "15.0")].labels == build
+    assert exemplars[(queued, "15.0")].value == 10.0
+    assert float(exemplars[(queued, "15.0")].timestamp) == golden.POLL_TIME
+    assert " # {" not in golden_exporter.metrics_text()
+
+
 def test_gzip_response_is_one_gzip_member_of_the_same_exposition(
     golden_exporter: RunningExporter,
 ) -> None:

@@ -14,7 +14,7 @@ from exporter.store import (
     FinishedBuilds,
     Tallies,
 )
-from exporter.telemetry import Histogram
+from exporter.telemetry import Exemplar, Histogram
 from tests.helpers.support import EPOCH
 
 FINISHED_PAYLOAD = {
@@ -109,6 +109,21 @@ def test_a_start_before_the_creation_is_not_observed() -> None:
     store.record_success("b1", build(**RUNNING, startedAt="2025-12-31T23:59:00Z"), EPOCH + 1)
     assert queue_times(store) == {}
     assert not store.snapshot().records["b1"].seen_unstarted
+
+
+def test_a_bucket_shows_the_last_build_observed_in_it() -> None:
+    store = BuildStore()
+    store.track(["b1", "b2", "b3"])
+    for build_id, started in (("b1", "00:01:00"), ("b2", "00:00:50"), ("b3", "00:10:00")):
+        store.record_success(build_id, build(id=build_id, **QUEUED), EPOCH)
+        store.record_success(
+            build_id, build(id=build_id, **RUNNING, startedAt=f"2026-01-01T{started}Z"), EPOCH + 1
+        )
+    queued = store.snapshot().queued["trainer"]
+    exemplars = dict(zip((*queued.bounds, float("inf")), queued.exemplars, strict=True))
+    assert exemplars[60.0] == Exemplar("b2", 50.0, EPOCH + 1)
+    assert exemplars[600.0] == Exemplar("b3", 600.0, EPOCH + 1)
+    assert exemplars[30.0] is None
 
 
 def test_restored_tallies_go_on_counting() -> None:
