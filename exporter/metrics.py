@@ -6,7 +6,7 @@ The build families are made from their declarations in ``exporter.families``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -35,6 +35,14 @@ from exporter.families import (
     Value,
     in_scope,
     shown_artifacts,
+)
+from exporter.health import (
+    FINISHED_STATUSES,
+    HEALTH_FAMILIES,
+    HEALTH_LABELS,
+    LAST_FINISHED_STATUS,
+    HealthKey,
+    ImageHealth,
 )
 from exporter.models import BUILD_STATUSES, UNKNOWN, Outcome
 from exporter.store import BuildRecord, Inventory, Snapshot
@@ -147,6 +155,28 @@ def summary_families(snapshot: Snapshot) -> list[Metric]:
     for state, count in snapshot.states.items():
         tracked.add_metric((state.value,), count)
     return [finished, finished_durations, queued, tracked]
+
+
+def health_families(health: Mapping[HealthKey, ImageHealth]) -> list[Metric]:
+    """Each image's health (``exporter.health``), by image name and tag.
+
+    Sample: ``primeintellect_image_builds_consecutive_failures{image_name="app",``
+    ``image_tag="v1"} 2.0``
+    """
+    families: list[Metric] = []
+    for declared in HEALTH_FAMILIES:
+        labels = (*HEALTH_LABELS, "status") if declared is LAST_FINISHED_STATUS else HEALTH_LABELS
+        family = GaugeMetricFamily(declared.name, declared.documentation, labels=labels)
+        for key in sorted(health):
+            image = health[key]
+            if declared is LAST_FINISHED_STATUS:
+                for status in FINISHED_STATUSES:
+                    current = status == image.last_finished_status
+                    family.add_metric((*key, status), 1.0 if current else 0.0)
+            else:
+                _add_if_known(family, key, declared.value(image))
+        families.append(family)
+    return families
 
 
 def exporter_families(

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from exporter.health import FINISHED_STATUSES, Failure, HealthKey, ImageHealth
 from exporter.models import BUILD, Build, InvalidBuildError, Outcome, parse_build
 from exporter.store import (
     FINISHED_DURATION_BUCKETS,
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 # 2 added `discovered`; a file of schema 1 gains the column, every build configured.
 # 3 added `seen_unstarted` and the tallies; a file of schema 1 or 2 marks its builds whose
 # answer has no startedAt, so their start is observed, and its tallies begin at zero.
-SCHEMA_VERSION = 3
+# 4 added image_health; an older file's is folded from its finished builds at start.
+SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS builds (
     build_id TEXT PRIMARY KEY,
@@ -73,6 +75,22 @@ CREATE TABLE IF NOT EXISTS tallies (
     PRIMARY KEY (family, image_name, status)
 ) WITHOUT ROWID
 """
+# Each image's health (exporter.health); `failures` are the kept ones, as JSON pairs of
+# completedAt and build ID.
+_IMAGE_HEALTH = """
+CREATE TABLE IF NOT EXISTS image_health (
+    image_name TEXT NOT NULL,
+    image_tag TEXT NOT NULL,
+    last_finished_at REAL NOT NULL,
+    last_finished_status TEXT NOT NULL,
+    last_success REAL,
+    failures TEXT NOT NULL,
+    dropped INTEGER NOT NULL,
+    dropped_since REAL,
+    dropped_until REAL,
+    PRIMARY KEY (image_name, image_tag)
+) WITHOUT ROWID
+"""
 _FINISHED = "finished"
 _QUEUED = "queued"
 _MIGRATIONS = {
@@ -83,6 +101,7 @@ _MIGRATIONS = {
         "UPDATE builds SET seen_unstarted = 1 WHERE answer IS NOT NULL"
         " AND json_extract(answer, '$.startedAt') IS NULL",
     ),
+    3: (),
 }
 _UPSERT = """
 INSERT OR REPLACE INTO builds (
@@ -118,6 +137,15 @@ class Restored:
     # starts at zero).
     unreadable: int = 0
     tallies: Tallies = field(default_factory=Tallies)
+    health: Mapping[HealthKey, ImageHealth] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HealthChanges:
+    """Images whose health changed, and images forgotten."""
+
+    changed: list[tuple[HealthKey, ImageHealth]]
+    removed: list[HealthKey]
 
 
 class StateFile:
@@ -172,12 +200,13 @@ class StateFile:
         records: Iterable[BuildRecord],
         removed: Iterable[str] = (),
         tallies: Tallies | None = None,
+        health: HealthChanges | None = None,
     ) -> None:
         """Write changed records, delete removed builds and replace the tallies (unless None),
         in one transaction: a build's start or finish and its count are saved together."""
         rows = [_row_from_record(record) for record in records]
         gone = [(build_id,) for build_id in removed]
-        if not rows and not gone and tallies is None:
+        if not rows and not gone and tallies is None and health is None:
             return
         with self._lock, self._connection:
             self._connection.executemany(_UPSERT, rows)
@@ -186,6 +215,15 @@ class StateFile:
                 self._connection.execute("DELETE FROM tallies")
                 self._connection.executemany(
                     "INSERT INTO tallies VALUES (?, ?, ?, ?, ?, ?, ?)", _tally_rows(tallies)
+                )
+            if health is not None:
+                self._connection.executemany(
+                    "INSERT OR REPLACE INTO image_health VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [_health_row(key, value) for key, value in health.changed],
+                )
+                self._connection.executemany(
+                    "DELETE FROM image_health WHERE image_name = ? AND image_tag = ?",
+                    health.removed,
                 )
 
     def close(self) -> None:
@@ -398,7 +436,49 @@ def _load(connection: sqlite3.Connection) -> Restored:
             _tally_from_row(row, finished, queued)
         except (ValueError, TypeError):
             unreadable += 1
-    return Restored(restored.records, unreadable, Tallies(finished, queued))
+    health = {}
+    for row in connection.execute("SELECT * FROM image_health"):
+        try:
+            key, value = _health_from_row(row)
+        except (ValueError, TypeError):
+            unreadable += 1
+            continue
+        health[key] = value
+    return Restored(restored.records, unreadable, Tallies(finished, queued), health)
+
+
+def _health_row(key: HealthKey, health: ImageHealth) -> tuple[object, ...]:
+    return (
+        *key,
+        health.last_finished_at,
+        health.last_finished_status,
+        health.last_success,
+        json.dumps([[failure.completed_at, failure.build_id] for failure in health.failures]),
+        health.dropped,
+        health.dropped_since,
+        health.dropped_until,
+    )
+
+
+def _health_from_row(row: tuple[Any, ...]) -> tuple[HealthKey, ImageHealth]:
+    name, tag, finished_at, status, success, failures, dropped, since, until = row
+    if not isinstance(name, str) or not isinstance(tag, str) or status not in FINISHED_STATUSES:
+        raise TypeError("not an image's health")
+    if not isinstance(dropped, int) or dropped < 0:
+        raise ValueError("not a count")
+    kept = tuple(
+        Failure(float(_optional_float(at) or 0.0), str(build_id))
+        for at, build_id in json.loads(failures)
+    )
+    return (name, tag), ImageHealth(
+        float(_optional_float(finished_at) or 0.0),
+        status,
+        _optional_float(success),
+        tuple(sorted(kept)),
+        dropped,
+        _optional_float(since),
+        _optional_float(until),
+    )
 
 
 def _tally_rows(tallies: Tallies) -> list[tuple[object, ...]]:
@@ -462,6 +542,7 @@ def _connect(path: Path) -> sqlite3.Connection:
             connection.execute("BEGIN IMMEDIATE")
             connection.execute(_SCHEMA)
             connection.execute(_TALLIES)
+            connection.execute(_IMAGE_HEALTH)
             if version > 0:
                 for step in range(version, SCHEMA_VERSION):
                     for statement in _MIGRATIONS[step]:
@@ -580,6 +661,8 @@ class StateSync:
         self._version: int | None = None
         # The tallies last written: the store's objects, replaced whenever they change.
         self._written_tallies: Tallies | None = None
+        # The health last written; its values are replaced whenever they change.
+        self._written_health: Mapping[HealthKey, ImageHealth] = dict(restored.health)
 
     def sync(self, snapshot: Snapshot) -> int:
         """Write the records that differ from the last write; returns how many."""
@@ -610,9 +693,21 @@ class StateSync:
             or written_tallies.queued is not snapshot.queued
         ):
             tallies = snapshot.tallies
-        self._state.save(changed, removed, tallies)
+        health = None
+        if snapshot.health is not self._written_health:
+            written_health = self._written_health
+            health = HealthChanges(
+                [
+                    (key, value)
+                    for key, value in snapshot.health.items()
+                    if written_health.get(key) is not value
+                ],
+                [key for key in written_health if key not in snapshot.health],
+            )
+        self._state.save(changed, removed, tallies, health)
         self._written = snapshot.records
         self._version = snapshot.version
+        self._written_health = snapshot.health
         if tallies is not None:
             self._written_tallies = tallies
         return len(changed)

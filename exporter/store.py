@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
+from exporter import health as image_health
+from exporter.health import HealthKey, ImageHealth
 from exporter.models import Build, ImageRow, Outcome
 from exporter.telemetry import Exemplar, Histogram
 
@@ -119,6 +121,8 @@ class Snapshot:
     changes: ChangeLog = field(default_factory=lambda: ChangeLog(0))
     # Per image_name: queue times of the builds seen to start. The same object until one starts.
     queued: Mapping[str, Histogram] = field(default_factory=lambda: MappingProxyType({}))
+    # Per image name and tag (exporter.health). The same object until a build changes one.
+    health: Mapping[HealthKey, ImageHealth] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def tallies(self) -> Tallies:
@@ -163,11 +167,14 @@ class BuildStore:
     """Latest state of each tracked build; snapshots are built lazily, once per change.
 
     ``restored`` records (from the state file) are taken up when their builds are tracked;
-    ``tallies`` (from it too) go on counting.
+    ``tallies`` and ``health`` (from it too) go on counting.
     """
 
     def __init__(
-        self, restored: Mapping[str, BuildRecord] | None = None, tallies: Tallies | None = None
+        self,
+        restored: Mapping[str, BuildRecord] | None = None,
+        tallies: Tallies | None = None,
+        health: Mapping[HealthKey, ImageHealth] | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._records: dict[str, BuildRecord] = {}
@@ -182,10 +189,28 @@ class BuildStore:
             self._finished
         )
         self._queued: Mapping[str, Histogram] = MappingProxyType(dict(tallies.queued))
+        self._health = dict(health or {})
+        # Folding a restored build in again changes nothing; a file written before health was
+        # kept gets it from its finished builds.
+        for record in self._restored.values():
+            if record.finished and record.build is not None:
+                change = image_health.fold(self._health, record.build_id, record.build)
+                if change is not None:
+                    image_health.put(self._health, *change)
+        # As for the records: copied before a write once a snapshot holds it; the view is None
+        # until the next snapshot after a change.
+        self._health_shared = False
+        self._health_view: Mapping[HealthKey, ImageHealth] | None = None
+        self._snapshot = Snapshot(
+            0,
+            MappingProxyType({}),
+            self._finished_view,
+            queued=self._queued,
+            health=self._health_snapshot(),
+        )
         self._states = dict.fromkeys(BuildState, 0)
         self._version = 0
         self._changes = ChangeLog(0)
-        self._snapshot = Snapshot(0, MappingProxyType({}), MappingProxyType({}))
 
     def track(
         self, build_ids: Iterable[str], discovered: Iterable[str] = ()
@@ -265,6 +290,8 @@ class BuildStore:
                 self._count_finished(build, now)
             if before.seen_unstarted and build.started_at is not None:
                 self._count_started(build, now)
+            if finished and changed:
+                self._fold_health(build_id, build)
             self._version += 1
             self._put(after)
         return Transition(before, after, answer_changed=changed and before.build is not None)
@@ -342,6 +369,7 @@ class BuildStore:
                     MappingProxyType(dict(self._states)),
                     self._changes,
                     self._queued,
+                    self._health_snapshot(),
                 )
                 self._records_shared = True
             return self._snapshot
@@ -385,6 +413,22 @@ class BuildStore:
         # A new mapping: snapshots already taken keep theirs unchanged.
         self._finished = {**self._finished, key: counted}
         self._finished_view = MappingProxyType(self._finished)
+
+    def _fold_health(self, build_id: str, build: Build) -> None:
+        change = image_health.fold(self._health, build_id, build)
+        if change is None:
+            return
+        if self._health_shared:
+            self._health = dict(self._health)
+            self._health_shared = False
+        image_health.put(self._health, *change)
+        self._health_view = None
+
+    def _health_snapshot(self) -> Mapping[HealthKey, ImageHealth]:
+        if self._health_view is None:
+            self._health_view = MappingProxyType(self._health)
+            self._health_shared = True
+        return self._health_view
 
     def _count_started(self, build: Build, now: float) -> None:
         queued = build.queued_seconds

@@ -464,20 +464,28 @@ SCHEMA_2 = SCHEMA_1.replace(
 )
 
 
-def test_a_state_file_of_schema_2_observes_the_start_of_its_queued_builds_only(
+def test_a_state_file_of_schema_2_observes_queued_builds_and_gets_health_from_finished_ones(
     tmp_path: Path,
 ) -> None:
     state_path = tmp_path / "state.db"
     queued_plan = BuildPlan("queued", "trainer", "v1", EPOCH, 600, 10, 10)
     running_plan = BuildPlan("running", "trainer", "v1", EPOCH, 10, 10, 600)
     queued, running = record_of(queued_plan, EPOCH + 5), record_of(running_plan, EPOCH + 100)
+    failed = record_of(BuildPlan("failed", "trainer", "v0", EPOCH, 10, 10, 10, "FAILED"))
     with sqlite3.connect(state_path) as connection:
         connection.execute(SCHEMA_2)
-        for record in (queued, running):
+        for record in (queued, running, failed):
             assert record.build is not None
             connection.execute(
-                "INSERT INTO builds VALUES (?, ?, 0, 1, 1, 1, NULL, ?, ?, ?, 0, 1)",
-                (record.build_id, encode_build(record.build), EPOCH, EPOCH, EPOCH),
+                "INSERT INTO builds VALUES (?, ?, ?, 1, 1, 1, NULL, ?, ?, ?, 0, 1)",
+                (
+                    record.build_id,
+                    encode_build(record.build),
+                    int(record.finished),
+                    EPOCH,
+                    EPOCH,
+                    EPOCH,
+                ),
             )
         connection.execute("PRAGMA user_version=2")
     connection.close()
@@ -487,7 +495,10 @@ def test_a_state_file_of_schema_2_observes_the_start_of_its_queued_builds_only(
     assert restored.records["queued"].seen_unstarted
     assert not restored.records["running"].seen_unstarted
     assert restored.records["running"].discovered
-    store = BuildStore(restored.records, restored.tallies)
+    store = BuildStore(restored.records, restored.tallies, restored.health)
+    # The file kept no health: it comes from the finished builds it holds.
+    health = store.snapshot().health[("trainer", "v0")]
+    assert (health.consecutive_failures, health.failing_since) == (1, EPOCH + 30)
     store.track(["queued", "running"])
     for plan in (queued_plan, running_plan):
         store.record_success(
@@ -504,7 +515,7 @@ def test_the_tallies_are_written_with_the_builds_and_read_back(tmp_path: Path) -
     plan = BuildPlan("b1", "trainer", "v1", EPOCH, 30, 10, 60)
     state, restored = opened(state_path)
     assert state is not None
-    store = BuildStore(restored.records, restored.tallies)
+    store = BuildStore(restored.records, restored.tallies, restored.health)
     store.track(["b1"])
     for moment in (EPOCH + 5, EPOCH + 50, EPOCH + 200):
         answer = parse_build(json.dumps(plan.payload(moment)).encode())
@@ -520,9 +531,11 @@ def test_the_tallies_are_written_with_the_builds_and_read_back(tmp_path: Path) -
     assert dict(again.tallies.queued) == dict(written.queued)
     assert again.tallies.queued["trainer"].total == 30.0
     assert not again.records["b1"].seen_unstarted
+    assert dict(again.health) == dict(written.health)
+    assert again.health[("trainer", "v1")].last_success == EPOCH + 100
 
 
-def test_the_histograms_keep_their_counts_across_a_restart_of_the_exporter(
+def test_the_histograms_and_image_health_are_kept_across_a_restart_of_the_exporter(
     tmp_path: Path,
 ) -> None:
     state_path = tmp_path / "state.db"
@@ -530,14 +543,16 @@ def test_the_histograms_keep_their_counts_across_a_restart_of_the_exporter(
         BuildPlan("starts-first", "trainer", "v1", EPOCH, 40, 10, 100),
         BuildPlan("starts-later", "trainer", "v2", EPOCH, 700, 10, 100),
     ]
+    fails = BuildPlan("fails", "trainer", "v1", EPOCH + 200, 5, 5, 5, "FAILED")
     with Simulator(CANARY_API_KEY) as simulator:
         for plan in plans:
             simulator.set_payload(plan.build_id, plan.payload(EPOCH + 5))
+        simulator.set_payload(fails.build_id, fails.payload(EPOCH + 1000))
         config = tmp_path / "config.yaml"
         config.write_text(
             f"api:\n  base_url: {simulator.base_url}\n  requests_per_second: 64\n"
             "polling:\n  interval: 1s\n  max_interval: 1s\n"
-            "builds:\n  - starts-first\n  - starts-later\n"
+            "builds:\n  - starts-first\n  - starts-later\n  - fails\n"
             f"state:\n  path: {state_path}\nweb:\n  listen_address: 127.0.0.1:0\n"
         )
         env = environment(PRIME_API_KEY=CANARY_API_KEY)
@@ -547,12 +562,7 @@ def test_the_histograms_keep_their_counts_across_a_restart_of_the_exporter(
             return {
                 key: value
                 for key, value in samples.items()
-                if key[0].startswith(
-                    (
-                        "primeintellect_image_builds_queue_duration_seconds",
-                        "primeintellect_image_builds_finished",
-                    )
-                )
+                if key[0].startswith("primeintellect_image_builds_")
             }
 
         queue_count = "primeintellect_image_builds_queue_duration_seconds_count"
@@ -596,3 +606,11 @@ def test_the_histograms_keep_their_counts_across_a_restart_of_the_exporter(
             second.stop()
     sum_name = "primeintellect_image_builds_queue_duration_seconds_sum"
     assert (before[(sum_name, trainer)], after[(sum_name, trainer)]) == (40.0, 740.0)
+    v1 = trainer | {("image_tag", "v1")}
+    assert before[("primeintellect_image_builds_last_success_timestamp_seconds", v1)] == (
+        EPOCH + 150
+    )
+    assert before[("primeintellect_image_builds_consecutive_failures", v1)] == 1
+    assert before[("primeintellect_image_builds_failing_since_timestamp_seconds", v1)] == (
+        EPOCH + 215
+    )

@@ -133,6 +133,9 @@ def test_restored_tallies_go_on_counting() -> None:
             {"trainer": Histogram.empty(QUEUE_DURATION_BUCKETS).observe(30.0)},
         )
     )
+    # Shown before anything is tracked.
+    assert queue_times(store) == {"trainer": (1, 30.0)}
+    assert store.snapshot().finished[("trainer", "COMPLETED")].count == 4
     store.track(["b1"])
     store.record_success("b1", build(**QUEUED), EPOCH)
     store.record_success("b1", build(), EPOCH + 1)
