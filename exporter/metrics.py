@@ -127,12 +127,14 @@ def summary_families(snapshot: Snapshot) -> list[Metric]:
     """
     finished = CounterMetricFamily(
         "primeintellect_image_builds_finished",
-        "Builds seen to finish while this process watched them.",
+        "Builds seen to finish (unfinished at an earlier poll), each counted once, across restarts"
+        " with state.path.",
         labels=("image_name", "status"),
     )
     finished_durations = HistogramMetricFamily(
         "primeintellect_image_builds_finished_duration_seconds",
-        "Durations of the builds seen to finish while this process watched them.",
+        "Durations of the builds seen to finish, each observed once, across restarts with"
+        " state.path.",
         labels=("image_name", "status"),
     )
     for (image_name, status), value in sorted(snapshot.finished.items()):
