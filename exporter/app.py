@@ -158,7 +158,7 @@ class Exporter:
         self._state_handoff = threading.Lock()
         self._state_closed = False
         restored = opened.restored
-        self.store = BuildStore(restored.records)
+        self.store = BuildStore(restored.records, restored.tallies, restored.health)
         self.telemetry = Telemetry(clock.monotonic if clock is not None else time.monotonic)
         self.telemetry.set_state_opened(opened.status, opened.lost, restored.unreadable)
         if opened.file is not None:

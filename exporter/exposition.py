@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import enum
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, repeat
 from operator import itemgetter
@@ -40,6 +40,13 @@ from exporter.families import (
     ShownArtifacts,
     Value,
     shown_artifacts,
+)
+from exporter.health import (
+    FINISHED_STATUSES,
+    HEALTH_FAMILIES,
+    LAST_FINISHED_STATUS,
+    HealthKey,
+    ImageHealth,
 )
 from exporter.models import Artifact, Build
 from exporter.store import BuildRecord
@@ -594,3 +601,30 @@ def render_build_lines(
         for write, scope in _PLAN
     ]
     return _pieces(columns, len(subjects.polls.subjects))
+
+
+def render_health_lines(health: Mapping[HealthKey, ImageHealth]) -> list[bytes]:
+    """Each health family's sample lines (``exporter.health``), without HELP and TYPE lines,
+    byte for byte what prometheus_client writes for ``exporter.metrics.health_families`` in
+    either format: ``primeintellect_image_builds_consecutive_failures{image_name="app",``
+    ``image_tag="v1"} 2.0``"""
+    images = sorted(health)
+    texts = [f'image_name="{_escape(name)}",image_tag="{_escape(tag)}"' for name, tag in images]
+    pieces = []
+    for family in HEALTH_FAMILIES:
+        prefix = family.name + "{"
+        if family is LAST_FINISHED_STATUS:
+            lines = [
+                f'{prefix}{text},status="{status}"}}'
+                f"{_ONE if status == health[key].last_finished_status else _ZERO}"
+                for key, text in zip(images, texts, strict=True)
+                for status in FINISHED_STATUSES
+            ]
+        else:
+            lines = [
+                f"{prefix}{text}}}{_value(value)}"
+                for key, text in zip(images, texts, strict=True)
+                if (value := family.value(health[key])) is not None
+            ]
+        pieces.append("".join(lines).encode())
+    return pieces

@@ -36,11 +36,14 @@ from exporter.exposition import (
     ExpositionFormat,
     render,
     render_build_lines,
+    render_health_lines,
     render_poll_lines,
 )
 from exporter.families import POLL_FAMILIES_START
-from exporter.metrics import per_build_families, summary_families
+from exporter.health import HealthKey, ImageHealth
+from exporter.metrics import health_families, per_build_families, summary_families
 from exporter.store import BuildRecord, FinishedBuilds, Snapshot
+from exporter.telemetry import Histogram
 
 # Builds per chunk: small enough that one change re-renders little, large enough that the
 # pieces stay few and compress well.
@@ -238,9 +241,27 @@ class ExpositionCache:
         self._answer_blocks: dict[ExpositionFormat, tuple[tuple[_FamilyRun, ...], bytes]] = {}
         self._summary_segment: tuple[bytes | None, bytes] = (None, b"")
         self._summary: tuple[
-            tuple[Mapping[tuple[str, str], FinishedBuilds], tuple[int, ...]] | None,
+            tuple[
+                Mapping[tuple[str, str], FinishedBuilds],
+                Mapping[str, Histogram],
+                Mapping[HealthKey, ImageHealth],
+                tuple[int, ...],
+            ]
+            | None,
             dict[ExpositionFormat, bytes],
         ] = (None, {})
+        # The health families' sample lines, for the health mapping they were written from.
+        self._health_lines: tuple[Mapping[HealthKey, ImageHealth] | None, list[bytes]] = (
+            None,
+            [],
+        )
+        self._health_headers = {
+            format: [
+                render([family], format).removesuffix(OPENMETRICS_EOF)
+                for family in health_families({})
+            ]
+            for format in ExpositionFormat
+        }
         self._per_scrape_renders = _PerScrapeRenders()
 
     def set_max_artifacts_per_build(self, limit: int) -> None:
@@ -573,16 +594,34 @@ class ExpositionCache:
         return _Chunk(chunk.start, records, tuple(pieces), tuple(lengths))
 
     def _summary_of(self, snapshot: Snapshot, format: ExpositionFormat) -> bytes:
-        # Rendered again only when a build finished or a count by state moved: with many
-        # images, the finished-duration histograms are most of the families' samples.
+        # Rendered again only when a build finished or started, or a count by state moved: with
+        # many images, the histograms are most of the families' samples.
         key, by_format = self._summary
-        current = (snapshot.finished, tuple(snapshot.states.values()))
-        if key is None or key[0] is not current[0] or key[1] != current[1]:
+        current = (
+            snapshot.finished,
+            snapshot.queued,
+            snapshot.health,
+            tuple(snapshot.states.values()),
+        )
+        if (
+            key is None
+            or key[0] is not current[0]
+            or key[1] is not current[1]
+            or key[2] is not current[2]
+            or key[3] != current[3]
+        ):
             by_format = {}
             self._summary = (current, by_format)
         if format not in by_format:
-            by_format[format] = render(summary_families(snapshot), format).removesuffix(
-                OPENMETRICS_EOF
+            # Thousands of images make the health families too many samples for
+            # prometheus_client on each change: their lines are written directly.
+            kept_health, lines = self._health_lines
+            if kept_health is not snapshot.health:
+                lines = render_health_lines(snapshot.health)
+                self._health_lines = (snapshot.health, lines)
+            health = chain.from_iterable(zip(self._health_headers[format], lines, strict=True))
+            by_format[format] = b"".join(
+                [render(summary_families(snapshot), format).removesuffix(OPENMETRICS_EOF), *health]
             )
         return by_format[format]
 

@@ -6,10 +6,11 @@ The build families are made from their declarations in ``exporter.families``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
+    Exemplar,
     GaugeMetricFamily,
     HistogramMetricFamily,
     InfoMetricFamily,
@@ -34,6 +35,14 @@ from exporter.families import (
     Value,
     in_scope,
     shown_artifacts,
+)
+from exporter.health import (
+    FINISHED_STATUSES,
+    HEALTH_FAMILIES,
+    HEALTH_LABELS,
+    LAST_FINISHED_STATUS,
+    HealthKey,
+    ImageHealth,
 )
 from exporter.models import BUILD_STATUSES, UNKNOWN, Outcome
 from exporter.store import BuildRecord, Inventory, Snapshot
@@ -112,18 +121,20 @@ def _add(metric: GaugeMetricFamily | InfoMetricFamily, labels: Sequence[str], va
 
 
 def summary_families(snapshot: Snapshot) -> list[Metric]:
-    """Families about all builds together: finishes seen, and builds by state.
+    """Families about all builds together: finishes and starts seen, and builds by state.
 
     Sample: ``primeintellect_exporter_builds{state="failing"} 2.0``
     """
     finished = CounterMetricFamily(
         "primeintellect_image_builds_finished",
-        "Builds seen to finish while this process watched them.",
+        "Builds seen to finish (unfinished at an earlier poll), each counted once, across restarts"
+        " with state.path.",
         labels=("image_name", "status"),
     )
     finished_durations = HistogramMetricFamily(
         "primeintellect_image_builds_finished_duration_seconds",
-        "Durations of the builds seen to finish while this process watched them.",
+        "Durations of the builds seen to finish, each observed once, across restarts with"
+        " state.path.",
         labels=("image_name", "status"),
     )
     for (image_name, status), value in sorted(snapshot.finished.items()):
@@ -131,6 +142,13 @@ def summary_families(snapshot: Snapshot) -> list[Metric]:
         finished_durations.add_metric(
             (image_name, status), _cumulative_buckets(value.durations), value.durations.total
         )
+    queued = HistogramMetricFamily(
+        "primeintellect_image_builds_queue_duration_seconds",
+        "Queue times (startedAt - createdAt) of the builds seen to start, each counted once.",
+        labels=("image_name",),
+    )
+    for image_name, histogram in sorted(snapshot.queued.items()):
+        queued.add_metric((image_name,), _cumulative_buckets(histogram), histogram.total)
     tracked = GaugeMetricFamily(
         "primeintellect_exporter_builds",
         "Tracked builds by state: active, finished, failing (last poll failed), unpolled.",
@@ -138,7 +156,29 @@ def summary_families(snapshot: Snapshot) -> list[Metric]:
     )
     for state, count in snapshot.states.items():
         tracked.add_metric((state.value,), count)
-    return [finished, finished_durations, tracked]
+    return [finished, finished_durations, queued, tracked]
+
+
+def health_families(health: Mapping[HealthKey, ImageHealth]) -> list[Metric]:
+    """Each image's health (``exporter.health``), by image name and tag.
+
+    Sample: ``primeintellect_image_builds_consecutive_failures{image_name="app",``
+    ``image_tag="v1"} 2.0``
+    """
+    families: list[Metric] = []
+    for declared in HEALTH_FAMILIES:
+        labels = (*HEALTH_LABELS, "status") if declared is LAST_FINISHED_STATUS else HEALTH_LABELS
+        family = GaugeMetricFamily(declared.name, declared.documentation, labels=labels)
+        for key in sorted(health):
+            image = health[key]
+            if declared is LAST_FINISHED_STATUS:
+                for status in FINISHED_STATUSES:
+                    current = status == image.last_finished_status
+                    family.add_metric((*key, status), 1.0 if current else 0.0)
+            else:
+                _add_if_known(family, key, declared.value(image))
+        families.append(family)
+    return families
 
 
 def exporter_families(
@@ -227,12 +267,29 @@ def _add_if_known(family: GaugeMetricFamily, labels: Sequence[str], value: float
         family.add_metric(labels, value)
 
 
-def _cumulative_buckets(histogram: Histogram) -> list[tuple[str, float]]:
-    buckets = []
+# OpenMetrics allows an exemplar's label names and values 128 characters together; Prometheus
+# fails the whole scrape past that.
+_EXEMPLAR_LABELS_LIMIT = 128
+
+
+def _cumulative_buckets(
+    histogram: Histogram,
+) -> list[tuple[str, float] | tuple[str, float, Exemplar]]:
+    """The buckets as prometheus_client takes them, with their exemplars, which only the
+    OpenMetrics format writes."""
+    buckets: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
     running = 0
-    for bound, count in zip((*histogram.bounds, float("inf")), histogram.counts, strict=True):
+    exemplars = histogram.exemplars or (None,) * len(histogram.counts)
+    for bound, count, exemplar in zip(
+        (*histogram.bounds, float("inf")), histogram.counts, exemplars, strict=True
+    ):
         running += count
-        buckets.append((floatToGoString(bound), float(running)))  # type: ignore[no-untyped-call]
+        bucket = (floatToGoString(bound), float(running))  # type: ignore[no-untyped-call]
+        if exemplar is None or len("build_id") + len(exemplar.build_id) > _EXEMPLAR_LABELS_LIMIT:
+            buckets.append(bucket)
+        else:
+            labels = {"build_id": exemplar.build_id}
+            buckets.append((*bucket, Exemplar(labels, exemplar.value, exemplar.timestamp)))
     return buckets
 
 

@@ -19,19 +19,30 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from exporter.health import FINISHED_STATUSES, Failure, HealthKey, ImageHealth
 from exporter.models import BUILD, Build, InvalidBuildError, Outcome, parse_build
-from exporter.store import BuildRecord, Snapshot
-from exporter.telemetry import StateStatus
+from exporter.store import (
+    FINISHED_DURATION_BUCKETS,
+    QUEUE_DURATION_BUCKETS,
+    BuildRecord,
+    FinishedBuilds,
+    Snapshot,
+    Tallies,
+)
+from exporter.telemetry import Histogram, StateStatus
 
 log = logging.getLogger(__name__)
 
 # 2 added `discovered`; a file of schema 1 gains the column, every build configured.
-SCHEMA_VERSION = 2
+# 3 added `seen_unstarted` and the tallies; a file of schema 1 or 2 marks its builds whose
+# answer has no startedAt, so their start is observed, and its tallies begin at zero.
+# 4 added image_health; an older file's is folded from its finished builds at start.
+SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS builds (
     build_id TEXT PRIMARY KEY,
@@ -45,15 +56,64 @@ CREATE TABLE IF NOT EXISTS builds (
     last_success_time REAL,
     last_change_time REAL,
     retired INTEGER NOT NULL,
-    discovered INTEGER NOT NULL DEFAULT 0
+    discovered INTEGER NOT NULL DEFAULT 0,
+    seen_unstarted INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID
 """
-_ADD_DISCOVERED = "ALTER TABLE builds ADD COLUMN discovered INTEGER NOT NULL DEFAULT 0"
+# The store's tallies, one row per series: `family` is `finished` (by image_name and status)
+# or `queued` (by image_name; status empty); `buckets` are the counts of `bounds` and +Inf,
+# not cumulative, as JSON.
+_TALLIES = """
+CREATE TABLE IF NOT EXISTS tallies (
+    family TEXT NOT NULL,
+    image_name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    bounds TEXT NOT NULL,
+    buckets TEXT NOT NULL,
+    total REAL NOT NULL,
+    PRIMARY KEY (family, image_name, status)
+) WITHOUT ROWID
+"""
+# Each image's health (exporter.health); `failures` are the kept ones, as JSON pairs of
+# completedAt and build ID.
+_IMAGE_HEALTH = """
+CREATE TABLE IF NOT EXISTS image_health (
+    image_name TEXT NOT NULL,
+    image_tag TEXT NOT NULL,
+    last_finished_at REAL NOT NULL,
+    last_finished_status TEXT NOT NULL,
+    last_success REAL,
+    failures TEXT NOT NULL,
+    dropped INTEGER NOT NULL,
+    dropped_since REAL,
+    dropped_until REAL,
+    PRIMARY KEY (image_name, image_tag)
+) WITHOUT ROWID
+"""
+_FINISHED = "finished"
+_QUEUED = "queued"
+_MIGRATIONS = {
+    1: ("ALTER TABLE builds ADD COLUMN discovered INTEGER NOT NULL DEFAULT 0",),
+    2: (
+        "ALTER TABLE builds ADD COLUMN seen_unstarted INTEGER NOT NULL DEFAULT 0",
+        # Saved unstarted, so never counted: its start is still to be observed.
+        "UPDATE builds SET seen_unstarted = 1 WHERE answer IS NOT NULL"
+        " AND json_extract(answer, '$.startedAt') IS NULL",
+    ),
+    3: (),
+}
 _UPSERT = """
 INSERT OR REPLACE INTO builds (
     build_id, answer, finished, seen_unfinished, polled, last_poll_ok, last_error,
-    last_poll_time, last_success_time, last_change_time, retired, discovered
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    last_poll_time, last_success_time, last_change_time, retired, discovered, seen_unstarted
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+# In the order of _UPSERT, whatever order migrations gave the columns.
+_SELECT_BUILDS = """
+SELECT build_id, answer, finished, seen_unfinished, polled, last_poll_ok, last_error,
+    last_poll_time, last_success_time, last_change_time, retired, discovered, seen_unstarted
+FROM builds
 """
 _TIMESTAMP_FIELDS = ("createdAt", "startedAt", "completedAt")
 # What a file or directory that may be read but not written answers a write.
@@ -73,8 +133,19 @@ class Restored:
     """What a state file gave back at start."""
 
     records: Mapping[str, BuildRecord]
-    # How many rows could not be read: their builds are polled as if new.
+    # How many rows could not be read: their builds are polled as if new (a tally's: it
+    # starts at zero).
     unreadable: int = 0
+    tallies: Tallies = field(default_factory=Tallies)
+    health: Mapping[HealthKey, ImageHealth] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HealthChanges:
+    """Images whose health changed, and images forgotten."""
+
+    changed: list[tuple[HealthKey, ImageHealth]]
+    removed: list[HealthKey]
 
 
 class StateFile:
@@ -119,20 +190,41 @@ class StateFile:
             raise
 
     def load(self) -> Restored:
-        """Every saved build; a row that cannot be read is skipped (and later overwritten)."""
+        """Every saved build and the tallies; a row that cannot be read is skipped (and later
+        overwritten)."""
         with self._lock:
-            rows = self._connection.execute("SELECT * FROM builds").fetchall()
-        return _records_of(rows)
+            return _load(self._connection)
 
-    def save(self, records: Iterable[BuildRecord], removed: Iterable[str] = ()) -> None:
-        """Write changed records and delete removed builds, in one transaction."""
+    def save(
+        self,
+        records: Iterable[BuildRecord],
+        removed: Iterable[str] = (),
+        tallies: Tallies | None = None,
+        health: HealthChanges | None = None,
+    ) -> None:
+        """Write changed records, delete removed builds and replace the tallies (unless None),
+        in one transaction: a build's start or finish and its count are saved together."""
         rows = [_row_from_record(record) for record in records]
         gone = [(build_id,) for build_id in removed]
-        if not rows and not gone:
+        if not rows and not gone and tallies is None and health is None:
             return
         with self._lock, self._connection:
             self._connection.executemany(_UPSERT, rows)
             self._connection.executemany("DELETE FROM builds WHERE build_id = ?", gone)
+            if tallies is not None:
+                self._connection.execute("DELETE FROM tallies")
+                self._connection.executemany(
+                    "INSERT INTO tallies VALUES (?, ?, ?, ?, ?, ?, ?)", _tally_rows(tallies)
+                )
+            if health is not None:
+                self._connection.executemany(
+                    "INSERT OR REPLACE INTO image_health VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [_health_row(key, value) for key, value in health.changed],
+                )
+                self._connection.executemany(
+                    "DELETE FROM image_health WHERE image_name = ? AND image_tag = ?",
+                    health.removed,
+                )
 
     def close(self) -> None:
         with self._lock:
@@ -267,8 +359,10 @@ def _read_only(path: Path, *, may_be_immutable: bool) -> Restored:
 def _load_read_only(uri: str) -> Restored:
     connection = sqlite3.connect(uri, uri=True, timeout=1)
     try:
-        _check_schema(connection)
-        return _records_of(connection.execute("SELECT * FROM builds").fetchall())
+        if _check_schema(connection) < SCHEMA_VERSION:
+            # Not migrated, as it may not be written: its tallies begin at zero.
+            return _records_of(connection.execute("SELECT * FROM builds").fetchall())
+        return _load(connection)
     finally:
         connection.close()
 
@@ -332,6 +426,107 @@ def _records_of(rows: Iterable[tuple[Any, ...]]) -> Restored:
     return Restored(records, unreadable)
 
 
+def _load(connection: sqlite3.Connection) -> Restored:
+    restored = _records_of(connection.execute(_SELECT_BUILDS).fetchall())
+    finished: dict[tuple[str, str], FinishedBuilds] = {}
+    queued: dict[str, Histogram] = {}
+    unreadable = restored.unreadable
+    for row in connection.execute("SELECT * FROM tallies ORDER BY family, image_name, status"):
+        try:
+            _tally_from_row(row, finished, queued)
+        except (ValueError, TypeError):
+            unreadable += 1
+    health = {}
+    for row in connection.execute("SELECT * FROM image_health"):
+        try:
+            key, value = _health_from_row(row)
+        except (ValueError, TypeError):
+            unreadable += 1
+            continue
+        health[key] = value
+    return Restored(restored.records, unreadable, Tallies(finished, queued), health)
+
+
+def _health_row(key: HealthKey, health: ImageHealth) -> tuple[object, ...]:
+    return (
+        *key,
+        health.last_finished_at,
+        health.last_finished_status,
+        health.last_success,
+        json.dumps([[failure.completed_at, failure.build_id] for failure in health.failures]),
+        health.dropped,
+        health.dropped_since,
+        health.dropped_until,
+    )
+
+
+def _health_from_row(row: tuple[Any, ...]) -> tuple[HealthKey, ImageHealth]:
+    name, tag, finished_at, status, success, failures, dropped, since, until = row
+    if not isinstance(name, str) or not isinstance(tag, str) or status not in FINISHED_STATUSES:
+        raise TypeError("not an image's health")
+    if not isinstance(dropped, int) or dropped < 0:
+        raise ValueError("not a count")
+    kept = tuple(
+        Failure(float(_optional_float(at) or 0.0), str(build_id))
+        for at, build_id in json.loads(failures)
+    )
+    return (name, tag), ImageHealth(
+        float(_optional_float(finished_at) or 0.0),
+        status,
+        _optional_float(success),
+        tuple(sorted(kept)),
+        dropped,
+        _optional_float(since),
+        _optional_float(until),
+    )
+
+
+def _tally_rows(tallies: Tallies) -> list[tuple[object, ...]]:
+    rows: list[tuple[object, ...]] = [
+        (_FINISHED, image_name, status, value.count, *_histogram_columns(value.durations))
+        for (image_name, status), value in tallies.finished.items()
+    ]
+    rows.extend(
+        (_QUEUED, image_name, "", histogram.count, *_histogram_columns(histogram))
+        for image_name, histogram in tallies.queued.items()
+    )
+    return rows
+
+
+def _histogram_columns(histogram: Histogram) -> tuple[str, str, float]:
+    return json.dumps(histogram.bounds), json.dumps(histogram.counts), histogram.total
+
+
+def _tally_from_row(
+    row: tuple[Any, ...],
+    finished: dict[tuple[str, str], FinishedBuilds],
+    queued: dict[str, Histogram],
+) -> None:
+    family, image_name, status, count, bounds, buckets, total = row
+    if not isinstance(image_name, str) or not isinstance(status, str):
+        raise TypeError("not a label value")
+    if not isinstance(count, int) or count < 0:
+        raise ValueError("not a count")
+    expected = FINISHED_DURATION_BUCKETS if family == _FINISHED else QUEUE_DURATION_BUCKETS
+    histogram = Histogram.empty(expected)
+    counts = tuple(json.loads(buckets))
+    # Saved with other bounds (an older exporter's): the histogram begins at zero, which
+    # Prometheus reads as a counter reset.
+    if tuple(json.loads(bounds)) == expected:
+        if len(counts) != len(expected) + 1 or not all(
+            isinstance(value, int) and value >= 0 for value in counts
+        ):
+            raise ValueError("not the counts of its buckets")
+        histogram = Histogram(expected, counts, float(_optional_float(total) or 0.0))
+    if family == _FINISHED:
+        finished[(image_name, status)] = FinishedBuilds(count, histogram)
+    elif family == _QUEUED:
+        if histogram.count:
+            queued[image_name] = histogram
+    else:
+        raise ValueError(f"unknown family {family!r}")
+
+
 def _lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
@@ -343,10 +538,16 @@ def _connect(path: Path) -> sqlite3.Connection:
         # WAL with synchronous=NORMAL: a power cut may lose the last moments, never the file.
         connection.execute("PRAGMA synchronous=NORMAL")
         version = _check_schema(connection)
-        connection.execute(_SCHEMA)
-        if version == 1:
-            connection.execute(_ADD_DISCOVERED)
-        connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        with connection:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute(_SCHEMA)
+            connection.execute(_TALLIES)
+            connection.execute(_IMAGE_HEALTH)
+            if version > 0:
+                for step in range(version, SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[step]:
+                        connection.execute(statement)
+            connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         connection.execute("SELECT count(*) FROM builds").fetchone()
         connection.isolation_level = "DEFERRED"
     except BaseException:
@@ -395,6 +596,7 @@ def _row_from_record(record: BuildRecord) -> tuple[object, ...]:
         record.last_change_time,
         int(record.retired),
         int(record.discovered),
+        int(record.seen_unstarted),
     )
 
 
@@ -412,7 +614,10 @@ def _record_from_row(row: tuple[Any, ...]) -> BuildRecord:
         last_change_time,
         retired,
         discovered,
+        *newer,
     ) = row
+    # A file of an older schema, read without migrating it (it may not be written).
+    seen_unstarted = newer[0] if newer else answer is not None
     if not isinstance(build_id, str):
         raise TypeError("build_id")
     build = None if answer is None else parse_build(str(answer).encode())
@@ -435,6 +640,7 @@ def _record_from_row(row: tuple[Any, ...]) -> BuildRecord:
         restored=True,
         retired=retired,
         discovered=bool(discovered),
+        seen_unstarted=bool(seen_unstarted) and (build is None or build.started_at is None),
     )
 
 
@@ -453,6 +659,10 @@ class StateSync:
         self._state = state
         self._written: Mapping[str, BuildRecord] = dict(restored.records)
         self._version: int | None = None
+        # The tallies last written: the store's objects, replaced whenever they change.
+        self._written_tallies: Tallies | None = None
+        # The health last written; its values are replaced whenever they change.
+        self._written_health: Mapping[HealthKey, ImageHealth] = dict(restored.health)
 
     def sync(self, snapshot: Snapshot) -> int:
         """Write the records that differ from the last write; returns how many."""
@@ -475,9 +685,31 @@ class StateSync:
             for build_id in candidates
             if build_id in written and build_id not in snapshot.records
         ]
-        self._state.save(changed, removed)
+        written_tallies = self._written_tallies
+        tallies = None
+        if (
+            written_tallies is None
+            or written_tallies.finished is not snapshot.finished
+            or written_tallies.queued is not snapshot.queued
+        ):
+            tallies = snapshot.tallies
+        health = None
+        if snapshot.health is not self._written_health:
+            written_health = self._written_health
+            health = HealthChanges(
+                [
+                    (key, value)
+                    for key, value in snapshot.health.items()
+                    if written_health.get(key) is not value
+                ],
+                [key for key in written_health if key not in snapshot.health],
+            )
+        self._state.save(changed, removed, tallies, health)
         self._written = snapshot.records
         self._version = snapshot.version
+        self._written_health = snapshot.health
+        if tallies is not None:
+            self._written_tallies = tallies
         return len(changed)
 
     def close(self) -> None:

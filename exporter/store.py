@@ -15,13 +15,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
+from exporter import health as image_health
+from exporter.health import HealthKey, ImageHealth
 from exporter.listing import ListingCut
 from exporter.models import Build, ImageRow, Outcome
-from exporter.telemetry import Histogram
+from exporter.telemetry import Exemplar, Histogram
 
 # A change log this short is never restarted, however few builds are tracked.
 _MIN_CHANGE_LOG = 1024
 FINISHED_DURATION_BUCKETS = (60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
+# A queue is seconds when the API has room, up to an hour when it has none.
+QUEUE_DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
 
 
 class BuildState(enum.StrEnum):
@@ -45,6 +49,8 @@ class BuildRecord:
     last_error: Outcome | None = None
     last_success_time: float | None = None
     seen_unfinished: bool = False
+    # The last answer had no startedAt: its start, once seen, is observed in the queue time.
+    seen_unstarted: bool = False
     # Wall-clock times of the last poll, and of the last answer that differed from the one
     # before (the adaptive cadence polls an unchanged build less often).
     last_poll_time: float | None = None
@@ -76,6 +82,17 @@ class FinishedBuilds:
 
 
 @dataclass(frozen=True)
+class Tallies:
+    """What builds were seen to do, kept across restarts in the state file: finishes per
+    ``(image_name, status)``, and queue times of builds seen to start per ``image_name``."""
+
+    finished: Mapping[tuple[str, str], FinishedBuilds] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    queued: Mapping[str, Histogram] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
 class ChangeLog:
     """Which builds changed at which version, from ``since`` on, in version order. Only ever
     appended to; the store starts a new one when it grows too long."""
@@ -103,6 +120,14 @@ class Snapshot:
         default_factory=lambda: MappingProxyType(dict.fromkeys(BuildState, 0))
     )
     changes: ChangeLog = field(default_factory=lambda: ChangeLog(0))
+    # Per image_name: queue times of the builds seen to start. The same object until one starts.
+    queued: Mapping[str, Histogram] = field(default_factory=lambda: MappingProxyType({}))
+    # Per image name and tag (exporter.health). The same object until a build changes one.
+    health: Mapping[HealthKey, ImageHealth] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def tallies(self) -> Tallies:
+        return Tallies(self.finished, self.queued)
 
     @property
     def all_polled(self) -> bool:
@@ -142,23 +167,51 @@ class Swept:
 class BuildStore:
     """Latest state of each tracked build; snapshots are built lazily, once per change.
 
-    ``restored`` records (from the state file) are taken up when their builds are tracked.
+    ``restored`` records (from the state file) are taken up when their builds are tracked;
+    ``tallies`` and ``health`` (from it too) go on counting.
     """
 
-    def __init__(self, restored: Mapping[str, BuildRecord] | None = None) -> None:
+    def __init__(
+        self,
+        restored: Mapping[str, BuildRecord] | None = None,
+        tallies: Tallies | None = None,
+        health: Mapping[HealthKey, ImageHealth] | None = None,
+    ) -> None:
         self._lock = threading.Lock()
         self._records: dict[str, BuildRecord] = {}
         # Whether the latest snapshot holds ``_records`` itself: it is copied before the next
         # write, so a scrape never pays for the copy and a snapshot never changes.
         self._records_shared = False
         self._restored = dict(restored or {})
-        self._finished: dict[tuple[str, str], FinishedBuilds] = {}
+        tallies = tallies or Tallies()
+        self._finished: dict[tuple[str, str], FinishedBuilds] = dict(tallies.finished)
         # The same object until a build finishes, so readers can tell it did not change.
-        self._finished_view: Mapping[tuple[str, str], FinishedBuilds] = MappingProxyType({})
+        self._finished_view: Mapping[tuple[str, str], FinishedBuilds] = MappingProxyType(
+            self._finished
+        )
+        self._queued: Mapping[str, Histogram] = MappingProxyType(dict(tallies.queued))
+        self._health = dict(health or {})
+        # Folding a restored build in again changes nothing; a file written before health was
+        # kept gets it from its finished builds.
+        for record in self._restored.values():
+            if record.finished and record.build is not None:
+                change = image_health.fold(self._health, record.build_id, record.build)
+                if change is not None:
+                    image_health.put(self._health, *change)
+        # As for the records: copied before a write once a snapshot holds it; the view is None
+        # until the next snapshot after a change.
+        self._health_shared = False
+        self._health_view: Mapping[HealthKey, ImageHealth] | None = None
+        self._snapshot = Snapshot(
+            0,
+            MappingProxyType({}),
+            self._finished_view,
+            queued=self._queued,
+            health=self._health_snapshot(),
+        )
         self._states = dict.fromkeys(BuildState, 0)
         self._version = 0
         self._changes = ChangeLog(0)
-        self._snapshot = Snapshot(0, MappingProxyType({}), MappingProxyType({}))
 
     def track(
         self, build_ids: Iterable[str], discovered: Iterable[str] = ()
@@ -228,13 +281,18 @@ class BuildStore:
                 last_error=None,
                 last_success_time=now,
                 seen_unfinished=before.seen_unfinished or not finished,
+                seen_unstarted=build.started_at is None,
                 last_poll_time=now,
                 last_change_time=now
                 if changed or before.last_change_time is None
                 else before.last_change_time,
             )
             if finished and before.seen_unfinished and not before.finished:
-                self._count_finished(build)
+                self._count_finished(build, now)
+            if before.seen_unstarted and build.started_at is not None:
+                self._count_started(build, now)
+            if finished and changed:
+                self._fold_health(build_id, build)
             self._version += 1
             self._put(after)
         return Transition(before, after, answer_changed=changed and before.build is not None)
@@ -311,6 +369,8 @@ class BuildStore:
                     self._finished_view,
                     MappingProxyType(dict(self._states)),
                     self._changes,
+                    self._queued,
+                    self._health_snapshot(),
                 )
                 self._records_shared = True
             return self._snapshot
@@ -339,14 +399,14 @@ class BuildStore:
             self._changes = ChangeLog(self._version)
         self._changes.append(self._version, build_id)
 
-    def _count_finished(self, build: Build) -> None:
+    def _count_finished(self, build: Build, now: float) -> None:
         key = (build.image_name, build.status_label)
         previous = self._finished.get(key, FinishedBuilds())
         duration = build.duration_seconds
         counted = FinishedBuilds(
             count=previous.count + 1,
             durations=(
-                previous.durations.observe(duration)
+                previous.durations.observe(duration, Exemplar(build.id, duration, now))
                 if duration is not None and duration >= 0
                 else previous.durations
             ),
@@ -354,6 +414,36 @@ class BuildStore:
         # A new mapping: snapshots already taken keep theirs unchanged.
         self._finished = {**self._finished, key: counted}
         self._finished_view = MappingProxyType(self._finished)
+
+    def _fold_health(self, build_id: str, build: Build) -> None:
+        change = image_health.fold(self._health, build_id, build)
+        if change is None:
+            return
+        if self._health_shared:
+            self._health = dict(self._health)
+            self._health_shared = False
+        image_health.put(self._health, *change)
+        self._health_view = None
+
+    def _health_snapshot(self) -> Mapping[HealthKey, ImageHealth]:
+        if self._health_view is None:
+            self._health_view = MappingProxyType(self._health)
+            self._health_shared = True
+        return self._health_view
+
+    def _count_started(self, build: Build, now: float) -> None:
+        queued = build.queued_seconds
+        # Clock skew on the API's side (a start before the creation): nothing to observe.
+        if queued is None:
+            return
+        previous = self._queued.get(build.image_name) or Histogram.empty(QUEUE_DURATION_BUCKETS)
+        # A new mapping: snapshots already taken keep theirs unchanged.
+        self._queued = MappingProxyType(
+            {
+                **self._queued,
+                build.image_name: previous.observe(queued, Exemplar(build.id, queued, now)),
+            }
+        )
 
 
 def _failed(record: BuildRecord, outcome: Outcome, now: float | None = None) -> BuildRecord:

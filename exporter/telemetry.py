@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
+from typing import NamedTuple
 
 from exporter.models import API_DOWN_OUTCOMES, Outcome
 
@@ -64,23 +65,40 @@ class StateStatus(StrEnum):
     DISABLED = "disabled"
 
 
+class Exemplar(NamedTuple):
+    """An observation a histogram's bucket shows beside its count in OpenMetrics: which build,
+    its value, and when (wall clock) it was observed."""
+
+    build_id: str
+    value: float
+    timestamp: float
+
+
 @dataclass(frozen=True, slots=True)
 class Histogram:
-    """An immutable histogram: per-bucket counts (not cumulative), plus sum and count."""
+    """An immutable histogram: per-bucket counts (not cumulative), plus sum and count; with
+    exemplars, each bucket's last observation (None where it has none yet). Exemplars are not
+    part of its value: two histograms of the same counts are equal."""
 
     bounds: tuple[float, ...]
     counts: tuple[int, ...]
     total: float = 0.0
+    exemplars: tuple[Exemplar | None, ...] = field(default=(), compare=False)
 
     @classmethod
     def empty(cls, bounds: tuple[float, ...]) -> Histogram:
         return cls(bounds, (0,) * (len(bounds) + 1))
 
-    def observe(self, value: float) -> Histogram:
+    def observe(self, value: float, exemplar: Exemplar | None = None) -> Histogram:
         index = bisect.bisect_left(self.bounds, value)
         counts = list(self.counts)
         counts[index] += 1
-        return Histogram(self.bounds, tuple(counts), self.total + value)
+        exemplars = self.exemplars
+        if exemplar is not None:
+            kept = list(exemplars or (None,) * len(counts))
+            kept[index] = exemplar
+            exemplars = tuple(kept)
+        return Histogram(self.bounds, tuple(counts), self.total + value, exemplars)
 
     @property
     def count(self) -> int:

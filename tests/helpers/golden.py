@@ -1,4 +1,5 @@
-"""The exporter behind the golden files: one build of each status, one undocumented, one finish."""
+"""The exporter behind the golden files: one build of each status, one undocumented, and one
+seen queued, then finished (its start and its finish observed)."""
 
 from __future__ import annotations
 
@@ -45,12 +46,13 @@ MISSING = "golden-missing"
 
 @contextmanager
 def golden_exporter() -> Iterator[RunningExporter]:
-    """An exporter that has seen one build of each status, one undocumented, one finish.
+    """An exporter that has seen one build of each status, one undocumented, one start and finish.
 
     Tests share one per module: they only read from it.
     """
     with Simulator(CANARY_API_KEY, fixed_plans()) as simulator:
-        simulator.set_payload(FINISHING.build_id, FINISHING.payload(EPOCH + 100))
+        # Still queued (PENDING, no startedAt) at its first poll: its start is observed.
+        simulator.set_payload(FINISHING.build_id, FINISHING.payload(EPOCH + 5))
         simulator.set_payload("golden-undocumented", UNDOCUMENTED)
         # The build's own error message, which the official client reads though the spec
         # leaves it out.

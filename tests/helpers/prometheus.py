@@ -144,9 +144,14 @@ def start_service(
 
 
 def start_prometheus(
-    binary: str, config: dict[str, Any], directory: Path, cleanup: ExitStack
+    binary: str,
+    config: dict[str, Any],
+    directory: Path,
+    cleanup: ExitStack,
+    flags: Sequence[str] = (),
 ) -> Prometheus:
-    """Debian's Prometheus with ``config`` as prometheus.yml, its data in ``directory``."""
+    """Debian's Prometheus with ``config`` as prometheus.yml, its data in ``directory``, and
+    any more command-line ``flags``."""
     (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
     service = start_service(
         "prometheus",
@@ -155,6 +160,7 @@ def start_prometheus(
             f"--config.file={directory / 'prometheus.yml'}",
             f"--storage.tsdb.path={directory / 'prometheus-data'}",
             f"--web.listen-address=127.0.0.1:{port}",
+            *flags,
         ],
         directory,
         cleanup,
@@ -195,6 +201,13 @@ class Prometheus:
         """Every rule of every group, with its health, last error and last evaluation."""
         groups: list[dict[str, Any]] = self._get("/api/v1/rules")["groups"]
         return [rule for group in groups for rule in group["rules"]]
+
+    def exemplars(self, selector: str, start: float, end: float) -> list[dict[str, Any]]:
+        """The exemplars Prometheus keeps of the series ``selector`` picks, per series."""
+        result: list[dict[str, Any]] = self._get(
+            "/api/v1/query_exemplars", query=selector, start=str(start), end=str(end)
+        )
+        return result
 
     def targets(self) -> list[dict[str, Any]]:
         """The active scrape targets, with their labels and health."""

@@ -32,7 +32,7 @@ from exporter.budget import Clock
 from exporter.config.credentials import ApiKeySource
 from exporter.config.schema import Config, ConfigFile
 from exporter.demo.simulator import ArtifactPlan, BuildPlan, Simulator
-from exporter.metrics import per_build_families, summary_families
+from exporter.metrics import health_families, per_build_families, summary_families
 from exporter.models import ARTIFACT_TYPES, BUILD_STATUSES, MAX_LABEL_LENGTH
 from exporter.store import Snapshot
 from exporter.web.connections import ServerLimits
@@ -405,6 +405,7 @@ def build_families(snapshot: Snapshot, max_artifacts_per_build: int = 64) -> lis
     return [
         *per_build_families(snapshot.records.values(), max_artifacts_per_build),
         *summary_families(snapshot),
+        *health_families(snapshot.health),
     ]
 
 

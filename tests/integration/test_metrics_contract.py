@@ -135,6 +135,21 @@ def test_a_build_seen_finishing_is_counted_once_with_its_duration(
     )
 
 
+def test_a_build_seen_queued_then_started_observes_its_queue_time_once(
+    golden_exporter: RunningExporter,
+) -> None:
+    samples = golden_exporter.samples()
+    trainer = frozenset({("image_name", "trainer")})
+    name = "primeintellect_image_builds_queue_duration_seconds"
+    # Created at EPOCH, pending for 10 s: startedAt - createdAt.
+    assert samples[(f"{name}_count", trainer)] == 1.0
+    assert samples[(f"{name}_sum", trainer)] == 10.0
+    assert samples[(f"{name}_bucket", trainer | {("le", "5.0")})] == 0.0
+    assert samples[(f"{name}_bucket", trainer | {("le", "15.0")})] == 1.0
+    # Builds already started at their first poll are not observed.
+    assert {labels for sample, labels in samples if sample == f"{name}_count"} == {trainer}
+
+
 def test_openmetrics_response_parses_and_ends_with_eof(golden_exporter: RunningExporter) -> None:
     response = golden_exporter.get("/metrics", headers={"Accept": OPENMETRICS})
     assert response.headers["Content-Type"].startswith("application/openmetrics-text")
@@ -142,6 +157,28 @@ def test_openmetrics_response_parses_and_ends_with_eof(golden_exporter: RunningE
     assert response.text.count("# EOF") == 1
     names = {family.name for family in openmetrics_families(response.text)}  # type: ignore[no-untyped-call]
     assert {"primeintellect_image_build", "primeintellect_exporter_api_requests"} <= names
+
+
+def test_openmetrics_buckets_carry_the_build_of_their_last_observation_and_text_none(
+    golden_exporter: RunningExporter,
+) -> None:
+    response = golden_exporter.get("/metrics", headers={"Accept": OPENMETRICS})
+    exemplars = {
+        (sample.name, sample.labels["le"]): sample.exemplar
+        for family in openmetrics_families(response.text)  # type: ignore[no-untyped-call]
+        for sample in family.samples
+        if sample.exemplar is not None
+    }
+    finished = "primeintellect_image_builds_finished_duration_seconds_bucket"
+    queued = "primeintellect_image_builds_queue_duration_seconds_bucket"
+    assert set(exemplars) == {(finished, "600.0"), (queued, "15.0")}
+    build = {"build_id": golden.FINISHING.build_id}
+    assert exemplars[(finished, "600.0")].labels == build
+    assert exemplars[(finished, "600.0")].value == 320.0
+    assert exemplars[(queued, "15.0")].labels == build
+    assert exemplars[(queued, "15.0")].value == 10.0
+    assert float(exemplars[(queued, "15.0")].timestamp) == golden.POLL_TIME
+    assert " # {" not in golden_exporter.metrics_text()
 
 
 def test_gzip_response_is_one_gzip_member_of_the_same_exposition(

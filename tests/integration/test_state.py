@@ -16,8 +16,8 @@ import pytest
 
 from exporter.demo.simulator import BuildPlan, Simulator, random_plans
 from exporter.models import Outcome, parse_build
-from exporter.state import Restored, StateFile, encode_build, open_state
-from exporter.store import BuildRecord
+from exporter.state import SCHEMA_VERSION, Restored, StateFile, StateSync, encode_build, open_state
+from exporter.store import BuildRecord, BuildStore
 from exporter.telemetry import StateStatus
 from tests.helpers.support import (
     CANARY_API_KEY,
@@ -27,6 +27,7 @@ from tests.helpers.support import (
     environment,
     make_config,
     parse_samples,
+    polls,
     wait_until,
 )
 
@@ -223,7 +224,7 @@ def test_a_state_file_of_schema_1_is_taken_up_with_every_build_configured(tmp_pa
     reopened.close()
     assert again.records[done.build_id].discovered
     with sqlite3.connect(state_path) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_a_state_file_held_by_another_process_is_read_but_never_written(
@@ -307,7 +308,14 @@ def test_every_field_of_a_record_survives_a_restart(tmp_path: Path) -> None:
         seen_unfinished=True,
     )
     discovered = dataclasses.replace(record_of(finished_plan(3)), discovered=True)
-    records = [record_of(finished_plan(1)), record_of(unfinished_plan(2)), failing, discovered]
+    queued = dataclasses.replace(record_of(unfinished_plan(4), EPOCH + 5), seen_unstarted=True)
+    records = [
+        record_of(finished_plan(1)),
+        record_of(unfinished_plan(2)),
+        failing,
+        discovered,
+        queued,
+    ]
     writer = StateFile.open(state_path)
     writer.save(records)
     writer.close()
@@ -448,3 +456,161 @@ def test_a_killed_exporter_leaves_a_state_file_the_next_one_takes_up(
         second.stop()
     assert (restored, finished) == (50, 50)
     assert len(simulator.requests()) == requested
+
+
+# The table as schema 2 made it, before starts were observed and tallies kept.
+SCHEMA_2 = SCHEMA_1.replace(
+    "retired INTEGER NOT NULL", "retired INTEGER NOT NULL, discovered INTEGER NOT NULL DEFAULT 0"
+)
+
+
+def test_a_state_file_of_schema_2_observes_queued_builds_and_gets_health_from_finished_ones(
+    tmp_path: Path,
+) -> None:
+    state_path = tmp_path / "state.db"
+    queued_plan = BuildPlan("queued", "trainer", "v1", EPOCH, 600, 10, 10)
+    running_plan = BuildPlan("running", "trainer", "v1", EPOCH, 10, 10, 600)
+    queued, running = record_of(queued_plan, EPOCH + 5), record_of(running_plan, EPOCH + 100)
+    failed = record_of(BuildPlan("failed", "trainer", "v0", EPOCH, 10, 10, 10, "FAILED"))
+    with sqlite3.connect(state_path) as connection:
+        connection.execute(SCHEMA_2)
+        for record in (queued, running, failed):
+            assert record.build is not None
+            connection.execute(
+                "INSERT INTO builds VALUES (?, ?, ?, 1, 1, 1, NULL, ?, ?, ?, 0, 1)",
+                (
+                    record.build_id,
+                    encode_build(record.build),
+                    int(record.finished),
+                    EPOCH,
+                    EPOCH,
+                    EPOCH,
+                ),
+            )
+        connection.execute("PRAGMA user_version=2")
+    connection.close()
+    state, restored = opened(state_path)
+    assert state is not None
+    state.close()
+    assert restored.records["queued"].seen_unstarted
+    assert not restored.records["running"].seen_unstarted
+    assert restored.records["running"].discovered
+    store = BuildStore(restored.records, restored.tallies, restored.health)
+    # The file kept no health: it comes from the finished builds it holds.
+    health = store.snapshot().health[("trainer", "v0")]
+    assert (health.consecutive_failures, health.failing_since) == (1, EPOCH + 30)
+    store.track(["queued", "running"])
+    for plan in (queued_plan, running_plan):
+        store.record_success(
+            plan.build_id, parse_build(json.dumps(plan.payload(EPOCH + 700)).encode()), EPOCH + 700
+        )
+    assert {name: h.count for name, h in store.snapshot().queued.items()} == {"trainer": 1}
+    with sqlite3.connect(state_path) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    connection.close()
+
+
+def test_the_tallies_are_written_with_the_builds_and_read_back(tmp_path: Path) -> None:
+    state_path = tmp_path / "state.db"
+    plan = BuildPlan("b1", "trainer", "v1", EPOCH, 30, 10, 60)
+    state, restored = opened(state_path)
+    assert state is not None
+    store = BuildStore(restored.records, restored.tallies, restored.health)
+    store.track(["b1"])
+    for moment in (EPOCH + 5, EPOCH + 50, EPOCH + 200):
+        answer = parse_build(json.dumps(plan.payload(moment)).encode())
+        store.record_success("b1", answer, moment)
+    sync = StateSync(state, restored)
+    assert sync.sync(store.snapshot()) == 1
+    sync.close()
+    written = store.snapshot()
+    state, again = opened(state_path)
+    assert state is not None
+    state.close()
+    assert dict(again.tallies.finished) == dict(written.finished)
+    assert dict(again.tallies.queued) == dict(written.queued)
+    assert again.tallies.queued["trainer"].total == 30.0
+    assert not again.records["b1"].seen_unstarted
+    assert dict(again.health) == dict(written.health)
+    assert again.health[("trainer", "v1")].last_success == EPOCH + 100
+
+
+def test_the_histograms_and_image_health_are_kept_across_a_restart_of_the_exporter(
+    tmp_path: Path,
+) -> None:
+    state_path = tmp_path / "state.db"
+    plans = [
+        BuildPlan("starts-first", "trainer", "v1", EPOCH, 40, 10, 100),
+        BuildPlan("starts-later", "trainer", "v2", EPOCH, 700, 10, 100),
+    ]
+    fails = BuildPlan("fails", "trainer", "v1", EPOCH + 200, 5, 5, 5, "FAILED")
+    with Simulator(CANARY_API_KEY) as simulator:
+        for plan in plans:
+            simulator.set_payload(plan.build_id, plan.payload(EPOCH + 5))
+        simulator.set_payload(fails.build_id, fails.payload(EPOCH + 1000))
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            f"api:\n  base_url: {simulator.base_url}\n  requests_per_second: 64\n"
+            "polling:\n  interval: 1s\n  max_interval: 1s\n"
+            "builds:\n  - starts-first\n  - starts-later\n  - fails\n"
+            f"state:\n  path: {state_path}\nweb:\n  listen_address: 127.0.0.1:0\n"
+        )
+        env = environment(PRIME_API_KEY=CANARY_API_KEY)
+
+        def histograms(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+            samples = parse_samples(httpx.get(url + "/metrics").text)
+            return {
+                key: value
+                for key, value in samples.items()
+                if key[0].startswith("primeintellect_image_builds_")
+            }
+
+        queue_count = "primeintellect_image_builds_queue_duration_seconds_count"
+        trainer = frozenset({("image_name", "trainer")})
+        first = Daemon("--config.file", str(config), env=env)
+        try:
+            url = first.wait_for_url()
+            wait_until(
+                lambda: (
+                    polls(simulator, "starts-first") > 0 and polls(simulator, "starts-later") > 0
+                ),
+                message="both builds seen queued",
+            )
+            simulator.set_payload(plans[0].build_id, plans[0].payload(EPOCH + 1000))
+            wait_until(
+                lambda: (
+                    histograms(url).get((queue_count, trainer)) == 1.0
+                    and (
+                        "primeintellect_image_builds_finished_total",
+                        trainer | {("status", "COMPLETED")},
+                    )
+                    in histograms(url)
+                ),
+                message="the first build seen to start and finish",
+            )
+            before = histograms(url)
+        finally:
+            first.stop()
+        second = Daemon("--config.file", str(config), env=env)
+        try:
+            url = second.wait_for_url()
+            # Restored, not observed again: the counts go on from where they were.
+            assert histograms(url) == before
+            simulator.set_payload(plans[1].build_id, plans[1].payload(EPOCH + 800))
+            wait_until(
+                lambda: histograms(url).get((queue_count, trainer)) == 2.0,
+                message="the second build seen to start after the restart",
+            )
+            after = histograms(url)
+        finally:
+            second.stop()
+    sum_name = "primeintellect_image_builds_queue_duration_seconds_sum"
+    assert (before[(sum_name, trainer)], after[(sum_name, trainer)]) == (40.0, 740.0)
+    v1 = trainer | {("image_tag", "v1")}
+    assert before[("primeintellect_image_builds_last_success_timestamp_seconds", v1)] == (
+        EPOCH + 150
+    )
+    assert before[("primeintellect_image_builds_consecutive_failures", v1)] == 1
+    assert before[("primeintellect_image_builds_failing_since_timestamp_seconds", v1)] == (
+        EPOCH + 215
+    )

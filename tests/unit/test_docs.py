@@ -25,6 +25,7 @@ from exporter.listing import ListingCut
 from exporter.metrics import (
     build_list_families,
     exporter_families,
+    health_families,
     inventory_families,
     per_build_families,
     summary_families,
@@ -158,6 +159,7 @@ def every_family() -> list[Metric]:
     return [
         *per_build_families(()),
         *summary_families(Snapshot(version=0, records={}, finished={})),
+        *health_families({}),
         *exporter_families(
             TelemetrySnapshot(
                 api_up=None, rate_limited_until=0.0, config_reload_successful={}, internal_errors={}

@@ -12,8 +12,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from exporter.demo.simulator import random_plans
 from exporter.exposition import BUILD_FAMILY_COUNT, OPENMETRICS_EOF, ExpositionFormat, render
 from exporter.exposition_cache import CHUNK_SIZE, FEW_CHANGED_BUILDS, Body, ExpositionCache
+from exporter.metrics import summary_families
 from exporter.models import Outcome, parse_build
-from exporter.store import BuildStore
+from exporter.store import FINISHED_DURATION_BUCKETS, BuildStore, FinishedBuilds, Snapshot
+from exporter.telemetry import Exemplar, Histogram
 from tests.helpers.support import EPOCH, build_families
 
 FORMATS = [ExpositionFormat.TEXT, ExpositionFormat.OPENMETRICS]
@@ -281,3 +283,20 @@ def test_a_reader_behind_a_restarted_change_log_renders_everything_again() -> No
     assert scenario.store.snapshot().changed_since(1) is None
     body = cache.body(ExpositionFormat.TEXT, gzip=True).join()
     assert zlib.decompress(body, wbits=31) == expected(scenario.store, ExpositionFormat.TEXT)
+
+
+def test_an_exemplar_too_long_for_openmetrics_is_left_out_and_its_bucket_kept() -> None:
+    long_id, short_id = "b" * 121, "b" * 120
+    finished = {}
+    for build_id in (long_id, short_id):
+        histogram = Histogram.empty(FINISHED_DURATION_BUCKETS).observe(
+            30.0, Exemplar(build_id, 30.0, EPOCH)
+        )
+        finished[(build_id, "COMPLETED")] = FinishedBuilds(1, histogram)
+    snapshot = Snapshot(version=1, records={}, finished=finished)
+    text = render(summary_families(snapshot), ExpositionFormat.OPENMETRICS).decode()
+    assert f'# {{build_id="{short_id}"}} 30.0 {EPOCH}' in text
+    assert f'build_id="{long_id}"' not in text
+    assert f'{{image_name="{long_id}",le="60.0",status="COMPLETED"}} 1.0\n' in text
+    plain = render(summary_families(snapshot), ExpositionFormat.TEXT).decode()
+    assert "# {" not in plain

@@ -25,6 +25,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "exporter.config.schema",
         "exporter.config.loading",
         "exporter.telemetry",
+        "exporter.health",
         "exporter.store",
         "exporter.state exporter.api",
         "exporter.budget",

@@ -6,8 +6,15 @@ import json
 from typing import Any
 
 from exporter.models import Build, Outcome, parse_build
-from exporter.store import BuildRecord, BuildState, BuildStore
-from exporter.telemetry import Histogram
+from exporter.store import (
+    QUEUE_DURATION_BUCKETS,
+    BuildRecord,
+    BuildState,
+    BuildStore,
+    FinishedBuilds,
+    Tallies,
+)
+from exporter.telemetry import Exemplar, Histogram
 from tests.helpers.support import EPOCH
 
 FINISHED_PAYLOAD = {
@@ -47,6 +54,94 @@ def test_a_build_already_finished_at_its_first_poll_is_not_counted() -> None:
     store.record_success("b1", build(), EPOCH)
     assert store.snapshot().finished == {}
     assert store.snapshot().records["b1"].state is BuildState.FINISHED
+
+
+QUEUED = {"status": "PENDING", "startedAt": None, "completedAt": None}
+
+
+def queue_times(store: BuildStore) -> dict[str, tuple[int, float]]:
+    return {name: (h.count, h.total) for name, h in store.snapshot().queued.items()}
+
+
+def test_a_build_seen_queued_then_started_observes_its_queue_time_once() -> None:
+    store = BuildStore()
+    store.track(["b1"])
+    store.record_success("b1", build(**QUEUED), EPOCH)
+    store.record_success("b1", build(**RUNNING), EPOCH + 1)
+    store.record_success("b1", build(**RUNNING), EPOCH + 2)
+    store.record_success("b1", build(), EPOCH + 3)
+    queued = store.snapshot().queued["trainer"]
+    assert (queued.count, queued.total) == (1, 60.0)
+    assert queued.counts[queued.bounds.index(60.0)] == 1
+
+
+def test_a_build_already_started_at_its_first_poll_is_not_observed() -> None:
+    store = BuildStore()
+    store.track(["b1", "b2"])
+    store.record_success("b1", build(**RUNNING), EPOCH)
+    store.record_success("b2", build(id="b2"), EPOCH)
+    assert queue_times(store) == {}
+
+
+def test_a_start_is_observed_even_after_the_queued_values_went_stale() -> None:
+    store = BuildStore()
+    store.track(["b1"])
+    store.record_success("b1", build(**QUEUED), EPOCH)
+    assert store.sweep(EPOCH + 100, stale_after=60).expired == ["b1"]
+    store.record_success("b1", build(**RUNNING), EPOCH + 200)
+    assert queue_times(store) == {"trainer": (1, 60.0)}
+
+
+def test_a_restored_build_is_observed_only_if_it_was_saved_queued() -> None:
+    queued = BuildRecord("b1", build(**QUEUED), polled=True, seen_unstarted=True, restored=True)
+    running = BuildRecord("b2", build(id="b2", **RUNNING), polled=True, restored=True)
+    store = BuildStore({"b1": queued, "b2": running})
+    store.track(["b1", "b2"])
+    store.record_success("b1", build(**RUNNING), EPOCH)
+    store.record_success("b2", build(id="b2"), EPOCH)
+    assert queue_times(store) == {"trainer": (1, 60.0)}
+
+
+def test_a_start_before_the_creation_is_not_observed() -> None:
+    store = BuildStore()
+    store.track(["b1"])
+    store.record_success("b1", build(**QUEUED), EPOCH)
+    store.record_success("b1", build(**RUNNING, startedAt="2025-12-31T23:59:00Z"), EPOCH + 1)
+    assert queue_times(store) == {}
+    assert not store.snapshot().records["b1"].seen_unstarted
+
+
+def test_a_bucket_shows_the_last_build_observed_in_it() -> None:
+    store = BuildStore()
+    store.track(["b1", "b2", "b3"])
+    for build_id, started in (("b1", "00:01:00"), ("b2", "00:00:50"), ("b3", "00:10:00")):
+        store.record_success(build_id, build(id=build_id, **QUEUED), EPOCH)
+        store.record_success(
+            build_id, build(id=build_id, **RUNNING, startedAt=f"2026-01-01T{started}Z"), EPOCH + 1
+        )
+    queued = store.snapshot().queued["trainer"]
+    exemplars = dict(zip((*queued.bounds, float("inf")), queued.exemplars, strict=True))
+    assert exemplars[60.0] == Exemplar("b2", 50.0, EPOCH + 1)
+    assert exemplars[600.0] == Exemplar("b3", 600.0, EPOCH + 1)
+    assert exemplars[30.0] is None
+
+
+def test_restored_tallies_go_on_counting() -> None:
+    store = BuildStore(
+        tallies=Tallies(
+            {("trainer", "COMPLETED"): FinishedBuilds(count=4)},
+            {"trainer": Histogram.empty(QUEUE_DURATION_BUCKETS).observe(30.0)},
+        )
+    )
+    # Shown before anything is tracked.
+    assert queue_times(store) == {"trainer": (1, 30.0)}
+    assert store.snapshot().finished[("trainer", "COMPLETED")].count == 4
+    store.track(["b1"])
+    store.record_success("b1", build(**QUEUED), EPOCH)
+    store.record_success("b1", build(), EPOCH + 1)
+    snapshot = store.snapshot()
+    assert snapshot.finished[("trainer", "COMPLETED")].count == 5
+    assert queue_times(store) == {"trainer": (2, 90.0)}
 
 
 def test_a_finish_is_counted_even_after_the_running_values_went_stale() -> None:
