@@ -19,9 +19,12 @@ from exporter.telemetry import (
 )
 from tests.helpers.docs import (
     ALERTS_REFERENCE,
+    RUNBOOKS,
     DocumentedFamily,
+    anchors,
     documented_metric_names,
     documented_metrics,
+    headings,
     section,
 )
 from tests.helpers.support import REPOSITORY, find_binary
@@ -32,6 +35,13 @@ RULE_TESTS = sorted((MONITORING / "tests").glob("*.yaml"))
 # Alerts about one build; the rest are about the exporter or the API.
 BUILD_GROUP = "primeintellect-builds"
 SEVERITIES = {"critical", "warning", "info"}
+# The address of docs/runbooks.md that every runbook_url starts with; the Helm chart's
+# prometheusRule.runbookBaseUrl replaces it.
+RUNBOOK_BASE_URL = (
+    "https://github.com/primeintellect/primeintellect-build-exporter/blob/main/docs/runbooks.md"
+)
+# The parts of every runbook section.
+RUNBOOK_PARTS = ("**Meaning.**", "**Impact.**", "**What to check.**", "**How to silence.**")
 BUILD_LABELS = {"build_id", "image_name", "image_tag"}
 # Labels every series has once scraped: Prometheus's target labels, and the Prometheus
 # Operator's for a ServiceMonitor's targets.
@@ -145,12 +155,35 @@ def test_alert_names_are_unique() -> None:
 
 
 @pytest.mark.parametrize("rule", load_rules(), ids=lambda rule: str(rule["alert"]))
-def test_every_alert_has_a_severity_summary_description_and_runbook(rule: dict[str, Any]) -> None:
+def test_every_alert_has_a_severity_static_summary_description_and_runbook_url(
+    rule: dict[str, Any],
+) -> None:
     assert rule["labels"]["severity"] in SEVERITIES
     annotations = rule["annotations"]
+    assert set(annotations) == {"summary", "description", "runbook_url"}
+    # A headline that is the same for every instance: Alertmanager groups and deduplicates
+    # notifications by it; the values are in the description.
     assert annotations["summary"].strip()
+    assert "{{" not in annotations["summary"]
+    assert "$" not in annotations["summary"]
     assert annotations["description"].strip()
-    assert (annotations.get("runbook") or annotations.get("runbook_url", "")).strip()
+
+
+@pytest.mark.parametrize("rule", load_rules(), ids=lambda rule: str(rule["alert"]))
+def test_every_alert_links_to_its_own_section_of_the_runbooks(rule: dict[str, Any]) -> None:
+    url = rule["annotations"]["runbook_url"]
+    assert url == f"{RUNBOOK_BASE_URL}#{rule['alert'].lower()}"
+    assert url.partition("#")[2] in anchors(RUNBOOKS.read_text())
+
+
+def test_every_runbook_section_belongs_to_an_alert_and_says_all_it_must() -> None:
+    text = RUNBOOKS.read_text()
+    sections = [title for level, title in headings(text) if level == 2]
+    assert sorted(sections) == sorted(alert_names())
+    for title in sections:
+        body = section(text, title)
+        missing = [part for part in RUNBOOK_PARTS if part not in body]
+        assert not missing, f"the runbook of {title} lacks {missing}"
 
 
 @pytest.mark.parametrize("rule", rules_of_group(BUILD_GROUP), ids=lambda rule: str(rule["alert"]))

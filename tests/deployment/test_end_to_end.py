@@ -280,7 +280,9 @@ def test_failed_build_alert_reaches_the_webhook_with_build_labels_and_error_mess
     description = alert["annotations"]["description"]
     assert "eval:canary" in description
     assert f'"{FAILED_ERROR}"' in description
-    assert alert["annotations"]["summary"] == "Image build eval:canary FAILED"
+    assert alert["annotations"]["summary"] == "An image build FAILED"
+    runbook = alert["annotations"]["runbook_url"]
+    assert runbook.endswith("/docs/runbooks.md#primeintellectbuildfailed")
 
 
 def test_a_failed_image_of_the_team_alerts_with_its_error_and_no_build_id_configured(

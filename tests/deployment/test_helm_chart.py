@@ -489,6 +489,23 @@ def test_exporter_job_selector_value_wins_and_without_a_monitor_the_rules_file_s
     assert all(kept in unmonitored[name]["expr"] for name in EXPORTER_JOB_RULES)
 
 
+RULES_FILE_RUNBOOKS = (
+    "https://github.com/primeintellect/primeintellect-build-exporter/blob/main/docs/runbooks.md"
+)
+
+
+def test_runbook_links_point_to_the_runbook_base_url_value_else_to_the_projects_page() -> None:
+    wiki = "https://wiki.example.com/platform/build-exporter-runbooks"
+    values = {**WITH_MONITORING, "prometheusRule": {"enabled": True, "runbookBaseUrl": wiki}}
+    for base, rules in (
+        (wiki, rules_by_name(render_chart(values))),
+        (RULES_FILE_RUNBOOKS, rules_by_name(render_chart(WITH_MONITORING))),
+    ):
+        assert rules
+        for name, rule in rules.items():
+            assert rule["annotations"]["runbook_url"] == f"{base}#{name.lower()}"
+
+
 def test_dashboard_configmap_carries_exactly_the_repository_dashboard() -> None:
     for case in ("all-features", "no-servicemonitor"):
         configmap = render_case(case).one("ConfigMap", f"{FULLNAME}-dashboard")
@@ -739,6 +756,7 @@ def test_values_schema_takes_the_bcrypt_hashes_the_exporter_takes() -> None:
         ({"log": {"level": "verbose"}}, "/log/level"),
         ({"image": {"tag": 1}}, "/image/tag"),
         ({"prometheusRule": {"exporterJobSelector": "builds"}}, "does not match pattern"),
+        ({"prometheusRule": {"runbookBaseUrl": "wiki/runbooks#top"}}, "does not match pattern"),
         # A selector that would smuggle PromQL into the rule.
         ({"prometheusRule": {"exporterJobSelector": 'job="a"}) or vector(1'}}, "does not match"),
     ],

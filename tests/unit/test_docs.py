@@ -62,6 +62,7 @@ REFERENCE_PAGES = {
     "troubleshooting.md",
     "development.md",
     "benchmarks.md",
+    "runbooks.md",
 }
 
 
