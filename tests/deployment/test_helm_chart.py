@@ -49,6 +49,7 @@ from tests.helpers.support import CANARY_API_KEY, REPOSITORY, SCRIPT, environmen
 
 API_KEY_FILE = "/etc/primeintellect-build-exporter/secrets/api-key"
 ALERTS = REPOSITORY / "monitoring" / "alerts.yaml"
+RECORDING_RULES = REPOSITORY / "monitoring" / "rules.yaml"
 DASHBOARD = REPOSITORY / "monitoring" / "dashboard.json"
 CORE_KINDS = {
     "Deployment",
@@ -420,7 +421,12 @@ EXPORTER_JOB_RULES = {"PrimeIntellectExporterDown", "PrimeIntellectExporterAbsen
 
 def rules_by_name(rendered: Rendered) -> dict[str, dict[str, Any]]:
     rule = rendered.one("PrometheusRule", rendered.workload()["metadata"]["name"])
-    return {entry["alert"]: entry for group in rule["spec"]["groups"] for entry in group["rules"]}
+    return {
+        entry["alert"]: entry
+        for group in rule["spec"]["groups"]
+        for entry in group["rules"]
+        if "alert" in entry
+    }
 
 
 def service_monitor_job(rendered: Rendered) -> str:
@@ -433,14 +439,14 @@ def service_monitor_job(rendered: Rendered) -> str:
     return job
 
 
-def test_prometheus_rule_carries_the_repository_alerts_with_only_the_job_selector_replaced() -> (
-    None
-):
+def test_prometheus_rule_carries_the_repository_rules_with_only_the_job_selector_replaced() -> None:
     rendered = render_case("all-features")
     selector = f'job="{service_monitor_job(rendered)}"'
     expected = ALERTS.read_text().replace(RULES_FILE_JOB_SELECTOR, selector)
     rule = rendered.one("PrometheusRule")
-    assert rule["spec"] == {"groups": yaml.safe_load(expected)["groups"]}
+    recording = yaml.safe_load(RECORDING_RULES.read_text())["groups"]
+    assert recording, "monitoring/rules.yaml has no rule groups"
+    assert rule["spec"] == {"groups": recording + yaml.safe_load(expected)["groups"]}
     assert rule["spec"]["groups"], "monitoring/alerts.yaml has no rule groups"
     assert expected != ALERTS.read_text(), (
         f"the rules file no longer holds {RULES_FILE_JOB_SELECTOR}"
@@ -519,7 +525,11 @@ def test_dashboard_configmap_carries_exactly_the_repository_dashboard() -> None:
 
 
 def test_chart_reaches_the_rules_and_dashboard_through_symlinks_to_one_source() -> None:
-    for linked, source in (("alerts.yaml", ALERTS), ("dashboard.json", DASHBOARD)):
+    for linked, source in (
+        ("alerts.yaml", ALERTS),
+        ("rules.yaml", RECORDING_RULES),
+        ("dashboard.json", DASHBOARD),
+    ):
         path = CHART / "files" / linked
         assert path.is_symlink(), f"{path} must link to {source}, not copy it"
         assert path.resolve() == source.resolve()
@@ -533,13 +543,19 @@ def test_packaged_chart_holds_the_linked_files_as_regular_files(tmp_path: Path) 
         extracted = tar.extractfile(member)
         assert extracted is not None
         assert extracted.read().decode() == ALERTS.read_text()
+        recording = tar.extractfile("primeintellect-build-exporter/files/rules.yaml")
+        assert recording is not None
+        assert recording.read().decode() == RECORDING_RULES.read_text()
         assert not [name for name in tar.getnames() if "/ci/" in name]
     with helm.Chart.load(archive) as chart:
         manifests = chart.render(
             {**MINIMAL_VALUES, "prometheusRule": {"enabled": True}}, name=RELEASE
         )
     [rule] = [text for name, text in manifests.items() if name.endswith("prometheusrule.yaml")]
-    assert yaml.safe_load(rule)["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
+    assert yaml.safe_load(rule)["spec"]["groups"] == (
+        yaml.safe_load(RECORDING_RULES.read_text())["groups"]
+        + yaml.safe_load(ALERTS.read_text())["groups"]
+    )
 
 
 def pod_template(values: dict[str, Any]) -> str:
