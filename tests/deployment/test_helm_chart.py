@@ -512,6 +512,39 @@ def test_runbook_links_point_to_the_runbook_base_url_value_else_to_the_projects_
             assert rule["annotations"]["runbook_url"] == f"{base}#{name.lower()}"
 
 
+SLO_TARGETS = {
+    "objective": "slo:primeintellect_image_builds_success:objective_ratio",
+    "minBuilds": "slo:primeintellect_image_builds_finished:min_count",
+}
+
+
+def recorded_expressions(rendered: Rendered) -> dict[str, str]:
+    rule = rendered.one("PrometheusRule")
+    return {
+        entry["record"]: entry["expr"]
+        for group in rule["spec"]["groups"]
+        for entry in group["rules"]
+        if "record" in entry
+    }
+
+
+def test_slo_target_values_replace_the_rules_files_constants_and_empty_ones_keep_them() -> None:
+    recording = yaml.safe_load(RECORDING_RULES.read_text())["groups"]
+    in_file = {entry["record"]: entry["expr"] for group in recording for entry in group["rules"]}
+    kept = recorded_expressions(render_chart(WITH_MONITORING))
+    assert all(kept[name] == in_file[name] for name in SLO_TARGETS.values())
+    targets = {"objective": 0.99, "minBuilds": 10}
+    values = {
+        **WITH_MONITORING,
+        "prometheusRule": {"enabled": True, "slo": {"buildSuccess": targets}},
+    }
+    chosen = recorded_expressions(render_chart(values))
+    assert chosen[SLO_TARGETS["objective"]] == "vector(0.99)"
+    assert chosen[SLO_TARGETS["minBuilds"]] == "vector(10)"
+    others = set(in_file) - set(SLO_TARGETS.values())
+    assert all(chosen[name] == in_file[name] for name in others)
+
+
 def test_dashboard_configmap_carries_exactly_the_repository_dashboard() -> None:
     for case in ("all-features", "no-servicemonitor"):
         configmap = render_case(case).one("ConfigMap", f"{FULLNAME}-dashboard")
@@ -773,6 +806,8 @@ def test_values_schema_takes_the_bcrypt_hashes_the_exporter_takes() -> None:
         ({"image": {"tag": 1}}, "/image/tag"),
         ({"prometheusRule": {"exporterJobSelector": "builds"}}, "does not match pattern"),
         ({"prometheusRule": {"runbookBaseUrl": "wiki/runbooks#top"}}, "does not match pattern"),
+        ({"prometheusRule": {"slo": {"buildSuccess": {"objective": 99}}}}, "objective"),
+        ({"prometheusRule": {"slo": {"buildSuccess": {"minBuilds": 0}}}}, "minBuilds"),
         # A selector that would smuggle PromQL into the rule.
         ({"prometheusRule": {"exporterJobSelector": 'job="a"}) or vector(1'}}, "does not match"),
     ],
