@@ -1,10 +1,12 @@
-"""The shipped alert rules: valid for Prometheus, unit-tested by promtool, and documented."""
+"""The shipped alert and recording rules: valid for Prometheus, unit-tested by promtool, named
+by the convention, and documented."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,10 +17,19 @@ from exporter.models import BUILD_STATUSES, UNKNOWN, Outcome
 from exporter.telemetry import BUILD_LIST_UNAVAILABLE, Component, StateStatus
 from tests.helpers.docs import (
     ALERTS_REFERENCE,
+    RUNBOOKS,
     DocumentedFamily,
+    anchors,
     documented_metric_names,
     documented_metrics,
+    headings,
     section,
+)
+from tests.helpers.rules import (
+    RECORDING_RULES_FILE,
+    level_labels,
+    load_recording_rules,
+    recorded_names,
 )
 from tests.helpers.support import REPOSITORY, find_binary
 
@@ -28,10 +39,17 @@ RULE_TESTS = sorted((MONITORING / "tests").glob("*.yaml"))
 # Alerts about one build; the rest are about the exporter or the API.
 BUILD_GROUP = "primeintellect-builds"
 SEVERITIES = {"critical", "warning", "info"}
+# The address of docs/runbooks.md that every runbook_url starts with; the Helm chart's
+# prometheusRule.runbookBaseUrl replaces it.
+RUNBOOK_BASE_URL = (
+    "https://github.com/primeintellect/primeintellect-build-exporter/blob/main/docs/runbooks.md"
+)
+# The parts of every runbook section.
+RUNBOOK_PARTS = ("**Meaning.**", "**Impact.**", "**What to check.**", "**How to silence.**")
 BUILD_LABELS = {"build_id", "image_name", "image_tag"}
 # Labels every series has once scraped: Prometheus's target labels, and the Prometheus
-# Operator's for a ServiceMonitor's targets.
-TARGET_LABELS = {"job", "instance", "service", "endpoint"}
+# Operator's for a ServiceMonitor's targets (`namespace` is empty without the Operator).
+TARGET_LABELS = {"job", "instance", "service", "endpoint", "namespace"}
 # Prometheus's own series, with the labels it gives them.
 PROMETHEUS_FAMILIES = {"up": DocumentedFamily("gauge", frozenset())}
 # Labels whose values are a closed set: every value a rule matches must be one of them.
@@ -48,7 +66,15 @@ LABEL_VALUES = {
 FAMILY_LABEL_VALUES = {
     ("primeintellect_exporter_state_status", "status"): {status.value for status in StateStatus},
 }
-_SELECTOR = re.compile(r"\b(primeintellect_[a-z_]+|up)\s*(?:\{([^}]*)\})?")
+# A metric name: the exporter's, a recorded one (level:metric:operations) or `up`.
+_SELECTOR = re.compile(
+    r"(?<![\w:])((?:[a-z_]+:)?primeintellect_[a-z_]+(?::[a-z0-9_]+)?|up)\s*(?:\{([^}]*)\})?"
+)
+# Labels an expression makes: count_values's, and label_replace's destination.
+_MADE_LABEL = re.compile(
+    r'count_values\s*(?:by\s*\([^)]*\)\s*)?\(\s*"(\w+)"'
+    r'|"(\w+)"\s*,\s*"[^"]*"\s*,\s*"\w+"\s*,\s*"[^"]*"\s*\)'
+)
 _MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 _TEMPLATE_LABEL = re.compile(r"\$labels\.([a-zA-Z_][a-zA-Z0-9_]*)")
@@ -69,6 +95,14 @@ def rules_of_group(name: str) -> list[dict[str, Any]]:
     return [
         rule for group in document["groups"] if group["name"] == name for rule in group["rules"]
     ]
+
+
+def unit_tested_expressions() -> Iterator[str]:
+    """Every promql_expr_test expression of every promtool test file."""
+    for path in RULE_TESTS:
+        for group in yaml.safe_load(path.read_text())["tests"]:
+            for case in group.get("promql_expr_test", []):
+                yield case["expr"]
 
 
 def unit_test_cases() -> Iterator[tuple[str, dict[str, Any]]]:
@@ -105,6 +139,19 @@ def test_rules_file_passes_promtool_check_rules() -> None:
     assert f"SUCCESS: {len(load_rules())} rules found" in result.stdout
 
 
+def test_recording_rules_file_passes_promtool_check_rules() -> None:
+    promtool = find_binary("promtool")
+    result = subprocess.run(
+        [promtool, "check", "rules", str(RECORDING_RULES_FILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(load_recording_rules())} rules found" in result.stdout
+
+
 def test_every_rule_passes_its_promtool_unit_tests() -> None:
     promtool = find_binary("promtool")
     assert RULE_TESTS, "no promtool test files in monitoring/tests"
@@ -121,19 +168,28 @@ def test_every_rule_passes_its_promtool_unit_tests() -> None:
     assert result.stdout.count("SUCCESS") == len(RULE_TESTS), result.stdout
 
 
-def test_rules_file_is_a_plain_rules_file_that_a_prometheus_rule_spec_can_embed() -> None:
-    document = yaml.safe_load(RULES_FILE.read_text())
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        (RULES_FILE, {"alert", "expr", "for", "labels", "annotations"}),
+        (RECORDING_RULES_FILE, {"record", "expr", "labels"}),
+    ],
+    ids=["alerts", "recording rules"],
+)
+def test_rules_file_is_a_plain_rules_file_that_a_prometheus_rule_spec_can_embed(
+    path: Path, allowed: set[str]
+) -> None:
+    document = yaml.safe_load(path.read_text())
     assert set(document) == {"groups"}
-    allowed = {"alert", "expr", "for", "labels", "annotations"}
     for group in document["groups"]:
         assert set(group) == {"name", "rules"}, group.get("name")
         for rule in group["rules"]:
-            assert set(rule) <= allowed, rule.get("alert")
+            assert set(rule) <= allowed, rule.get("alert", rule.get("record"))
             # The PrometheusRule CRD types these as strings; YAML must not read them otherwise.
             assert isinstance(rule["expr"], str)
             assert isinstance(rule.get("for", "0m"), str)
             values = [*rule.get("labels", {}).values(), *rule.get("annotations", {}).values()]
-            assert all(isinstance(value, str) for value in values), rule["alert"]
+            assert all(isinstance(value, str) for value in values), rule.get("alert", rule)
 
 
 def test_alert_names_are_unique() -> None:
@@ -142,12 +198,35 @@ def test_alert_names_are_unique() -> None:
 
 
 @pytest.mark.parametrize("rule", load_rules(), ids=lambda rule: str(rule["alert"]))
-def test_every_alert_has_a_severity_summary_description_and_runbook(rule: dict[str, Any]) -> None:
+def test_every_alert_has_a_severity_static_summary_description_and_runbook_url(
+    rule: dict[str, Any],
+) -> None:
     assert rule["labels"]["severity"] in SEVERITIES
     annotations = rule["annotations"]
+    assert set(annotations) == {"summary", "description", "runbook_url"}
+    # A headline that is the same for every instance: Alertmanager groups and deduplicates
+    # notifications by it; the values are in the description.
     assert annotations["summary"].strip()
+    assert "{{" not in annotations["summary"]
+    assert "$" not in annotations["summary"]
     assert annotations["description"].strip()
-    assert (annotations.get("runbook") or annotations.get("runbook_url", "")).strip()
+
+
+@pytest.mark.parametrize("rule", load_rules(), ids=lambda rule: str(rule["alert"]))
+def test_every_alert_links_to_its_own_section_of_the_runbooks(rule: dict[str, Any]) -> None:
+    url = rule["annotations"]["runbook_url"]
+    assert url == f"{RUNBOOK_BASE_URL}#{rule['alert'].lower()}"
+    assert url.partition("#")[2] in anchors(RUNBOOKS.read_text())
+
+
+def test_every_runbook_section_belongs_to_an_alert_and_says_all_it_must() -> None:
+    text = RUNBOOKS.read_text()
+    sections = [title for level, title in headings(text) if level == 2]
+    assert sorted(sections) == sorted(alert_names())
+    for title in sections:
+        body = section(text, title)
+        missing = [part for part in RUNBOOK_PARTS if part not in body]
+        assert not missing, f"the runbook of {title} lacks {missing}"
 
 
 @pytest.mark.parametrize("rule", rules_of_group(BUILD_GROUP), ids=lambda rule: str(rule["alert"]))
@@ -205,13 +284,17 @@ def test_build_alerts_carry_build_id_image_name_and_image_tag_in_unit_tests() ->
     assert build_alerts <= labelled, f"never seen with build labels: {build_alerts - labelled}"
 
 
-def test_rules_use_only_metrics_the_exporter_documents() -> None:
+@pytest.mark.parametrize("path", [RULES_FILE, RECORDING_RULES_FILE], ids=lambda path: path.name)
+def test_rules_use_only_metrics_the_exporter_documents_and_series_the_rules_record(
+    path: Path,
+) -> None:
     documented = exporter_metric_names()
-    text = RULES_FILE.read_text()
-    used = set(re.findall(r"\bprimeintellect_[a-z_]+", text))
+    used = {name for name, _ in _SELECTOR.findall(path.read_text())} - {"up"}
+    recorded = {name for name in used if ":" in name}
     # Histogram series carry suffixes on the documented family name.
-    families = {re.sub(r"_(bucket|sum|count)$", "", name) for name in used}
+    families = {re.sub(r"_(bucket|sum|count)$", "", name) for name in used - recorded}
     assert families <= documented, f"undocumented metrics: {sorted(families - documented)}"
+    assert recorded <= set(recorded_names()), f"never recorded: {recorded - set(recorded_names())}"
 
 
 def test_threshold_comment_names_every_alert() -> None:
@@ -226,15 +309,26 @@ def test_alert_reference_table_lists_exactly_the_shipped_alerts() -> None:
     assert sorted(in_table) == sorted(alert_names())
 
 
+def test_recording_rule_table_lists_exactly_the_recorded_series() -> None:
+    table = section(ALERTS_REFERENCE.read_text(), "Recording rules")
+    in_table = re.findall(r"^\| `([a-z_]+:[a-z_]+:[a-z0-9_]+)` \|", table, re.MULTILINE)
+    assert sorted(in_table) == sorted(recorded_names())
+
+
 def known_families() -> dict[str, DocumentedFamily]:
     """Every family a rule may name, by its sample name: the exporter's documented ones (a
-    histogram's by its series suffixes too) and Prometheus's own."""
+    histogram's by its series suffixes too), Prometheus's own, and the recorded ones with the
+    labels their level names."""
     families = dict(PROMETHEUS_FAMILIES)
     for name, family in documented_metrics().items():
         families[name] = family
         if family.type == "histogram":
             for suffix, extra in (("_bucket", {"le"}), ("_sum", set()), ("_count", set())):
                 families[name + suffix] = DocumentedFamily("gauge", family.labels | extra)
+    vocabulary = {label for family in families.values() for label in family.labels}
+    vocabulary |= TARGET_LABELS | {"quantile"}
+    for name in recorded_names():
+        families[name] = DocumentedFamily("gauge", level_labels(name.split(":")[0], vocabulary))
     return families
 
 
@@ -266,6 +360,7 @@ def label_problems(rule: dict[str, Any], families: dict[str, DocumentedFamily]) 
 
     expression_families = selectors(rule["expr"])
     labels_in_reach |= {label for name in expression_families for label in families[name].labels}
+    labels_in_reach |= {made for match in _MADE_LABEL.findall(rule["expr"]) for made in match}
     for group in _GROUPING.findall(rule["expr"]):
         for label in filter(None, (part.strip() for part in group.split(","))):
             if label not in labels_in_reach:
@@ -309,6 +404,44 @@ def test_the_label_check_finds_a_made_up_family_label_and_value() -> None:
     )
 
 
-@pytest.mark.parametrize("rule", load_rules(), ids=lambda rule: str(rule["alert"]))
+@pytest.mark.parametrize(
+    "rule",
+    load_rules() + load_recording_rules(),
+    ids=lambda rule: str(rule.get("alert", rule.get("record"))),
+)
 def test_every_rule_names_only_families_labels_and_values_that_exist(rule: dict[str, Any]) -> None:
     assert label_problems(rule, known_families()) == []
+
+
+def test_recording_rules_are_named_level_metric_operations() -> None:
+    vocabulary = {
+        label for family in known_families().values() for label in family.labels
+    } | TARGET_LABELS
+    for name in recorded_names():
+        level, metric, operations = name.split(":")
+        assert metric.startswith("primeintellect_"), name
+        assert re.fullmatch(r"[a-z][a-z0-9_]*", operations), name
+        level_labels(level, vocabulary)
+
+
+def test_every_recording_rule_is_unit_tested() -> None:
+    tested = " ".join(unit_tested_expressions())
+    untested = [name for name in recorded_names() if not re.search(rf"{name}(?![\w:])", tested)]
+    assert not untested, f"no promql_expr_test for {untested}"
+
+
+def test_the_label_check_knows_recorded_series_by_their_level() -> None:
+    families = known_families()
+    ratio = "job_image_name:primeintellect_image_builds_failed:ratio_rate1h"
+    assert families[ratio].labels == {"job", "image_name"}
+    rule = {
+        "alert": "Made",
+        "expr": f'max by (instance) ({ratio}{{status="FAILED"}}) > 0'
+        " and job_image_name:primeintellect_image_builds_failed:ratio_rate7h",
+    }
+    assert sorted(label_problems(rule, families)) == sorted(
+        [
+            f"{ratio} has no label status",
+            "no family job_image_name:primeintellect_image_builds_failed:ratio_rate7h",
+        ]
+    )

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from exporter.demo.simulator import ArtifactPlan, BuildPlan, Simulator
+from tests.helpers.docs import documented_metrics
 from tests.helpers.prometheus import (
     DASHBOARD_FILE,
     DEADLINE,
@@ -43,6 +44,7 @@ from tests.helpers.prometheus import (
     wait_for_every_dashboard_query_to_return_data,
     wait_for_finished_total,
 )
+from tests.helpers.rules import RECORDING_RULES_FILE, level_labels, recorded_names
 from tests.helpers.support import (
     CANARY_API_KEY,
     RunningExporter,
@@ -221,7 +223,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             prometheus_binary,
             {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "rule_files": [str(RULES_FILE)],
+                "rule_files": [str(RECORDING_RULES_FILE), str(RULES_FILE)],
                 "alerting": {
                     "alertmanagers": [{"static_configs": [{"targets": [alertmanager_address]}]}]
                 },
@@ -280,7 +282,9 @@ def test_failed_build_alert_reaches_the_webhook_with_build_labels_and_error_mess
     description = alert["annotations"]["description"]
     assert "eval:canary" in description
     assert f'"{FAILED_ERROR}"' in description
-    assert alert["annotations"]["summary"] == "Image build eval:canary FAILED"
+    assert alert["annotations"]["summary"] == "An image build FAILED"
+    runbook = alert["annotations"]["runbook_url"]
+    assert runbook.endswith("/docs/runbooks.md#primeintellectbuildfailed")
 
 
 def test_a_failed_image_of_the_team_alerts_with_its_error_and_no_build_id_configured(
@@ -393,3 +397,27 @@ def test_every_legend_names_labels_its_query_returns(stack: Stack) -> None:
             if missing := named - set(series["metric"]):
                 unlabelled.append(f"{name}: {series['metric']} lacks {sorted(missing)}")
     assert unlabelled == []
+
+
+def test_every_recording_rule_records_series_with_the_labels_its_level_names(stack: Stack) -> None:
+    vocabulary = {"job", "instance", "quantile"} | {
+        label for family in documented_metrics().values() for label in family.labels
+    }
+    for name in recorded_names():
+
+        def recorded(name: str = name) -> list[dict[str, Any]]:
+            return stack.prometheus.query(name)
+
+        series = wait_for(
+            recorded,
+            f"{name} to be recorded",
+            lambda: str([rule for rule in stack.prometheus.rules() if rule.get("lastError")]),
+        )
+        expected = level_labels(name.split(":")[0], vocabulary)
+        assert {frozenset(set(one["metric"]) - {"__name__"}) for one in series} == {expected}
+    # The finishes the fixture made: trainer's builds COMPLETED, none FAILED.
+    [ratio] = stack.prometheus.query(
+        'job_image_name:primeintellect_image_builds_failed:ratio_rate1h{image_name="trainer"}'
+    )
+    assert ratio["value"][1] == "0"
+    assert not [rule for rule in stack.prometheus.rules() if rule["health"] != "ok"]

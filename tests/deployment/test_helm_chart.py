@@ -49,6 +49,7 @@ from tests.helpers.support import CANARY_API_KEY, REPOSITORY, SCRIPT, environmen
 
 API_KEY_FILE = "/etc/primeintellect-build-exporter/secrets/api-key"
 ALERTS = REPOSITORY / "monitoring" / "alerts.yaml"
+RECORDING_RULES = REPOSITORY / "monitoring" / "rules.yaml"
 DASHBOARD = REPOSITORY / "monitoring" / "dashboard.json"
 CORE_KINDS = {
     "Deployment",
@@ -420,7 +421,12 @@ EXPORTER_JOB_RULES = {"PrimeIntellectExporterDown", "PrimeIntellectExporterAbsen
 
 def rules_by_name(rendered: Rendered) -> dict[str, dict[str, Any]]:
     rule = rendered.one("PrometheusRule", rendered.workload()["metadata"]["name"])
-    return {entry["alert"]: entry for group in rule["spec"]["groups"] for entry in group["rules"]}
+    return {
+        entry["alert"]: entry
+        for group in rule["spec"]["groups"]
+        for entry in group["rules"]
+        if "alert" in entry
+    }
 
 
 def service_monitor_job(rendered: Rendered) -> str:
@@ -433,14 +439,14 @@ def service_monitor_job(rendered: Rendered) -> str:
     return job
 
 
-def test_prometheus_rule_carries_the_repository_alerts_with_only_the_job_selector_replaced() -> (
-    None
-):
+def test_prometheus_rule_carries_the_repository_rules_with_only_the_job_selector_replaced() -> None:
     rendered = render_case("all-features")
     selector = f'job="{service_monitor_job(rendered)}"'
     expected = ALERTS.read_text().replace(RULES_FILE_JOB_SELECTOR, selector)
     rule = rendered.one("PrometheusRule")
-    assert rule["spec"] == {"groups": yaml.safe_load(expected)["groups"]}
+    recording = yaml.safe_load(RECORDING_RULES.read_text())["groups"]
+    assert recording, "monitoring/rules.yaml has no rule groups"
+    assert rule["spec"] == {"groups": recording + yaml.safe_load(expected)["groups"]}
     assert rule["spec"]["groups"], "monitoring/alerts.yaml has no rule groups"
     assert expected != ALERTS.read_text(), (
         f"the rules file no longer holds {RULES_FILE_JOB_SELECTOR}"
@@ -489,6 +495,56 @@ def test_exporter_job_selector_value_wins_and_without_a_monitor_the_rules_file_s
     assert all(kept in unmonitored[name]["expr"] for name in EXPORTER_JOB_RULES)
 
 
+RULES_FILE_RUNBOOKS = (
+    "https://github.com/primeintellect/primeintellect-build-exporter/blob/main/docs/runbooks.md"
+)
+
+
+def test_runbook_links_point_to_the_runbook_base_url_value_else_to_the_projects_page() -> None:
+    wiki = "https://wiki.example.com/platform/build-exporter-runbooks"
+    values = {**WITH_MONITORING, "prometheusRule": {"enabled": True, "runbookBaseUrl": wiki}}
+    for base, rules in (
+        (wiki, rules_by_name(render_chart(values))),
+        (RULES_FILE_RUNBOOKS, rules_by_name(render_chart(WITH_MONITORING))),
+    ):
+        assert rules
+        for name, rule in rules.items():
+            assert rule["annotations"]["runbook_url"] == f"{base}#{name.lower()}"
+
+
+SLO_TARGETS = {
+    "objective": "slo:primeintellect_image_builds_success:objective_ratio",
+    "minBuilds": "slo:primeintellect_image_builds_finished:min_count",
+}
+
+
+def recorded_expressions(rendered: Rendered) -> dict[str, str]:
+    rule = rendered.one("PrometheusRule")
+    return {
+        entry["record"]: entry["expr"]
+        for group in rule["spec"]["groups"]
+        for entry in group["rules"]
+        if "record" in entry
+    }
+
+
+def test_slo_target_values_replace_the_rules_files_constants_and_empty_ones_keep_them() -> None:
+    recording = yaml.safe_load(RECORDING_RULES.read_text())["groups"]
+    in_file = {entry["record"]: entry["expr"] for group in recording for entry in group["rules"]}
+    kept = recorded_expressions(render_chart(WITH_MONITORING))
+    assert all(kept[name] == in_file[name] for name in SLO_TARGETS.values())
+    targets = {"objective": 0.99, "minBuilds": 10}
+    values = {
+        **WITH_MONITORING,
+        "prometheusRule": {"enabled": True, "slo": {"buildSuccess": targets}},
+    }
+    chosen = recorded_expressions(render_chart(values))
+    assert chosen[SLO_TARGETS["objective"]] == "vector(0.99)"
+    assert chosen[SLO_TARGETS["minBuilds"]] == "vector(10)"
+    others = set(in_file) - set(SLO_TARGETS.values())
+    assert all(chosen[name] == in_file[name] for name in others)
+
+
 def test_dashboard_configmap_carries_exactly_the_repository_dashboard() -> None:
     for case in ("all-features", "no-servicemonitor"):
         configmap = render_case(case).one("ConfigMap", f"{FULLNAME}-dashboard")
@@ -502,7 +558,11 @@ def test_dashboard_configmap_carries_exactly_the_repository_dashboard() -> None:
 
 
 def test_chart_reaches_the_rules_and_dashboard_through_symlinks_to_one_source() -> None:
-    for linked, source in (("alerts.yaml", ALERTS), ("dashboard.json", DASHBOARD)):
+    for linked, source in (
+        ("alerts.yaml", ALERTS),
+        ("rules.yaml", RECORDING_RULES),
+        ("dashboard.json", DASHBOARD),
+    ):
         path = CHART / "files" / linked
         assert path.is_symlink(), f"{path} must link to {source}, not copy it"
         assert path.resolve() == source.resolve()
@@ -516,13 +576,19 @@ def test_packaged_chart_holds_the_linked_files_as_regular_files(tmp_path: Path) 
         extracted = tar.extractfile(member)
         assert extracted is not None
         assert extracted.read().decode() == ALERTS.read_text()
+        recording = tar.extractfile("primeintellect-build-exporter/files/rules.yaml")
+        assert recording is not None
+        assert recording.read().decode() == RECORDING_RULES.read_text()
         assert not [name for name in tar.getnames() if "/ci/" in name]
     with helm.Chart.load(archive) as chart:
         manifests = chart.render(
             {**MINIMAL_VALUES, "prometheusRule": {"enabled": True}}, name=RELEASE
         )
     [rule] = [text for name, text in manifests.items() if name.endswith("prometheusrule.yaml")]
-    assert yaml.safe_load(rule)["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
+    assert yaml.safe_load(rule)["spec"]["groups"] == (
+        yaml.safe_load(RECORDING_RULES.read_text())["groups"]
+        + yaml.safe_load(ALERTS.read_text())["groups"]
+    )
 
 
 def pod_template(values: dict[str, Any]) -> str:
@@ -739,6 +805,9 @@ def test_values_schema_takes_the_bcrypt_hashes_the_exporter_takes() -> None:
         ({"log": {"level": "verbose"}}, "/log/level"),
         ({"image": {"tag": 1}}, "/image/tag"),
         ({"prometheusRule": {"exporterJobSelector": "builds"}}, "does not match pattern"),
+        ({"prometheusRule": {"runbookBaseUrl": "wiki/runbooks#top"}}, "does not match pattern"),
+        ({"prometheusRule": {"slo": {"buildSuccess": {"objective": 99}}}}, "objective"),
+        ({"prometheusRule": {"slo": {"buildSuccess": {"minBuilds": 0}}}}, "minBuilds"),
         # A selector that would smuggle PromQL into the rule.
         ({"prometheusRule": {"exporterJobSelector": 'job="a"}) or vector(1'}}, "does not match"),
     ],

@@ -16,6 +16,7 @@ CONFIGURATION_REFERENCE = DOCS / "configuration.md"
 ALERTS_REFERENCE = DOCS / "alerts-and-dashboard.md"
 DEPLOYMENT_REFERENCE = DOCS / "deployment.md"
 DEVELOPMENT_REFERENCE = DOCS / "development.md"
+RUNBOOKS = DOCS / "runbooks.md"
 
 _FENCE = re.compile(r"^(```|~~~)")
 _HEADING = re.compile(r"^(#{1,6}) +(.+?) *#*$")

@@ -26,6 +26,7 @@ from tests.helpers.docs import (
     section,
     table_rows,
 )
+from tests.helpers.rules import CONSTANT_LEVEL, level_labels, recorded_names
 from tests.helpers.support import REPOSITORY
 
 DASHBOARD_FILE = REPOSITORY / "monitoring" / "dashboard.json"
@@ -36,6 +37,10 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 BUILTIN_VARIABLES = {"__rate_interval", "__interval", "__range"}
 # Grafana's core panel types this dashboard may use.
 PANEL_TYPES = {"row", "stat", "timeseries", "table", "bargauge", "gauge", "barchart", "heatmap"}
+# A recorded series of monitoring/rules.yaml: level:metric:operations.
+RECORDED = re.compile(r"(?<![\w:])([a-z_]+:primeintellect_[a-z_]+:[a-z0-9_]+)")
+# A metric name, recorded or not, before its selector's braces.
+SELECTED = re.compile(r"(?<![\w:])((?:[a-z_]+:)?[a-z_]+(?::[a-z0-9_]+)?)\{")
 # The exporter's own series and the per-build poll health series have no image_name label.
 WITHOUT_IMAGE = re.compile(
     r"^(up|primeintellect_exporter_\w+|primeintellect_image_build_last_poll\w*)$"
@@ -175,12 +180,34 @@ def test_expressions_use_only_defined_variables() -> None:
     assert used <= defined, f"undefined variables: {used - defined}"
 
 
+def recorded_labels(name: str) -> frozenset[str]:
+    """The labels a recorded series keeps, as its level names them."""
+    vocabulary = {"job", "instance", "quantile"} | {
+        label for family in documented_metrics().values() for label in family.labels
+    }
+    return level_labels(name.split(":")[0], vocabulary)
+
+
 @pytest.mark.parametrize("expression", expressions(load()))
 def test_every_selector_follows_the_job_instance_and_image_variables(expression: str) -> None:
+    # Recorded series (monitoring/rules.yaml) sum a job's instances: job and image only.
+    for name, matchers in re.findall(rf"{RECORDED.pattern}\{{([^}}]*)\}}", expression):
+        labels = recorded_labels(name)
+        assert 'job=~"$job"' in matchers, name
+        assert "instance" not in matchers, name
+        assert ('image_name=~"$image"' in matchers) == ("image_name" in labels), name
+    bare_recorded = [
+        name
+        for name in re.findall(rf"{RECORDED.pattern}(?![{{\w:])", expression)
+        if name.split(":")[0] != CONSTANT_LEVEL
+    ]
+    assert not bare_recorded, f"recorded series without the variables' filters: {bare_recorded}"
+    recorded = RECORDED.findall(expression)
+    expression = RECORDED.sub("recorded", expression)
     selectors = re.findall(r"\b(primeintellect_\w+|up)\{([^}]*)\}", expression)
     bare = re.findall(r"\b(primeintellect_\w+)\b(?![{\w])", expression)
     assert not bare, f"selectors without the variables' filters: {bare}"
-    assert selectors
+    assert selectors or recorded
     # Queries about poll health count builds by build_id; filtering their finished-build
     # exclusion by image would count other images' finished builds as stale.
     about_polls = any(
@@ -193,14 +220,16 @@ def test_every_selector_follows_the_job_instance_and_image_variables(expression:
             assert 'image_name=~"$image"' in matchers, metric
 
 
-def test_expressions_use_only_metrics_the_exporter_documents() -> None:
+def test_expressions_use_only_metrics_the_exporter_documents_and_series_the_rules_record() -> None:
     documented = documented_metric_names()
     used = {
         re.sub(r"_bucket$", "", name)
         for expression in expressions(load())
-        for name in re.findall(r"\bprimeintellect_[a-z_]+", expression)
+        for name in re.findall(r"\bprimeintellect_[a-z_]+", RECORDED.sub("", expression))
     }
     assert used <= documented, f"undocumented metrics: {sorted(used - documented)}"
+    recorded = {name for expression in expressions(load()) for name in RECORDED.findall(expression)}
+    assert recorded <= set(recorded_names()), f"never recorded: {recorded - set(recorded_names())}"
 
 
 def test_failed_builds_table_shows_the_builds_error_or_else_its_artifacts_errors() -> None:
@@ -243,6 +272,8 @@ def family_labels(name: str) -> frozenset[str] | None:
     bucket's ``le``); None when the exporter has no such metric."""
     if name == "up":
         return TARGET_LABELS
+    if ":" in name:
+        return recorded_labels(name) if name in recorded_names() else None
     families = documented_metrics()
     if name in families:
         return families[name].labels | TARGET_LABELS
@@ -271,7 +302,7 @@ def labels_in(expression: str) -> frozenset[str]:
     """Every label the series of ``expression`` may carry: its metrics' labels and the labels
     label_replace or label_join add."""
     labels: set[str] = set()
-    for name in re.findall(r"\b([a-z_]+)\{", expression):
+    for name in SELECTED.findall(expression):
         labels |= family_labels(name) or set()
     labels |= set(re.findall(r'\)\s*,\s*"(\w+)"\s*,', expression))
     return frozenset(labels)
@@ -281,7 +312,7 @@ def unknown_labels(expression: str) -> list[str]:
     """What names a label its metrics lack: a matcher of a selector, a grouping or matching
     clause (an aggregation's ``by`` against the metrics it aggregates)."""
     problems = []
-    for name, matchers in re.findall(r"\b([a-z_]+)\{([^}]*)\}", expression):
+    for name, matchers in re.findall(rf"{SELECTED.pattern}([^}}]*)\}}", expression):
         labels = family_labels(name)
         if labels is None:
             problems.append(f"{name}: no such metric")
@@ -331,7 +362,7 @@ def test_titles_and_descriptions_name_only_metrics_the_exporter_exposes() -> Non
     # docs/metrics.md is held to the exporter's families by tests/unit/test_docs.py.
     for panel in all_panels(load()):
         text = f"{panel['title']} {panel.get('description', '')}"
-        for name in re.findall(r"\bprimeintellect_\w+", text):
+        for name in re.findall(r"(?<![\w:])(?:[a-z_]+:)?primeintellect_\w+(?::\w+)?", text):
             assert family_labels(name) is not None, f"{panel['title']}: {name}"
 
 
@@ -542,3 +573,32 @@ def test_the_image_listing_error_panel_names_every_reason_a_cut_listing_gives() 
     ]
     missing = [cut.value for cut in ListingCut if cut.value not in panel["description"]]
     assert missing == []
+
+
+def test_the_slo_row_shows_each_images_success_ratio_and_error_budget_left() -> None:
+    panels = list(all_panels(load()))
+    start = next(index for index, panel in enumerate(panels) if panel["title"] == "SLOs")
+    assert panels[start]["type"] == "row"
+    end = next(
+        (index for index in range(start + 1, len(panels)) if panels[index]["type"] == "row"),
+        len(panels),
+    )
+    exprs = " ".join(
+        target["expr"] for panel in panels[start + 1 : end] for target in targets(panel)
+    )
+    assert "1 - job_image_name:primeintellect_image_builds_failed:ratio_rate30d{" in exprs
+    assert "job_image_name:primeintellect_image_builds_failed:error_budget_remaining30d{" in exprs
+    for name in RECORDED.findall(exprs):
+        assert name in recorded_names(), name
+
+
+def test_finished_duration_quantiles_are_the_recorded_ones() -> None:
+    panel = panel_titled("Duration of builds finished in the last hour, by image")
+    recorded = (
+        "job_image_name_quantile:primeintellect_image_builds_finished_duration_seconds"
+        ":histogram_quantile1h"
+    )
+    quantiles = [re.findall(r'quantile="([^"]+)"', target["expr"]) for target in targets(panel)]
+    assert quantiles == [["0.5"], ["0.9"]]
+    assert all(target["expr"].startswith(recorded + "{") for target in targets(panel))
+    assert "Instance does not narrow it" in panel["description"]

@@ -65,6 +65,7 @@ REFERENCE_PAGES = {
     "troubleshooting.md",
     "development.md",
     "benchmarks.md",
+    "runbooks.md",
 }
 
 

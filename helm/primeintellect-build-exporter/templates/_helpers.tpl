@@ -428,6 +428,14 @@ job=~".*primeintellect-build.*"
 {{- end }}
 
 {{/*
+The address of docs/runbooks.md that every runbook_url of the rules file starts with (before
+its #anchor); prometheusRule.runbookBaseUrl replaces it.
+*/}}
+{{- define "primeintellect-build-exporter.rulesFileRunbookBaseUrl" -}}
+https://github.com/primeintellect/primeintellect-build-exporter/blob/main/docs/runbooks.md
+{{- end }}
+
+{{/*
 The label matchers by which the exporter-health alerts find the exporter's scrape job: the
 value, else the job the ServiceMonitor's jobLabel (app.kubernetes.io/name on the Service)
 gives every target, else the rules file's own.
