@@ -44,6 +44,18 @@ def write_config(directory: Path, base_url: str, build_ids: list[str], extra: st
     return path
 
 
+def check_with_web_config(config: Path, web_config: Path) -> subprocess.CompletedProcess[str]:
+    """``--config.check`` of a config file and a web config file."""
+    return run_script(
+        "--config.file",
+        str(config),
+        "--web.config.file",
+        str(web_config),
+        "--config.check",
+        env=environment(PRIME_API_KEY="k"),
+    )
+
+
 def test_version_flag_prints_the_version() -> None:
     result = run_script("--version")
     assert result.returncode == 0
@@ -99,14 +111,7 @@ def test_config_check_reports_the_web_config_it_checked(tmp_path: Path, pki: Pki
         tls_section(pki, client_auth_type="RequireAndVerifyClientCert", client_ca_file=str(pki.ca))
         + f"basic_auth_users:\n  prometheus: '{bcrypt_hash()}'\n"
     )
-    result = run_script(
-        "--config.file",
-        str(config),
-        "--web.config.file",
-        str(web_config),
-        "--config.check",
-        env=environment(PRIME_API_KEY="k"),
-    )
+    result = check_with_web_config(config, web_config)
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout.splitlines() == [
         f"{config}: OK, 2 builds",
@@ -119,14 +124,7 @@ def test_config_check_reports_a_web_config_without_tls_or_users(tmp_path: Path) 
     config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"])
     web_config = tmp_path / "web.yml"
     web_config.write_text("http_server_config:\n  headers:\n    X-Frame-Options: deny\n")
-    result = run_script(
-        "--config.file",
-        str(config),
-        "--web.config.file",
-        str(web_config),
-        "--config.check",
-        env=environment(PRIME_API_KEY="k"),
-    )
+    result = check_with_web_config(config, web_config)
     assert (result.returncode, result.stdout.splitlines()[-1]) == (
         0,
         f"web config {web_config}: OK, TLS off, basic auth off",
@@ -137,14 +135,7 @@ def test_config_check_fails_on_a_bad_web_config_naming_its_file(tmp_path: Path) 
     config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"])
     web_config = tmp_path / "web.yml"
     web_config.write_text("basic_auth_users:\n  prometheus: hunter2\n")
-    result = run_script(
-        "--config.file",
-        str(config),
-        "--web.config.file",
-        str(web_config),
-        "--config.check",
-        env=environment(PRIME_API_KEY="k"),
-    )
+    result = check_with_web_config(config, web_config)
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr.startswith(f"error: {web_config}: basic_auth_users.prometheus: ")
     assert "hunter2" not in result.stderr
@@ -154,14 +145,7 @@ def test_config_check_warns_about_curves_it_cannot_restrict(tmp_path: Path, pki:
     config = write_config(tmp_path, "https://api.primeintellect.ai", ["b1"])
     web_config = tmp_path / "web.yml"
     web_config.write_text(tls_section(pki, curve_preferences="[X25519, CurveP256]"))
-    result = run_script(
-        "--config.file",
-        str(config),
-        "--web.config.file",
-        str(web_config),
-        "--config.check",
-        env=environment(PRIME_API_KEY="k"),
-    )
+    result = check_with_web_config(config, web_config)
     assert result.returncode == 0, result.stderr
     assert f"warning: {web_config}: tls_server_config.curve_preferences: " in result.stderr
 
