@@ -111,7 +111,8 @@ class TelemetrySnapshot:
 
     api_up: bool | None
     rate_limited_until: float
-    # By source: "config" (the file, on SIGHUP or /-/reload) and "build_files".
+    # By source: "config" (the file, read when it changes, on SIGHUP or /-/reload) and
+    # "build_files".
     config_reload_successful: Mapping[str, bool]
     internal_errors: Mapping[Component, int]
     poll_lag_seconds: float = 0.0
