@@ -613,11 +613,12 @@ def _record_from_row(row: tuple[Any, ...]) -> BuildRecord:
         last_success_time,
         last_change_time,
         retired,
-        discovered,
         *newer,
     ) = row
-    # A file of an older schema, read without migrating it (it may not be written).
-    seen_unstarted = newer[0] if newer else answer is not None
+    # A file of an older schema, read without migrating it (it may not be written): schema 1
+    # has no discovered column, schema 2 no seen_unstarted.
+    discovered = newer[0] if newer else 0
+    seen_unstarted = newer[1] if len(newer) > 1 else answer is not None
     if not isinstance(build_id, str):
         raise TypeError("build_id")
     build = None if answer is None else parse_build(str(answer).encode())

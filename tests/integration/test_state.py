@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
+import os
 import random
 import sqlite3
 import time
@@ -225,6 +227,34 @@ def test_a_state_file_of_schema_1_is_taken_up_with_every_build_configured(tmp_pa
     assert again.records[done.build_id].discovered
     with sqlite3.connect(state_path) as connection:
         assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_a_state_file_of_schema_1_held_by_another_process_is_still_restored(
+    tmp_path: Path,
+) -> None:
+    state_path = tmp_path / "state.db"
+    done = finished_plan(1)
+    build = record_of(done).build
+    assert build is not None
+    with sqlite3.connect(state_path) as connection:
+        connection.execute(SCHEMA_1)
+        connection.execute(
+            "INSERT INTO builds VALUES (?, ?, 1, 1, 1, 1, NULL, ?, ?, ?, 0)",
+            (done.build_id, encode_build(build), EPOCH, EPOCH, EPOCH),
+        )
+        connection.execute("PRAGMA user_version=1")
+    # Another process's lock: the file is read as it is, without migrating it.
+    lock = os.open(state_path.with_name("state.db.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = open_state(state_path)
+    finally:
+        os.close(lock)
+    assert (result.file, result.status) == (None, StateStatus.LOCKED)
+    assert result.restored.unreadable == 0
+    record = result.restored.records[done.build_id]
+    assert record.finished
+    assert not record.discovered
 
 
 def test_a_state_file_held_by_another_process_is_read_but_never_written(
