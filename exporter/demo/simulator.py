@@ -501,8 +501,7 @@ class Simulator:
         offset, limit = int(offset_text), int(limit_text)
         if not 1 <= limit <= MAX_IMAGE_PAGE:
             return Reply(422, json_headers, b'{"detail": "limit must be 1 to 250"}')
-        fault_key = offset if offset in self._listing_faults else None
-        served, delivery = _take_fault(self._listing_faults, fault_key)
+        served, delivery = _take_fault(self._listing_faults, offset)
         if served is not None:
             return served
         team = params.get("teamId") or None
@@ -575,8 +574,7 @@ class Simulator:
         if team is not None and listing.team_id == "refused":
             return _refused("teamId", "unknown query parameter")
         offset = int(offset_text)
-        fault_key = offset if offset in self._build_listing_faults else None
-        served, delivery = _take_fault(self._build_listing_faults, fault_key)
+        served, delivery = _take_fault(self._build_listing_faults, offset)
         if served is not None:
             return served
         limit = int(limit_text)
@@ -645,8 +643,7 @@ class Simulator:
             return Reply(404, json_headers, b'{"detail": "Not Found"}')
         if authorization != f"Bearer {self.api_key}":
             return Reply(401, json_headers, b'{"detail": "Invalid API key"}')
-        fault_key = build_id if build_id in self._faults else None
-        served, delivery = _take_fault(self._faults, fault_key)
+        served, delivery = _take_fault(self._faults, build_id)
         if served is not None:
             return served
         payload = self._payload_locked(build_id)
@@ -682,8 +679,11 @@ def _created_at(payload: dict[str, Any]) -> float:
 
 
 def _take_fault(faults: dict[Key, Fault], key: Key) -> tuple[Reply | None, Fault | None]:
-    """The fault at ``key``, used once (one fewer of its ``times``): the reply it sends instead
-    of the answer, or else itself, to deliver the real answer its way."""
+    """The fault at ``key``, else the one for every key (``None``), used once (one fewer of its
+    ``times``): the reply it sends instead of the answer, or else itself, to deliver the real
+    answer its way."""
+    if key not in faults:
+        key = None
     fault = faults.get(key)
     if fault is None:
         return None, None
