@@ -303,6 +303,7 @@ class Exporter:
                 request_budget=lambda: poll_settings(self.config).requests_per_second,
                 telemetry=self.telemetry.snapshot,
                 inventory=lambda: self.inventory.snapshot() if self.discovers_images else None,
+                now=self._wall_clock,
             ),
             web_config_file=web_config_file,
             limits=limits,

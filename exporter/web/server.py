@@ -98,6 +98,8 @@ class Endpoints:
     telemetry: Callable[[], TelemetrySnapshot | None] = lambda: None
     # The scope's images, with discovery.images on.
     inventory: Callable[[], Inventory | None] = lambda: None
+    # The wall clock the pages count ages against: the one the store stamps builds with.
+    now: Callable[[], float] = time.time
 
 
 class _ClientMistakeLogger(logging.Logger):
@@ -310,7 +312,7 @@ class MetricsServer:
         and second; None for a build that is not tracked."""
         snapshot, telemetry = self._endpoints.snapshot(), self._endpoints.telemetry()
         inventory = self._endpoints.inventory()
-        now = time.time()
+        now = self._endpoints.now()
         query = PageQuery.from_params(params) if path == "/" else None
         key = (path, query, snapshot.version, int(now))
         kept = self._pages.get(key)

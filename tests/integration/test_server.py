@@ -199,6 +199,22 @@ def test_build_page_lists_artifacts_and_an_untracked_build_is_404(
         assert running.get(path).status_code == 404, path
 
 
+def test_pages_count_ages_on_the_exporters_wall_clock(
+    simulator: Simulator, start_exporter: StartExporter
+) -> None:
+    simulator.add(forever_building("known"))
+    # Two hours and three minutes after the build started (createdAt + 10 s queued).
+    now = EPOCH + 10 + 2 * 3600 + 3 * 60
+    config = make_config(simulator.base_url, ["known"])
+    running = start_exporter(config, wall_clock=lambda: now)
+    running.wait_until_all_polled()
+    build_page = running.get("/build/known").text
+    status_page = running.get("/").text
+    assert "As of 2026-01-01 02:03:10Z" in build_page
+    assert "2h 3m so far" in build_page
+    assert "As of 2026-01-01 02:03:10Z" in status_page
+
+
 def test_pages_carry_a_policy_that_allows_nothing_from_elsewhere_and_no_script(
     simulator: Simulator, start_exporter: StartExporter
 ) -> None:
