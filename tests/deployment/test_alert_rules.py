@@ -489,7 +489,8 @@ def test_recording_rule_table_gives_each_constants_value() -> None:
 
 def test_slo_section_gives_each_constants_default_in_the_rules_file() -> None:
     table = section(ALERTS_REFERENCE.read_text(), "SLOs")
-    rows = re.findall(r"^\| [^|]+ \| `([a-z_]+:[a-z_]+:[a-z_]+)` \| `([^`]+)` \|", table, re.MULTILINE)
+    row = re.compile(r"^\| [^|]+ \| `([a-z_]+:[a-z_]+:[a-z_]+)` \| `([^`]+)` \|", re.MULTILINE)
+    rows = row.findall(table)
     in_file = {
         rule["record"]: rule["expr"].strip()
         for rule in load_recording_rules()

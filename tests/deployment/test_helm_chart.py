@@ -565,7 +565,6 @@ def test_slo_target_values_replace_the_rules_files_constants_and_empty_ones_keep
     assert all(chosen[name] == in_file[name] for name in others)
 
 
-
 def nested(path: tuple[str, ...], value: object) -> dict[str, Any]:
     """``{"a": {"b": value}}`` for the path ``("a", "b")``."""
     tree: dict[str, Any] = {path[-1]: value}
@@ -612,9 +611,7 @@ def test_queue_threshold_value_moves_the_bucket_every_slow_start_ratio_reads() -
     assert chosen["slo:primeintellect_image_builds_queue:objective_ratio"] == "vector(0.95)"
     assert chosen["slo:primeintellect_image_builds_queue:threshold_seconds"] == "vector(1200)"
     assert chosen["slo:primeintellect_image_builds_started:min_count"] == "vector(10)"
-    assert (
-        chosen["threshold:primeintellect_image_builds_consecutive_failures:count"] == "vector(5)"
-    )
+    assert chosen["threshold:primeintellect_image_builds_consecutive_failures:count"] == "vector(5)"
     assert chosen["threshold:primeintellect_image_builds_failing:seconds"] == "vector(43200)"
     ratios = [expr for name, expr in chosen.items() if name.startswith(QUEUE_SLOW_RATIO)]
     assert len(ratios) == 8
