@@ -14,6 +14,7 @@ import yaml
 
 from exporter.listing import ListingCut
 from exporter.models import BUILD_STATUSES, UNKNOWN, Outcome
+from exporter.store import QUEUE_DURATION_BUCKETS
 from exporter.telemetry import BUILD_LIST_UNAVAILABLE, Component, StateStatus
 from tests.helpers.docs import (
     ALERTS_REFERENCE,
@@ -26,6 +27,7 @@ from tests.helpers.docs import (
     section,
 )
 from tests.helpers.rules import (
+    CONSTANT_LEVELS,
     RECORDING_RULES_FILE,
     level_labels,
     load_recording_rules,
@@ -79,6 +81,10 @@ _MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 _TEMPLATE_LABEL = re.compile(r"\$labels\.([a-zA-Z_][a-zA-Z0-9_]*)")
 _RESULT_LABEL = re.compile(r"\.Labels\.([a-zA-Z_][a-zA-Z0-9_]*)|sortByLabel \"([a-z_]+)\"")
+# The queue time SLO's threshold, and the family whose bucket of that bound its rules read.
+QUEUE_THRESHOLD = "slo:primeintellect_image_builds_queue:threshold_seconds"
+QUEUE_BUCKETS = "primeintellect_image_builds_queue_duration_seconds_bucket"
+_LE_MATCHER = re.compile(r'le="([^"]*)"')
 
 
 def load_rules() -> list[dict[str, Any]]:
@@ -445,3 +451,49 @@ def test_the_label_check_knows_recorded_series_by_their_level() -> None:
             "no family job_image_name:primeintellect_image_builds_failed:ratio_rate7h",
         ]
     )
+
+
+def constants() -> dict[str, float]:
+    """The constant series of the recording rules (SLO targets and alert thresholds), by name."""
+    values: dict[str, float] = {}
+    for rule in load_recording_rules():
+        if rule["record"].split(":")[0] in CONSTANT_LEVELS:
+            match = re.fullmatch(r"vector\(([0-9.]+)\)", rule["expr"].strip())
+            assert match, f"{rule['record']} is not a constant vector(<number>)"
+            values[rule["record"]] = float(match[1])
+    return values
+
+
+def test_queue_rules_read_the_bucket_of_the_threshold_constant_a_bound_of_the_histogram() -> None:
+    threshold = constants()[QUEUE_THRESHOLD]
+    assert threshold in QUEUE_DURATION_BUCKETS
+    reading = [
+        rule
+        for rule in load_recording_rules() + load_rules()
+        if QUEUE_BUCKETS in rule["expr"] and _LE_MATCHER.search(rule["expr"])
+    ]
+    # Each window's slow-start ratio.
+    assert len(reading) == 8
+    for rule in reading:
+        bounds = _LE_MATCHER.findall(rule["expr"])
+        # The bound as the exporter writes it (300.0), else the matcher selects nothing.
+        assert bounds == [repr(threshold)], rule.get("record", rule.get("alert"))
+
+
+def test_recording_rule_table_gives_each_constants_value() -> None:
+    table = section(ALERTS_REFERENCE.read_text(), "Recording rules")
+    for name, value in constants().items():
+        (row,) = re.findall(rf"^\| `{re.escape(name)}` \|(.*)\|$", table, re.MULTILINE)
+        assert row.strip().endswith(f", {value:g}"), name
+
+
+def test_slo_section_gives_each_constants_default_in_the_rules_file() -> None:
+    table = section(ALERTS_REFERENCE.read_text(), "SLOs")
+    row = re.compile(r"^\| [^|]+ \| `([a-z_]+:[a-z_]+:[a-z_]+)` \| `([^`]+)` \|", re.MULTILINE)
+    rows = row.findall(table)
+    in_file = {
+        rule["record"]: rule["expr"].strip()
+        for rule in load_recording_rules()
+        if rule["record"] in constants()
+    }
+    assert dict(rows) == in_file

@@ -37,12 +37,15 @@ from tests.helpers.prometheus import (
     finish,
     plans,
     resolve_variables,
+    start,
     start_prometheus,
     start_service,
     substitute,
     wait_for,
     wait_for_every_dashboard_query_to_return_data,
     wait_for_finished_total,
+    wait_for_started_total,
+    waiting,
 )
 from tests.helpers.rules import RECORDING_RULES_FILE, level_labels, recorded_names
 from tests.helpers.support import (
@@ -157,7 +160,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Everything running, every build polled and scraped, two builds seen to finish."""
+    """Everything running, every build polled and scraped, two builds seen to finish and two
+    to start."""
     prometheus_binary = find_binary("prometheus")
     alertmanager = find_alertmanager()
     directory = tmp_path_factory.mktemp("e2e")
@@ -165,6 +169,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     build_plans = plans(now)
     with_build_errors = failed_with_build_errors(now)
     build_plans += [plan for plan, _ in with_build_errors]
+    starting = [waiting(f"e2e-starting-{n}", "trainer", f"s{n}", now) for n in (1, 2)]
+    build_plans += starting
     with ExitStack() as cleanup:
         simulator = cleanup.enter_context(Simulator(CANARY_API_KEY, build_plans, team_id=TEAM))
         for plan, message in with_build_errors:
@@ -247,6 +253,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for count, plan in enumerate(finishing, start=1):
             finish(simulator, plan)
             wait_for_finished_total(running.prometheus, count)
+        # Likewise the queue-time histogram, for builds seen PENDING that then start.
+        for count, plan in enumerate(starting, start=1):
+            start(simulator, plan)
+            wait_for_started_total(running.prometheus, count)
         yield running
 
 

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from exporter import __version__
 from exporter.config.schema import ConfigFile
 from exporter.config.wording import counted
+from exporter.store import QUEUE_DURATION_BUCKETS
 from exporter.web.webconfig import _BCRYPT_HASH
 from tests.helpers import docs
 from tests.helpers.chart import (
@@ -45,6 +46,7 @@ from tests.helpers.chart import (
 )
 from tests.helpers.pki import bcrypt_hash, make_pki
 from tests.helpers.pod import PodVolumes, container_arguments
+from tests.helpers.rules import CONSTANT_LEVELS, load_recording_rules
 from tests.helpers.support import CANARY_API_KEY, REPOSITORY, SCRIPT, environment
 
 API_KEY_FILE = "/etc/primeintellect-build-exporter/secrets/api-key"
@@ -516,6 +518,24 @@ SLO_TARGETS = {
     "objective": "slo:primeintellect_image_builds_success:objective_ratio",
     "minBuilds": "slo:primeintellect_image_builds_finished:min_count",
 }
+# The values under prometheusRule that set a constant of the rules file, by the constant.
+RULE_CONSTANTS = {
+    "slo:primeintellect_image_builds_success:objective_ratio": ("slo", "buildSuccess", "objective"),
+    "slo:primeintellect_image_builds_finished:min_count": ("slo", "buildSuccess", "minBuilds"),
+    "slo:primeintellect_image_builds_queue:objective_ratio": ("slo", "queueTime", "objective"),
+    "slo:primeintellect_image_builds_queue:threshold_seconds": (
+        "slo",
+        "queueTime",
+        "thresholdSeconds",
+    ),
+    "slo:primeintellect_image_builds_started:min_count": ("slo", "queueTime", "minBuilds"),
+    "threshold:primeintellect_image_builds_consecutive_failures:count": (
+        "imageHealth",
+        "consecutiveFailures",
+    ),
+    "threshold:primeintellect_image_builds_failing:seconds": ("imageHealth", "failingForSeconds"),
+}
+QUEUE_SLOW_RATIO = "job_image_name:primeintellect_image_builds_queue_slow:ratio_rate"
 
 
 def recorded_expressions(rendered: Rendered) -> dict[str, str]:
@@ -543,6 +563,76 @@ def test_slo_target_values_replace_the_rules_files_constants_and_empty_ones_keep
     assert chosen[SLO_TARGETS["minBuilds"]] == "vector(10)"
     others = set(in_file) - set(SLO_TARGETS.values())
     assert all(chosen[name] == in_file[name] for name in others)
+
+
+def nested(path: tuple[str, ...], value: object) -> dict[str, Any]:
+    """``{"a": {"b": value}}`` for the path ``("a", "b")``."""
+    tree: dict[str, Any] = {path[-1]: value}
+    for key in reversed(path[:-1]):
+        tree = {key: tree}
+    return tree
+
+
+def test_every_constant_of_the_rules_file_has_a_value_of_the_chart() -> None:
+    constants = {
+        rule["record"]
+        for rule in load_recording_rules()
+        if rule["record"].split(":")[0] in CONSTANT_LEVELS
+    }
+    assert constants == set(RULE_CONSTANTS)
+
+
+@pytest.mark.parametrize("constant", sorted(RULE_CONSTANTS))
+def test_each_target_value_replaces_its_constant_alone(constant: str) -> None:
+    recording = yaml.safe_load(RECORDING_RULES.read_text())["groups"]
+    in_file = {entry["record"]: entry["expr"] for group in recording for entry in group["rules"]}
+    # A valid value of each: objectives are ratios; 600 is also a bucket bound.
+    value = 0.9 if constant.endswith(":objective_ratio") else 600
+    rule = {"enabled": True, **nested(RULE_CONSTANTS[constant], value)}
+    chosen = recorded_expressions(render_chart({**WITH_MONITORING, "prometheusRule": rule}))
+    assert chosen[constant] == f"vector({value})"
+    changed = {name for name in in_file if chosen[name] != in_file[name]} - {constant}
+    if constant.endswith(":threshold_seconds"):
+        assert changed == {name for name in in_file if name.startswith(QUEUE_SLOW_RATIO)}
+    else:
+        assert changed == set()
+
+
+def test_queue_threshold_value_moves_the_bucket_every_slow_start_ratio_reads() -> None:
+    values = {
+        **WITH_MONITORING,
+        "prometheusRule": {
+            "enabled": True,
+            "slo": {"queueTime": {"objective": 0.95, "thresholdSeconds": 1200, "minBuilds": 10}},
+            "imageHealth": {"consecutiveFailures": 5, "failingForSeconds": 43200},
+        },
+    }
+    chosen = recorded_expressions(render_chart(values))
+    assert chosen["slo:primeintellect_image_builds_queue:objective_ratio"] == "vector(0.95)"
+    assert chosen["slo:primeintellect_image_builds_queue:threshold_seconds"] == "vector(1200)"
+    assert chosen["slo:primeintellect_image_builds_started:min_count"] == "vector(10)"
+    assert chosen["threshold:primeintellect_image_builds_consecutive_failures:count"] == "vector(5)"
+    assert chosen["threshold:primeintellect_image_builds_failing:seconds"] == "vector(43200)"
+    ratios = [expr for name, expr in chosen.items() if name.startswith(QUEUE_SLOW_RATIO)]
+    assert len(ratios) == 8
+    assert all(re.findall(r'le="[^"]*"', expr) == ['le="1200.0"'] for expr in ratios)
+    kept = recorded_expressions(render_chart(WITH_MONITORING))
+    ratios = [expr for name, expr in kept.items() if name.startswith(QUEUE_SLOW_RATIO)]
+    assert all(re.findall(r'le="[^"]*"', expr) == ['le="300.0"'] for expr in ratios)
+
+
+def test_a_queue_threshold_that_is_no_bucket_bound_fails_with_the_bounds() -> None:
+    values = {
+        **WITH_MONITORING,
+        "prometheusRule": {"enabled": True, "slo": {"queueTime": {"thresholdSeconds": 250}}},
+    }
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError) as failure:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    message = str(failure.value)
+    assert "prometheusRule.slo.queueTime.thresholdSeconds must be a bucket bound" in message
+    listed = re.search(r"one of ([0-9., ]+); got 250", message)
+    assert listed, message
+    assert tuple(float(bound) for bound in listed[1].split(", ")) == QUEUE_DURATION_BUCKETS
 
 
 def test_dashboard_configmap_carries_exactly_the_repository_dashboard() -> None:
@@ -808,6 +898,11 @@ def test_values_schema_takes_the_bcrypt_hashes_the_exporter_takes() -> None:
         ({"prometheusRule": {"runbookBaseUrl": "wiki/runbooks#top"}}, "does not match pattern"),
         ({"prometheusRule": {"slo": {"buildSuccess": {"objective": 99}}}}, "objective"),
         ({"prometheusRule": {"slo": {"buildSuccess": {"minBuilds": 0}}}}, "minBuilds"),
+        ({"prometheusRule": {"slo": {"queueTime": {"objective": 1}}}}, "objective"),
+        ({"prometheusRule": {"slo": {"queueTime": {"thresholdSeconds": 0}}}}, "thresholdSeconds"),
+        ({"prometheusRule": {"slo": {"queueTime": {"minBuilds": 2.5}}}}, "minBuilds"),
+        ({"prometheusRule": {"imageHealth": {"consecutiveFailures": 0}}}, "consecutiveFailures"),
+        ({"prometheusRule": {"imageHealth": {"failingForSecond": 60}}}, "'failingForSecond' not"),
         # A selector that would smuggle PromQL into the rule.
         ({"prometheusRule": {"exporterJobSelector": 'job="a"}) or vector(1'}}, "does not match"),
     ],

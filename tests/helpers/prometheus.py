@@ -263,6 +263,17 @@ def finish(simulator: Simulator, plan: BuildPlan) -> None:
     simulator.set_payload(plan.build_id, completed.payload(time.time()))
 
 
+def waiting(build_id: str, image_name: str, image_tag: str, now: float) -> BuildPlan:
+    """A build PENDING until a test makes it start."""
+    return BuildPlan(build_id, image_name, image_tag, now - 30, pending=math.inf)
+
+
+def start(simulator: Simulator, plan: BuildPlan) -> None:
+    """From now on the API answers that ``plan``'s build is BUILDING, 20s after its creation."""
+    started = dataclasses.replace(plan, pending=20.0, uploading=5.0, building=math.inf)
+    simulator.set_payload(plan.build_id, started.payload(time.time()))
+
+
 def substitute(expression: str, values: dict[str, str]) -> str:
     """Grafana's variable interpolation: ``$name`` and ``${name}``."""
 
@@ -379,5 +390,23 @@ def wait_for_finished_total(prometheus: Prometheus, count: int) -> None:
     wait_for(
         lambda: seen() == count,
         f"Prometheus to see {count} finished build(s)",
+        lambda: f"{query} is {seen()}",
+    )
+
+
+def wait_for_started_total(prometheus: Prometheus, count: int) -> None:
+    """Wait until Prometheus has scraped ``count`` builds seen to start."""
+    query = (
+        "sum(max without (service, endpoint) "
+        "(primeintellect_image_builds_queue_duration_seconds_count))"
+    )
+
+    def seen() -> float:
+        result = prometheus.query(query)
+        return float(result[0]["value"][1]) if result else 0.0
+
+    wait_for(
+        lambda: seen() == count,
+        f"Prometheus to see {count} started build(s)",
         lambda: f"{query} is {seen()}",
     )

@@ -10,8 +10,10 @@ import yaml
 from tests.helpers.support import REPOSITORY
 
 RECORDING_RULES_FILE = REPOSITORY / "monitoring" / "rules.yaml"
-# The level of a recorded constant: it keeps no label.
+# The level of a recorded SLO target: a constant, it keeps no label.
 CONSTANT_LEVEL = "slo"
+# The levels of every recorded constant: SLO targets, and alert thresholds.
+CONSTANT_LEVELS = frozenset({CONSTANT_LEVEL, "threshold"})
 
 
 def load_recording_rules() -> list[dict[str, Any]]:
@@ -29,7 +31,7 @@ def level_labels(level: str, vocabulary: set[str]) -> frozenset[str]:
     """The labels a recorded series keeps, from the level of its name: label names of
     ``vocabulary`` joined by ``_`` (``job_image_name`` is job and image_name), or none for a
     constant."""
-    if level == CONSTANT_LEVEL:
+    if level in CONSTANT_LEVELS:
         return frozenset()
     labels: list[str] = []
     rest = level
