@@ -45,7 +45,13 @@ from exporter.health import (
     ImageHealth,
 )
 from exporter.models import BUILD_STATUSES, UNKNOWN, Outcome
-from exporter.store import BuildRecord, Inventory, Snapshot
+from exporter.store import (
+    FINISHED_DURATION_BUCKETS,
+    QUEUE_DURATION_BUCKETS,
+    BuildRecord,
+    Inventory,
+    Snapshot,
+)
 from exporter.telemetry import Histogram, StateStatus, TelemetrySnapshot
 
 
@@ -125,6 +131,16 @@ def summary_families(snapshot: Snapshot) -> list[Metric]:
 
     Sample: ``primeintellect_exporter_builds{state="failing"} 2.0``
     """
+    return [*tally_families(snapshot), tracked_family(snapshot)]
+
+
+def tally_families(snapshot: Snapshot) -> list[Metric]:
+    """The finishes and starts seen, by image: every image the exporter knows (``images``, and
+    those already counted) has each series, at 0 until it counts, so that the first finish or
+    start is an increase ``rate()`` and ``increase()`` see.
+
+    Sample: ``primeintellect_image_builds_finished_total{image_name="app",status="FAILED"} 0.0``
+    """
     finished = CounterMetricFamily(
         "primeintellect_image_builds_finished",
         "Builds seen to finish (unfinished at an earlier poll), each counted once, across restarts"
@@ -137,18 +153,37 @@ def summary_families(snapshot: Snapshot) -> list[Metric]:
         " state.path.",
         labels=("image_name", "status"),
     )
-    for (image_name, status), value in sorted(snapshot.finished.items()):
-        finished.add_metric((image_name, status), value.count)
+    images = {*snapshot.images, *snapshot.queued}
+    images.update(image_name for image_name, _ in snapshot.finished)
+    keys = {(image_name, status) for image_name in images for status in FINISHED_STATUSES}
+    no_durations = _zero_buckets(FINISHED_DURATION_BUCKETS)
+    for key in sorted(keys.union(snapshot.finished)):
+        value = snapshot.finished.get(key)
+        if value is None:
+            finished.add_metric(key, 0)
+            finished_durations.add_metric(key, no_durations, 0.0)
+            continue
+        finished.add_metric(key, value.count)
         finished_durations.add_metric(
-            (image_name, status), _cumulative_buckets(value.durations), value.durations.total
+            key, _cumulative_buckets(value.durations), value.durations.total
         )
     queued = HistogramMetricFamily(
         "primeintellect_image_builds_queue_duration_seconds",
         "Queue times (startedAt - createdAt) of the builds seen to start, each counted once.",
         labels=("image_name",),
     )
-    for image_name, histogram in sorted(snapshot.queued.items()):
-        queued.add_metric((image_name,), _cumulative_buckets(histogram), histogram.total)
+    no_queue_times = _zero_buckets(QUEUE_DURATION_BUCKETS)
+    for image_name in sorted(images):
+        histogram = snapshot.queued.get(image_name)
+        if histogram is None:
+            queued.add_metric((image_name,), no_queue_times, 0.0)
+        else:
+            queued.add_metric((image_name,), _cumulative_buckets(histogram), histogram.total)
+    return [finished, finished_durations, queued]
+
+
+def tracked_family(snapshot: Snapshot) -> Metric:
+    """Tracked builds by state."""
     tracked = GaugeMetricFamily(
         "primeintellect_exporter_builds",
         "Tracked builds by state: active, finished, failing (last poll failed), unpolled.",
@@ -156,7 +191,7 @@ def summary_families(snapshot: Snapshot) -> list[Metric]:
     )
     for state, count in snapshot.states.items():
         tracked.add_metric((state.value,), count)
-    return [finished, finished_durations, queued, tracked]
+    return tracked
 
 
 def health_families(health: Mapping[HealthKey, ImageHealth]) -> list[Metric]:
@@ -291,6 +326,11 @@ def _cumulative_buckets(
             labels = {"build_id": exemplar.build_id}
             buckets.append((*bucket, Exemplar(labels, exemplar.value, exemplar.timestamp)))
     return buckets
+
+
+def _zero_buckets(bounds: Sequence[float]) -> list[tuple[str, float]]:
+    """The buckets of a histogram that has observed nothing."""
+    return [(floatToGoString(bound), 0.0) for bound in (*bounds, float("inf"))]  # type: ignore[no-untyped-call]
 
 
 def _state_families(telemetry: TelemetrySnapshot) -> list[Metric]:
