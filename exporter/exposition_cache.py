@@ -38,6 +38,7 @@ from exporter.exposition import (
     render_build_lines,
     render_health_lines,
     render_poll_lines,
+    render_tally_lines,
 )
 from exporter.families import POLL_FAMILIES_START
 from exporter.health import HealthKey, ImageHealth
@@ -257,6 +258,13 @@ class ExpositionCache:
             format: [
                 render([family], format).removesuffix(OPENMETRICS_EOF)
                 for family in health_families({})
+            ]
+            for format in ExpositionFormat
+        }
+        self._tally_headers = {
+            format: [
+                render([family], format).removesuffix(OPENMETRICS_EOF)
+                for family in tally_families(Snapshot(0, {}, {}))
             ]
             for format in ExpositionFormat
         }
@@ -630,8 +638,11 @@ class ExpositionCache:
             by_format = {}
             self._tallies = (tallies, by_format)
         if format not in by_format:
-            by_format[format] = render(tally_families(snapshot), format).removesuffix(
-                OPENMETRICS_EOF
+            # Thousands of images make the tally families hundreds of thousands of samples,
+            # too many for prometheus_client on each finish: their lines are written directly.
+            lines = render_tally_lines(snapshot, format)
+            by_format[format] = b"".join(
+                chain.from_iterable(zip(self._tally_headers[format], lines, strict=True))
             )
         return by_format[format]
 

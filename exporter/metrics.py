@@ -7,6 +7,7 @@ The build families are made from their declarations in ``exporter.families``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeGuard
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -52,6 +53,7 @@ from exporter.store import (
     Inventory,
     Snapshot,
 )
+from exporter.telemetry import Exemplar as TelemetryExemplar
 from exporter.telemetry import Histogram, StateStatus, TelemetrySnapshot
 
 
@@ -153,11 +155,9 @@ def tally_families(snapshot: Snapshot) -> list[Metric]:
         " state.path.",
         labels=("image_name", "status"),
     )
-    images = {*snapshot.images, *snapshot.queued}
-    images.update(image_name for image_name, _ in snapshot.finished)
-    keys = {(image_name, status) for image_name in images for status in FINISHED_STATUSES}
+    images = tally_images(snapshot)
     no_durations = _zero_buckets(FINISHED_DURATION_BUCKETS)
-    for key in sorted(keys.union(snapshot.finished)):
+    for key in finished_keys(images, snapshot.finished):
         value = snapshot.finished.get(key)
         if value is None:
             finished.add_metric(key, 0)
@@ -173,13 +173,30 @@ def tally_families(snapshot: Snapshot) -> list[Metric]:
         labels=("image_name",),
     )
     no_queue_times = _zero_buckets(QUEUE_DURATION_BUCKETS)
-    for image_name in sorted(images):
+    for image_name in images:
         histogram = snapshot.queued.get(image_name)
         if histogram is None:
             queued.add_metric((image_name,), no_queue_times, 0.0)
         else:
             queued.add_metric((image_name,), _cumulative_buckets(histogram), histogram.total)
     return [finished, finished_durations, queued]
+
+
+def tally_images(snapshot: Snapshot) -> list[str]:
+    """The images the tally families have series for, in order: those of tracked builds and
+    those already counted."""
+    images = {*snapshot.images, *snapshot.queued}
+    images.update(image_name for image_name, _ in snapshot.finished)
+    return sorted(images)
+
+
+def finished_keys(
+    images: Iterable[str], finished: Mapping[tuple[str, str], object]
+) -> list[tuple[str, str]]:
+    """The ``(image_name, status)`` of each finished series, in order: every image's finished
+    statuses, and any other status already counted."""
+    keys = {(image_name, status) for image_name in images for status in FINISHED_STATUSES}
+    return sorted(keys.union(finished))
 
 
 def tracked_family(snapshot: Snapshot) -> Metric:
@@ -307,6 +324,13 @@ def _add_if_known(family: GaugeMetricFamily, labels: Sequence[str], value: float
 _EXEMPLAR_LABELS_LIMIT = 128
 
 
+def exemplar_shown(exemplar: TelemetryExemplar | None) -> TypeGuard[TelemetryExemplar]:
+    """Whether a bucket's exemplar is written (in OpenMetrics): one within the size limit."""
+    return (
+        exemplar is not None and len("build_id") + len(exemplar.build_id) <= _EXEMPLAR_LABELS_LIMIT
+    )
+
+
 def _cumulative_buckets(
     histogram: Histogram,
 ) -> list[tuple[str, float] | tuple[str, float, Exemplar]]:
@@ -320,7 +344,7 @@ def _cumulative_buckets(
     ):
         running += count
         bucket = (floatToGoString(bound), float(running))  # type: ignore[no-untyped-call]
-        if exemplar is None or len("build_id") + len(exemplar.build_id) > _EXEMPLAR_LABELS_LIMIT:
+        if not exemplar_shown(exemplar):
             buckets.append(bucket)
         else:
             labels = {"build_id": exemplar.build_id}

@@ -14,11 +14,23 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.demo.simulator import random_plans
-from exporter.exposition import BUILD_FAMILY_COUNT, OPENMETRICS_EOF, ExpositionFormat, render
+from exporter.exposition import (
+    BUILD_FAMILY_COUNT,
+    OPENMETRICS_EOF,
+    ExpositionFormat,
+    render,
+    render_tally_lines,
+)
 from exporter.exposition_cache import CHUNK_SIZE, FEW_CHANGED_BUILDS, Body, ExpositionCache
-from exporter.metrics import summary_families
+from exporter.metrics import summary_families, tally_families
 from exporter.models import Build, Outcome, parse_build
-from exporter.store import FINISHED_DURATION_BUCKETS, BuildStore, FinishedBuilds, Snapshot
+from exporter.store import (
+    FINISHED_DURATION_BUCKETS,
+    QUEUE_DURATION_BUCKETS,
+    BuildStore,
+    FinishedBuilds,
+    Snapshot,
+)
 from exporter.telemetry import Exemplar, Histogram
 from tests.helpers.support import EPOCH, build_families, parse_samples
 
@@ -425,3 +437,30 @@ def test_an_image_with_no_builds_left_and_no_counts_is_gone_and_a_counted_one_st
     trainer = tally_samples(store, ExpositionFormat.TEXT, "trainer")
     assert trainer[(FINISHED_TOTAL, frozenset({("status", "FAILED")}))] == 1.0
     assert trainer[(FINISHED_TOTAL, frozenset({("status", "COMPLETED")}))] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_tally_lines_are_what_prometheus_client_writes(seed: int) -> None:
+    rng = random.Random(seed)
+    names = ["app", 'q"uote', "back\\slash", "new\nline", "é", "", "b" * 125]
+    finished = {}
+    queued = {}
+    for name in rng.sample(names, 4):
+        for status in rng.sample(["COMPLETED", "FAILED", "CANCELLED", "UNKNOWN"], 2):
+            durations = Histogram.empty(FINISHED_DURATION_BUCKETS)
+            for _ in range(rng.randrange(3)):
+                value = rng.choice([30.0, 599.5, 10**5 + 0.25])
+                exemplar = Exemplar(rng.choice(["b1", name or "x"]), value, EPOCH + rng.random())
+                durations = durations.observe(value, exemplar if rng.random() < 0.8 else None)
+            finished[(name, status)] = FinishedBuilds(rng.randrange(1, 300), durations)
+    for name in rng.sample(names, 3):
+        # A histogram as an older exporter's state file may hold it, of other bounds.
+        histogram = Histogram.empty(rng.choice([QUEUE_DURATION_BUCKETS, (0.5, 1e10)]))
+        queued[name] = histogram.observe(rng.random() * 100, Exemplar("b2", 1.5, EPOCH))
+    images = frozenset(rng.sample([*names, "only-tracked"], 4))
+    snapshot = Snapshot(1, {}, finished, queued=queued, images=images)
+    for format in ExpositionFormat:
+        reference = render(tally_families(snapshot), format).decode()
+        samples = "".join(line + "\n" for line in reference.splitlines() if line[0] != "#")
+        written = b"".join(render_tally_lines(snapshot, format)).decode()
+        assert written == samples
