@@ -38,10 +38,11 @@ from exporter.exposition import (
     render_build_lines,
     render_health_lines,
     render_poll_lines,
+    render_tally_lines,
 )
 from exporter.families import POLL_FAMILIES_START
 from exporter.health import HealthKey, ImageHealth
-from exporter.metrics import health_families, per_build_families, summary_families
+from exporter.metrics import health_families, per_build_families, tally_families, tracked_family
 from exporter.store import BuildRecord, FinishedBuilds, Snapshot
 from exporter.telemetry import Histogram
 
@@ -241,15 +242,13 @@ class ExpositionCache:
         self._answer_blocks: dict[ExpositionFormat, tuple[tuple[_FamilyRun, ...], bytes]] = {}
         self._summary_segment: tuple[bytes | None, bytes] = (None, b"")
         self._summary: tuple[
-            tuple[
-                Mapping[tuple[str, str], FinishedBuilds],
-                Mapping[str, Histogram],
-                Mapping[HealthKey, ImageHealth],
-                tuple[int, ...],
-            ]
-            | None,
+            tuple[_TallySource, Mapping[HealthKey, ImageHealth], tuple[int, ...]] | None,
             dict[ExpositionFormat, bytes],
         ] = (None, {})
+        # The tally families' bytes, for the tallies and images they were rendered from: with
+        # many images they are most of the summary's samples, and change less often than the
+        # counts by state.
+        self._tallies: tuple[_TallySource | None, dict[ExpositionFormat, bytes]] = (None, {})
         # The health families' sample lines, for the health mapping they were written from.
         self._health_lines: tuple[Mapping[HealthKey, ImageHealth] | None, list[bytes]] = (
             None,
@@ -259,6 +258,13 @@ class ExpositionCache:
             format: [
                 render([family], format).removesuffix(OPENMETRICS_EOF)
                 for family in health_families({})
+            ]
+            for format in ExpositionFormat
+        }
+        self._tally_headers = {
+            format: [
+                render([family], format).removesuffix(OPENMETRICS_EOF)
+                for family in tally_families(Snapshot(0, {}, {}))
             ]
             for format in ExpositionFormat
         }
@@ -594,24 +600,19 @@ class ExpositionCache:
         return _Chunk(chunk.start, records, tuple(pieces), tuple(lengths))
 
     def _summary_of(self, snapshot: Snapshot, format: ExpositionFormat) -> bytes:
-        # Rendered again only when a build finished or started, or a count by state moved: with
-        # many images, the histograms are most of the families' samples.
+        # Rendered again only when a build finished or started, an image came or went, or a
+        # count by state moved.
         key, by_format = self._summary
-        current = (
-            snapshot.finished,
-            snapshot.queued,
-            snapshot.health,
-            tuple(snapshot.states.values()),
-        )
+        tallies = _TallySource(snapshot.finished, snapshot.queued, snapshot.images)
+        states = tuple(snapshot.states.values())
         if (
             key is None
-            or key[0] is not current[0]
-            or key[1] is not current[1]
-            or key[2] is not current[2]
-            or key[3] != current[3]
+            or not key[0].same_as(tallies)
+            or key[1] is not snapshot.health
+            or key[2] != states
         ):
             by_format = {}
-            self._summary = (current, by_format)
+            self._summary = ((tallies, snapshot.health, states), by_format)
         if format not in by_format:
             # Thousands of images make the health families too many samples for
             # prometheus_client on each change: their lines are written directly.
@@ -621,7 +622,27 @@ class ExpositionCache:
                 self._health_lines = (snapshot.health, lines)
             health = chain.from_iterable(zip(self._health_headers[format], lines, strict=True))
             by_format[format] = b"".join(
-                [render(summary_families(snapshot), format).removesuffix(OPENMETRICS_EOF), *health]
+                [
+                    self._tallies_of(tallies, snapshot, format),
+                    render([tracked_family(snapshot)], format).removesuffix(OPENMETRICS_EOF),
+                    *health,
+                ]
+            )
+        return by_format[format]
+
+    def _tallies_of(
+        self, tallies: _TallySource, snapshot: Snapshot, format: ExpositionFormat
+    ) -> bytes:
+        key, by_format = self._tallies
+        if key is None or not key.same_as(tallies):
+            by_format = {}
+            self._tallies = (tallies, by_format)
+        if format not in by_format:
+            # Thousands of images make the tally families hundreds of thousands of samples,
+            # too many for prometheus_client on each finish: their lines are written directly.
+            lines = render_tally_lines(snapshot, format)
+            by_format[format] = b"".join(
+                chain.from_iterable(zip(self._tally_headers[format], lines, strict=True))
             )
         return by_format[format]
 
@@ -743,6 +764,21 @@ class ExpositionCache:
             segments.append(kept.data)
             previous = piece
         return tuple(segments)
+
+
+class _TallySource(NamedTuple):
+    """What the tally families are rendered from; each the same object until it changes."""
+
+    finished: Mapping[tuple[str, str], FinishedBuilds]
+    queued: Mapping[str, Histogram]
+    images: frozenset[str]
+
+    def same_as(self, other: _TallySource) -> bool:
+        return (
+            self.finished is other.finished
+            and self.queued is other.queued
+            and self.images is other.images
+        )
 
 
 class _Update(NamedTuple):

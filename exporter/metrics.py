@@ -7,6 +7,7 @@ The build families are made from their declarations in ``exporter.families``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeGuard
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -45,7 +46,14 @@ from exporter.health import (
     ImageHealth,
 )
 from exporter.models import BUILD_STATUSES, UNKNOWN, Outcome
-from exporter.store import BuildRecord, Inventory, Snapshot
+from exporter.store import (
+    FINISHED_DURATION_BUCKETS,
+    QUEUE_DURATION_BUCKETS,
+    BuildRecord,
+    Inventory,
+    Snapshot,
+)
+from exporter.telemetry import Exemplar as TelemetryExemplar
 from exporter.telemetry import Histogram, StateStatus, TelemetrySnapshot
 
 
@@ -125,6 +133,16 @@ def summary_families(snapshot: Snapshot) -> list[Metric]:
 
     Sample: ``primeintellect_exporter_builds{state="failing"} 2.0``
     """
+    return [*tally_families(snapshot), tracked_family(snapshot)]
+
+
+def tally_families(snapshot: Snapshot) -> list[Metric]:
+    """The finishes and starts seen, by image: every image the exporter knows (``images``, and
+    those already counted) has each series, at 0 until it counts, so that the first finish or
+    start is an increase ``rate()`` and ``increase()`` see.
+
+    Sample: ``primeintellect_image_builds_finished_total{image_name="app",status="FAILED"} 0.0``
+    """
     finished = CounterMetricFamily(
         "primeintellect_image_builds_finished",
         "Builds seen to finish (unfinished at an earlier poll), each counted once, across restarts"
@@ -137,18 +155,52 @@ def summary_families(snapshot: Snapshot) -> list[Metric]:
         " state.path.",
         labels=("image_name", "status"),
     )
-    for (image_name, status), value in sorted(snapshot.finished.items()):
-        finished.add_metric((image_name, status), value.count)
+    images = tally_images(snapshot)
+    no_durations = _zero_buckets(FINISHED_DURATION_BUCKETS)
+    for key in finished_keys(images, snapshot.finished):
+        value = snapshot.finished.get(key)
+        if value is None:
+            finished.add_metric(key, 0)
+            finished_durations.add_metric(key, no_durations, 0.0)
+            continue
+        finished.add_metric(key, value.count)
         finished_durations.add_metric(
-            (image_name, status), _cumulative_buckets(value.durations), value.durations.total
+            key, _cumulative_buckets(value.durations), value.durations.total
         )
     queued = HistogramMetricFamily(
         "primeintellect_image_builds_queue_duration_seconds",
         "Queue times (startedAt - createdAt) of the builds seen to start, each counted once.",
         labels=("image_name",),
     )
-    for image_name, histogram in sorted(snapshot.queued.items()):
-        queued.add_metric((image_name,), _cumulative_buckets(histogram), histogram.total)
+    no_queue_times = _zero_buckets(QUEUE_DURATION_BUCKETS)
+    for image_name in images:
+        histogram = snapshot.queued.get(image_name)
+        if histogram is None:
+            queued.add_metric((image_name,), no_queue_times, 0.0)
+        else:
+            queued.add_metric((image_name,), _cumulative_buckets(histogram), histogram.total)
+    return [finished, finished_durations, queued]
+
+
+def tally_images(snapshot: Snapshot) -> list[str]:
+    """The images the tally families have series for, in order: those of tracked builds and
+    those already counted."""
+    images = {*snapshot.images, *snapshot.queued}
+    images.update(image_name for image_name, _ in snapshot.finished)
+    return sorted(images)
+
+
+def finished_keys(
+    images: Iterable[str], finished: Mapping[tuple[str, str], object]
+) -> list[tuple[str, str]]:
+    """The ``(image_name, status)`` of each finished series, in order: every image's finished
+    statuses, and any other status already counted."""
+    keys = {(image_name, status) for image_name in images for status in FINISHED_STATUSES}
+    return sorted(keys.union(finished))
+
+
+def tracked_family(snapshot: Snapshot) -> Metric:
+    """Tracked builds by state."""
     tracked = GaugeMetricFamily(
         "primeintellect_exporter_builds",
         "Tracked builds by state: active, finished, failing (last poll failed), unpolled.",
@@ -156,7 +208,7 @@ def summary_families(snapshot: Snapshot) -> list[Metric]:
     )
     for state, count in snapshot.states.items():
         tracked.add_metric((state.value,), count)
-    return [finished, finished_durations, queued, tracked]
+    return tracked
 
 
 def health_families(health: Mapping[HealthKey, ImageHealth]) -> list[Metric]:
@@ -272,6 +324,13 @@ def _add_if_known(family: GaugeMetricFamily, labels: Sequence[str], value: float
 _EXEMPLAR_LABELS_LIMIT = 128
 
 
+def exemplar_shown(exemplar: TelemetryExemplar | None) -> TypeGuard[TelemetryExemplar]:
+    """Whether a bucket's exemplar is written (in OpenMetrics): one within the size limit."""
+    return (
+        exemplar is not None and len("build_id") + len(exemplar.build_id) <= _EXEMPLAR_LABELS_LIMIT
+    )
+
+
 def _cumulative_buckets(
     histogram: Histogram,
 ) -> list[tuple[str, float] | tuple[str, float, Exemplar]]:
@@ -285,12 +344,17 @@ def _cumulative_buckets(
     ):
         running += count
         bucket = (floatToGoString(bound), float(running))  # type: ignore[no-untyped-call]
-        if exemplar is None or len("build_id") + len(exemplar.build_id) > _EXEMPLAR_LABELS_LIMIT:
+        if not exemplar_shown(exemplar):
             buckets.append(bucket)
         else:
             labels = {"build_id": exemplar.build_id}
             buckets.append((*bucket, Exemplar(labels, exemplar.value, exemplar.timestamp)))
     return buckets
+
+
+def _zero_buckets(bounds: Sequence[float]) -> list[tuple[str, float]]:
+    """The buckets of a histogram that has observed nothing."""
+    return [(floatToGoString(bound), 0.0) for bound in (*bounds, float("inf"))]  # type: ignore[no-untyped-call]
 
 
 def _state_families(telemetry: TelemetrySnapshot) -> list[Metric]:

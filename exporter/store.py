@@ -124,6 +124,10 @@ class Snapshot:
     queued: Mapping[str, Histogram] = field(default_factory=lambda: MappingProxyType({}))
     # Per image name and tag (exporter.health). The same object until a build changes one.
     health: Mapping[HealthKey, ImageHealth] = field(default_factory=lambda: MappingProxyType({}))
+    # The image names of tracked builds whose answer named one, kept while the answer is stale
+    # and dropped when it retires: the images the tallies' series exist for, at 0 until they
+    # count. The same object until an image comes or goes.
+    images: frozenset[str] = frozenset()
 
     @property
     def tallies(self) -> Tallies:
@@ -202,12 +206,19 @@ class BuildStore:
         # until the next snapshot after a change.
         self._health_shared = False
         self._health_view: Mapping[HealthKey, ImageHealth] | None = None
+        # The image name of each tracked build whose answer named one, and how many builds
+        # name each image; the frozen view is None until the next snapshot after an image
+        # came or went.
+        self._image_of: dict[str, str] = {}
+        self._image_builds: dict[str, int] = {}
+        self._images_view: frozenset[str] | None = frozenset()
         self._snapshot = Snapshot(
             0,
             MappingProxyType({}),
             self._finished_view,
             queued=self._queued,
             health=self._health_snapshot(),
+            images=self._images_snapshot(),
         )
         self._states = dict.fromkeys(BuildState, 0)
         self._version = 0
@@ -236,6 +247,7 @@ class BuildStore:
                 self._version += 1
             for build_id in removed:
                 self._count_state(self._writable_records().pop(build_id), -1)
+                self._note_image(build_id, "")
                 self._log_change(build_id)
             for build_id in moved:
                 record = self._records[build_id]
@@ -247,6 +259,8 @@ class BuildStore:
                 }
                 for build_id, record in new.items():
                     self._count_state(record, 1)
+                    if record.build is not None:
+                        self._note_image(build_id, record.build.image_name)
                     self._log_change(build_id)
                 # Kept in build ID order, so a snapshot is a copy and never a sort.
                 self._records = dict(sorted({**self._records, **new}.items()))
@@ -371,6 +385,7 @@ class BuildStore:
                     self._changes,
                     self._queued,
                     self._health_snapshot(),
+                    self._images_snapshot(),
                 )
                 self._records_shared = True
             return self._snapshot
@@ -381,7 +396,37 @@ class BuildStore:
         records[record.build_id] = record
         self._count_state(before, -1)
         self._count_state(record, 1)
+        if record.build is not None:
+            self._note_image(record.build_id, record.build.image_name)
+        elif record.retired:
+            self._note_image(record.build_id, "")
         self._log_change(record.build_id)
+
+    def _note_image(self, build_id: str, image_name: str) -> None:
+        """The build names ``image_name`` now; an empty name: none, or the build is gone."""
+        before = self._image_of.get(build_id, "")
+        if before == image_name:
+            return
+        if before:
+            left = self._image_builds[before] - 1
+            if left:
+                self._image_builds[before] = left
+            else:
+                del self._image_builds[before]
+                self._images_view = None
+        if image_name:
+            self._image_of[build_id] = image_name
+            if image_name not in self._image_builds:
+                self._image_builds[image_name] = 0
+                self._images_view = None
+            self._image_builds[image_name] += 1
+        else:
+            del self._image_of[build_id]
+
+    def _images_snapshot(self) -> frozenset[str]:
+        if self._images_view is None:
+            self._images_view = frozenset(self._image_builds)
+        return self._images_view
 
     def _writable_records(self) -> dict[str, BuildRecord]:
         if self._records_shared:

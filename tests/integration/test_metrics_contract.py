@@ -128,11 +128,15 @@ def test_a_build_seen_finishing_is_counted_once_with_its_duration(
         samples[("primeintellect_image_builds_finished_duration_seconds_sum", frozenset(finished))]
         == 320.0
     )
-    # Builds that were already finished at their first poll are not counted.
-    assert not any(
-        name == "primeintellect_image_builds_finished_total" and ("image_name", "eval") in labels
-        for name, labels in samples
-    )
+    # Builds that were already finished at their first poll are not counted: their images'
+    # series are at 0.
+    counts = {
+        labels: value
+        for (name, labels), value in samples.items()
+        if name == "primeintellect_image_builds_finished_total"
+    }
+    assert counts[frozenset({("image_name", "eval"), ("status", "FAILED")})] == 0.0
+    assert sum(counts.values()) == 1.0
 
 
 def test_a_build_seen_queued_then_started_observes_its_queue_time_once(
@@ -146,8 +150,12 @@ def test_a_build_seen_queued_then_started_observes_its_queue_time_once(
     assert samples[(f"{name}_sum", trainer)] == 10.0
     assert samples[(f"{name}_bucket", trainer | {("le", "5.0")})] == 0.0
     assert samples[(f"{name}_bucket", trainer | {("le", "15.0")})] == 1.0
-    # Builds already started at their first poll are not observed.
-    assert {labels for sample, labels in samples if sample == f"{name}_count"} == {trainer}
+    # Builds already started at their first poll are not observed: their images' are empty.
+    counts = {
+        labels: value for (sample, labels), value in samples.items() if sample == f"{name}_count"
+    }
+    assert counts[frozenset({("image_name", "eval")})] == 0.0
+    assert sum(counts.values()) == 1.0
 
 
 def test_openmetrics_response_parses_and_ends_with_eof(golden_exporter: RunningExporter) -> None:

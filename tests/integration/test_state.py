@@ -17,6 +17,8 @@ import httpx
 import pytest
 
 from exporter.demo.simulator import BuildPlan, Simulator, random_plans
+from exporter.exposition import ExpositionFormat, render
+from exporter.metrics import summary_families
 from exporter.models import Outcome, parse_build
 from exporter.state import SCHEMA_VERSION, Restored, StateFile, StateSync, encode_build, open_state
 from exporter.store import BuildRecord, BuildStore
@@ -565,6 +567,47 @@ def test_the_tallies_are_written_with_the_builds_and_read_back(tmp_path: Path) -
     assert again.health[("trainer", "v1")].last_success == EPOCH + 100
 
 
+def test_a_restart_keeps_the_counts_and_the_zero_series_and_writes_no_zero_rows(
+    tmp_path: Path,
+) -> None:
+    state_path = tmp_path / "state.db"
+    running = BuildPlan("running", "app", "v1", EPOCH, 10, 10, float("inf"))
+    fails = BuildPlan("fails", "trainer", "v1", EPOCH, 5, 5, 5, "FAILED")
+    state, restored = opened(state_path)
+    assert state is not None
+    store = BuildStore(restored.records, restored.tallies, restored.health)
+    store.track(["running", "fails"])
+    for plan, moment in ((running, EPOCH + 100), (fails, EPOCH + 12), (fails, EPOCH + 100)):
+        answer = parse_build(json.dumps(plan.payload(moment)).encode())
+        store.record_success(plan.build_id, answer, moment)
+    sync = StateSync(state, restored)
+    sync.sync(store.snapshot())
+    sync.close()
+    state, again = opened(state_path)
+    assert state is not None
+    state.close()
+    restarted = BuildStore(again.records, again.tallies, again.health)
+    restarted.track(["running", "fails"])
+
+    def tallies(store: BuildStore) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        text = render(summary_families(store.snapshot()), ExpositionFormat.TEXT).decode()
+        return {
+            key: value
+            for key, value in parse_samples(text).items()
+            if key[0].startswith("primeintellect_image_builds_")
+        }
+
+    before = tallies(store)
+    assert tallies(restarted) == before
+    finished = "primeintellect_image_builds_finished_total"
+    assert before[(finished, frozenset({("image_name", "trainer"), ("status", "FAILED")}))] == 1.0
+    for status in ("COMPLETED", "FAILED", "CANCELLED"):
+        assert before[(finished, frozenset({("image_name", "app"), ("status", status)}))] == 0.0
+    # The zero series come from the builds' images, not from rows of their own.
+    assert set(again.tallies.finished) == {("trainer", "FAILED")}
+    assert dict(again.tallies.queued) == {}
+
+
 def test_the_histograms_and_image_health_are_kept_across_a_restart_of_the_exporter(
     tmp_path: Path,
 ) -> None:
@@ -610,11 +653,13 @@ def test_the_histograms_and_image_health_are_kept_across_a_restart_of_the_export
             wait_until(
                 lambda: (
                     histograms(url).get((queue_count, trainer)) == 1.0
-                    and (
-                        "primeintellect_image_builds_finished_total",
-                        trainer | {("status", "COMPLETED")},
+                    and histograms(url).get(
+                        (
+                            "primeintellect_image_builds_finished_total",
+                            trainer | {("status", "COMPLETED")},
+                        )
                     )
-                    in histograms(url)
+                    == 1.0
                 ),
                 message="the first build seen to start and finish",
             )

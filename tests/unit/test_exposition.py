@@ -8,15 +8,31 @@ import zlib
 
 import pytest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.demo.simulator import random_plans
-from exporter.exposition import BUILD_FAMILY_COUNT, OPENMETRICS_EOF, ExpositionFormat, render
+from exporter.exposition import (
+    BUILD_FAMILY_COUNT,
+    OPENMETRICS_EOF,
+    ExpositionFormat,
+    render,
+    render_tally_lines,
+)
 from exporter.exposition_cache import CHUNK_SIZE, FEW_CHANGED_BUILDS, Body, ExpositionCache
-from exporter.metrics import summary_families
-from exporter.models import Outcome, parse_build
-from exporter.store import FINISHED_DURATION_BUCKETS, BuildStore, FinishedBuilds, Snapshot
+from exporter.metrics import summary_families, tally_families
+from exporter.models import Build, Outcome, parse_build
+from exporter.store import (
+    FINISHED_DURATION_BUCKETS,
+    QUEUE_DURATION_BUCKETS,
+    BuildStore,
+    FinishedBuilds,
+    Snapshot,
+)
 from exporter.telemetry import Exemplar, Histogram
-from tests.helpers.support import EPOCH, build_families
+from tests.helpers.support import EPOCH, build_families, parse_samples
 
 FORMATS = [ExpositionFormat.TEXT, ExpositionFormat.OPENMETRICS]
 
@@ -300,3 +316,151 @@ def test_an_exemplar_too_long_for_openmetrics_is_left_out_and_its_bucket_kept() 
     assert f'{{image_name="{long_id}",le="60.0",status="COMPLETED"}} 1.0\n' in text
     plain = render(summary_families(snapshot), ExpositionFormat.TEXT).decode()
     assert "# {" not in plain
+
+
+# -- the tally series of every known image -----------------------------------------------------
+
+FINISHED_TOTAL = "primeintellect_image_builds_finished_total"
+FINISHED_DURATIONS = "primeintellect_image_builds_finished_duration_seconds"
+QUEUE_DURATIONS = "primeintellect_image_builds_queue_duration_seconds"
+TALLY_STATUSES = ("COMPLETED", "FAILED", "CANCELLED")
+
+
+def tally_samples(
+    store: BuildStore, format: ExpositionFormat, image_name: str
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The image's samples of the tally families in the kept body, by name and other labels."""
+    text = ExpositionCache(store.snapshot, list).body(format, gzip=False).join().decode()
+    families = (
+        openmetrics_families(text)  # type: ignore[no-untyped-call]
+        if format is ExpositionFormat.OPENMETRICS
+        else text_string_to_metric_families(text)
+    )
+    return {
+        (sample.name, frozenset(sample.labels.items()) - {("image_name", image_name)}): (
+            sample.value
+        )
+        for family in families
+        if family.name
+        in (FINISHED_TOTAL.removesuffix("_total"), FINISHED_DURATIONS, QUEUE_DURATIONS)
+        for sample in family.samples
+        if sample.labels.get("image_name") == image_name
+    }
+
+
+def answer(build_id: str, image_name: str, **changes: object) -> Build:
+    payload = {
+        "id": build_id,
+        "imageName": image_name,
+        "imageTag": "v1",
+        "status": "BUILDING",
+        "createdAt": "2026-01-01T00:00:00Z",
+        "startedAt": "2026-01-01T00:00:30Z",
+        "completedAt": None,
+        **changes,
+    }
+    return parse_build(json.dumps(payload).encode())
+
+
+FAILED_AFTER_TEN_MINUTES = {"status": "FAILED", "completedAt": "2026-01-01T00:10:30Z"}
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_an_image_with_only_an_unfinished_build_has_each_finish_at_0_and_empty_histograms(
+    format: ExpositionFormat,
+) -> None:
+    store = BuildStore()
+    store.track(["b1"])
+    store.record_success("b1", answer("b1", "app"), EPOCH)
+    samples = tally_samples(store, format, "app")
+    for status in TALLY_STATUSES:
+        labels = frozenset({("status", status)})
+        assert samples[(FINISHED_TOTAL, labels)] == 0.0
+        assert samples[(f"{FINISHED_DURATIONS}_count", labels)] == 0.0
+        assert samples[(f"{FINISHED_DURATIONS}_sum", labels)] == 0.0
+        assert samples[(f"{FINISHED_DURATIONS}_bucket", labels | {("le", "+Inf")})] == 0.0
+    assert samples[(f"{QUEUE_DURATIONS}_count", frozenset())] == 0.0
+    assert samples[(f"{QUEUE_DURATIONS}_bucket", frozenset({("le", "1.0")}))] == 0.0
+    # Every bucket of both histograms: FINISHED_DURATION_BUCKETS and +Inf for each status,
+    # the queue's eleven and +Inf.
+    buckets = [name for name, _ in samples if name.endswith("_bucket")]
+    assert len(buckets) == 3 * (len(FINISHED_DURATION_BUCKETS) + 1) + 12
+
+
+def test_the_empty_histograms_carry_no_exemplars() -> None:
+    store = BuildStore()
+    store.track(["b1"])
+    store.record_success("b1", answer("b1", "app"), EPOCH)
+    body = ExpositionCache(store.snapshot, list).body(ExpositionFormat.OPENMETRICS, gzip=False)
+    tally_lines = [
+        line
+        for line in body.join().decode().splitlines()
+        if line.startswith((FINISHED_DURATIONS, QUEUE_DURATIONS))
+    ]
+    assert tally_lines
+    assert not [line for line in tally_lines if " # " in line]
+
+
+def test_an_images_first_failure_takes_its_failed_count_from_0_to_1_others_staying_0() -> None:
+    store = BuildStore()
+    store.track(["b1"])
+    store.record_success("b1", answer("b1", "app"), EPOCH)
+    cache = ExpositionCache(store.snapshot, list)
+
+    def finishes() -> dict[str, float]:
+        text = cache.body(ExpositionFormat.TEXT, gzip=False).join().decode()
+        samples = parse_samples(text)
+        return {
+            status: samples[
+                (FINISHED_TOTAL, frozenset({("image_name", "app"), ("status", status)}))
+            ]
+            for status in TALLY_STATUSES
+        }
+
+    before = finishes()
+    store.record_success("b1", answer("b1", "app", **FAILED_AFTER_TEN_MINUTES), EPOCH + 700)
+    after = finishes()
+    assert before == {"COMPLETED": 0.0, "FAILED": 0.0, "CANCELLED": 0.0}
+    # Both scrapes have the series: increase() over a window spanning them is 1.
+    assert after == {"COMPLETED": 0.0, "FAILED": 1.0, "CANCELLED": 0.0}
+
+
+def test_an_image_with_no_builds_left_and_no_counts_is_gone_and_a_counted_one_stays() -> None:
+    store = BuildStore()
+    store.track(["counted", "uncounted"])
+    store.record_success("counted", answer("counted", "trainer"), EPOCH)
+    store.record_success("counted", answer("counted", "trainer", **FAILED_AFTER_TEN_MINUTES), EPOCH)
+    store.record_success("uncounted", answer("uncounted", "app"), EPOCH)
+    assert tally_samples(store, ExpositionFormat.TEXT, "app")
+    store.track([])
+    assert tally_samples(store, ExpositionFormat.TEXT, "app") == {}
+    trainer = tally_samples(store, ExpositionFormat.TEXT, "trainer")
+    assert trainer[(FINISHED_TOTAL, frozenset({("status", "FAILED")}))] == 1.0
+    assert trainer[(FINISHED_TOTAL, frozenset({("status", "COMPLETED")}))] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_tally_lines_are_what_prometheus_client_writes(seed: int) -> None:
+    rng = random.Random(seed)
+    names = ["app", 'q"uote', "back\\slash", "new\nline", "é", "", "b" * 125]
+    finished = {}
+    queued = {}
+    for name in rng.sample(names, 4):
+        for status in rng.sample(["COMPLETED", "FAILED", "CANCELLED", "UNKNOWN"], 2):
+            durations = Histogram.empty(FINISHED_DURATION_BUCKETS)
+            for _ in range(rng.randrange(3)):
+                value = rng.choice([30.0, 599.5, 10**5 + 0.25])
+                exemplar = Exemplar(rng.choice(["b1", name or "x"]), value, EPOCH + rng.random())
+                durations = durations.observe(value, exemplar if rng.random() < 0.8 else None)
+            finished[(name, status)] = FinishedBuilds(rng.randrange(1, 300), durations)
+    for name in rng.sample(names, 3):
+        # A histogram as an older exporter's state file may hold it, of other bounds.
+        histogram = Histogram.empty(rng.choice([QUEUE_DURATION_BUCKETS, (0.5, 1e10)]))
+        queued[name] = histogram.observe(rng.random() * 100, Exemplar("b2", 1.5, EPOCH))
+    images = frozenset(rng.sample([*names, "only-tracked"], 4))
+    snapshot = Snapshot(1, {}, finished, queued=queued, images=images)
+    for format in ExpositionFormat:
+        reference = render(tally_families(snapshot), format).decode()
+        samples = "".join(line + "\n" for line in reference.splitlines() if line[0] != "#")
+        written = b"".join(render_tally_lines(snapshot, format)).decode()
+        assert written == samples

@@ -305,3 +305,31 @@ def test_builds_discovery_brought_come_back_from_the_state_marked_and_only_until
     assert (records["configured"].discovered, records["found"].discovered) == (False, True)
     assert records["found"].restored
     assert store.restored_discovered() == []
+
+
+def test_a_retired_build_no_longer_keeps_its_image_known_and_a_stale_one_does() -> None:
+    store = BuildStore()
+    store.track(["finished", "running"])
+    store.record_success("finished", build(id="finished", imageName="done"), EPOCH)
+    store.record_success("running", build(id="running", imageName="app", **RUNNING), EPOCH)
+    assert store.snapshot().images == {"done", "app"}
+    store.sweep(EPOCH + 10**6, stale_after=60, retention=3600)
+    snapshot = store.snapshot()
+    assert snapshot.records["finished"].retired
+    assert snapshot.records["running"].build is None
+    assert snapshot.images == {"app"}
+
+
+def test_the_images_are_the_same_object_until_an_image_comes_or_goes() -> None:
+    store = BuildStore()
+    store.track(["b1", "b2", "unnamed"])
+    store.record_success("b1", build(id="b1", **RUNNING), EPOCH)
+    first = store.snapshot().images
+    store.record_success("b2", build(id="b2", **RUNNING), EPOCH)
+    store.record_success("b1", build(id="b1"), EPOCH + 1)
+    store.record_success("unnamed", build(id="unnamed", imageName=""), EPOCH)
+    assert store.snapshot().images is first
+    store.track(["b2", "unnamed"])
+    assert store.snapshot().images is first
+    store.track(["unnamed"])
+    assert store.snapshot().images == set()
