@@ -5,13 +5,15 @@ Prometheus and Alertmanager are the real Debian binaries, started once for the m
 shipped rules keep their real thresholds, so the builds are laid out to trigger alerts that
 fire at once: a build that FAILED minutes ago, and one held in BUILDING since hours ago. Two
 more FAILED builds carry the build's own error message, one of them an artifact's too, so the
-dashboard's failed-builds table has each kind of reason.
+dashboard's failed-builds table has each kind of reason. Two PENDING builds start while
+Prometheus watches, so the queue-time histogram, its SLO and quantiles have data.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import threading
 import time
@@ -66,6 +68,44 @@ MISSING_BUILD = "e2e-missing"
 BUILD_ERROR = "build exceeded its 2h time limit"
 BOTH_ERRORS_BUILD_ERROR = "1 of 1 artifacts failed"
 BOTH_ERRORS_ARTIFACT_ERROR = "push to registry: 503 Service Unavailable"
+
+
+# PENDING until the fixture makes them start: the queue-time histogram observes only the
+# builds seen to start.
+STARTING = ("e2e-starting-1", "e2e-starting-2")
+
+
+def starting(now: float) -> list[BuildPlan]:
+    return [
+        BuildPlan(build_id, "trainer", f"s{n}", now - 60, pending=math.inf, building=math.inf)
+        for n, build_id in enumerate(STARTING, start=1)
+    ]
+
+
+def start(simulator: Simulator, plan: BuildPlan) -> None:
+    """From now on the API answers that ``plan``'s build started now."""
+    now = time.time()
+    simulator.set_payload(
+        plan.build_id, dataclasses.replace(plan, pending=now - plan.created_at).payload(now)
+    )
+
+
+def wait_for_started_total(prometheus: Prometheus, count: int) -> None:
+    """Wait until Prometheus has scraped ``count`` builds seen to start."""
+    query = (
+        "sum(max without (service, endpoint) "
+        "(primeintellect_image_builds_queue_duration_seconds_count))"
+    )
+
+    def seen() -> float:
+        result = prometheus.query(query)
+        return float(result[0]["value"][1]) if result else 0.0
+
+    wait_for(
+        lambda: seen() == count,
+        f"Prometheus to see {count} started build(s)",
+        lambda: f"{query} is {seen()}",
+    )
 
 
 def failed_with_build_errors(now: float) -> list[tuple[BuildPlan, str]]:
@@ -165,6 +205,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     build_plans = plans(now)
     with_build_errors = failed_with_build_errors(now)
     build_plans += [plan for plan, _ in with_build_errors]
+    build_plans += starting(now)
     with ExitStack() as cleanup:
         simulator = cleanup.enter_context(Simulator(CANARY_API_KEY, build_plans, team_id=TEAM))
         for plan, message in with_build_errors:
@@ -247,6 +288,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for count, plan in enumerate(finishing, start=1):
             finish(simulator, plan)
             wait_for_finished_total(running.prometheus, count)
+        # The same for starts: the first start of an image brings its series, the second a rise.
+        for count, plan in enumerate(starting(now), start=1):
+            start(simulator, plan)
+            wait_for_started_total(running.prometheus, count)
         yield running
 
 
