@@ -105,11 +105,11 @@ def test_each_dashboard_exemplar_links_to_its_builds_page_on_the_status_page(
     ]
     assert queries
     for query in queries:
-        build_ids = wait_for(
-            lambda query=query: exemplar_build_ids(prometheus, query),
-            f"exemplars of {query}",
-            lambda: "",
-        )
+
+        def kept(query: str = query) -> list[str]:
+            return exemplar_build_ids(prometheus, query)
+
+        build_ids = wait_for(kept, f"exemplars of {query}", lambda: "")
         assert set(build_ids) == {golden.FINISHING.build_id}
         # What Grafana opens from the exemplar's link: its build_id for ${__value.raw}.
         page = golden_exporter.get(link.path.replace("${__value.raw}", golden.FINISHING.build_id))
