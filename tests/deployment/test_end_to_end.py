@@ -5,7 +5,8 @@ Prometheus and Alertmanager are the real Debian binaries, started once for the m
 shipped rules keep their real thresholds, so the builds are laid out to trigger alerts that
 fire at once: a build that FAILED minutes ago, and one held in BUILDING since hours ago. Two
 more FAILED builds carry the build's own error message, one of them an artifact's too, so the
-dashboard's failed-builds table has each kind of reason.
+dashboard's failed-builds table has each kind of reason. Two PENDING builds start while
+Prometheus watches, so the queue-time histogram, its SLO and quantiles have data.
 """
 
 from __future__ import annotations
@@ -431,3 +432,35 @@ def test_every_recording_rule_records_series_with_the_labels_its_level_names(sta
     )
     assert ratio["value"][1] == "0"
     assert not [rule for rule in stack.prometheus.rules() if rule["health"] != "ok"]
+
+
+def test_image_health_table_shows_each_images_last_status_failures_and_dates(
+    stack: Stack,
+) -> None:
+    title = "Image health by image and tag"
+
+    def column(ref_id: str) -> dict[tuple[str, str], dict[str, Any]]:
+        query = dashboard_query(stack.prometheus, title, ref_id)
+        return {
+            (row["metric"]["image_name"], row["metric"]["image_tag"]): row
+            for row in stack.prometheus.query(query)
+        }
+
+    statuses = {image: row["metric"]["status"] for image, row in column("A").items()}
+    assert statuses[("eval", "canary")] == "FAILED"
+    assert statuses[("web-frontend", "v1.4.2")] == "COMPLETED"
+    assert statuses[("data-prep", "nightly")] == "CANCELLED"
+    failures = {image: row["value"][1] for image, row in column("B").items()}
+    assert failures[("eval", "canary")] == "1"
+    assert failures[("web-frontend", "v1.4.2")] == "0"
+    # Dates in milliseconds, as Grafana's date units read them: eval:canary fails since its
+    # only build, e2e-failing, completed.
+    failing_since = column("C")
+    assert ("web-frontend", "v1.4.2") not in failing_since
+    [completed] = stack.prometheus.query(
+        'primeintellect_image_build_completed_timestamp_seconds{build_id="e2e-failing"}'
+    )
+    assert float(failing_since[("eval", "canary")]["value"][1]) == 1000 * float(
+        completed["value"][1]
+    )
+    assert ("web-frontend", "v1.4.2") in column("D")

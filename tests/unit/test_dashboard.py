@@ -11,14 +11,18 @@ import math
 import re
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
+from exporter.config.grammar import parse_listen_address
+from exporter.config.schema import DEFAULT_LISTEN_ADDRESS
 from exporter.listing import ListingCut
 from exporter.models import API_DOWN_OUTCOMES, Outcome
 from exporter.store import FINISHED_DURATION_BUCKETS, BuildState
 from exporter.telemetry import API_DOWN_AFTER_SECONDS, REQUEST_DURATION_BUCKETS
+from exporter.web.server import _BUILD_PAGE_PREFIX as BUILD_PAGE_PREFIX
 from tests.helpers.docs import (
     ALERTS_REFERENCE,
     documented_metric_names,
@@ -26,11 +30,17 @@ from tests.helpers.docs import (
     section,
     table_rows,
 )
-from tests.helpers.rules import CONSTANT_LEVEL, level_labels, recorded_names
+from tests.helpers.rules import (
+    CONSTANT_LEVEL,
+    level_labels,
+    load_recording_rules,
+    recorded_names,
+)
 from tests.helpers.support import REPOSITORY
 
 DASHBOARD_FILE = REPOSITORY / "monitoring" / "dashboard.json"
 ALERTS_FILE = REPOSITORY / "monitoring" / "alerts.yaml"
+DATASOURCE_FILE = REPOSITORY / "monitoring" / "grafana-datasource.yaml"
 SELECTOR = 'job=~"$job", instance=~"$instance"'
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Variables Grafana itself provides to queries.
@@ -592,13 +602,224 @@ def test_the_slo_row_shows_each_images_success_ratio_and_error_budget_left() -> 
         assert name in recorded_names(), name
 
 
-def test_finished_duration_quantiles_are_the_recorded_ones() -> None:
+def test_finished_duration_quantiles_are_the_recorded_ones_and_the_p99_brings_the_exemplars() -> (
+    None
+):
+    # Grafana draws exemplars only for a target selecting the raw buckets, which carry them; a
+    # recorded series has none. So the recorded median and 90th percentile stay, and the 99th
+    # percentile is the one computed from the buckets, over the recorded quantiles' hour.
     panel = panel_titled("Duration of builds finished in the last hour, by image")
     recorded = (
         "job_image_name_quantile:primeintellect_image_builds_finished_duration_seconds"
         ":histogram_quantile1h"
     )
     quantiles = [re.findall(r'quantile="([^"]+)"', target["expr"]) for target in targets(panel)]
-    assert quantiles == [["0.5"], ["0.9"]]
-    assert all(target["expr"].startswith(recorded + "{") for target in targets(panel))
-    assert "Instance does not narrow it" in panel["description"]
+    assert quantiles == [["0.5"], ["0.9"], []]
+    *from_rules, from_buckets = targets(panel)
+    assert all(target["expr"].startswith(recorded + "{") for target in from_rules)
+    assert not any(target.get("exemplar") for target in from_rules)
+    assert from_buckets["exemplar"] is True
+    assert from_buckets["expr"].startswith("histogram_quantile(0.99, sum by (le, image_name) (")
+    assert "primeintellect_image_builds_finished_duration_seconds_bucket{" in from_buckets["expr"]
+    assert from_buckets["expr"].endswith("[1h]))\n))")
+    assert "Instance does not narrow them" in panel["description"]
+    assert "exemplars" in panel["description"]
+
+
+# The histograms whose buckets carry exemplars in the OpenMetrics exposition (docs/metrics.md).
+EXEMPLAR_HISTOGRAMS = (
+    "primeintellect_image_builds_finished_duration_seconds",
+    "primeintellect_image_builds_queue_duration_seconds",
+)
+
+
+def test_only_targets_on_the_raw_buckets_of_a_histogram_with_exemplars_ask_for_them() -> None:
+    asking = [
+        (panel, target)
+        for panel in query_panels(load())
+        for target in targets(panel)
+        if target.get("exemplar")
+    ]
+    assert asking
+    for panel, target in asking:
+        # Exemplars are drawn on time series charts only.
+        assert panel["type"] == "timeseries", panel["title"]
+        assert not RECORDED.findall(target["expr"]), panel["title"]
+        selected = set(re.findall(r"\b(primeintellect_\w+)\{", target["expr"]))
+        assert selected <= {f"{name}_bucket" for name in EXEMPLAR_HISTOGRAMS}, panel["title"]
+        assert selected, panel["title"]
+
+
+def panels_of_row(title: str) -> list[dict[str, Any]]:
+    panels = list(all_panels(load()))
+    start = next(index for index, panel in enumerate(panels) if panel["title"] == title)
+    assert panels[start]["type"] == "row"
+    end = next(
+        (index for index in range(start + 1, len(panels)) if panels[index]["type"] == "row"),
+        len(panels),
+    )
+    return panels[start + 1 : end]
+
+
+def recorded_constant(name: str) -> float:
+    """The number a constant series of monitoring/rules.yaml (an SLO's target, a threshold)
+    records."""
+    (rule,) = (rule for rule in load_recording_rules() if rule["record"] == name)
+    match = re.fullmatch(r"vector\(([\d.]+)\)", rule["expr"].strip())
+    assert match, rule
+    return float(match.group(1))
+
+
+def test_the_slo_row_shows_each_images_queue_time_slo_its_budget_and_its_quantiles() -> None:
+    exprs = " ".join(target["expr"] for panel in panels_of_row("SLOs") for target in targets(panel))
+    assert "1 - job_image_name:primeintellect_image_builds_queue_slow:ratio_rate30d{" in exprs
+    assert (
+        "job_image_name:primeintellect_image_builds_queue_slow:error_budget_remaining30d{" in exprs
+    )
+    panel = panel_titled("Queue time of builds started in the last hour, by image")
+    recorded = (
+        "job_image_name_quantile:primeintellect_image_builds_queue_duration_seconds"
+        ":histogram_quantile1h{"
+    )
+    assert all(target["expr"].startswith(recorded) for target in targets(panel))
+    quantiles = [re.findall(r'quantile="([^"]+)"', target["expr"]) for target in targets(panel)]
+    assert quantiles == [["0.5"], ["0.9"], ["0.99"]]
+
+
+@pytest.mark.parametrize(
+    "title",
+    [
+        "Queue-time SLO by image, 30 days",
+        "Queue-time error budget left by image, 30 days",
+        "Queue time of builds started in the last hour, by image",
+    ],
+)
+def test_queue_time_slo_panels_state_the_slo_as_the_rules_set_it_and_where(title: str) -> None:
+    description = panel_titled(title)["description"]
+    objective = recorded_constant("slo:primeintellect_image_builds_queue:objective_ratio")
+    threshold = recorded_constant("slo:primeintellect_image_builds_queue:threshold_seconds")
+    slo = (
+        f"{objective:.0%} of each image's started builds start within {threshold:g} s over 30 days"
+    )
+    assert slo in description
+    assert "docs/alerts-and-dashboard.md#slos" in description
+    assert "## SLOs" in ALERTS_REFERENCE.read_text()
+
+
+# --- the image health table -------------------------------------------------------------------
+
+HEALTH_FAMILIES = {
+    "A": "primeintellect_image_builds_last_finished_status",
+    "B": "primeintellect_image_builds_consecutive_failures",
+    "C": "primeintellect_image_builds_failing_since_timestamp_seconds",
+    "D": "primeintellect_image_builds_last_success_timestamp_seconds",
+}
+
+
+def health_table() -> dict[str, Any]:
+    (panel,) = panels_of_row("Image health")
+    assert panel["type"] == "table"
+    return panel
+
+
+def test_the_image_health_row_comes_right_after_the_slos_row() -> None:
+    rows = [panel["title"] for panel in load()["panels"] if panel["type"] == "row"]
+    assert rows[rows.index("SLOs") + 1] == "Image health"
+
+
+def test_the_image_health_table_has_one_row_per_image_and_tag_from_each_health_family() -> None:
+    panel = health_table()
+    by_ref = {target["refId"]: target for target in targets(panel)}
+    assert set(by_ref) == set(HEALTH_FAMILIES)
+    for ref, family in HEALTH_FAMILIES.items():
+        target = by_ref[ref]
+        assert (target["format"], target["instant"]) == ("table", True), ref
+        by = "image_name, image_tag, status" if ref == "A" else "image_name, image_tag"
+        # One value per image and tag: each pod once (service, endpoint), then across shards.
+        assert re.search(
+            rf"max by \({by}\) \(\s*max without \(service, endpoint\) \({family}\{{",
+            target["expr"],
+        ), ref
+    # The one-hot status: only the latest finished build's status is a row.
+    assert by_ref["A"]["expr"].rstrip(")\n ").endswith("== 1")
+    # Grafana's date units read milliseconds.
+    for ref in ("C", "D"):
+        assert by_ref[ref]["expr"].startswith("1000 * max by"), ref
+    merge, organize = panel["transformations"]
+    assert merge["id"] == "merge"
+    assert organize["id"] == "organize"
+    columns = sorted(organize["options"]["indexByName"], key=organize["options"]["indexByName"].get)
+    assert columns == ["image_name", "image_tag", "status", "Value #B", "Value #C", "Value #D"]
+    assert organize["options"]["excludeByName"] == {"Time": True, "Value #A": True}
+
+
+def column_overrides(panel: dict[str, Any], column: str) -> dict[str, Any]:
+    """The properties a panel's overrides give the column named ``column`` (after renaming)."""
+    found: dict[str, Any] = {}
+    for override in panel["fieldConfig"]["overrides"]:
+        matcher = override["matcher"]
+        if (matcher["id"] == "byName" and matcher["options"] == column) or (
+            matcher["id"] == "byRegexp" and re.fullmatch(matcher["options"], column)
+        ):
+            found |= {prop["id"]: prop["value"] for prop in override["properties"]}
+    return found
+
+
+def test_the_image_health_table_puts_failing_images_first_in_colour_and_shows_dates() -> None:
+    panel = health_table()
+    (organize,) = (t for t in panel["transformations"] if t["id"] == "organize")
+    names = organize["options"]["renameByName"]
+    failures = names["Value #B"]
+    assert panel["options"]["sortBy"] == [{"displayName": failures, "desc": True}]
+    colour = column_overrides(panel, failures)
+    assert colour["custom.cellOptions"]["type"] == "color-background"
+    steps = [(step["value"], step["color"]) for step in colour["thresholds"]["steps"]]
+    alert_threshold = int(
+        recorded_constant("threshold:primeintellect_image_builds_consecutive_failures:count")
+    )
+    assert steps == [(None, "green"), (1, "orange"), (alert_threshold, "red")]
+    assert f"orange from 1, red from {alert_threshold}" in panel["description"]
+    for ref in ("Value #C", "Value #D"):
+        assert column_overrides(panel, names[ref])["unit"] == "dateTimeAsIso", ref
+    status = column_overrides(panel, names["status"])
+    assert set(status["mappings"][0]["options"]) == {"COMPLETED", "FAILED", "CANCELLED"}
+
+
+# --- links to the exporter's status page ------------------------------------------------------
+
+BUILD_LINK = f"${{status_page}}{BUILD_PAGE_PREFIX}${{__data.fields.build_id}}"
+
+
+def test_the_status_page_variable_defaults_to_the_exporters_default_listen_port() -> None:
+    variable = variables(load())["status_page"]
+    assert variable["type"] == "textbox"
+    default = urlsplit(variable["query"])
+    assert default.port == parse_listen_address(DEFAULT_LISTEN_ADDRESS)[1]
+    assert default.path == ""
+    assert variable["current"]["value"] == variable["query"]
+
+
+def test_every_table_of_builds_links_each_build_to_its_page_on_the_status_page() -> None:
+    tables = [
+        panel
+        for panel in query_panels(load())
+        if panel["type"] == "table" and any("build_id" in t["expr"] for t in targets(panel))
+    ]
+    assert len(tables) == 4
+    for panel in tables:
+        (organize,) = (t for t in panel["transformations"] if t["id"] == "organize")
+        column = organize["options"]["renameByName"]["build_id"]
+        links = column_overrides(panel, column)["links"]
+        assert [link["url"] for link in links] == [BUILD_LINK], panel["title"]
+
+
+def test_the_datasource_example_links_each_exemplar_to_its_builds_page() -> None:
+    (datasource,) = yaml.safe_load(DATASOURCE_FILE.read_text())["datasources"]
+    assert datasource["type"] == "prometheus"
+    (destination,) = datasource["jsonData"]["exemplarTraceIdDestinations"]
+    assert destination["name"] == "build_id"
+    # "$$" is Grafana's escape for a "$" that is not an environment variable.
+    url = urlsplit(destination["url"].replace("$$", "$"))
+    assert url.path == f"{BUILD_PAGE_PREFIX}${{__value.raw}}"
+    assert url.port == parse_listen_address(DEFAULT_LISTEN_ADDRESS)[1]
+    assert "$" not in destination["url"].replace("$${", "")
