@@ -18,6 +18,7 @@ from exporter.store import QUEUE_DURATION_BUCKETS
 from exporter.telemetry import BUILD_LIST_UNAVAILABLE, Component, StateStatus
 from tests.helpers.docs import (
     ALERTS_REFERENCE,
+    README,
     RUNBOOKS,
     DocumentedFamily,
     anchors,
@@ -497,3 +498,17 @@ def test_slo_section_gives_each_constants_default_in_the_rules_file() -> None:
         if rule["record"] in constants()
     }
     assert dict(rows) == in_file
+
+
+def test_readme_states_the_default_targets_of_the_rules_file() -> None:
+    values = constants()
+    readme = " ".join(README.read_text().split())
+    success = values["slo:primeintellect_image_builds_success:objective_ratio"]
+    queue = values["slo:primeintellect_image_builds_queue:objective_ratio"]
+    within = values[QUEUE_THRESHOLD]
+    in_a_row = values["threshold:primeintellect_image_builds_consecutive_failures:count"]
+    failing_for = values["threshold:primeintellect_image_builds_failing:seconds"]
+    assert (within, failing_for) == (300, 86400), "the README words 5 minutes and a day"
+    assert f"{success:.0%} of finished builds succeed" in readme
+    assert f"{queue:.0%} of builds start within 5 minutes" in readme
+    assert f"failed its last {in_a_row:g} builds, or has been failing for a day" in readme
