@@ -38,14 +38,13 @@ from tests.helpers.prometheus import (
     finish,
     plans,
     resolve_variables,
-    start,
     start_prometheus,
     start_service,
+    start_while_watched,
     substitute,
     wait_for,
     wait_for_every_dashboard_query_to_return_data,
     wait_for_finished_total,
-    wait_for_started_total,
     waiting,
 )
 from tests.helpers.rules import RECORDING_RULES_FILE, level_labels, recorded_names
@@ -255,9 +254,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             finish(simulator, plan)
             wait_for_finished_total(running.prometheus, count)
         # Likewise the queue-time histogram, for builds seen PENDING that then start.
-        for count, plan in enumerate(starting, start=1):
-            start(simulator, plan)
-            wait_for_started_total(running.prometheus, count)
+        start_while_watched(simulator, running.prometheus, starting)
         yield running
 
 

@@ -40,9 +40,11 @@ from tests.helpers.prometheus import (
     plans,
     start_prometheus,
     start_service,
+    start_while_watched,
     wait_for,
     wait_for_every_dashboard_query_to_return_data,
     wait_for_finished_total,
+    waiting,
 )
 from tests.helpers.support import CANARY_API_KEY, REPOSITORY, SCRIPT, environment, find_binary
 
@@ -228,14 +230,16 @@ def installs(names: Iterable[str]) -> list[Any]:
 def cluster(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    """The install running, every target scraped, two builds seen to finish."""
+    """The install running, every target scraped, builds seen to finish and to start."""
     install: str = request.param
     prometheus_binary = find_binary("prometheus")
     directory = tmp_path_factory.mktemp(install)
     rendered = rendered_install(install)
     running = pods(rendered)
     rounds = finishing_builds(len(running) if rendered.all("StatefulSet") else 1)
-    build_plans = plans(time.time(), finishing=[*rounds[0], *rounds[1]])
+    now = time.time()
+    starting = [waiting(f"e2e-starting-{n}", "trainer", f"s{n}", now) for n in (1, 2)]
+    build_plans = [*plans(now, finishing=[*rounds[0], *rounds[1]]), *starting]
     with ExitStack() as cleanup:
         simulator = cleanup.enter_context(Simulator(CANARY_API_KEY, build_plans, team_id=TEAM))
         exporters = {
@@ -273,6 +277,8 @@ def cluster(
                 finish(simulator, by_id[build_id])
             finished += len(round_)
             wait_for_finished_total(prometheus, finished)
+        # Likewise the queue-time histogram, for builds seen PENDING that then start.
+        start_while_watched(simulator, prometheus, starting)
         yield Cluster(
             install, rendered, simulator, prometheus, running, exporters, jobs, time.time()
         )

@@ -377,29 +377,28 @@ def wait_for_every_dashboard_query_to_return_data(prometheus: Prometheus) -> Non
 
 def wait_for_finished_total(prometheus: Prometheus, count: int) -> None:
     """Wait until Prometheus has scraped ``count`` builds seen to finish."""
-    # Counted once per pod even where a pod is scraped twice (through two Services).
-    query = (
-        "sum(max without (service, endpoint) "
-        '(primeintellect_image_builds_finished_total{status="COMPLETED"}))'
-    )
-
-    def seen() -> float:
-        result = prometheus.query(query)
-        return float(result[0]["value"][1]) if result else 0.0
-
-    wait_for(
-        lambda: seen() == count,
-        f"Prometheus to see {count} finished build(s)",
-        lambda: f"{query} is {seen()}",
+    wait_for_sum(
+        prometheus,
+        'primeintellect_image_builds_finished_total{status="COMPLETED"}',
+        count,
+        "finished build(s)",
     )
 
 
 def wait_for_started_total(prometheus: Prometheus, count: int) -> None:
     """Wait until Prometheus has scraped ``count`` builds seen to start."""
-    query = (
-        "sum(max without (service, endpoint) "
-        "(primeintellect_image_builds_queue_duration_seconds_count))"
+    wait_for_sum(
+        prometheus,
+        "primeintellect_image_builds_queue_duration_seconds_count",
+        count,
+        "started build(s)",
     )
+
+
+def wait_for_sum(prometheus: Prometheus, selector: str, count: int, what: str) -> None:
+    """Wait until the series of ``selector`` add up to ``count``, each pod counted once even
+    where it is scraped twice (through two Services)."""
+    query = f"sum(max without (service, endpoint) ({selector}))"
 
     def seen() -> float:
         result = prometheus.query(query)
@@ -407,6 +406,23 @@ def wait_for_started_total(prometheus: Prometheus, count: int) -> None:
 
     wait_for(
         lambda: seen() == count,
-        f"Prometheus to see {count} started build(s)",
+        f"Prometheus to see {count} {what}",
         lambda: f"{query} is {seen()}",
     )
+
+
+def start_while_watched(
+    simulator: Simulator, prometheus: Prometheus, plans: list[BuildPlan]
+) -> None:
+    """Start each of ``plans`` (``waiting`` builds) once Prometheus has seen it PENDING, so its
+    exporter polled it queued first, and wait for the start to be scraped: the queue-time
+    histogram observes only the builds seen to start."""
+    for count, plan in enumerate(plans, start=1):
+        wait_for_sum(
+            prometheus,
+            f'primeintellect_image_build_status{{build_id="{plan.build_id}",status="PENDING"}}',
+            1,
+            f"{plan.build_id} PENDING",
+        )
+        start(simulator, plan)
+        wait_for_started_total(prometheus, count)
