@@ -253,10 +253,7 @@ class BuildStore:
                 record = self._records[build_id]
                 self._put(replace(record, discovered=wanted[build_id]))
             if added:
-                new = {
-                    b: replace(self._restored.get(b) or BuildRecord(b), discovered=wanted[b])
-                    for b in added
-                }
+                new = {b: self._arrived(b, wanted[b]) for b in added}
                 for build_id, record in new.items():
                     self._count_state(record, 1)
                     if record.build is not None:
@@ -268,6 +265,13 @@ class BuildStore:
             # Only what the first tracked set holds comes back; later additions are new builds.
             self._restored.clear()
         return added, removed
+
+    def _arrived(self, build_id: str, discovered: bool) -> BuildRecord:
+        """The record of a build that starts being tracked: the restored one when the state
+        file had it, the same object while its mark holds, so the state sync (which tells
+        changes by identity) does not write every restored build again at start."""
+        record = self._restored.get(build_id) or BuildRecord(build_id)
+        return record if record.discovered == discovered else replace(record, discovered=discovered)
 
     def restored_discovered(self) -> list[str]:
         """Builds the state file brought back that discovery had brought, before the first

@@ -567,6 +567,36 @@ def test_the_tallies_are_written_with_the_builds_and_read_back(tmp_path: Path) -
     assert again.health[("trainer", "v1")].last_success == EPOCH + 100
 
 
+def test_a_restart_writes_no_restored_build_again(tmp_path: Path) -> None:
+    state_path = tmp_path / "state.db"
+    plans = [
+        BuildPlan("configured", "app", "v1", EPOCH, 5, 5, 5),
+        BuildPlan("discovered", "app", "v2", EPOCH, 5, 5, float("inf")),
+    ]
+    state, restored = opened(state_path)
+    assert state is not None
+    store = BuildStore(restored.records, restored.tallies, restored.health)
+    store.track(["configured"], ["discovered"])
+    for plan in plans:
+        answer = parse_build(json.dumps(plan.payload(EPOCH + 100)).encode())
+        store.record_success(plan.build_id, answer, EPOCH + 100)
+    sync = StateSync(state, restored)
+    assert sync.sync(store.snapshot()) == 2
+    sync.close()
+    state, again = opened(state_path)
+    assert state is not None
+    restarted = BuildStore(again.records, again.tallies, again.health)
+    restarted.track(["configured"], ["discovered"])
+    sync = StateSync(state, again)
+    # Each restored record is unchanged: nothing to write (at 50,000 builds, rewriting them
+    # all held the first scrape back for seconds).
+    assert sync.sync(restarted.snapshot()) == 0
+    # A build that discovery brought and the configuration now names is written again.
+    restarted.track(["configured", "discovered"])
+    assert sync.sync(restarted.snapshot()) == 1
+    sync.close()
+
+
 def test_a_restart_keeps_the_counts_and_the_zero_series_and_writes_no_zero_rows(
     tmp_path: Path,
 ) -> None:
