@@ -13,7 +13,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -220,11 +220,28 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 FOLLOW_UP_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
 
 
-def _ignore_further_signals(loop: asyncio.AbstractEventLoop | None = None) -> None:
+def _ignore_further_signals() -> None:
     for signal_number in FOLLOW_UP_SIGNALS:
-        if loop is not None:
-            loop.remove_signal_handler(signal_number)
         signal.signal(signal_number, signal.SIG_IGN)
+
+
+def _on_signals(
+    loop: asyncio.AbstractEventLoop, signals: Iterable[int], callback: Callable[[int], None]
+) -> None:
+    """Run ``callback(signal_number)`` on the loop when one of ``signals`` arrives.
+
+    Installed with signal.signal rather than loop.add_signal_handler: removing a loop's
+    handler, and closing the loop, put the default action back for an instant before it can
+    be set to ignore, and a follow-up SIGTERM in that instant killed the process.
+    """
+
+    def handler(signal_number: int, frame: object) -> None:
+        # A closed loop: the process is ending on its own.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(callback, signal_number)
+
+    for signal_number in signals:
+        signal.signal(signal_number, handler)
 
 
 def _poll_once(exporter: Exporter) -> int:
@@ -262,12 +279,11 @@ async def _poll_once_until_signalled(exporter: Exporter) -> tuple[bool, bytes] |
     def stop(signal_number: int) -> None:
         if signalled:
             return
-        _ignore_further_signals(loop)
+        _ignore_further_signals()
         signalled.append(signal_number)
         run.cancel()
 
-    for signal_number in STOP_SIGNALS:
-        loop.add_signal_handler(signal_number, stop, signal_number)
+    _on_signals(loop, STOP_SIGNALS, stop)
     try:
         return await exporter.poll_once()
     except asyncio.CancelledError:
@@ -332,14 +348,13 @@ async def _serve_until_signalled(
     def stop_once(signal_number: int) -> None:
         if stop.is_set():
             return  # a second signal that reached the loop before the first was handled
-        _ignore_further_signals(loop)
+        _ignore_further_signals()
         log.info(
             "stopping; further signals are ignored until exit",
             extra={"signal": signal.Signals(signal_number).name},
         )
         stop.set()
 
-    for signal_number in STOP_SIGNALS:
-        loop.add_signal_handler(signal_number, stop_once, signal_number)
-    loop.add_signal_handler(signal.SIGHUP, exporter.request_reload)
+    _on_signals(loop, STOP_SIGNALS, stop_once)
+    _on_signals(loop, (signal.SIGHUP,), lambda _: exporter.request_reload())
     await exporter.serve(stop, server, announce)
