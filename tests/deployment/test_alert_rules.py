@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,30 +133,24 @@ def exporter_metric_names() -> set[str]:
     return documented_metric_names()
 
 
-def test_rules_file_passes_promtool_check_rules() -> None:
+@pytest.mark.parametrize(
+    ("path", "load"),
+    [(RULES_FILE, load_rules), (RECORDING_RULES_FILE, load_recording_rules)],
+    ids=["alerts", "recording rules"],
+)
+def test_rules_file_passes_promtool_check_rules(
+    path: Path, load: Callable[[], list[dict[str, Any]]]
+) -> None:
     promtool = find_binary("promtool")
     result = subprocess.run(
-        [promtool, "check", "rules", str(RULES_FILE)],
+        [promtool, "check", "rules", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"SUCCESS: {len(load_rules())} rules found" in result.stdout
-
-
-def test_recording_rules_file_passes_promtool_check_rules() -> None:
-    promtool = find_binary("promtool")
-    result = subprocess.run(
-        [promtool, "check", "rules", str(RECORDING_RULES_FILE)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"SUCCESS: {len(load_recording_rules())} rules found" in result.stdout
+    assert f"SUCCESS: {len(load())} rules found" in result.stdout
 
 
 def test_there_are_promtool_unit_tests() -> None:

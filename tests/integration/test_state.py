@@ -19,7 +19,7 @@ import pytest
 from exporter.demo.simulator import BuildPlan, Simulator, random_plans
 from exporter.exposition import ExpositionFormat, render
 from exporter.metrics import summary_families
-from exporter.models import Outcome, parse_build
+from exporter.models import Build, Outcome, parse_build
 from exporter.state import SCHEMA_VERSION, Restored, StateFile, StateSync, encode_build, open_state
 from exporter.store import BuildRecord, BuildStore
 from exporter.telemetry import StateStatus
@@ -202,18 +202,24 @@ CREATE TABLE builds (
 """
 
 
+def write_schema_1_file(state_path: Path, build: Build) -> None:
+    """A state file as an exporter of schema 1 wrote it, holding ``build``, finished."""
+    with sqlite3.connect(state_path) as connection:
+        connection.execute(SCHEMA_1)
+        connection.execute(
+            "INSERT INTO builds VALUES (?, ?, 1, 1, 1, 1, NULL, ?, ?, ?, 0)",
+            (build.id, encode_build(build), EPOCH, EPOCH, EPOCH),
+        )
+        connection.execute("PRAGMA user_version=1")
+    connection.close()
+
+
 def test_a_state_file_of_schema_1_is_taken_up_with_every_build_configured(tmp_path: Path) -> None:
     state_path = tmp_path / "state.db"
     done = finished_plan(1)
     build = record_of(done).build
     assert build is not None
-    with sqlite3.connect(state_path) as connection:
-        connection.execute(SCHEMA_1)
-        connection.execute(
-            "INSERT INTO builds VALUES (?, ?, 1, 1, 1, 1, NULL, ?, ?, ?, 0)",
-            (done.build_id, encode_build(build), EPOCH, EPOCH, EPOCH),
-        )
-        connection.execute("PRAGMA user_version=1")
+    write_schema_1_file(state_path, build)
     state, restored = opened(state_path)
     assert state is not None
     try:
@@ -238,13 +244,7 @@ def test_a_state_file_of_schema_1_held_by_another_process_is_still_restored(
     done = finished_plan(1)
     build = record_of(done).build
     assert build is not None
-    with sqlite3.connect(state_path) as connection:
-        connection.execute(SCHEMA_1)
-        connection.execute(
-            "INSERT INTO builds VALUES (?, ?, 1, 1, 1, 1, NULL, ?, ?, ?, 0)",
-            (done.build_id, encode_build(build), EPOCH, EPOCH, EPOCH),
-        )
-        connection.execute("PRAGMA user_version=1")
+    write_schema_1_file(state_path, build)
     # Another process's lock: the file is read as it is, without migrating it.
     lock = os.open(state_path.with_name("state.db.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
