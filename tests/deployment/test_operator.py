@@ -131,8 +131,8 @@ def operator_jobs(rendered: Rendered) -> list[ScrapeJob]:
 
 
 def finishing_builds(shards: int) -> list[list[str]]:
-    """Build IDs to finish in two rounds, each round one build of every shard: a shard's
-    finish histogram moves only from its second finish on (the first creates the series)."""
+    """Build IDs to finish in two rounds, each round one build of every shard, the second
+    after Prometheus scraped the first: every shard's finish series rise in both."""
     candidates = (f"e2e-finishing-{n}" for n in itertools.count(1))
     owned: dict[int, list[str]] = {index: [] for index in range(shards)}
     while any(len(ids) < 2 for ids in owned.values()):
